@@ -1,0 +1,281 @@
+"""Hugging Face directories <-> our state dict: one name map per family, and save_pretrained.
+
+A HF checkpoint is config.json + model.safetensors (or shards with model.safetensors.index.json, or a
+pytorch_model.bin read with weights_only=True). Our tensor names are the module paths of Transformer and
+its heads; the maps below are the whole difference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import ModelConfig
+from lmforge.errors import CheckpointError, ModelNotFoundError
+
+# (HF name relative to the backbone prefix, our name); {i} is the layer index.
+_LLAMA = [
+    ("embed_tokens.weight", "embed.tok.weight"),
+    ("layers.{i}.self_attn.q_proj.{p}", "blocks.{i}.attn.q.{p}"),
+    ("layers.{i}.self_attn.k_proj.{p}", "blocks.{i}.attn.k.{p}"),
+    ("layers.{i}.self_attn.v_proj.{p}", "blocks.{i}.attn.v.{p}"),
+    ("layers.{i}.self_attn.o_proj.{p}", "blocks.{i}.attn.o.{p}"),
+    ("layers.{i}.mlp.gate_proj.{p}", "blocks.{i}.mlp.gate.{p}"),
+    ("layers.{i}.mlp.up_proj.{p}", "blocks.{i}.mlp.up.{p}"),
+    ("layers.{i}.mlp.down_proj.{p}", "blocks.{i}.mlp.down.{p}"),
+    ("layers.{i}.input_layernorm.weight", "blocks.{i}.norm1.weight"),
+    ("norm.weight", "norm.weight"),
+]
+_NAMES: dict[str, list[tuple[str, str]]] = {
+    "llama": _LLAMA + [("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.norm2.weight")],
+    "gemma3": _LLAMA + [
+        ("layers.{i}.self_attn.q_norm.weight", "blocks.{i}.attn.q_norm.weight"),
+        ("layers.{i}.self_attn.k_norm.weight", "blocks.{i}.attn.k_norm.weight"),
+        ("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.post_norm1.weight"),
+        ("layers.{i}.pre_feedforward_layernorm.weight", "blocks.{i}.norm2.weight"),
+        ("layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.post_norm2.weight"),
+    ],
+    "gpt2": [
+        ("wte.weight", "embed.tok.weight"),
+        ("wpe.weight", "embed.pos.weight"),
+        ("h.{i}.ln_1.{p}", "blocks.{i}.norm1.{p}"),
+        ("h.{i}.ln_2.{p}", "blocks.{i}.norm2.{p}"),
+        ("h.{i}.attn.c_proj.{p}", "blocks.{i}.attn.o.{p}"),  # Conv1D: transposed
+        ("h.{i}.mlp.c_fc.{p}", "blocks.{i}.mlp.fc1.{p}"),  # Conv1D: transposed
+        ("h.{i}.mlp.c_proj.{p}", "blocks.{i}.mlp.fc2.{p}"),  # Conv1D: transposed
+        ("ln_f.{p}", "norm.{p}"),
+    ],
+    "bert": [
+        ("embeddings.word_embeddings.weight", "embed.tok.weight"),
+        ("embeddings.position_embeddings.weight", "embed.pos.weight"),
+        ("embeddings.token_type_embeddings.weight", "embed.seg.weight"),
+        ("embeddings.LayerNorm.{p}", "embed.norm.{p}"),
+        ("encoder.layer.{i}.attention.self.query.{p}", "blocks.{i}.attn.q.{p}"),
+        ("encoder.layer.{i}.attention.self.key.{p}", "blocks.{i}.attn.k.{p}"),
+        ("encoder.layer.{i}.attention.self.value.{p}", "blocks.{i}.attn.v.{p}"),
+        ("encoder.layer.{i}.attention.output.dense.{p}", "blocks.{i}.attn.o.{p}"),
+        ("encoder.layer.{i}.attention.output.LayerNorm.{p}", "blocks.{i}.norm1.{p}"),
+        ("encoder.layer.{i}.intermediate.dense.{p}", "blocks.{i}.mlp.fc1.{p}"),
+        ("encoder.layer.{i}.output.dense.{p}", "blocks.{i}.mlp.fc2.{p}"),
+        ("encoder.layer.{i}.output.LayerNorm.{p}", "blocks.{i}.norm2.{p}"),
+        ("pooler.dense.{p}", "pooler.{p}"),
+    ],
+}
+# HF prefix of the backbone inside task models, per family.
+_PREFIX = {"llama": "model.", "gemma3": "model.", "gpt2": "transformer.", "bert": "bert."}
+# task-head tensors: HF name -> our name (outside the backbone)
+_HEADS = {"score.weight": "score.weight", "score.bias": "score.bias",
+          "classifier.weight": "score.weight", "classifier.bias": "score.bias",
+          "qa_outputs.weight": "qa_outputs.weight", "qa_outputs.bias": "qa_outputs.bias"}
+_IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids|rotary_emb\.inv_freq)$|^cls\.")
+_CONV1D = re.compile(r"^h\.\d+\.(attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+
+
+def _regex(template: str) -> re.Pattern:
+    pat = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    return re.compile("^" + pat + "$")
+
+
+_COMPILED = {fam: [(_regex(h), h, o) for h, o in names] for fam, names in _NAMES.items()}
+
+
+def _strip_prefix(name: str, family: str) -> tuple[str, bool]:
+    """Remove the backbone prefix (model., transformer., bert., model.language_model.); True if it was one."""
+    for pre in ("model.language_model.", "language_model.model.", _PREFIX[family]):
+        if name.startswith(pre):
+            return name[len(pre):], True
+    return name, False
+
+
+def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor], source: str = "") -> tuple[dict, dict]:
+    """HF tensors -> (backbone state dict, head state dict) in our names; unknown names are an error."""
+    fam = cfg.family
+    body: dict[str, torch.Tensor] = {}
+    heads: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for name, t in hf.items():
+        if name in _HEADS:
+            heads[_HEADS[name]] = t
+            continue
+        if name == "lm_head.weight":
+            body["lm_head.weight"] = t
+            continue
+        rel, _ = _strip_prefix(name, fam)
+        rel = rel.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        if _IGNORED.search(rel):
+            continue
+        if fam == "gpt2":
+            m = re.match(r"^h\.(\d+)\.attn\.c_attn\.(weight|bias)$", rel)
+            if m:  # fused qkv, Conv1D layout (D, 3D)
+                i, p = m.groups()
+                parts = (t.t() if p == "weight" else t).chunk(3, dim=0)
+                for key, part in zip("qkv", parts):
+                    body[f"blocks.{i}.attn.{key}.{p}"] = part.contiguous()
+                continue
+        for rx, _h, ours in _COMPILED[fam]:
+            m = rx.match(rel)
+            if m:
+                out = ours.format(**m.groupdict())
+                body[out] = t.t().contiguous() if fam == "gpt2" and _CONV1D.match(rel) else t
+                break
+        else:
+            unknown.append(name)
+    if unknown:
+        raise CheckpointError(
+            f"{source or 'checkpoint'}: {len(unknown)} tensor(s) not understood for family {fam!r}, "
+            f"e.g. {unknown[0]!r}"
+        )
+    if cfg.tie_embeddings:
+        body.pop("lm_head.weight", None)
+    return body, heads
+
+
+def to_hf_state_dict(cfg: ModelConfig, body: dict[str, torch.Tensor], heads: dict[str, torch.Tensor] | None = None,
+                     with_prefix: bool = True) -> dict[str, torch.Tensor]:
+    """Our backbone (+ head) tensors -> HF names, as the Auto classes expect them on disk."""
+    fam = cfg.family
+    reverse = [(_regex(o), h) for h, o in _NAMES[fam]]
+    prefix = _PREFIX[fam] if with_prefix else ""
+    if fam == "bert" and not heads:
+        prefix = ""  # BertModel keeps no prefix
+    out: dict[str, torch.Tensor] = {}
+    for name, t in body.items():
+        if name == "lm_head.weight":
+            out["lm_head.weight"] = t
+            continue
+        if fam == "gpt2":
+            m = re.match(r"^blocks\.(\d+)\.attn\.([qkv])\.(weight|bias)$", name)
+            if m:
+                continue  # fused below
+        for rx, h in reverse:
+            m = rx.match(name)
+            if m:
+                hf_name = h.format(**m.groupdict())
+                conv = fam == "gpt2" and _CONV1D.match(hf_name)
+                out[prefix + hf_name] = (t.t() if conv else t).contiguous()
+                break
+        else:
+            raise CheckpointError(f"internal: no HF name for tensor {name!r} of family {fam!r}")
+    if fam == "gpt2":
+        for i in range(cfg.n_layers):
+            w = torch.cat([body[f"blocks.{i}.attn.{k}.weight"] for k in "qkv"], 0)  # (3D, D)
+            b = torch.cat([body[f"blocks.{i}.attn.{k}.bias"] for k in "qkv"], 0)
+            out[f"{prefix}h.{i}.attn.c_attn.weight"] = w.t().contiguous()  # Conv1D (D, 3D)
+            out[f"{prefix}h.{i}.attn.c_attn.bias"] = b.contiguous()
+    for name, t in (heads or {}).items():
+        hf_name = {"score.weight": "score.weight", "score.bias": "score.bias"}.get(name, name)
+        if fam == "bert" and name.startswith("score."):
+            hf_name = name.replace("score.", "classifier.")
+        out[hf_name] = t.contiguous()
+    return out
+
+
+# ---- reading a directory -------------------------------------------------------------------------
+def read_config(path: Path) -> ModelConfig:
+    f = path / "config.json"
+    if not f.is_file():
+        raise ModelNotFoundError(f"{path}: no config.json in this directory (not a Hugging Face model dir)")
+    return ModelConfig.load(f)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF directory: model.safetensors, sharded safetensors, or pytorch_model.bin."""
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.is_file():
+        return _load_safetensors(single)
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        sd: dict[str, torch.Tensor] = {}
+        for s in shards:
+            if not (path / s).is_file():
+                raise CheckpointError(f"{index}: names shard {s!r}, which is missing")
+            sd.update(_load_safetensors(path / s))
+        return sd
+    binf = path / "pytorch_model.bin"
+    if binf.is_file():
+        try:
+            return torch.load(binf, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle errors, truncated files
+            raise CheckpointError(f"{binf}: cannot be read safely with weights_only=True ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    raise CheckpointError(f"{path}: no weights found (model.safetensors, an index, or pytorch_model.bin)")
+
+
+def _load_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{f}: unreadable safetensors file, truncated or corrupt ({msg})") from None
+
+
+# ---- loading into modules ------------------------------------------------------------------------
+def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str, strict: bool = True) -> None:
+    """load_state_dict with errors that name the tensor and both shapes."""
+    own = module.state_dict()
+    for name, t in sd.items():
+        if name in own and tuple(own[name].shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(t.shape)} in the checkpoint but the config "
+                f"gives {tuple(own[name].shape)}"
+            )
+    missing = [k for k in own if k not in sd]
+    extra = [k for k in sd if k not in own]
+    if strict and (missing or extra):
+        what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
+        raise CheckpointError(f"{source}: checkpoint does not match the config: {what}")
+    with torch.no_grad():
+        for name, t in sd.items():
+            if name in own:
+                own[name].copy_(t.to(own[name].dtype))
+
+
+# ---- saving ---------------------------------------------------------------------------------------
+def write_dir_atomically(final: Path, write) -> None:
+    """Write into a temp dir beside `final`, then swap it in: a crash never leaves a half-written model."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_hf(path: Path, cfg: ModelConfig, body: dict, heads: dict | None = None,
+            extra_config: dict[str, Any] | None = None, tokenizer=None) -> None:
+    """config.json + model.safetensors (+ tokenizer files) that transformers' Auto classes load."""
+    def write(d: Path) -> None:
+        hf_cfg = cfg.to_hf()
+        hf_cfg.update(extra_config or {})
+        hf_cfg["dtype"] = str(next(iter(body.values())).dtype).replace("torch.", "")
+        (d / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+        tensors = to_hf_state_dict(cfg, body, heads, with_prefix=bool(heads) or cfg.family != "bert")
+        if cfg.family in ("llama", "gemma3", "gpt2") and not heads and not cfg.tie_embeddings:
+            pass
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"),
+                  metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(d)
+    write_dir_atomically(Path(path), write)

@@ -1,0 +1,227 @@
+"""The pieces of a Transformer: norms, positional encodings, attention (SDPA, GQA, KV cache), MLPs.
+
+Each class reads the ModelConfig fields that select its variant; parameter names are chosen so that the
+Hugging Face name maps in checkpoints/hf.py are one line per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.errors import ConfigError
+
+
+# ---- norms ---------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32. `offset=1` is Gemma's convention (weight stored as w-1)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: float = 0.0) -> None:
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.ones(dim) if offset == 0.0 else torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # gemma multiplies in float32, then casts
+            return (xf * (self.offset + self.weight.float())).type_as(x)
+        return self.weight * xf.type_as(x)  # llama casts, then multiplies
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.d_model
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset)
+    raise ConfigError(f"config field 'norm': unsupported {cfg.norm!r} (layernorm | rmsnorm)")
+
+
+def activation(name: str):
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "silu":
+        return F.silu
+    if name == "relu":
+        return F.relu
+    raise ConfigError(f"config field 'activation': unsupported {name!r} (gelu | gelu_tanh | silu | relu)")
+
+
+# ---- positions -----------------------------------------------------------------------------------
+def sinusoidal_table(n_pos: int, dim: int) -> torch.Tensor:
+    """The fixed sin/cos table of "Attention is all you need"; (n_pos, dim)."""
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]  # (P, 1)
+    inv = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (dim/2,)
+    table = torch.zeros(n_pos, dim)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv[: dim // 2])
+    return table
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies of rotary embeddings, with the linear and llama3 scalings of HF configs."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # (dim/2,)
+    if not scaling:
+        return inv
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        factor, lo, hi = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+        return torch.where(is_mid, mid, scaled)
+    raise ConfigError(f"config field 'rope_scaling': unsupported rope_type {kind!r} (linear | llama3)")
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (rotate-half layout, as in HF checkpoints) on the first `rot_dim` dims."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None, fraction: float = 1.0) -> None:
+        super().__init__()
+        self.rot_dim = int(head_dim * fraction)
+        self.register_buffer("inv_freq", rope_inv_freq(self.rot_dim, theta, scaling), persistent=False)
+
+    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: (B, T) -> cos, sin: (B, 1, T, rot_dim), computed in float32 like HF
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()  # (B, T, rot/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rot)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, hd); cos/sin: (B, 1, T, rot)
+    rot = cos.shape[-1]
+    xr, xp = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
+    x1, x2 = xr.chunk(2, dim=-1)
+    out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out if xp is None else torch.cat((out, xp), dim=-1)
+
+
+# ---- KV cache ------------------------------------------------------------------------------------
+class KVCache:
+    """Preallocated keys/values for every layer: (B, n_kv, max_len, hd) each, filled up to `length`."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32) -> None:
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.length = 0  # tokens stored; advanced by the model after all layers ran
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (B, n_kv, T, hd) -> all keys/values so far: (B, n_kv, length+T, hd)
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ConfigError(f"KV cache full: {end} tokens > max_len {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search)."""
+        self.k = [t.index_select(0, index) for t in self.k]
+        self.v = [t.index_select(0, index) for t in self.v]
+
+
+# ---- attention -----------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        assert cfg.head_dim is not None and cfg.n_kv_heads is not None
+        self.layer, self.n_heads, self.n_kv, self.hd = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        out_bias = cfg.attn_bias if cfg.attn_out_bias is None else cfg.attn_out_bias
+        self.q = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.k = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.v = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
+        self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=out_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.scale = cfg.attn_scale
+        self.softcap = cfg.attn_softcap
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape  # (B, T, D)
+        q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, KV, S, hd)
+        if self.softcap is not None:
+            y = self._softcapped(q, k, v, mask)
+        else:
+            is_causal = mask is None and self._causal and T > 1  # else the model passed a mask
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal, scale=self.scale, enable_gqa=self.n_kv != self.n_heads,
+            )  # (B, H, T, hd)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    _causal = True  # set by the Transformer for bidirectional encoders
+
+    def _softcapped(self, q, k, v, mask):
+        """Explicit attention for tanh logit soft-capping (SDPA cannot express it)."""
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        scale = self.scale if self.scale is not None else self.hd ** -0.5
+        s = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
+        s = torch.tanh(s / self.softcap) * self.softcap
+        T, S = s.shape[-2:]
+        if mask is None and self._causal and T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=s.device).tril(S - T)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return s.softmax(-1).to(v.dtype) @ v
+
+
+# ---- MLP -----------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """fc1 -> act -> fc2 (gpt2, bert)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        self.act = activation(cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU (llama) or GeGLU (gemma)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        self.act = activation(cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+def make_mlp(cfg: ModelConfig) -> nn.Module:
+    if cfg.mlp == "gelu":
+        return MLP(cfg)
+    if cfg.mlp in ("swiglu", "geglu"):
+        return GatedMLP(cfg)
+    raise ConfigError(f"config field 'mlp': unsupported {cfg.mlp!r} (gelu | swiglu | geglu)")

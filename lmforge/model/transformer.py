@@ -1,0 +1,189 @@
+"""Block and Transformer: the backbone shared by every family and task.
+
+The norm placement of a block (pre, post or sandwich) and every other variant come from ModelConfig, so
+one class serves GPT-2, Llama, Gemma-3 and BERT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.errors import ConfigError
+from lmforge.model.layers import Attention, KVCache, Rotary, make_mlp, make_norm, sinusoidal_table
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.placement = cfg.norm_placement
+        if self.placement not in ("pre", "post", "sandwich"):
+            raise ConfigError(f"config field 'norm_placement': unsupported {self.placement!r}")
+        self.attn = Attention(cfg, layer)
+        self.attn._causal = cfg.causal
+        self.mlp = make_mlp(cfg)
+        self.norm1 = make_norm(cfg)  # pre: before attention; post: after the attention residual
+        self.norm2 = make_norm(cfg)  # pre: before the MLP; post: after the MLP residual
+        if self.placement == "sandwich":
+            self.post_norm1 = make_norm(cfg)  # on the attention output, before the residual
+            self.post_norm2 = make_norm(cfg)  # on the MLP output, before the residual
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        # x: (B, T, D)
+        if self.placement == "pre":
+            x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))
+            return x + self.drop(self.mlp(self.norm2(x)))
+        if self.placement == "sandwich":
+            x = x + self.drop(self.post_norm1(self.attn(self.norm1(x), rope, mask, cache)))
+            return x + self.drop(self.post_norm2(self.mlp(self.norm2(x))))
+        x = self.norm1(x + self.drop(self.attn(x, rope, mask, cache)))
+        return self.norm2(x + self.drop(self.mlp(x)))
+
+
+class Transformer(nn.Module):
+    """Embeddings -> blocks -> final norm; `forward` returns hidden states, `logits` adds the LM head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed = nn.Module()
+        self.embed.tok = nn.Embedding(cfg.vocab_size, d)
+        if cfg.position == "learned":
+            self.embed.pos = nn.Embedding(cfg.context_length, d)
+        elif cfg.position == "sinusoidal":
+            self.register_buffer("sin_table", sinusoidal_table(cfg.context_length, d), persistent=False)
+        elif cfg.position not in ("rotary", "none"):
+            raise ConfigError(f"config field 'position': unsupported {cfg.position!r}")
+        if cfg.type_vocab_size:
+            self.embed.seg = nn.Embedding(cfg.type_vocab_size, d)
+        if cfg.embed_norm:
+            self.embed.norm = make_norm(cfg)
+        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg) if cfg.final_norm else None
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        self.pooler = nn.Linear(d, d) if cfg.pooler else None
+        if cfg.position == "rotary":
+            assert cfg.head_dim is not None
+            self.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rotary_fraction)
+            self.rope_local = (
+                Rotary(cfg.head_dim, cfg.rope_local_theta, None, cfg.rotary_fraction)
+                if cfg.rope_local_theta is not None else None
+            )
+        self.apply(self._init_weights)
+
+    # ---- init (for training from scratch) ------------------------------------------------------
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.o.weight", "mlp.fc2.weight", "mlp.down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layers))
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """input_ids (B, T); attention_mask (B, S) over cached + new tokens (1 = real); -> (B, T, D).
+
+        Position ids default to the count of real tokens before each one, so left-padded rows get the
+        same positions as unpadded ones.
+        """
+        cfg = self.cfg
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past: past + T]  # (B, T)
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        x = self.embed.tok(input_ids)  # (B, T, D)
+        if cfg.embed_scale is not None:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        if cfg.position == "learned":
+            if int(position_ids.max()) >= cfg.context_length:
+                raise ConfigError(f"sequence of {int(position_ids.max()) + 1} positions exceeds the model's "
+                                  f"context_length {cfg.context_length}")
+            x = x + self.embed.pos(position_ids)
+        elif cfg.position == "sinusoidal":
+            x = x + self.sin_table[position_ids].to(x.dtype)
+        if cfg.type_vocab_size:
+            tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
+            x = x + self.embed.seg(tt)
+        if cfg.embed_norm:
+            x = self.embed.norm(x)
+        x = self.embed_drop(x)
+
+        rope = rope_local = None
+        if cfg.position == "rotary":
+            rope = self.rope.cos_sin(position_ids, x.dtype)
+            rope_local = self.rope_local.cos_sin(position_ids, x.dtype) if self.rope_local is not None else rope
+        mask, mask_local = self._masks(attention_mask, B, T, past, x.device)
+        hidden = [x] if output_hidden_states else None
+        for i, block in enumerate(self.blocks):
+            sliding = cfg.is_sliding(i)
+            x = block(x, rope_local if sliding else rope, mask_local if sliding else mask, cache)
+            if hidden is not None:
+                hidden.append(x)
+        if cache is not None:
+            cache.length += T
+        if self.norm is not None:
+            x = self.norm(x)
+            if hidden is not None:
+                hidden[-1] = x  # HF convention: the last hidden state is after the final norm
+        return (x, hidden) if output_hidden_states else x
+
+    def _masks(self, attention_mask: torch.Tensor | None, B: int, T: int, past: int, device):
+        """Boolean (B, 1, T, S) masks, True = may attend; None when SDPA's own causal path is exact."""
+        cfg = self.cfg
+        S = past + T
+        has_sliding = bool(cfg.sliding_window) and cfg.layer_types is not None and "sliding" in cfg.layer_types
+        if attention_mask is None and (past == 0 or T == 1) and not (has_sliding and S > cfg.sliding_window):
+            return None, None  # SDPA's is_causal (prefill) or no mask at all (one new token) is exact
+        q_idx = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+        k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
+        allowed = (k_idx <= q_idx) if cfg.causal else torch.ones(T, S, dtype=torch.bool, device=device)
+        allowed = allowed[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :S].bool()  # (B, 1, T, S)
+        local = None
+        if has_sliding:
+            local = allowed & (q_idx - k_idx < cfg.sliding_window)[None, None]
+            local = local | ~local.any(-1, keepdim=True)
+        # a padded query row that may see nothing would give NaN: let it see everything (its output is unused)
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        return allowed, local
+
+    def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., D) hidden states -> (..., V) logits, tied or not, soft-capped if the config says so."""
+        w = self.embed.tok.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, w)
+        if self.cfg.final_softcap is not None:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
+        return self.lm_logits(self(input_ids, attention_mask, **kw))  # (B, T, V)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
