@@ -312,7 +312,7 @@ def _to_hf_gemma3(c: ModelConfig) -> dict[str, Any]:
         "rope_parameters": {"full_attention": full, "sliding_attention": local},
         "sliding_window": c.sliding_window,
         "layer_types": ["sliding_attention" if t == "sliding" else "full_attention" for t in c.layer_types],
-        "query_pre_attn_scalar": round(scale ** -2, 6), "attn_logit_softcapping": c.attn_softcap,
+        "query_pre_attn_scalar": _int_if_close(scale ** -2), "attn_logit_softcapping": c.attn_softcap,
         "final_logit_softcapping": c.final_softcap, "use_bidirectional_attention": not c.causal,
         **_hf_common(c, arch),
     }
@@ -328,6 +328,10 @@ def _to_hf_bert(c: ModelConfig) -> dict[str, Any]:
         "attention_probs_dropout_prob": c.dropout, "position_embedding_type": "absolute",
         **_hf_common(c, arch),
     }
+
+
+def _int_if_close(x: float) -> int | float:
+    return int(round(x)) if abs(x - round(x)) < 1e-3 else x
 
 
 _TO_HF = {"gpt2": _to_hf_gpt2, "llama": _to_hf_llama, "gemma3": _to_hf_gemma3, "bert": _to_hf_bert}

@@ -1,0 +1,113 @@
+"""Loading and saving checkpoints: one entry point, whatever the format on disk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmforge.checkpoints.hf import from_hf_state_dict, read_config, read_state_dict, save_hf
+from lmforge.checkpoints.registry import BUILTINS, resolve
+from lmforge.config import ModelConfig
+from lmforge.errors import CheckpointError, ModelNotFoundError
+from lmforge.model.transformer import Transformer
+
+__all__ = ["Loaded", "load_checkpoint", "build_model", "save_pretrained", "save_hf", "BUILTINS", "resolve"]
+
+
+@dataclass
+class Loaded:
+    model: Transformer
+    tokenizer: object | None  # lmforge.tokenizer.Tokenizer
+    cfg: ModelConfig
+    path: Path
+    source: str  # builtin:NAME | local | hub:ID
+    format: str  # hf | gguf
+    file_size: int
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # task-head tensors found (score, qa_outputs)
+    quantization: str | None = None
+
+
+def build_model(cfg: ModelConfig, body: dict[str, torch.Tensor], source: str,
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
+    """Build a Transformer straight from a state dict, without a wasted random init or a second copy."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    own = model.state_dict()
+    for name, t in body.items():
+        if name in own and tuple(own[name].shape) != tuple(t.shape):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(t.shape)} in the checkpoint but "
+                                  f"the config gives {tuple(own[name].shape)}")
+    missing = sorted(set(own) - set(body))
+    extra = sorted(set(body) - set(own))
+    if missing:
+        raise CheckpointError(f"{source}: checkpoint lacks tensor {missing[0]!r} that the config needs"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra:
+        raise CheckpointError(f"{source}: checkpoint has tensor {extra[0]!r} that the config does not use")
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in body.items()}
+    model.load_state_dict(sd, assign=True)
+    model.init_buffers(device)
+    return model.eval()
+
+
+def _dir_size(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".gguf"))
+
+
+def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", tokenizer: bool = True) -> Loaded:
+    """A built-in name, a HF directory, a GGUF file or a hub id -> model (+ tokenizer)."""
+    path, source = resolve(str(name_or_path))
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            path = ggufs[0]
+    if path.is_file() and (path.suffix == ".gguf" or _is_gguf(path)):
+        from lmforge.checkpoints.gguf import read_gguf
+
+        ck = read_gguf(path, dtype=dtype)
+        model = build_model(ck.cfg, ck.body, str(path), dtype, device)
+        tok = None
+        if tokenizer:
+            from lmforge.tokenizer import Tokenizer
+
+            tok = Tokenizer.from_gguf(path)
+        return Loaded(model, tok, ck.cfg, path, source, "gguf", path.stat().st_size,
+                      quantization=getattr(ck, "file_type", None))
+    if path.is_file():
+        raise ModelNotFoundError(f"{path}: not a model directory or a GGUF file")
+    cfg = read_config(path)
+    body, heads = from_hf_state_dict(cfg, read_state_dict(path), str(path))
+    model = build_model(cfg, body, str(path), dtype, device)
+    tok = None
+    if tokenizer:
+        from lmforge.tokenizer import Tokenizer
+
+        try:
+            tok = Tokenizer.from_dir(path)
+        except Exception:  # a model dir without tokenizer files is still a model
+            tok = None
+    return Loaded(model, tok, cfg, path, source, "hf", _dir_size(path), heads=heads)
+
+
+def _is_gguf(p: Path) -> bool:
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) -> Path:
+    """Write a HF directory (config.json, model.safetensors, tokenizer files) that transformers loads.
+
+    `model` is a Transformer or a task model holding one as `.backbone` (its head tensors are saved under
+    the HF head names: score / classifier / qa_outputs).
+    """
+    backbone: Transformer = getattr(model, "backbone", model)
+    body = {k: v for k, v in backbone.state_dict().items()}
+    heads = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")} if model is not backbone \
+        else {}
+    save_hf(Path(path), backbone.cfg, body, heads or None, tokenizer=tokenizer)
+    return Path(path)

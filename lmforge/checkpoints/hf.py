@@ -272,8 +272,6 @@ def save_hf(path: Path, cfg: ModelConfig, body: dict, heads: dict | None = None,
         hf_cfg["dtype"] = str(next(iter(body.values())).dtype).replace("torch.", "")
         (d / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         tensors = to_hf_state_dict(cfg, body, heads, with_prefix=bool(heads) or cfg.family != "bert")
-        if cfg.family in ("llama", "gemma3", "gpt2") and not heads and not cfg.tie_embeddings:
-            pass
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"),
                   metadata={"format": "pt"})
         if tokenizer is not None:

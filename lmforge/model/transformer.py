@@ -57,7 +57,7 @@ class Transformer(nn.Module):
         if cfg.position == "learned":
             self.embed.pos = nn.Embedding(cfg.context_length, d)
         elif cfg.position == "sinusoidal":
-            self.register_buffer("sin_table", sinusoidal_table(cfg.context_length, d), persistent=False)
+            self.register_buffer("sin_table", torch.empty(0), persistent=False)
         elif cfg.position not in ("rotary", "none"):
             raise ConfigError(f"config field 'position': unsupported {cfg.position!r}")
         if cfg.type_vocab_size:
@@ -69,14 +69,22 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg) if cfg.final_norm else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         self.pooler = nn.Linear(d, d) if cfg.pooler else None
+        self.init_buffers()
+        self.apply(self._init_weights)
+
+    def init_buffers(self, device=None) -> None:
+        """(Re)compute the non-persistent buffers: needed after building on the meta device."""
+        cfg = self.cfg
+        if cfg.position == "sinusoidal":
+            self.sin_table = sinusoidal_table(cfg.context_length, cfg.d_model).to(device)
         if cfg.position == "rotary":
             assert cfg.head_dim is not None
-            self.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rotary_fraction)
-            self.rope_local = (
-                Rotary(cfg.head_dim, cfg.rope_local_theta, None, cfg.rotary_fraction)
-                if cfg.rope_local_theta is not None else None
-            )
-        self.apply(self._init_weights)
+            with torch.device(device or "cpu"):
+                self.rope = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.rotary_fraction)
+                self.rope_local = (
+                    Rotary(cfg.head_dim, cfg.rope_local_theta, None, cfg.rotary_fraction)
+                    if cfg.rope_local_theta is not None else None
+                )
 
     # ---- init (for training from scratch) ------------------------------------------------------
     def _init_weights(self, m: nn.Module) -> None:
