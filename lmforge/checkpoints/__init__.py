@@ -35,8 +35,9 @@ def build_model(cfg: ModelConfig, body: dict[str, torch.Tensor], source: str,
     with torch.device("meta"):
         model = Transformer(cfg)
     own = model.state_dict()
-    for name, t in body.items():
-        if name in own and tuple(own[name].shape) != tuple(t.shape):
+    for name in own:  # module order, so the first mismatch reported is the first in the model
+        t = body.get(name)
+        if t is not None and tuple(own[name].shape) != tuple(t.shape):
             raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(t.shape)} in the checkpoint but "
                                   f"the config gives {tuple(own[name].shape)}")
     missing = sorted(set(own) - set(body))
