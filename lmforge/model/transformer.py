@@ -127,11 +127,11 @@ class Transformer(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         x = self.embed.tok(input_ids)  # (B, T, D)
         if cfg.embed_scale is not None:
-            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)  # rounded to the weights' dtype, as HF does
+        if past + T > cfg.context_length:  # a static check: no device sync in the decode loop
+            raise ConfigError(f"sequence of {past + T} tokens exceeds the model's context_length "
+                              f"{cfg.context_length}")
         if cfg.position == "learned":
-            if int(position_ids.max()) >= cfg.context_length:
-                raise ConfigError(f"sequence of {int(position_ids.max()) + 1} positions exceeds the model's "
-                                  f"context_length {cfg.context_length}")
             x = x + self.embed.pos(position_ids)
         elif cfg.position == "sinusoidal":
             x = x + self.sin_table[position_ids].to(x.dtype)
