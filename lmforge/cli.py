@@ -278,6 +278,212 @@ def _register_generation(sub: argparse._SubParsersAction) -> None:
 _EXTRA_VERBS.append(_register_generation)
 
 
+# ---- classification --------------------------------------------------------------------------------
+def _train_config(a: argparse.Namespace, out: str, defaults: dict):
+    from lmforge.train import TrainConfig
+
+    def pick(name: str):
+        v = getattr(a, name)
+        return defaults.get(name) if v is None else v
+
+    return TrainConfig(
+        output_dir=out, epochs=pick("epochs"), max_steps=a.max_steps, batch_size=pick("batch_size"),
+        grad_accum=a.grad_accum, lr=pick("lr"), weight_decay=a.weight_decay, schedule=a.schedule,
+        warmup=pick("warmup"), max_grad_norm=a.max_grad_norm, eval_every=pick("eval_every"),
+        save_every=pick("save_every"), keep_best=a.keep_best or defaults.get("keep_best"),
+        early_stopping_patience=a.early_stopping, seed=a.seed, bf16=a.bf16, compile=a.compile,
+        device=a.device, max_time_s=a.max_time, overwrite=a.overwrite, progress=not a.no_progress,
+        log_every=a.log_every)
+
+
+def _add_train_flags(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("training")
+    g.add_argument("--output", "-o", default=None, help="run directory (default: runs/<task>-<model>-<time>)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR from its "
+                   "latest checkpoint, with the settings it was started with")
+    g.add_argument("--epochs", type=float, default=None)
+    g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default="linear")
+    g.add_argument("--warmup", type=float, default=None, help="< 1: fraction of steps; >= 1: steps")
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (0: at the end)")
+    g.add_argument("--save-every", type=int, default=None, help="steps between checkpoints")
+    g.add_argument("--keep-best", default=None, metavar="METRIC", help="keep the best model by this eval metric")
+    g.add_argument("--early-stopping", type=int, default=None, metavar="N",
+                   help="stop after N evaluations without improvement of --keep-best")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CUDA, or CPUs with bf16)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--max-time", type=float, default=None, metavar="SECONDS",
+                   help="stop cleanly after this long (checkpoint saved; --resume continues)")
+    g.add_argument("--overwrite", action="store_true", help="start over in a run dir that has checkpoints")
+    g.add_argument("--log-every", type=int, default=10)
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_dir(a: argparse.Namespace, task: str, model: str) -> str:
+    if a.output:
+        return a.output
+    import time as _time
+    from pathlib import Path
+
+    slug = Path(model).name.replace("/", "_") or "model"
+    return str(Path("runs") / f"{task}-{slug}-{_time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _load_resume(a: argparse.Namespace, config_name: str):
+    """For --resume: the task and trainer configs the run was started with."""
+    from pathlib import Path
+
+    from lmforge.errors import TrainingError
+    from lmforge.train import TrainConfig, list_checkpoints
+
+    run = Path(a.resume)
+    if not run.is_dir():
+        raise TrainingError(f"{run}: --resume: no such run directory")
+    if not list_checkpoints(run):
+        raise TrainingError(f"{run}: no checkpoint to resume from (expected {run}/checkpoints/step-N)")
+    try:
+        task = json.loads((run / config_name).read_text())
+        tc = json.loads((run / "trainer_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TrainingError(f"{run}: cannot read the run's saved configs ({e})") from None
+    names = set(TrainConfig.__dataclass_fields__)
+    tcfg = TrainConfig.from_dict({k: v for k, v in tc.items() if k in names})
+    if a.max_time is not None:
+        tcfg.max_time_s = a.max_time
+    tcfg.progress = not a.no_progress
+    return task, tcfg
+
+
+def cmd_classify_train(a: argparse.Namespace) -> int:
+    from lmforge.tasks.classify import GLOVE, ClassifyConfig, train
+
+    if a.resume:
+        task, tc = _load_resume(a, "classify_config.json")
+        c = ClassifyConfig(**task)
+    else:
+        c = ClassifyConfig(
+            model=a.model, data=a.data, eval_data=a.eval_data, text_column=a.text_column,
+            text_pair_column=a.text_pair_column, label_column=a.label_column, encoding=a.encoding,
+            strict=a.strict, max_length=a.max_length, pooling=a.pooling, padding_side=a.padding_side,
+            max_train_samples=a.max_train_samples, max_eval_samples=a.max_eval_samples, lora=a.lora,
+            lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+            lora_targets=a.lora_targets, save_adapters_only=a.save_adapters_only)
+        glove = c.model == GLOVE
+        defaults = {"epochs": 5.0 if glove else 1.0, "batch_size": 64 if glove else 32,
+                    "lr": 1e-3 if glove else (2e-4 if c.lora else 5e-5), "warmup": 0.1,
+                    "eval_every": 100, "save_every": 100, "keep_best": "accuracy"}
+        tc = _train_config(a, _run_dir(a, "classify", c.model), defaults)
+    summary = train(c, tc, resume=bool(a.resume), log=lambda m: print(m, file=sys.stderr))
+    v = summary["validation"]
+    print(f"run: {summary['run_dir']}  steps: {summary['steps']} ({summary['stopped']}, {summary['elapsed_s']}s)  "
+          f"validation accuracy {v.get('accuracy', float('nan')):.4f} macro-F1 {v.get('macro_f1', float('nan')):.4f}")
+    return 0
+
+
+def cmd_classify_eval(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lmforge.metrics import format_report, plot_confusion_matrix
+    from lmforge.tasks.classify import ClassifyConfig, evaluate, load_classifier, load_eval_examples
+
+    lc = load_classifier(a.model)
+    c = ClassifyConfig(text_column=a.text_column, text_pair_column=a.text_pair_column, label_column=a.label_column,
+                       encoding=a.encoding, strict=a.strict)
+    examples = load_eval_examples(a.data, c, a.limit)
+    rep = evaluate(lc, examples, a.batch_size)
+    out_dir = Path(a.model)
+    png = Path(a.plot) if a.plot else out_dir / "confusion_matrix.png"
+    try:
+        plot_confusion_matrix(rep, png, title=f"{Path(a.model).name} on {Path(a.data).name}")
+        rep["confusion_matrix_png"] = str(png)
+    except OSError:
+        pass
+    if a.json:
+        print(json.dumps(rep, indent=1))
+    else:
+        print(format_report(rep))
+        print(f"\n{rep['examples']} examples, {rep['samples_per_s']} samples/s; confusion matrix: {png}")
+    return 0
+
+
+def cmd_classify_predict(a: argparse.Namespace) -> int:
+    from lmforge.tasks.classify import load_classifier, predict
+
+    texts = a.text or [line.rstrip("\n") for line in sys.stdin]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise LmforgeError("classify predict: no text given (pass TEXT arguments or lines on stdin)")
+    lc = load_classifier(a.model)
+    for t, r in zip(texts, predict(lc, texts, a.batch_size)):
+        print(json.dumps({"text": t, **r}, ensure_ascii=False))
+    return 0
+
+
+def _add_data_flags(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("data")
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--text-pair-column", default=None, help="second text (sentence pairs)")
+    g.add_argument("--label-column", default="label")
+    g.add_argument("--encoding", default=None, help="file encoding (default utf-8), e.g. latin-1")
+    g.add_argument("--strict", action="store_true", help="fail on empty text rows instead of skipping them")
+
+
+def _register_classify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="fine-tune, evaluate and use text classifiers")
+    csub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    s = csub.add_parser("train", help="fine-tune a classifier (defaults: minilm-l6 on tweets-sentiment, ~5 min)",
+                        description="Fine-tune a pretrained model (or GloVe vectors) for text classification. "
+                        "DATA is a built-in dataset (tweets-sentiment, bbc-news) or a CSV/TSV/JSONL file.")
+    s.add_argument("--model", default="minilm-l6", help="minilm-l6 | smollm2-135m-instruct | glove-6b-50d | "
+                   "a HF dir / GGUF / hub id (default: minilm-l6)")
+    s.add_argument("--data", default="tweets-sentiment", help="built-in dataset or file (default: tweets-sentiment)")
+    s.add_argument("--eval-data", default=None, help="validation file (default: a stratified split of --data)")
+    _add_data_flags(s)
+    g = s.add_argument_group("model")
+    g.add_argument("--max-length", type=int, default=64, help="tokens per text (default 64)")
+    g.add_argument("--pooling", choices=["last", "cls", "mean"], default=None,
+                   help="default: last non-pad token for decoders, cls for encoders")
+    g.add_argument("--padding-side", choices=["right", "left"], default="right")
+    g.add_argument("--max-train-samples", type=int, default=8000,
+                   help="subsample the training set (default 8000, the ~5-minute budget; 0 = all)")
+    g.add_argument("--max-eval-samples", type=int, default=1000)
+    g.add_argument("--lora", action="store_true", help="train LoRA adapters + the head only")
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-targets", default="q,v", help="comma list of q,k,v,o,gate,up,down,fc1,fc2 or all-linear")
+    g.add_argument("--save-adapters-only", action="store_true", help="LoRA: save adapters, not a merged model")
+    _add_train_flags(s)
+    s.set_defaults(func=cmd_classify_train)
+
+    s = csub.add_parser("eval", help="accuracy, macro-F1, per-class precision/recall, confusion matrix")
+    s.add_argument("--model", required=True, metavar="RUN_DIR")
+    s.add_argument("--data", required=True, help="built-in dataset (its test split) or a labelled file")
+    s.add_argument("--limit", type=int, default=None, help="evaluate on the first N (class-balanced) examples")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--plot", default=None, help="confusion-matrix PNG path (default: RUN_DIR/confusion_matrix.png)")
+    _add_data_flags(s)
+    s.set_defaults(func=cmd_classify_eval)
+
+    s = csub.add_parser("predict", help="label texts (args or stdin lines): JSONL with label and probabilities")
+    s.add_argument("--model", required=True, metavar="RUN_DIR")
+    s.add_argument("text", nargs="*", metavar="TEXT")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.set_defaults(func=cmd_classify_predict)
+
+
+_EXTRA_VERBS.append(_register_classify)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -100,7 +100,7 @@ def _is_gguf(p: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) -> Path:
+def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None, extra_config: dict | None = None) -> Path:
     """Write a HF directory (config.json, model.safetensors, tokenizer files) that transformers loads.
 
     `model` is a Transformer or a task model holding one as `.backbone` (its head tensors are saved under
@@ -110,5 +110,5 @@ def save_pretrained(model: torch.nn.Module, path: str | Path, tokenizer=None) ->
     body = {k: v for k, v in backbone.state_dict().items()}
     heads = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")} if model is not backbone \
         else {}
-    save_hf(Path(path), backbone.cfg, body, heads or None, tokenizer=tokenizer)
+    save_hf(Path(path), backbone.cfg, body, heads or None, extra_config=extra_config, tokenizer=tokenizer)
     return Path(path)

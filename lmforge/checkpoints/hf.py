@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -244,36 +242,30 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str,
 
 
 # ---- saving ---------------------------------------------------------------------------------------
-def write_dir_atomically(final: Path, write) -> None:
-    """Write into a temp dir beside `final`, then swap it in: a crash never leaves a half-written model."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+def _atomic_file(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_hf(path: Path, cfg: ModelConfig, body: dict, heads: dict | None = None,
             extra_config: dict[str, Any] | None = None, tokenizer=None) -> None:
-    """config.json + model.safetensors (+ tokenizer files) that transformers' Auto classes load."""
-    def write(d: Path) -> None:
-        hf_cfg = cfg.to_hf()
-        hf_cfg.update(extra_config or {})
-        hf_cfg["dtype"] = str(next(iter(body.values())).dtype).replace("torch.", "")
-        (d / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
-        tensors = to_hf_state_dict(cfg, body, heads, with_prefix=bool(heads) or cfg.family != "bert")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"),
-                  metadata={"format": "pt"})
-        if tokenizer is not None:
-            tokenizer.save(d)
-    write_dir_atomically(Path(path), write)
+    """config.json + model.safetensors (+ tokenizer files) that transformers' Auto classes load.
+
+    Each file is written to a temp name and renamed; the weights go first and config.json last, so a
+    directory with a config.json always has complete weights. Other files in `path` are left alone.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = to_hf_state_dict(cfg, body, heads, with_prefix=bool(heads) or cfg.family != "bert")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_file(path / "model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
+    if tokenizer is not None:
+        tokenizer.save(path)
+    hf_cfg = cfg.to_hf()
+    hf_cfg.update(extra_config or {})
+    hf_cfg["dtype"] = str(next(iter(body.values())).dtype).replace("torch.", "")
+    _atomic_file(path / "config.json", lambda f: f.write_text(json.dumps(hf_cfg, indent=2) + "\n"))

@@ -1,0 +1,393 @@
+"""GGUF files (llama.cpp) -> our config and state dict, dequantized to float.
+
+A GGUF file holds metadata (`{arch}.embedding_length`, `tokenizer.ggml.tokens`, ...) and tensors named
+`blk.N.attn_q.weight` etc., some quantized. We read it with the `gguf` package, dequantize one tensor at a
+time, undo what llama.cpp's converter changed relative to the Hugging Face checkpoint, and then go through
+the HF names so `from_hf_state_dict` stays the one place that knows our names:
+
+- llama: the converter permutes the rows of Q and K (interleaved rotary pairs instead of HF's halves);
+- gemma3: the converter stores every RMSNorm weight as w + 1 (HF stores w and adds 1 at run time);
+- a missing `output.weight` means the LM head is tied to the token embeddings.
+
+Config values missing from the metadata take the values llama.cpp assumes (its runtime defines the format);
+where transformers' GGUF loader assumes something else, the comment says so.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmforge.checkpoints.hf import from_hf_state_dict, to_hf_state_dict
+from lmforge.config import ModelConfig
+from lmforge.errors import CheckpointError, ConfigError, ModelNotFoundError
+
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+_SMALL_ARRAY = 64  # metadata arrays up to this length are kept as lists, longer ones summarised
+
+# GGUF tensor name (without the .weight/.bias suffix) -> HF name, per architecture; {i} is the layer.
+_COMMON = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "blk.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "blk.{i}.attn_q": "model.layers.{i}.self_attn.q_proj",
+    "blk.{i}.attn_k": "model.layers.{i}.self_attn.k_proj",
+    "blk.{i}.attn_v": "model.layers.{i}.self_attn.v_proj",
+    "blk.{i}.attn_output": "model.layers.{i}.self_attn.o_proj",
+    "blk.{i}.ffn_gate": "model.layers.{i}.mlp.gate_proj",
+    "blk.{i}.ffn_up": "model.layers.{i}.mlp.up_proj",
+    "blk.{i}.ffn_down": "model.layers.{i}.mlp.down_proj",
+}
+_TENSOR_NAMES: dict[str, dict[str, str]] = {
+    "llama": {**_COMMON, "blk.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm"},
+    "gemma3": {
+        **_COMMON,
+        "blk.{i}.attn_q_norm": "model.layers.{i}.self_attn.q_norm",
+        "blk.{i}.attn_k_norm": "model.layers.{i}.self_attn.k_norm",
+        "blk.{i}.post_attention_norm": "model.layers.{i}.post_attention_layernorm",
+        "blk.{i}.ffn_norm": "model.layers.{i}.pre_feedforward_layernorm",
+        "blk.{i}.post_ffw_norm": "model.layers.{i}.post_feedforward_layernorm",
+    },
+}
+_TENSOR_RX = {
+    arch: [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(?P<i>\d+)") + r"\.(?P<p>weight|bias)$"), h)
+           for g, h in names.items()]
+    for arch, names in _TENSOR_NAMES.items()
+}
+
+
+@dataclass
+class GGUFCheckpoint:
+    """What a GGUF file holds, in our terms: config, HF config.json equivalent, dequantized tensors."""
+
+    path: Path
+    architecture: str  # general.architecture: llama | gemma3
+    cfg: ModelConfig
+    hf_config: dict[str, Any]  # the config.json transformers would use for these weights (cfg.to_hf())
+    body: dict[str, torch.Tensor]  # our tensor names (Transformer.state_dict()), dequantized; {} if tensors=False
+    metadata: dict[str, Any]  # GGUF key -> plain Python value; long arrays summarised as "<array of N TYPE>"
+    file_type: str | None  # quantization preset named by general.file_type: Q4_1, Q4_K_M, F16, ...
+    tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> number of tensors
+    n_bytes: int = 0  # file size on disk
+
+    @property
+    def quantization(self) -> str | None:
+        return self.file_type
+
+
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, tensors: bool = True) -> GGUFCheckpoint:
+    """Read a llama/gemma3 GGUF file; tensors=False reads only the metadata (fast, no dequantization)."""
+    path = Path(path)
+    reader = _open(path)
+    src = str(path)
+    arch = _get(reader, "general.architecture", src)
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"{src}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    names = [t.name for t in reader.tensors]
+    if "rope_freqs.weight" in names:  # llama 3.1+ bakes its rope scaling into a tensor of per-frequency factors
+        raise CheckpointError(f"{src}: GGUF rope frequency factors (tensor 'rope_freqs.weight', llama3-style "
+                              "rope scaling) are not supported")
+    if "token_embd.weight" not in names:
+        raise CheckpointError(f"{src}: GGUF file has no tensor 'token_embd.weight'")
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    hf = _hf_config(reader, arch, src, names, embd_rows=int(embd.shape[1]), dtype=dtype)
+    try:
+        cfg = ModelConfig.from_hf(hf, source=src)
+    except ConfigError as e:
+        raise CheckpointError(f"{src}: GGUF metadata gives an unusable config ({e})") from None
+
+    ck = GGUFCheckpoint(
+        path=path, architecture=arch, cfg=cfg, hf_config=cfg.to_hf(), body={}, metadata=_metadata(reader),
+        file_type=_file_type_name(_opt(reader, "general.file_type")),
+        tensor_types=dict(Counter(t.tensor_type.name for t in reader.tensors)), n_bytes=path.stat().st_size,
+    )
+    if tensors:
+        reader.fields.clear()  # the parsed token/merge lists take ~0.7 GB for Gemma's 262k vocab; done with them
+        hf_tensors = {}
+        for t in reader.tensors:  # dequantized one at a time, straight into its final tensor
+            hf_tensors[_hf_name(arch, t.name, src)] = _convert(t, arch, cfg, dtype, src)
+        ck.body, _heads = from_hf_state_dict(cfg, hf_tensors, src)
+        del hf_tensors
+        _check_complete(cfg, ck.body, arch, src)
+    return ck
+
+
+# ---- opening and metadata ------------------------------------------------------------------------
+def _open(path: Path):
+    """GGUFReader with our errors: missing -> ModelNotFoundError, not GGUF/truncated -> CheckpointError."""
+    from gguf import GGUFReader
+
+    if not path.exists():
+        raise ModelNotFoundError(f"{path}: GGUF file not found")
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: is not a file (expected a .gguf file)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    try:
+        reader = GGUFReader(path, "r")
+    except (ValueError, IndexError, KeyError, OverflowError, struct.error, UnicodeDecodeError, OSError) as e:
+        msg = (str(e).splitlines()[0] if str(e) else type(e).__name__)[:120]
+        raise CheckpointError(f"{path}: unreadable GGUF file, truncated or corrupt "
+                              f"({path.stat().st_size} bytes; {type(e).__name__}: {msg})") from None
+    size = path.stat().st_size
+    for t in reader.tensors:  # the reader maps lazily: a tensor past the end only fails when used
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise CheckpointError(f"{path}: GGUF file is truncated (tensor {t.name!r} extends past the end "
+                                  f"of the file at {size} bytes)")
+    return reader
+
+
+def _value(f) -> Any:
+    """A metadata field as a plain Python value (int, float, bool, str, or list of them)."""
+    v = f.contents()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, list):
+        return [x.item() if isinstance(x, np.generic) else x for x in v]
+    return v
+
+
+def _opt(reader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else _value(f)
+
+
+def _get(reader, key: str, src: str) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        raise CheckpointError(f"{src}: GGUF metadata lacks required key {key!r}")
+    return _value(f)
+
+
+def _array_len(reader, key: str) -> int | None:
+    f = reader.fields.get(key)
+    return None if f is None else len(f.data)
+
+
+def _metadata(reader) -> dict[str, Any]:
+    """Every key -> plain value; arrays longer than _SMALL_ARRAY (token lists, merges) summarised."""
+    from gguf import GGUFValueType
+
+    out: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue  # file-format header (version, counts), not model metadata
+        if f.types and f.types[0] == GGUFValueType.ARRAY and len(f.data) > _SMALL_ARRAY:
+            out[key] = f"<array of {len(f.data)} {f.types[-1].name}>"
+        else:
+            out[key] = _value(f)
+    return out
+
+
+def _file_type_name(ft: int | None) -> str | None:
+    """general.file_type (llama.cpp's LlamaFileType) -> Q4_K_M, Q4_1, F16, ..."""
+    from gguf import LlamaFileType
+
+    if ft is None:
+        return None
+    try:
+        name = LlamaFileType(int(ft)).name
+    except ValueError:
+        return f"type{ft}"
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def _one(value: Any, key: str, src: str) -> Any:
+    """Per-layer arrays (some GGUFs store head counts per layer) must be uniform for our config."""
+    if isinstance(value, list):
+        if not value or any(v != value[0] for v in value):
+            raise CheckpointError(f"{src}: GGUF key {key!r} varies per layer ({value[:4]}...), not supported")
+        return value[0]
+    return value
+
+
+def _hf_config(reader, arch: str, src: str, names: list[str], embd_rows: int, dtype: torch.dtype) -> dict[str, Any]:
+    """The HF config.json dict these weights correspond to, from `{arch}.*` and `tokenizer.ggml.*` keys."""
+    a = arch
+
+    def req(k: str) -> Any:
+        return _one(_get(reader, f"{a}.{k}", src), f"{a}.{k}", src)
+
+    def opt(k: str, default: Any = None) -> Any:
+        v = _opt(reader, f"{a}.{k}")
+        return default if v is None else _one(v, f"{a}.{k}", src)
+
+    d_model, n_heads = int(req("embedding_length")), int(req("attention.head_count"))
+    n_layers = int(req("block_count"))
+    n_kv = int(opt("attention.head_count_kv", n_heads))
+    # llama.cpp: head dim = key_length, default n_embd / n_head; transformers reads rope.dimension_count
+    # for llama and key_length for gemma3. A rotary width different from the head dim is not llama/gemma.
+    head_dim = opt("attention.key_length")
+    n_rot = opt("rope.dimension_count")
+    if head_dim is None:
+        head_dim = n_rot if (arch == "llama" and n_rot is not None) else d_model // n_heads
+    head_dim = int(head_dim)
+    if n_rot is not None and int(n_rot) != head_dim:
+        raise CheckpointError(f"{src}: GGUF key '{a}.rope.dimension_count' = {n_rot} differs from the head "
+                              f"dimension {head_dim} (partial rotary is not supported for {arch})")
+    v_len = opt("attention.value_length")
+    if v_len is not None and int(v_len) != head_dim:
+        raise CheckpointError(f"{src}: GGUF key '{a}.attention.value_length' = {v_len} differs from "
+                              f"'{a}.attention.key_length' = {head_dim}")
+
+    # vocab: {arch}.vocab_size, else the token list (as transformers); must match the embedding rows
+    vocab = opt("vocab_size") or _array_len(reader, "tokenizer.ggml.tokens") or embd_rows
+    if int(vocab) != embd_rows:
+        raise CheckpointError(f"{src}: GGUF vocabulary has {vocab} tokens but 'token_embd.weight' has "
+                              f"{embd_rows} rows")
+
+    eos: int | list[int] | None = _opt(reader, "tokenizer.ggml.eos_token_id")
+    # llama.cpp also ends generation at end-of-turn / end-of-message tokens (transformers keeps eos only)
+    extra_eos = [_opt(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
+    extra_eos = [e for e in extra_eos if e is not None and e != eos]
+    if extra_eos:
+        eos = ([eos] if eos is not None else []) + extra_eos
+
+    hf: dict[str, Any] = {
+        "model_type": "llama" if arch == "llama" else "gemma3_text",
+        "vocab_size": int(vocab),
+        "max_position_embeddings": int(req("context_length")),
+        "hidden_size": d_model,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "intermediate_size": int(req("feed_forward_length")),
+        "rms_norm_eps": float(req("attention.layer_norm_rms_epsilon")),
+        "tie_word_embeddings": "output.weight" not in names,
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "mlp_bias": "blk.0.ffn_up.bias" in names,
+        "bos_token_id": _opt(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos,
+        "pad_token_id": _opt(reader, "tokenizer.ggml.padding_token_id"),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    # rope: llama.cpp's default base is 10000; linear scaling is the only kind these two archs write as keys
+    theta = float(opt("rope.freq_base", 10000.0))
+    scaling = None
+    kind = opt("rope.scaling.type")
+    if kind not in (None, "none"):
+        if kind != "linear":
+            raise CheckpointError(f"{src}: GGUF key '{a}.rope.scaling.type' = {kind!r} is not supported (linear)")
+        scaling = {"rope_type": "linear", "factor": float(opt("rope.scaling.factor", 1.0))}
+    if arch == "llama":
+        hf["hidden_act"] = "silu"
+        hf["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
+        return hf
+
+    # gemma3: llama.cpp hard-codes what the GGUF does not say. Every 6th layer is global (sliding pattern
+    # 6, transformers' default too); sliding layers use rope base 10000 without scaling; no sliding window
+    # key means no sliding layers (newer llama.cpp). The attention scale is 1/sqrt(head_dim) except for the
+    # 62-layer 27B model (1/sqrt(d_model / n_heads)); transformers instead keeps Gemma3TextConfig's
+    # query_pre_attn_scalar=256, which agrees for every released size but the 27B.
+    window = opt("attention.sliding_window")
+    window = int(window) if window else None
+    pattern = opt("attention.sliding_window_pattern", 6)
+    if window is None:
+        layer_types = ["full_attention"] * n_layers
+    else:
+        layer_types = ["sliding_attention" if (i + 1) % int(pattern) else "full_attention" for i in range(n_layers)]
+    hf.update({
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": window,
+        "layer_types": layer_types,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "default", **(scaling or {}), "rope_theta": theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": float(opt("rope.freq_base_swa", 10000.0))},
+        },
+        "query_pre_attn_scalar": d_model // n_heads if n_layers == 62 else head_dim,
+        "final_logit_softcapping": opt("final_logit_softcapping"),
+        "attn_logit_softcapping": opt("attn_logit_softcapping"),
+    })
+    return hf
+
+
+# ---- tensors -------------------------------------------------------------------------------------
+def _hf_name(arch: str, name: str, src: str) -> str:
+    for rx, hf in _TENSOR_RX[arch]:
+        m = rx.match(name)
+        if m:
+            return hf.format(i=m.groupdict().get("i")) + "." + m["p"]
+    raise CheckpointError(f"{src}: GGUF tensor {name!r} is not understood for architecture {arch!r}")
+
+
+def _convert(t, arch: str, cfg: ModelConfig, dtype: torch.dtype, src: str) -> torch.Tensor:
+    """Dequantize one GGUF tensor to a torch tensor in HF layout."""
+    shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dims fastest-first; torch slowest-first
+    out = _dequantize(t, shape, src)
+    if arch == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
+        out = _unpermute_qk(out, cfg.n_heads if ".attn_q." in t.name else cfg.n_kv_heads)
+    if arch == "gemma3" and t.name.endswith("norm.weight"):
+        out -= 1.0  # llama.cpp stores Gemma's RMSNorm weight as w + 1; HF (and our norm_offset=1) keep w
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+_CHUNK_ROWS = 8192  # dequantize big tensors (the 262k-row Gemma embedding) in slices: bounded temporaries
+
+
+def _dequantize(t, shape: tuple[int, ...], src: str) -> torch.Tensor:
+    """gguf's dequantize into one preallocated float32 tensor of torch shape `shape`."""
+    from gguf import dequantize
+
+    out = torch.empty(shape, dtype=torch.float32)
+    data = t.data.reshape(-1, t.data.shape[-1]) if t.data.ndim > 1 else t.data.reshape(1, -1)
+    rows = out.view(data.shape[0], -1).numpy()  # shares memory with `out`
+    try:
+        for i in range(0, data.shape[0], _CHUNK_ROWS):
+            rows[i: i + _CHUNK_ROWS] = dequantize(data[i: i + _CHUNK_ROWS], t.tensor_type)
+    except (NotImplementedError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{src}: cannot dequantize GGUF tensor {t.name!r} of type {t.tensor_type.name} "
+                              f"({msg})") from None
+    return out
+
+
+def _unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row order: per head, rotary pairs interleaved (x0,y0,x1,y1,..) -> halves (x..,y..).
+
+    The converter views each head's rows as (2, hd/2) and transposes to (hd/2, 2); we view them as (hd/2, 2)
+    and transpose back. w: (n_head * hd, D) weight or (n_head * hd,) bias.
+    """
+    hd = w.shape[0] // n_head
+    return w.reshape(n_head, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
+
+
+def _check_complete(cfg: ModelConfig, body: dict[str, torch.Tensor], arch: str, src: str) -> None:
+    """Every tensor the config needs is present with its shape; errors name the GGUF tensor."""
+    from lmforge.model.transformer import Transformer
+
+    with torch.device("meta"):
+        own = Transformer(cfg).state_dict()
+    missing = [k for k in own if k not in body]
+    if missing:
+        raise CheckpointError(f"{src}: GGUF file lacks tensor {_gguf_name(cfg, arch, missing[0])!r} needed by "
+                              f"its config" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    for k, t in body.items():
+        if k in own and tuple(own[k].shape) != tuple(t.shape):
+            raise CheckpointError(f"{src}: GGUF tensor {_gguf_name(cfg, arch, k)!r} has shape {tuple(t.shape)} but "
+                                  f"the metadata gives {tuple(own[k].shape)}")
+
+
+def _gguf_name(cfg: ModelConfig, arch: str, ours: str) -> str:
+    """The GGUF name of one of our tensor names, for error messages."""
+    try:
+        (hf,) = to_hf_state_dict(cfg, {ours: torch.empty(0)}).keys()
+    except CheckpointError:
+        return ours
+    for g, h in _TENSOR_NAMES[arch].items():
+        m = re.match("^" + re.escape(h).replace(r"\{i\}", r"(?P<i>\d+)") + r"\.(?P<p>weight|bias)$", hf)
+        if m:
+            return g.format(i=m.groupdict().get("i")) + "." + m["p"]
+    return ours
