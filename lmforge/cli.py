@@ -484,6 +484,93 @@ def _register_classify(sub: argparse._SubParsersAction) -> None:
 _EXTRA_VERBS.append(_register_classify)
 
 
+# ---- seq2seq fine-tuning and task evaluation ------------------------------------------------------
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from lmforge.tasks.seq2seq import FinetuneConfig, finetune
+
+    if a.resume:
+        task, tc = _load_resume(a, "finetune_config.json")
+        c = FinetuneConfig(**task)
+    else:
+        if not a.data:
+            raise LmforgeError("finetune: --data FILE is required (JSON lines with input and target fields)")
+        c = FinetuneConfig(
+            model=a.model, task=a.task, data=a.data, eval_data=a.eval_data, input_field=a.input_field,
+            target_field=a.target_field, to=a.to, src=a.src, max_length=a.max_length,
+            max_target_length=a.max_target_length, max_train_samples=a.max_train_samples,
+            max_eval_samples=a.max_eval_samples, lora=a.lora, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha,
+            lora_dropout=a.lora_dropout, lora_targets=a.lora_targets, save_adapters_only=a.save_adapters_only)
+        defaults = {"epochs": 1.0, "batch_size": 4, "lr": 2e-4 if c.lora else 3e-5, "warmup": 0.05,
+                    "eval_every": 100, "save_every": 100, "keep_best": "eval_loss"}
+        tc = _train_config(a, _run_dir(a, f"finetune-{c.task}", c.model), defaults)
+    s = finetune(c, tc, resume=bool(a.resume), log=lambda m: print(m, file=sys.stderr))
+    v = s["validation"]
+    print(f"run: {s['run_dir']}  steps: {s['steps']} ({s['stopped']}, {s['elapsed_s']}s)  "
+          f"validation loss {v.get('eval_loss', float('nan')):.4f} perplexity {v.get('perplexity', float('nan')):.2f}")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from lmforge.tasks.evaluate import EvalConfig, evaluate_task, format_summary
+
+    c = EvalConfig(task=a.task, model=a.model, data=a.data, limit=a.limit, input_field=a.input_field,
+                   target_field=a.target_field, to=a.to, src=a.src, batch_size=a.batch_size,
+                   max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, output=a.predictions, tail=a.tail,
+                   quantize=a.quantize)
+    s = evaluate_task(c, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(s, indent=1) if a.json else format_summary(s))
+    return 0
+
+
+def _register_seq2seq(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("finetune", help="fine-tune a decoder on JSONL input/target pairs (prompt masked from loss)",
+                       description="Sequence-to-sequence fine-tuning of a decoder: summarization, translation or "
+                       "instructions. Loss on target tokens only; full or LoRA. The run dir loads in `generate`, "
+                       "the task verbs and transformers.")
+    s.add_argument("--task", choices=["summarize", "translate", "instruct"], default="instruct")
+    s.add_argument("--model", default=DEFAULT_LM)
+    s.add_argument("--data", default=None, help="JSONL training file")
+    s.add_argument("--eval-data", default=None, help="JSONL validation file (default: the last 5%% of --data)")
+    s.add_argument("--input-field", default="input")
+    s.add_argument("--target-field", default="target")
+    s.add_argument("--to", default=None, help="translate: target language code")
+    s.add_argument("--from", dest="src", default=None, help="translate: source language code")
+    s.add_argument("--max-length", type=int, default=512, help="prompt + target tokens")
+    s.add_argument("--max-target-length", type=int, default=256)
+    s.add_argument("--max-train-samples", type=int, default=None)
+    s.add_argument("--max-eval-samples", type=int, default=200)
+    s.add_argument("--lora", action="store_true")
+    s.add_argument("--lora-rank", type=int, default=8)
+    s.add_argument("--lora-alpha", type=float, default=16.0)
+    s.add_argument("--lora-dropout", type=float, default=0.0)
+    s.add_argument("--lora-targets", default="q,v")
+    s.add_argument("--save-adapters-only", action="store_true")
+    _add_train_flags(s)
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("eval", help="score a model on summarize (ROUGE), translate (BLEU/chrF) or qa (EM/F1)")
+    s.add_argument("--task", required=True, choices=["summarize", "translate", "qa"])
+    s.add_argument("--model", default=DEFAULT_LM, help="instruct model, fine-tuned run dir, QA run dir, or "
+                   "lead-3 (summarize baseline)")
+    s.add_argument("--data", required=True, help="JSONL (summarize/translate) or SQuAD JSON (qa)")
+    s.add_argument("--limit", type=int, default=None, help="first N examples (last N with --tail)")
+    s.add_argument("--tail", action="store_true")
+    s.add_argument("--input-field", default=None)
+    s.add_argument("--target-field", default=None)
+    s.add_argument("--to", default=None)
+    s.add_argument("--from", dest="src", default=None)
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-new-tokens", type=int, default=128)
+    s.add_argument("--num-beams", type=int, default=1)
+    s.add_argument("--quantize", type=int, choices=[8, 4], default=None)
+    s.add_argument("--predictions", default=None, help="predictions JSONL path (summary.json goes beside it)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+
+
+_EXTRA_VERBS.append(_register_seq2seq)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

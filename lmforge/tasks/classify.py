@@ -8,8 +8,6 @@ final/) and labels.json; AutoModelForSequenceClassification loads the root for b
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +20,7 @@ from torch import nn
 from lmforge.data import datasets, readers
 from lmforge.data.readers import Example
 from lmforge.errors import CheckpointError, ConfigError, DataError, TrainingError
+from lmforge.tasks.common import publish_model_dir
 from lmforge.train.batching import pad_batch
 
 GLOVE = "glove-6b-50d"
@@ -237,21 +236,6 @@ def save_classifier(model: nn.Module, tok, kind: str, labels: list[str], c: Clas
     (path / RUN_INFO).write_text(json.dumps(info, indent=1) + "\n")
 
 
-def _publish(run_dir: Path, src: Path) -> None:
-    """Expose the chosen model (best/ or final/) at the run dir root through hard links: no second copy."""
-    for f in src.iterdir():
-        if not f.is_file():
-            continue
-        dst = run_dir / f.name
-        tmp = run_dir / f".{f.name}.link-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(f, tmp)
-        except OSError:
-            shutil.copy2(f, tmp)
-        os.replace(tmp, dst)
-
-
 # ---- training ----------------------------------------------------------------------------------------
 def train(c: ClassifyConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
     """Train a classifier; returns a summary (run dir, validation report, timings)."""
@@ -294,7 +278,7 @@ def train(c: ClassifyConfig, tc, resume: bool = False, log=print) -> dict[str, A
                       collate_fn=collate, lengths=[len(f["input_ids"]) for f in train_feats])
     result = trainer.train(resume=resume)
     chosen = run_dir / "best" if (run_dir / "best" / "config.json").exists() else run_dir / "final"
-    _publish(run_dir, chosen)
+    publish_model_dir(run_dir, chosen)
     summary = {"run_dir": str(run_dir), "model_dir": str(chosen), "labels": labels, "data": info,
                "steps": result.step, "stopped": result.stopped, "elapsed_s": round(result.elapsed_s, 1),
                "validation": result.eval_metrics, "best_metric": result.best_metric, "best_step": result.best_step}

@@ -93,3 +93,125 @@ def lm_loss(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     n = int(keep.sum())
     loss = F.cross_entropy(logits.float(), targets[keep], reduction="mean") if n else h.sum() * 0.0
     return loss, n
+
+
+# ---- fine-tuning ---------------------------------------------------------------------------------------
+@dataclass
+class FinetuneConfig:
+    model: str = "smollm2-135m-instruct"
+    task: str = "instruct"  # summarize | translate | instruct
+    data: str = ""
+    eval_data: str | None = None
+    input_field: str = "input"
+    target_field: str = "target"
+    to: str | None = None  # translate: target language code
+    src: str | None = None  # translate: source language code
+    max_length: int = 512
+    max_target_length: int | None = 256
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 200
+    eval_fraction: float = 0.05
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "q,v"
+    save_adapters_only: bool = False
+
+
+def _examples(c: FinetuneConfig, tok, pairs: list[tuple[str, str]]) -> list[Seq2SeqExample]:
+    return [build_example(tok, task_prompt(c.task, x, c.to, c.src), y, c.max_length, c.max_target_length)
+            for x, y in pairs]
+
+
+def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
+    """Fine-tune a decoder on input/target pairs; the result is a HF model dir that `generate` loads."""
+    import copy
+    import json
+    from functools import partial
+    from pathlib import Path
+
+    from lmforge.checkpoints import load_checkpoint, save_pretrained
+    from lmforge.data.squad import read_jsonl_pairs
+    from lmforge.errors import ConfigError, TrainingError
+    from lmforge.tasks.common import publish_model_dir
+    from lmforge.train import Trainer
+    from lmforge.train.trainer import seed_everything
+
+    if c.task not in TASKS:
+        raise DataError(f"--task: unknown task {c.task!r} (one of {', '.join(TASKS)})")
+    task_prompt(c.task, "x", c.to, c.src)  # validates --to/--from before anything heavy
+    run_dir = Path(tc.output_dir)
+    pairs = read_jsonl_pairs(c.data, c.input_field, c.target_field, skip_empty=True)
+    if c.eval_data:
+        eval_pairs = read_jsonl_pairs(c.eval_data, c.input_field, c.target_field, skip_empty=True)
+    else:
+        n_eval = max(1, int(len(pairs) * c.eval_fraction))
+        if len(pairs) < 2:
+            raise DataError(f"{c.data}: needs at least 2 examples to split off a validation set")
+        pairs, eval_pairs = pairs[:-n_eval], pairs[-n_eval:]  # the file's tail: no shuffling leaks
+    if c.max_train_samples:
+        pairs = pairs[: c.max_train_samples]
+    if c.max_eval_samples:
+        eval_pairs = eval_pairs[: c.max_eval_samples]
+    seed_everything(tc.seed)
+    ck = load_checkpoint(c.model)
+    if ck.tokenizer is None:
+        raise ConfigError(f"{c.model}: has no tokenizer files, cannot fine-tune on text")
+    if not ck.cfg.causal:
+        raise ConfigError(f"{c.model}: is a bidirectional encoder ({ck.cfg.family}); finetune needs a decoder")
+    if c.max_length > ck.cfg.context_length:
+        raise ConfigError(f"--max-length {c.max_length} is above the model's context length "
+                          f"{ck.cfg.context_length} ({c.model})")
+    tok, model = ck.tokenizer, ck.model.train()
+    if c.lora:
+        from lmforge.model.lora import LoraConfig, inject_lora
+
+        inject_lora(model, LoraConfig(rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
+                                      targets=tuple(t for t in c.lora_targets.split(",") if t)))
+    train_ex, eval_ex = _examples(c, tok, pairs), _examples(c, tok, eval_pairs)
+    n_target = sum(sum(1 for x in e.labels if x != IGNORE) for e in train_ex)
+    log(f"data: {len(train_ex)} train / {len(eval_ex)} validation pairs; {n_target} target tokens in training")
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    col = partial(collate, pad_id=pad)
+
+    @torch.no_grad()
+    def eval_fn(m) -> dict[str, float]:
+        tot, n = 0.0, 0
+        order = sorted(range(len(eval_ex)), key=lambda i: len(eval_ex[i]))
+        for s in range(0, len(order), 8):
+            loss, k = lm_loss(m, col([eval_ex[i] for i in order[s: s + 8]]))
+            tot, n = tot + float(loss) * k, n + k
+        loss = tot / max(n, 1)
+        return {"eval_loss": loss, "perplexity": float(torch.tensor(loss).exp())}
+
+    meta = {"task": c.task, "to": c.to, "from": c.src, "base_model": c.model, "max_length": c.max_length}
+
+    def save_fn(m, d: Path) -> None:
+        if c.lora and c.save_adapters_only:
+            from lmforge.model.lora import save_adapters
+
+            save_adapters(m, d, base_model=c.model)
+            tok.save(d)
+        else:
+            export = m
+            if c.lora:
+                from lmforge.model.lora import merge_lora
+
+                export = merge_lora(copy.deepcopy(m), inplace=True)
+            save_pretrained(export, d, tokenizer=tok)
+        (d / "finetune.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    if resume and not (run_dir / "checkpoints").exists():
+        raise TrainingError(f"{run_dir}: no checkpoint to resume from (expected {run_dir}/checkpoints/step-N)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "finetune_config.json").write_text(json.dumps(c.__dict__, indent=1) + "\n")
+    trainer = Trainer(model, tc, train_ex, lm_loss, eval_fn=eval_fn, save_model_fn=save_fn, collate_fn=col,
+                      lengths=[len(e) for e in train_ex])
+    result = trainer.train(resume=resume)
+    chosen = run_dir / "best" if (run_dir / "best" / "finetune.json").exists() else run_dir / "final"
+    publish_model_dir(run_dir, chosen)
+    summary = {"run_dir": str(run_dir), "model_dir": str(chosen), "steps": result.step, "stopped": result.stopped,
+               "elapsed_s": round(result.elapsed_s, 1), "validation": result.eval_metrics}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

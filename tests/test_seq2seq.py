@@ -1,0 +1,112 @@
+"""Decoder fine-tuning on input/target pairs: loss mask, training, export; task evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_hf_model
+from lmforge.cli import main
+from lmforge.tasks.seq2seq import IGNORE, FinetuneConfig, build_example, collate, finetune, lm_loss
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import TrainConfig
+
+transformers = pytest.importorskip("transformers")
+
+CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory) -> Path:
+    words = "one two three four five six seven eight nine ten red green blue".split()
+    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 10
+    tok = Tokenizer.train_bpe(corpus, vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                              min_frequency=1, eos_token="<|im_end|>", bos_token="<|endoftext|>")
+    tok.chat_template = CHAT
+    d = tmp_path_factory.mktemp("lm")
+    make_hf_model("llama", vocab=tok.vocab_size).save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+def test_loss_mask_covers_exactly_the_target_tokens(tiny_lm):
+    tok = Tokenizer.from_dir(tiny_lm)
+    ex = build_example(tok, "translate this: one two three", "red green", max_length=64)
+    n_prompt = sum(1 for x in ex.labels if x == IGNORE)
+    prompt_text = tok.apply_chat_template([{"role": "user", "content": "translate this: one two three"}])
+    assert ex.input_ids[:n_prompt] == tok.encode(prompt_text, add_special_tokens=False)
+    target = ex.input_ids[n_prompt:]
+    assert ex.labels[n_prompt:] == target  # every target token is supervised, nothing else
+    assert target[-1] == tok.eos_id  # the model learns to stop
+    assert tok.decode(target[:-1]).strip() == "red green"
+    batch = collate([ex, build_example(tok, "x", "blue", max_length=64)], pad_id=tok.pad_id)
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE).all()  # padding never counts
+
+
+def test_lm_loss_equals_full_cross_entropy_on_targets(tiny_lm):
+    from lmforge.checkpoints import load_checkpoint
+
+    ck = load_checkpoint(tiny_lm)
+    tok = ck.tokenizer
+    batch = collate([build_example(tok, "one two", "three four", 64), build_example(tok, "five", "six", 64)],
+                    pad_id=tok.pad_id)
+    loss, n = lm_loss(ck.model, batch)
+    logits = ck.model.logits(batch["input_ids"], batch["attention_mask"])[:, :-1]
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                                            ignore_index=IGNORE)
+    assert abs(float(loss) - float(ref)) < 1e-5 and n == int((batch["labels"] != IGNORE).sum())
+
+
+def test_finetune_learns_and_exports(tiny_lm, tmp_path):
+    rows = [{"input": f"{a} {b}", "target": f"{b} {a}"} for a in ("one", "two", "three", "four")
+            for b in ("red", "green", "blue")] * 4
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = FinetuneConfig(model=str(tiny_lm), task="instruct", data=str(data), max_length=64, eval_fraction=0.1)
+    tc = TrainConfig(output_dir=tmp_path / "run", epochs=8, batch_size=8, lr=3e-3, warmup=0.1, eval_every=20,
+                     keep_best="eval_loss", progress=False, seed=0)
+    s = finetune(c, tc, log=lambda *_: None)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    assert losses[-1] < losses[0] * 0.5
+    run = Path(s["run_dir"])
+    assert (run / "finetune.json").exists() and (run / "config.json").exists()
+    # the run dir loads in transformers with equal logits
+    from lmforge.checkpoints import load_checkpoint
+
+    ours = load_checkpoint(run).model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(run).eval()
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        assert (ours.logits(ids) - hf(ids).logits).abs().max() < 1e-4
+
+
+def test_finetune_bad_input(tiny_lm, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"input": "a", "target": "b"}\n{"input": "c"}\n')
+    assert main(["finetune", "--model", str(tiny_lm), "--data", str(data)]) == 2
+    assert "target" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(tiny_lm), "--data", str(data), "--task", "translate",
+                 "--to", "xx"]) == 2
+    assert "unknown language code 'xx'" in capsys.readouterr().err
+
+
+def test_eval_summarize_lead_baseline_and_translate(tiny_lm, tmp_path, capsys):
+    f = tmp_path / "s.jsonl"
+    f.write_text(json.dumps({"document": "The cat sat. It was happy. Then it left. Later it rained.",
+                             "summary": "The cat sat. It was happy. Then it left."}) + "\n")
+    assert main(["eval", "--task", "summarize", "--model", "lead-3", "--data", str(f), "--json",
+                 "--predictions", str(tmp_path / "p.jsonl")]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["rouge1"] == 100.0 and Path(s["predictions"]).exists()
+    t = tmp_path / "t.jsonl"
+    t.write_text("".join(json.dumps({"en": "one two", "es": "uno dos"}) + "\n" for _ in range(3)))
+    assert main(["eval", "--task", "translate", "--to", "es", "--model", str(tiny_lm), "--data", str(t),
+                 "--max-new-tokens", "4", "--json", "--predictions", str(tmp_path / "tp.jsonl")]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["examples"] == 3 and 0.0 <= s["bleu"] <= 100.0
+    assert main(["eval", "--task", "translate", "--to", "zz", "--model", str(tiny_lm), "--data", str(t)]) == 2
