@@ -1,0 +1,708 @@
+"""One training loop for every task: the task brings a model, a loss, a batch source and an eval function.
+
+The loop knows nothing about tasks. It does gradient accumulation weighted by item counts, clipping,
+warmup + decay schedules, bf16 autocast, periodic eval with best-model keeping and early stopping,
+atomic checkpoints that resume bit-exactly (weights, optimizer, scheduler, every RNG, data position),
+a time budget, metrics.jsonl and a PNG of the curves. Under torch.distributed the model is wrapped in
+DistributedDataParallel and rank 0 alone writes files and shows progress.
+
+Run directory layout (config.output_dir):
+  trainer_config.json   the config of the (last) session
+  metrics.jsonl         one JSON record per log step, eval and end of session
+  curves.png            train loss, lr and eval metrics against the step
+  checkpoints/step-N/   resumable state (last `keep_checkpoints` kept), `checkpoints/latest` pointer
+  best/                 exported model of the best eval (`keep_best`), via save_model_fn
+  final/                exported model at the end of training, via save_model_fn
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lmforge.errors import TrainingError
+from lmforge.train.batching import DatasetBatches, dist_info
+from lmforge.train.checkpoint import (
+    CHECKPOINTS,
+    atomic_dir,
+    atomic_write_text,
+    clean_partial,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from lmforge.train.plots import EVAL_PREFIX, plot_metrics, read_metrics
+
+SCHEDULES = ("linear", "cosine", "constant")
+STOP_REASONS = ("completed", "early_stopping", "max_time")
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "curves.png"
+# trainer-config fields that may change between a run and its resumption without a warning
+_RESUME_FREE_FIELDS = {"output_dir", "progress", "plot", "max_time_s", "device", "log_every", "overwrite",
+                       "compile", "epochs", "max_steps", "eval_every", "save_every", "keep_checkpoints",
+                       "early_stopping_patience"}
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, "int | float | torch.Tensor"]]
+EvalFn = Callable[[nn.Module], Mapping[str, float]]
+SaveModelFn = Callable[[nn.Module, Path], None]
+
+
+@dataclass
+class TrainConfig:
+    """Everything the loop needs; saved in every checkpoint and in RUN_DIR/trainer_config.json."""
+
+    output_dir: str | Path = "runs/train"
+    epochs: float = 1.0  # fractions allowed; ignored when max_steps is set
+    max_steps: int | None = None  # optimizer steps
+    batch_size: int = 16  # micro-batch per device; one step = batch_size * grad_accum * world_size examples
+    grad_accum: int = 1
+    lr: float = 5e-5
+    weight_decay: float = 0.01  # decoupled (AdamW); never on norms, biases, embeddings
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    schedule: str = "linear"  # linear | cosine | constant (after warmup)
+    warmup: float = 0.0  # < 1: fraction of the total steps; >= 1: a number of steps
+    min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of lr
+    max_grad_norm: float | None = 1.0  # None or 0: no clipping (the norm is still logged)
+    eval_every: int = 0  # steps; 0 = only at the end
+    save_every: int = 0  # steps; 0 = a checkpoint only at the end (or when stopping)
+    keep_checkpoints: int = 2
+    keep_best: str | None = None  # eval metric name (as eval_fn returns it) whose best model goes to best/
+    best_mode: str | None = None  # max | min; None: min when the name contains loss/perplexity/ppl, else max
+    early_stopping_patience: int | None = None  # evals without improvement of keep_best; None = off
+    seed: int = 42
+    bf16: bool = False  # autocast to bfloat16 (CUDA or CPU); weights and optimizer stay float32
+    compile: bool = False  # torch.compile the model used for the training forward
+    log_every: int = 10
+    device: str = "auto"  # auto = cuda if available else cpu
+    max_time_s: float | None = None  # budget for this session: stop cleanly, evaluate, save and say so
+    bucket_size_multiplier: int = 50  # for plain datasets: sort by length within chunks of batch_size * this
+    progress: bool = True  # tqdm bar (rank 0 only)
+    plot: bool = True  # curves.png at each eval and at the end
+    overwrite: bool = False  # allow a fresh run in a dir that already holds checkpoints (they are deleted)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> TrainingError:
+            return TrainingError(f"train config field {name!r}: {why}")
+
+        self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        if self.schedule not in SCHEDULES:
+            raise bad("schedule", f"unsupported {self.schedule!r} (expected one of {', '.join(SCHEDULES)})")
+        if self.max_steps is None and not self.epochs > 0:
+            raise bad("epochs", f"must be > 0 when max_steps is not set, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise bad("max_steps", f"must be >= 1, got {self.max_steps}")
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "bucket_size_multiplier"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0:
+            raise bad("lr/weight_decay/warmup", "lr must be > 0, weight_decay and warmup >= 0")
+        if self.best_mode not in (None, "max", "min"):
+            raise bad("best_mode", f"must be 'max' or 'min', got {self.best_mode!r}")
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience < 1:
+                raise bad("early_stopping_patience", f"must be >= 1, got {self.early_stopping_patience}")
+            if not self.keep_best:
+                raise bad("early_stopping_patience", "needs keep_best, the eval metric to watch")
+        if self.max_time_s is not None and self.max_time_s <= 0:
+            raise bad("max_time_s", f"must be > 0, got {self.max_time_s}")
+
+    @property
+    def mode(self) -> str:
+        """max or min: how keep_best improves."""
+        if self.best_mode:
+            return self.best_mode
+        name = (self.keep_best or "").lower()
+        return "min" if any(s in name for s in ("loss", "perplexity", "ppl")) else "max"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["output_dir"] = str(self.output_dir)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise TrainingError(f"train config: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the Trainer iterates: the batches of an epoch from a batch index, the same for the same
+    (epoch, start).
+
+    `len()` is the number of batches per epoch on this rank. `DatasetBatches` is the stock implementation.
+    """
+
+    def __len__(self) -> int: ...
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Any]: ...
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    total_steps: int
+    epoch: float
+    stopped: str  # completed | early_stopping | max_time
+    train_loss: float | None  # last logged training loss
+    eval_metrics: dict[str, float]  # last eval (names as eval_fn returns them)
+    best_metric: float | None
+    best_step: int | None
+    elapsed_s: float  # training time over all sessions of the run
+
+
+@dataclass
+class _State:
+    """Everything about the loop's position that a checkpoint must carry to resume exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0  # next batch of `epoch` (always at an accumulation-window boundary)
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    last_pause_step: int | None = None
+    last_eval: dict[str, float] = field(default_factory=dict)
+    last_train_loss: float | None = None
+    stopped: str | None = None
+    elapsed: float = 0.0
+    # log accumulators since the last log line
+    acc_loss: float = 0.0
+    acc_items: float = 0.0
+    acc_samples: float = 0.0
+    acc_tokens: float = 0.0
+    acc_grad_norm: float = 0.0
+    acc_steps: int = 0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> _State:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and every CUDA device): call before building a model to train."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """auto: cuda if available else cpu; under torch.distributed a bare "cuda" becomes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"train config field 'device': unknown device {name!r}") from None
+    if dev.type == "cuda" and dev.index is None:
+        rank, world = dist_info()
+        local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
+        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+    return dev
+
+
+def _is_norm(m: nn.Module) -> bool:
+    return isinstance(m, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or \
+        "norm" in type(m).__name__.lower()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups: "decay" (matrices of linear/attention layers) and "no_decay" (norm weights,
+    embeddings, biases and every other 1-D parameter). Decaying a norm gain or an embedding pulls it
+    towards zero for no benefit; frozen parameters are left out."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        excluded = _is_norm(module) or isinstance(module, nn.Embedding)
+        for p in module.parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            (no_decay if excluded or p.ndim < 2 else decay).append(p)
+    # an embedding tied to an output projection is seen first where it is defined: keep it undecayed
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over param_groups(): fused kernel when the device supports it, else foreach."""
+    groups = param_groups(model, cfg.weight_decay)
+    if not groups:
+        raise TrainingError("model: no trainable parameters (all have requires_grad=False)")
+    kw = {"lr": cfg.lr, "betas": cfg.adam_betas, "eps": cfg.adam_eps}
+    for extra in ({"fused": True}, {"foreach": True}, {}):
+        try:
+            return torch.optim.AdamW(groups, **kw, **extra)  # type: ignore[arg-type]
+        except (RuntimeError, ValueError, TypeError):
+            continue
+    raise TrainingError("model: cannot build AdamW over its parameters")  # pragma: no cover
+
+
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    return int(cfg.warmup) if cfg.warmup >= 1 else round(cfg.warmup * total)
+
+
+def lr_factor(step: int, schedule: str, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    w = warmup_steps(cfg, total)
+
+    def factor(step: int) -> float:
+        return lr_factor(step, cfg.schedule, w, total, cfg.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def default_save_model(model: nn.Module, out_dir: Path) -> None:
+    """Fallback export when the task gives no save_model_fn: the state dict as model.safetensors."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(Path(out_dir) / "model.safetensors"))
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_counts(batch: Any) -> tuple[int, int]:
+    """(examples, real tokens) of a batch, for throughput: from input_ids / attention_mask when present."""
+    ids = mask = None
+    if isinstance(batch, Mapping):
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        if not isinstance(ids, torch.Tensor):
+            ids = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
+            mask = None
+    elif isinstance(batch, torch.Tensor):
+        ids = batch
+    elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        ids = batch[0]
+    if ids is None or ids.dim() == 0:
+        return 0, 0
+    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+        return ids.shape[0], int(mask.sum())
+    return ids.shape[0], ids.numel() if ids.dim() >= 2 else 0
+
+
+# ---- the trainer ----------------------------------------------------------------------------------
+class Trainer:
+    """Train `model` with `loss_fn(model, batch) -> (mean loss, n_items)` over `train_data`.
+
+    train_data: a BatchSource (`batches(epoch, start)` + `len`), or an indexable dataset of examples that
+    is batched here with length bucketing (`collate_fn`, default: pad dict examples; `lengths` default:
+    len(example["input_ids"])). The loss must be the mean over its `n_items` items (examples, or tokens
+    for LM): accumulated micro-batches are then weighted by item count, so the update does not depend on
+    how a step is split. eval_fn(model) -> {metric: value} runs with the model in eval mode, under
+    no_grad, on every rank. save_model_fn(model, dir) exports best/ and final/ (default: safetensors).
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train_data: BatchSource | Sequence[Any],
+                 loss_fn: LossFn, eval_fn: EvalFn | None = None, save_model_fn: SaveModelFn | None = None,
+                 collate_fn: Callable[[list[Any]], Any] | None = None,
+                 lengths: Sequence[int] | None = None) -> None:
+        cfg = self.config = config
+        if cfg.keep_best and eval_fn is None:
+            raise TrainingError("train config field 'keep_best': set, but no eval_fn was given")
+        self.loss_fn, self.eval_fn = loss_fn, eval_fn
+        self.save_model_fn = save_model_fn or default_save_model
+        if isinstance(train_data, BatchSource):
+            self.source: BatchSource = train_data
+        elif hasattr(train_data, "__getitem__") and hasattr(train_data, "__len__"):
+            self.source = DatasetBatches(train_data, cfg.batch_size, collate_fn=collate_fn, lengths=lengths,
+                                         seed=cfg.seed, bucket_size_multiplier=cfg.bucket_size_multiplier)
+        else:
+            raise TrainingError(
+                f"train data: {type(train_data).__name__} is neither a dataset nor a batch source")
+        self.batches_per_epoch = len(self.source)
+        if self.batches_per_epoch < 1:
+            raise TrainingError("train data: no batches (empty dataset, or fewer examples than ranks)")
+        self.steps_per_epoch = -(-self.batches_per_epoch // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+
+        self.rank, self.world_size = dist_info()
+        self.is_main = self.rank == 0
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            if cfg.bf16 and not torch.cuda.is_bf16_supported():
+                raise TrainingError(
+                    f"train config field 'bf16': device {self.device} has no bfloat16 support")
+        self.run_dir = Path(cfg.output_dir)
+        self.model = model.to(self.device)  # the raw module: saved, evaluated, exported
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._ddp = self.world_size > 1
+        fwd: nn.Module = self.model
+        if self._ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            fwd = DistributedDataParallel(self.model, device_ids=ids)
+        self.train_model = torch.compile(fwd) if cfg.compile else fwd  # what loss_fn receives
+        self._ddp_module = fwd
+        self._pbar: Any = None
+
+    # ---- public ------------------------------------------------------------------------------------
+    def train(self, resume: bool | str = False, resume_from: str | Path | None = None) -> TrainResult:
+        """Run (or continue) training. resume=True: from the newest checkpoint of output_dir (TrainingError
+        when there is none); resume="auto": resume if there is one, else start fresh; resume_from: a run
+        dir or a checkpoints/step-N dir."""
+        cfg = self.config
+        if resume not in (True, False, "auto"):
+            raise TrainingError(f"train(resume={resume!r}): expected True, False or 'auto'")
+        ckpt = None
+        if resume_from is not None:
+            ckpt = resolve_resume(Path(resume_from))
+        elif resume == "auto":
+            ckpt = latest_checkpoint(self.run_dir)
+        elif resume:
+            ckpt = resolve_resume(self.run_dir)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            clean_partial(self.run_dir / CHECKPOINTS)
+            clean_partial(self.run_dir)
+        state = self._fresh_start() if ckpt is None else self._restore(ckpt)
+        if self.is_main:
+            meta = {**cfg.to_dict(), "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                    "batches_per_epoch": self.batches_per_epoch, "world_size": self.world_size}
+            atomic_write_text(self.run_dir / "trainer_config.json", json.dumps(meta, indent=1) + "\n")
+        self._barrier()
+        if state.step >= self.total_steps or state.stopped == "early_stopping":
+            self._say(f"{self.run_dir}: nothing to do, training already ended at step {state.step} "
+                      f"({state.stopped or 'completed'})")
+            return self._result(state, state.stopped or "completed")
+        return self._loop(state)
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _fresh_start(self) -> _State:
+        if list_checkpoints(self.run_dir):
+            if not self.config.overwrite:
+                raise TrainingError(f"{self.run_dir}: already holds checkpoints; pass resume=True to "
+                                    "continue or overwrite=True to start over")
+            if self.is_main:
+                for name in (CHECKPOINTS, "best", "final"):
+                    shutil.rmtree(self.run_dir / name, ignore_errors=True)
+        if self.is_main:
+            (self.run_dir / METRICS_FILE).write_text("")
+            (self.run_dir / PLOT_FILE).unlink(missing_ok=True)
+        seed_everything(self.config.seed + self.rank)
+        return _State()
+
+    def _restore(self, ckpt: Path) -> _State:
+        d = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, device=self.device)
+        state = _State.from_dict(d)
+        rng = d["rng"]
+        if len(rng) == self.world_size:
+            set_rng_state(rng[self.rank])
+        else:
+            self._say(f"{ckpt}: saved with {len(rng)} rank(s), resuming on {self.world_size}: RNG reseeded, "
+                      "the run will not be bit-identical")
+            seed_everything(self.config.seed + self.rank + 1000 * state.step)
+        saved = d.get("config") or {}
+        changed = sorted(k for k, v in self.config.to_dict().items()
+                         if k in saved and saved[k] != v and k not in _RESUME_FREE_FIELDS)
+        if changed:
+            self._say(f"{ckpt}: resuming with changed trainer config field(s) {changed}; "
+                      "the run will differ from an uninterrupted one")
+        if self.is_main:  # drop records the interrupted session wrote after this checkpoint
+            path = self.run_dir / METRICS_FILE
+            keep = [r for r in read_metrics(path) if r.get("step", 0) <= state.step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+        self._say(f"{self.run_dir}: resuming from {ckpt.name} "
+                  f"(epoch {state.epoch}, batch {state.batch_index})")
+        if state.stopped == "max_time":
+            state.stopped = None
+        return state
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _loop(self, state: _State) -> TrainResult:
+        cfg = self.config
+        self._t_session = time.monotonic()
+        self._elapsed0 = state.elapsed
+        self._t_log, self._pause_s = time.monotonic(), 0.0
+        dev = self.device
+        self._acc = {k: torch.tensor(getattr(state, "acc_" + k), dtype=torch.float64, device=dev)
+                     for k in ("loss", "items", "grad_norm")}
+        self.model.train()
+        self._pbar = tqdm(total=self.total_steps, initial=state.step,
+                          disable=not (self.is_main and cfg.progress), desc="train", unit="step",
+                          dynamic_ncols=True, file=sys.stderr)
+        reason: str | None = None
+        try:
+            while state.step < self.total_steps and reason is None:
+                if state.batch_index >= self.batches_per_epoch:
+                    state.epoch, state.batch_index = state.epoch + 1, 0
+                it = iter(self.source.batches(state.epoch, state.batch_index))
+                while state.step < self.total_steps:
+                    window = list(islice(it, cfg.grad_accum))
+                    if not window:
+                        state.batch_index = self.batches_per_epoch  # the source ran short: next epoch
+                        break
+                    self._train_step(window, state)
+                    state.batch_index += len(window)
+                    state.step += 1
+                    self._pbar.update(1)
+                    if state.step % cfg.log_every == 0:
+                        self._log(state)
+                    if self.eval_fn is not None and cfg.eval_every and state.step % cfg.eval_every == 0 \
+                            and self._evaluate(state):
+                        reason = "early_stopping"
+                    if reason is None and self._out_of_time():
+                        reason = "max_time"
+                    if reason is not None:
+                        break
+                    if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.total_steps:
+                        self._save(state)
+            reason = reason or "completed"
+            if state.acc_steps:
+                self._log(state)
+            if self.eval_fn is not None and state.last_pause_step != state.step:
+                self._evaluate(state, final=True)
+            state.stopped = reason
+            if self.is_main:
+                with atomic_dir(self.run_dir / "final") as tmp:
+                    self.save_model_fn(self.model, tmp)
+            self._save(state)
+            self._write({"step": state.step, "epoch": self._epoch(state), "event": "end", "stopped": reason,
+                         "elapsed": round(self._elapsed(), 3)})
+            self._plot()
+        finally:
+            self._pbar.close()
+        if reason == "max_time":
+            self._say(f"{self.run_dir}: stopped at step {state.step}/{self.total_steps}: "
+                      f"max_time_s={cfg.max_time_s} reached; checkpoint saved, continue with resume=True")
+        elif reason == "early_stopping":
+            self._say(f"{self.run_dir}: early stopping at step {state.step}: {cfg.keep_best} did not improve "
+                      f"for {cfg.early_stopping_patience} evals (best {state.best_metric} "
+                      f"at step {state.best_step})")
+        return self._result(state, reason)
+
+    def _train_step(self, window: list[Any], state: _State) -> None:
+        cfg, dev = self.config, self.device
+        model = self.train_model
+        n_total = torch.zeros((), dtype=torch.float32, device=dev)
+        samples = tokens = 0
+        for i, batch in enumerate(window):
+            s, t = batch_counts(batch)
+            samples, tokens = samples + s, tokens + t
+            batch = to_device(batch, dev)
+            last = i == len(window) - 1
+            sync = self._ddp_module.no_sync() if self._ddp and not last else contextlib.nullcontext()
+            with sync:
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    out = self.loss_fn(model, batch)
+                try:
+                    loss, n = out
+                except (TypeError, ValueError):
+                    raise TrainingError("loss_fn: must return (loss, n_items)") from None
+                n = torch.as_tensor(n, dtype=torch.float32, device=dev)
+                (loss.float() * n).backward()  # sum over items; divided by the window's item count below
+            self._acc["loss"] += loss.detach().double() * n
+            self._acc["items"] += n
+            n_total += n
+        if self._ddp:
+            torch.distributed.all_reduce(n_total)
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if grads:
+            # sum over items / all items of the step; DDP has averaged over ranks, hence * world_size
+            torch._foreach_mul_(grads, self.world_size / torch.where(n_total > 0, n_total, 1.0))
+        max_norm = cfg.max_grad_norm or float("inf")
+        gn = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._acc["grad_norm"] += gn.detach().double()
+        state.acc_samples += samples
+        state.acc_tokens += tokens
+        state.acc_steps += 1
+
+    # ---- logging, eval, saving ---------------------------------------------------------------------
+    def _sync_acc(self, state: _State) -> None:
+        for k, v in self._acc.items():
+            setattr(state, "acc_" + k, float(v))
+
+    def _log(self, state: _State) -> None:
+        self._sync_acc(state)
+        vals = torch.tensor([state.acc_loss, state.acc_items, state.acc_samples, state.acc_tokens],
+                            dtype=torch.float64, device=self.device)
+        if self._ddp:
+            torch.distributed.all_reduce(vals)
+        loss_sum, items, samples, tokens = vals.tolist()
+        loss = loss_sum / items if items else float("nan")
+        if not math.isfinite(loss) and items:
+            raise TrainingError(f"step {state.step}: training loss is {loss} (non-finite); lower lr, "
+                                "check the data or turn off bf16")
+        dt = max(time.monotonic() - self._t_log - self._pause_s, 1e-9)  # training time only
+        rec: dict[str, Any] = {
+            "step": state.step, "epoch": round(self._epoch(state), 4), "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0], "grad_norm": state.acc_grad_norm / max(1, state.acc_steps),
+            "samples_per_s": round(samples / dt, 2),
+        }
+        if tokens:
+            rec["tokens_per_s"] = round(tokens / dt, 1)
+        rec["elapsed"] = round(self._elapsed(), 3)
+        self._write(rec)
+        state.last_train_loss = loss
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{rec['lr']:.2e}", "ex/s": f"{rec['samples_per_s']:.1f}"}
+        if tokens:
+            postfix["tok/s"] = f"{rec['tokens_per_s']:.0f}"
+        self._pbar.set_postfix(postfix, refresh=False)
+        for k in self._acc:
+            self._acc[k].zero_()
+        state.acc_loss = state.acc_items = state.acc_samples = state.acc_tokens = state.acc_grad_norm = 0.0
+        state.acc_steps = 0
+        self._t_log, self._pause_s = time.monotonic(), 0.0
+
+    def _evaluate(self, state: _State, final: bool = False) -> bool:
+        """Run eval_fn, log it, keep the best model; True when early stopping says stop."""
+        cfg = self.config
+        assert self.eval_fn is not None
+        t0 = time.monotonic()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                                                 enabled=cfg.bf16):
+                raw = self.eval_fn(self.model)
+        finally:
+            self.model.train(was_training)
+        try:
+            metrics = {str(k): float(v) for k, v in dict(raw).items()}
+        except (TypeError, ValueError):
+            raise TrainingError("eval_fn: must return a dict of metric name -> number") from None
+        state.last_pause_step, state.last_eval = state.step, metrics
+        self._write({"step": state.step, "epoch": round(self._epoch(state), 4),
+                     **{EVAL_PREFIX + k: v for k, v in metrics.items()},
+                     "elapsed": round(self._elapsed(), 3)})
+        if self._pbar is not None and self.is_main:
+            self._pbar.write(f"step {state.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+                             file=sys.stderr)
+        stop = False
+        if cfg.keep_best:
+            name = cfg.keep_best[len(EVAL_PREFIX):] if cfg.keep_best not in metrics and \
+                cfg.keep_best.startswith(EVAL_PREFIX) else cfg.keep_best
+            if name not in metrics:
+                raise TrainingError(f"train config field 'keep_best': eval_fn returned no metric "
+                                    f"{cfg.keep_best!r} (got {sorted(metrics)})")
+            value, best = metrics[name], state.best_metric
+            improves = best is None or (value > best if cfg.mode == "max" else value < best)
+            better = math.isfinite(value) and improves
+            if better:
+                state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+                if self.is_main:
+                    with atomic_dir(self.run_dir / "best") as tmp:
+                        self.save_model_fn(self.model, tmp)
+                        (tmp / "best_metric.json").write_text(json.dumps(
+                            {"metric": name, "value": value, "step": state.step, "mode": cfg.mode}) + "\n")
+            else:
+                state.bad_evals += 1
+                patience = cfg.early_stopping_patience
+                stop = patience is not None and state.bad_evals >= patience
+        if not final:
+            self._plot()
+        self._pause_s += time.monotonic() - t0  # eval, best-model export and plot are not training throughput
+        return stop
+
+    def _save(self, state: _State) -> None:
+        t0 = time.monotonic()
+        self._sync_acc(state)
+        state.elapsed = self._elapsed()
+        rng = [rng_state()]
+        if self._ddp:
+            gathered: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, rng[0])
+            rng = gathered
+        if self.is_main:
+            payload = {**dataclasses.asdict(state), "config": self.config.to_dict(),
+                       "total_steps": self.total_steps, "world_size": self.world_size}
+            save_checkpoint(self.run_dir, state.step, self.model, self.optimizer, self.scheduler, payload,
+                            rng=rng, keep=self.config.keep_checkpoints)
+        self._barrier()
+        self._pause_s += time.monotonic() - t0
+
+    def _plot(self) -> None:
+        if self.is_main and self.config.plot:
+            plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE, title=self.run_dir.name)
+
+    def _out_of_time(self) -> bool:
+        if self.config.max_time_s is None:
+            return False
+        out = time.monotonic() - self._t_session >= self.config.max_time_s
+        if self._ddp:  # every rank must stop at the same step
+            flag = torch.tensor([float(out)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            out = bool(flag.item())
+        return out
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.run_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def _say(self, msg: str) -> None:
+        if self.is_main:
+            tqdm.write(msg, file=sys.stderr)
+
+    def _barrier(self) -> None:
+        if self._ddp:
+            torch.distributed.barrier()
+
+    def _epoch(self, state: _State) -> float:
+        return state.epoch + state.batch_index / self.batches_per_epoch
+
+    def _elapsed(self) -> float:
+        return self._elapsed0 + time.monotonic() - self._t_session
+
+    def _result(self, state: _State, reason: str) -> TrainResult:
+        return TrainResult(run_dir=self.run_dir, step=state.step, total_steps=self.total_steps,
+                           epoch=self._epoch(state), stopped=reason, train_loss=state.last_train_loss,
+                           eval_metrics=dict(state.last_eval), best_metric=state.best_metric,
+                           best_step=state.best_step, elapsed_s=state.elapsed)
