@@ -191,7 +191,7 @@ class _State:
     best_metric: float | None = None
     best_step: int | None = None
     bad_evals: int = 0
-    last_pause_step: int | None = None
+    last_eval_step: int | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
     last_train_loss: float | None = None
     stopped: str | None = None
@@ -504,7 +504,7 @@ class Trainer:
             reason = reason or "completed"
             if state.acc_steps:
                 self._log(state)
-            if self.eval_fn is not None and state.last_pause_step != state.step:
+            if self.eval_fn is not None and state.last_eval_step != state.step:
                 self._evaluate(state, final=True)
             state.stopped = reason
             if self.is_main:
@@ -618,7 +618,7 @@ class Trainer:
             metrics = {str(k): float(v) for k, v in dict(raw).items()}
         except (TypeError, ValueError):
             raise TrainingError("eval_fn: must return a dict of metric name -> number") from None
-        state.last_pause_step, state.last_eval = state.step, metrics
+        state.last_eval_step, state.last_eval = state.step, metrics
         self._write({"step": state.step, "epoch": round(self._epoch(state), 4),
                      **{EVAL_PREFIX + k: v for k, v in metrics.items()},
                      "elapsed": round(self._elapsed(), 3)})
