@@ -43,8 +43,12 @@ test-all: install
 lint: install
 	$(VENV)/bin/ruff check lmforge tests benchmarks
 
+# Benchmarks need a quiet machine; each prints a table and writes benchmarks/results/*.json.
 bench: install
+	$(PIP) install -q -e ".[bench]"
 	$(PY) benchmarks/forward.py
+	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/classify.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
