@@ -1,0 +1,148 @@
+"""Task quality on ../shared/data: extractive QA, summarization, English->Spanish translation.
+
+    python benchmarks/tasks.py [--data ../shared/data] [--scale quick|full] [--steps qa,sum,mt]
+                               [--out benchmarks/results/tasks.json]
+
+Every number comes from an `lmforge` command that this script runs and records, so each row can be
+reproduced by hand:
+  qa   minilm-l6 fine-tuned on nyt_v1.0.json (SQuADShifts NYT), evaluated on new_wiki_v1.0.json: EM / F1.
+  sum  wikilingua_en_1k.jsonl: ROUGE-1/2/L of the lead-3 baseline and of zero-shot smollm2-135m-instruct and
+       gemma3-270m on the last N documents; then a short LoRA fine-tune of SmolLM2 on the first documents.
+  mt   bible_ot_en_es.jsonl, the last 500 pairs (or N with --scale quick): BLEU / chrF zero-shot, then after a
+       short LoRA fine-tune of SmolLM2 on earlier pairs.
+`--scale quick` uses small limits that finish in well under an hour on 2 CPU cores; `full` uses the sizes the
+issue names (hours on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS_DIR, format_table, machine_info, write_json
+
+SCALES = {
+    "quick": {"qa_train": 2000, "qa_eval": 300, "sum_eval": 30, "sum_train": 300, "mt_eval": 60, "mt_train": 600,
+              "ft_steps": 150},
+    "full": {"qa_train": 0, "qa_eval": 0, "sum_eval": 100, "sum_train": 900, "mt_eval": 500, "mt_train": 5000,
+             "ft_steps": 1000},
+}
+
+
+def run(cmd: list[str], log: list[dict]) -> dict:
+    """Run an lmforge command; return the JSON it printed (eval --json) or {}; record command and time."""
+    t0 = time.perf_counter()
+    print("$ " + shlex.join(cmd), file=sys.stderr, flush=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    dt = time.perf_counter() - t0
+    rec = {"command": shlex.join(cmd), "seconds": round(dt, 1), "rc": p.returncode}
+    log.append(rec)
+    if p.returncode != 0:
+        rec["error"] = (p.stderr.strip().splitlines() or ["?"])[-1]
+        print("  failed: " + rec["error"], file=sys.stderr)
+        return {"error": rec["error"]}
+    try:
+        return json.loads(p.stdout)
+    except json.JSONDecodeError:
+        return {}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--scale", choices=list(SCALES), default="quick")
+    ap.add_argument("--steps", default="qa,sum,mt")
+    ap.add_argument("--runs", default="runs/bench-tasks")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "tasks.json"))
+    a = ap.parse_args()
+    data, runs, s = Path(a.data), Path(a.runs), SCALES[a.scale]
+    if not data.is_dir():
+        sys.exit(f"{data}: no such directory (this benchmark needs ../shared/data)")
+    lm = [sys.executable, "-m", "lmforge.cli"]
+    rows: list[dict] = []
+    log: list[dict] = []
+    steps = a.steps.split(",")
+
+    if "qa" in steps:
+        run_dir = runs / "qa-minilm"
+        train = [*lm, "qa", "train", "--data", str(data / "qa/nyt_v1.0.json"), "--output", str(run_dir), "--overwrite",
+                 "--no-progress", "--epochs", "1"]
+        if s["qa_train"]:
+            train += ["--max-train-samples", str(s["qa_train"])]
+        run(train, log)
+        ev = [*lm, "eval", "--task", "qa", "--model", str(run_dir), "--data", str(data / "qa/new_wiki_v1.0.json"),
+              "--json", "--predictions", str(runs / "qa-eval/predictions.jsonl")]
+        if s["qa_eval"]:
+            ev += ["--limit", str(s["qa_eval"])]
+        r = run(ev, log)
+        rows.append({"task": "qa (new_wiki)", "model": f"minilm-l6 fine-tuned on nyt ({s['qa_train'] or 'all'} q)",
+                     "examples": r.get("examples"), "EM": r.get("exact_match"), "F1": r.get("f1"),
+                     "error": r.get("error")})
+
+    if "sum" in steps:
+        f = str(data / "summarization/wikilingua_en_1k.jsonl")
+        n = s["sum_eval"]
+        for model in ("lead-3", "smollm2-135m-instruct", "gemma3-270m"):
+            r = run([*lm, "eval", "--task", "summarize", "--model", model, "--data", f, "--limit", str(n), "--tail",
+                     "--json", "--max-new-tokens", "96", "--predictions", str(runs / f"sum-{model}/p.jsonl")], log)
+            rows.append({"task": "summarize", "model": model + ("" if model == "lead-3" else " zero-shot"),
+                         "examples": r.get("examples"), "ROUGE-1": r.get("rouge1"), "ROUGE-2": r.get("rouge2"),
+                         "ROUGE-L": r.get("rougeL"), "error": r.get("error")})
+        # short LoRA fine-tune on the head of the file (the evaluation rows are the tail: no overlap)
+        train_f = runs / "sum-train.jsonl"
+        lines = Path(f).read_text(encoding="utf-8").splitlines()
+        train_f.parent.mkdir(parents=True, exist_ok=True)
+        train_f.write_text("\n".join(lines[: min(s["sum_train"], len(lines) - n)]) + "\n", encoding="utf-8")
+        ft = runs / "sum-ft"
+        run([*lm, "finetune", "--task", "summarize", "--data", str(train_f), "--input-field", "document",
+             "--target-field", "summary", "--lora", "--lora-targets", "q,k,v,o", "--max-length", "512",
+             "--max-target-length", "96", "--max-steps", str(s["ft_steps"]), "--batch-size", "4", "--lr", "3e-4",
+             "--output", str(ft), "--overwrite", "--no-progress", "--eval-every", "0", "--save-every", "0"], log)
+        r = run([*lm, "eval", "--task", "summarize", "--model", str(ft), "--data", f, "--limit", str(n), "--tail",
+                 "--json", "--max-new-tokens", "96", "--predictions", str(runs / "sum-ft-eval/p.jsonl")], log)
+        rows.append({"task": "summarize", "model": f"smollm2 LoRA {s['ft_steps']} steps", "examples": r.get("examples"),
+                     "ROUGE-1": r.get("rouge1"), "ROUGE-2": r.get("rouge2"), "ROUGE-L": r.get("rougeL"),
+                     "error": r.get("error")})
+
+    if "mt" in steps:
+        f = str(data / "translation/bible_ot_en_es.jsonl")
+        n = s["mt_eval"]
+        for model in ("smollm2-135m-instruct", "gemma3-270m"):
+            r = run([*lm, "eval", "--task", "translate", "--from", "en", "--to", "es", "--model", model, "--data", f,
+                     "--limit", str(n), "--tail", "--json", "--max-new-tokens", "96",
+                     "--predictions", str(runs / f"mt-{model}/p.jsonl")], log)
+            rows.append({"task": "translate en-es", "model": model + " zero-shot", "examples": r.get("examples"),
+                         "BLEU": r.get("bleu"), "chrF": r.get("chrf"), "error": r.get("error")})
+        train_f = runs / "mt-train.jsonl"
+        lines = Path(f).read_text(encoding="utf-8").splitlines()
+        train_f.write_text("\n".join(lines[: s["mt_train"]]) + "\n", encoding="utf-8")
+        ft = runs / "mt-ft"
+        run([*lm, "finetune", "--task", "translate", "--from", "en", "--to", "es", "--data", str(train_f),
+             "--input-field", "en", "--target-field", "es", "--lora", "--lora-targets", "q,k,v,o", "--max-length",
+             "256", "--max-steps", str(s["ft_steps"]), "--batch-size", "8", "--lr", "3e-4", "--output", str(ft),
+             "--overwrite", "--no-progress", "--eval-every", "0", "--save-every", "0"], log)
+        r = run([*lm, "eval", "--task", "translate", "--from", "en", "--to", "es", "--model", str(ft), "--data", f,
+                 "--limit", str(n), "--tail", "--json", "--max-new-tokens", "96",
+                 "--predictions", str(runs / "mt-ft-eval/p.jsonl")], log)
+        rows.append({"task": "translate en-es", "model": f"smollm2 LoRA {s['ft_steps']} steps",
+                     "examples": r.get("examples"), "BLEU": r.get("bleu"), "chrF": r.get("chrf"),
+                     "error": r.get("error")})
+
+    cols = [("task", "task"), ("model", "model"), ("examples", "n"), ("EM", "EM"), ("F1", "F1"),
+            ("ROUGE-1", "R-1"), ("ROUGE-2", "R-2"), ("ROUGE-L", "R-L"), ("BLEU", "BLEU"), ("chrF", "chrF"),
+            ("error", "error")]
+    print(format_table(rows, cols))
+    print("\ncommands:\n" + "\n".join(f"  {r['command']}   # {r['seconds']}s" for r in log))
+    write_json(a.out, {"machine": machine_info(), "scale": a.scale, "limits": s, "rows": rows, "commands": log})
+
+
+if __name__ == "__main__":
+    main()
