@@ -1,0 +1,353 @@
+"""Extractive QA end to end on a tiny random bert and a generated SQuAD task: the answer is the name after 'is'."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_hf_model
+
+from lmforge import cli
+from lmforge.cli_qa import register
+from lmforge.data.squad import SquadExample
+from lmforge.tasks.qa import (
+    QAConfig,
+    answer,
+    best_answers,
+    evaluate,
+    load_qa,
+    make_collate,
+    make_features,
+    pair_template,
+    split_by_article,
+    train,
+)
+from lmforge.tokenizer import Tokenizer
+from lmforge.train import TrainConfig
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+FILLER = "the a cat dog sat ran on under mat tree house car blue red small big quickly slowly near far".split()
+NAMES = "alice bob carol dave erin frank grace heidi ivan judy mallory oscar peggy trent victor wendy".split()
+QUESTIONS = ["what is it ?", "who is it ?", "which name is it ?", "tell me who it is ?"]
+
+
+def make_example(rng: random.Random, qid: str, title: str, n_words: int | None = None) -> dict:
+    """A context of filler words with one '... is NAME' inside; the answer is NAME."""
+    words = [rng.choice(FILLER) for _ in range(n_words or rng.randint(6, 40))]
+    at = rng.randint(0, len(words))
+    name = rng.choice(NAMES)
+    words[at:at] = ["is", name]
+    context = " ".join(words)
+    start = len(" ".join(words[: at + 1])) + 1
+    assert context[start: start + len(name)] == name
+    return {"title": title, "context": context, "qid": qid, "question": rng.choice(QUESTIONS),
+            "answer": name, "start": start}
+
+
+def squad_json(rows: list[dict]) -> dict:
+    data: dict[str, list] = {}
+    for r in rows:
+        data.setdefault(r["title"], []).append(
+            {"context": r["context"], "qas": [{"id": r["qid"], "question": r["question"],
+                                               "answers": [{"text": r["answer"], "answer_start": r["start"]}]}]})
+    return {"version": "1.1", "data": [{"title": t, "paragraphs": ps} for t, ps in data.items()]}
+
+
+def write_squad(path: Path, n: int, seed: int, titles: int = 8) -> Path:
+    rng = random.Random(seed)
+    rows = [make_example(rng, f"s{seed}-{i}", f"article-{seed}-{i % titles}") for i in range(n)]
+    path.write_text(json.dumps(squad_json(rows)))
+    return path
+
+
+def to_examples(rows: list[dict]) -> list[SquadExample]:
+    return [SquadExample(r["qid"], r["question"], r["context"], [r["answer"]], [r["start"]], r["title"])
+            for r in rows]
+
+
+def wordpiece_tokenizer() -> Tokenizer:
+    """A BERT-style WordPiece tokenizer built here; the template adds [CLS] q [SEP] ctx [SEP] with types 0/1."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+    # A fixed vocabulary (trainers order ties differently from run to run): specials, whole words, characters.
+    words = sorted(set(FILLER + NAMES + " ".join(QUESTIONS).split()) | {"is"})
+    chars = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz0123456789.,?!'"))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *[c for c in chars if c not in words],
+             *[f"##{c}" for c in chars]]
+    b = tokenizers.Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    b.normalizer = normalizers.BertNormalizer(lowercase=True)
+    b.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    b.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", b.token_to_id("[CLS]")), ("[SEP]", b.token_to_id("[SEP]"))])
+    b.decoder = decoders.WordPiece()
+    return Tokenizer(b, unk_token="[UNK]", pad_token="[PAD]",
+                     extra_special={"cls_token": "[CLS]", "sep_token": "[SEP]", "mask_token": "[MASK]"})
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("qa-bert")
+    tok = wordpiece_tokenizer()
+    make_hf_model("bert", vocab=tok.vocab_size).save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("qa-data")
+    return {"train": write_squad(d / "train.json", 240, seed=1), "eval": write_squad(d / "eval.json", 40, seed=2)}
+
+
+WINDOW = dict(max_length=48, doc_stride=16, max_question_length=8)
+
+
+@pytest.fixture(scope="module")
+def run(bert_dir, data, tmp_path_factory) -> dict:
+    c = QAConfig(model=str(bert_dir), data=str(data["train"]), eval_data=str(data["eval"]), **WINDOW)
+    tc = TrainConfig(output_dir=tmp_path_factory.mktemp("qa-run") / "run", max_steps=50, batch_size=16, lr=3e-3,
+                     schedule="constant", warmup=5, eval_every=25, keep_best="f1", progress=False, plot=False, seed=0)
+    return train(c, tc, log=lambda *_: None)
+
+
+# ---- windows and offsets ---------------------------------------------------------------------------------
+def _check_windows(tok, ex: SquadExample, max_length: int, doc_stride: int, exact: bool = True) -> None:
+    feats = make_features(tok, [ex], max_length, doc_stride, max_question_length=8)
+    assert len(feats) >= 1
+    hits = 0
+    for prev, f in zip([None, *feats], feats):
+        assert len(f["input_ids"]) <= max_length
+        w0, w1 = f["window"]
+        if prev is not None:
+            assert w0 == prev["window"][1] - doc_stride  # consecutive windows share doc_stride tokens
+        if f["start"] != 0:
+            hits += 1
+            c0, offs = f["context_start"], f["offsets"]
+            text = ex.context[offs[f["start"] - c0][0]: offs[f["end"] - c0][1]]
+            assert (text if exact else text.strip()) == ex.answers[0]
+    assert feats[0]["window"][0] == 0 and feats[-1]["window"][1] == len(tok.encode(ex.context, False))
+    assert hits >= 1
+
+
+def test_windows_recover_every_answer_position(bert_dir):
+    """Each word of a long context as the answer: near window edges, in overlaps, in the last window."""
+    tok = Tokenizer.from_dir(bert_dir)
+    rng = random.Random(3)
+    words = [rng.choice(FILLER + NAMES) for _ in range(70)]
+    context = " ".join(words)
+    for i, w in enumerate(words):
+        start = len(" ".join(words[:i])) + (1 if i else 0)
+        _check_windows(tok, SquadExample(f"w{i}", "who is it ?", context, [w], [start]), 24, 6)
+        if i == len(words) - 1:  # the last word lives in the last window only
+            feats = make_features(tok, [SquadExample("x", "who ?", context, [w], [start])], 24, 6, 8)
+            assert feats[-1]["start"] != 0 and all(f["start"] == 0 for f in feats[:-1])
+
+
+def test_feature_layout_is_cls_question_sep_context_sep(bert_dir):
+    tok = Tokenizer.from_dir(bert_dir)
+    ex = to_examples([make_example(random.Random(0), "a", "t", n_words=30)])[0]
+    feats = make_features(tok, [ex], 24, 6, max_question_length=8)
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    q = tok.encode(ex.question, False)
+    for f in feats:
+        ids, types, c0 = f["input_ids"], f["token_type_ids"], f["context_start"]
+        assert ids[0] == cls_id and ids[1: 1 + len(q)] == q and ids[c0 - 1] == sep_id and ids[-1] == sep_id
+        assert types == [0] * c0 + [1] * (len(ids) - c0)
+    t = pair_template(tok)
+    assert (t.prefix, t.middle, t.suffix) == ((cls_id,), (sep_id,), (sep_id,))
+
+
+def test_byte_level_bpe_offsets_and_long_questions():
+    """A tokenizer without special tokens and with space-carrying offsets; questions cut to max_question_length."""
+    tok = Tokenizer.train_bpe([" ".join(FILLER + NAMES + ["is"])] * 20, vocab_size=300, min_frequency=1)
+    rng = random.Random(5)
+    words = [rng.choice(FILLER + NAMES) for _ in range(40)]
+    context = " ".join(words)
+    for i in (0, 1, 17, 39):
+        start = len(" ".join(words[:i])) + (1 if i else 0)
+        ex = SquadExample(f"b{i}", "who is it " * 20, context, [words[i]], [start])
+        _check_windows(tok, ex, 28, 8, exact=False)
+
+
+def test_doc_stride_too_large_is_a_config_error(bert_dir):
+    from lmforge.errors import ConfigError
+
+    tok = Tokenizer.from_dir(bert_dir)
+    ex = to_examples([make_example(random.Random(0), "a", "t")])
+    with pytest.raises(ConfigError, match="--doc-stride 20"):
+        make_features(tok, ex, 24, 20, max_question_length=8)
+
+
+# ---- post-processing -----------------------------------------------------------------------------------------
+def _feature(example: int, n_question: int, offsets: list[tuple[int, int]]) -> dict:
+    return {"input_ids": [0] * (n_question + len(offsets) + 1), "example": example,
+            "context_start": n_question, "offsets": offsets}
+
+
+def test_postprocessing_picks_the_valid_best_span():
+    ctx = "alpha beta gamma delta epsilon"
+    offs = [(0, 5), (6, 10), (11, 16), (17, 22), (23, 30)]
+    ex = SquadExample("q", "which ?", ctx, ["gamma delta"], [11])
+    f = _feature(0, 3, offs)  # positions 0-2: [CLS] question [SEP]; 3-7: the five words; 8: [SEP]
+    s = np.array([20, 19, 0, 1, 0, 5, 0, 0, 0], dtype=np.float32)  # CLS and question are highest: ignored
+    e = np.array([20, 0, 18, 0, 6, 0, 5, 0, 0], dtype=np.float32)
+    # beta(4) as end with gamma(5) as start is end < start: discarded; alpha..beta = 1 + 6 = 7 < gamma..delta = 10
+    best = best_answers([ex], [f], [s], [e], n_best=20, max_answer_length=30)[0]
+    assert (best["answer"], best["start"], best["end"]) == ("gamma delta", 11, 22)
+    assert 0 < best["score"] <= 1 and best["logit"] == 10
+    # with answers limited to one token, the best one-token span wins (alpha..alpha 1+0 < beta..beta 0+6 ...)
+    one = best_answers([ex], [f], [s], [e], n_best=20, max_answer_length=1)[0]
+    assert one["answer"] == "beta"
+    # n_best=1: only the top start (gamma) and top end (beta) pair, which is invalid -> no answer
+    assert best_answers([ex], [f], [s], [e], n_best=1, max_answer_length=30)[0]["answer"] == ""
+
+
+def test_postprocessing_compares_windows_and_trims_space():
+    ctx = "one two three four"
+    ex = SquadExample("q", "?", ctx, ["four"], [14])
+    w1 = _feature(0, 2, [(0, 3), (3, 7), (7, 13)])  # byte-level style offsets carry the leading space
+    w2 = _feature(0, 2, [(7, 13), (13, 18)])
+    s1, e1 = np.array([0, 0, 3, 0, 0, 0.0]), np.array([0, 0, 0, 3, 0, 0.0])
+    s2, e2 = np.array([0, 0, 0, 4, 0.0]), np.array([0, 0, 0, 4, 0.0])
+    best = best_answers([ex], [w1, w2], [s1, s2], [e1, e2])[0]
+    assert (best["answer"], best["start"], best["end"]) == ("four", 14, 18)
+
+
+# ---- training, loading, transformers ----------------------------------------------------------------------
+def test_training_raises_f1(run, bert_dir, data):
+    from lmforge.checkpoints import load_checkpoint
+    from lmforge.data.squad import read_squad
+    from lmforge.model.heads import SpanHead
+    from lmforge.tasks.qa import LoadedQA
+
+    examples = read_squad(data["eval"])
+    ck = load_checkpoint(bert_dir)
+    torch.manual_seed(0)
+    untrained = LoadedQA(SpanHead(ck.model).eval(), ck.tokenizer, **WINDOW, template=pair_template(ck.tokenizer))
+    before = evaluate(untrained, examples)["f1"]
+    lq = load_qa(run["run_dir"])
+    after = evaluate(lq, examples)
+    assert before < 40 and after["f1"] >= 85 and after["exact_match"] >= 80, (before, after)
+    assert run["best_metric"] >= 85
+    info = json.loads((Path(run["run_dir"]) / "qa.json").read_text())
+    assert info["max_length"] == 48 and info["doc_stride"] == 16
+    assert (lq.max_length, lq.doc_stride) == (48, 16)
+
+
+def test_answer_api(run):
+    lq = load_qa(run["run_dir"])
+    ctx = "the small cat sat on the mat near the tree is victor slowly"
+    (r,) = answer(lq, ctx, ["who is it ?"])
+    assert r["answer"] == "victor" and ctx[r["start"]: r["end"]] == "victor" and 0 < r["score"] <= 1
+
+
+def test_transformers_loads_the_run_dir_with_equal_logits(run, data):
+    from lmforge.data.squad import read_squad
+
+    run_dir = Path(run["run_dir"])
+    assert json.loads((run_dir / "config.json").read_text())["architectures"] == ["BertForQuestionAnswering"]
+    hf = transformers.AutoModelForQuestionAnswering.from_pretrained(run_dir).eval()
+    lq = load_qa(run_dir)
+    feats = make_features(lq.tokenizer, read_squad(data["eval"])[:8], **WINDOW, labels=False)
+    b = make_collate(lq.tokenizer.pad_id)(feats)
+    with torch.no_grad():
+        s, e = lq.model(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        ref = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"], token_type_ids=b["token_type_ids"])
+    mask = b["attention_mask"].bool()
+    assert (s - ref.start_logits)[mask].abs().max() < 1e-4 and (e - ref.end_logits)[mask].abs().max() < 1e-4
+
+
+def test_split_by_article_keeps_contexts_apart():
+    rng = random.Random(0)
+    exs = to_examples([make_example(rng, str(i), f"t{i % 10}") for i in range(200)])
+    tr, va = split_by_article(exs, 0.1, seed=1)
+    assert len(tr) + len(va) == 200 and 10 <= len(va) <= 40
+    assert not {e.title for e in tr} & {e.title for e in va}
+    assert [e.id for e in split_by_article(exs, 0.1, seed=1)[1]] == [e.id for e in va]
+    one = [SquadExample(str(i), "q", f"c{i % 5}", ["c"], [0], "") for i in range(20)]  # untitled: by context
+    tr, va = split_by_article(one, 0.2, seed=0)
+    assert tr and va and not {e.context for e in tr} & {e.context for e in va}
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def qa_cli(monkeypatch):
+    if register not in cli._EXTRA_VERBS:
+        monkeypatch.setattr(cli, "_EXTRA_VERBS", [*cli._EXTRA_VERBS, register])
+    return cli.main
+
+
+def _cli_error(capsys, main, *argv) -> str:
+    assert main(["qa", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmforge: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_cli_train(qa_cli, bert_dir, tmp_path, capsys):
+    """Wiring only (a few steps); no --eval-data, so validation is whole articles of --data."""
+    f = write_squad(tmp_path / "all.json", 60, seed=4, titles=10)
+    out = tmp_path / "run"
+    assert qa_cli(["qa", "train", "--model", str(bert_dir), "--data", str(f), "--max-length", "48",
+                   "--doc-stride", "16", "--max-question-length", "8", "--max-steps", "3", "--batch-size", "8",
+                   "--eval-every", "0", "--output", str(out), "--no-progress"]) == 0
+    assert "validation exact match" in capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"] == 3 and 0 < s["data"]["eval_examples"] < 60
+    assert json.loads((out / "qa.json").read_text())["doc_stride"] == 16
+    assert json.loads((out / "qa_config.json").read_text())["max_question_length"] == 8
+
+
+def test_cli_eval_predict(qa_cli, run, data, tmp_path, capsys):
+    out = run["run_dir"]
+    pred = tmp_path / "preds" / "p.jsonl"
+    assert qa_cli(["qa", "eval", "--model", out, "--data", str(data["eval"]), "--limit", "30", "--json",
+                   "--predictions", str(pred)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["total"] == 30 and rep["f1"] >= 80 and rep["predictions"] == str(pred)
+    rows = [json.loads(x) for x in pred.read_text().splitlines()]
+    assert len(rows) == 30 and {"id", "question", "answers", "prediction", "exact_match", "f1"} <= set(rows[0])
+    assert json.loads((pred.parent / "summary.json").read_text())["f1"] == rep["f1"]
+    assert qa_cli(["qa", "eval", "--model", out, "--data", str(data["eval"]), "--limit", "5"]) == 0
+    assert "exact match" in capsys.readouterr().out
+    default = Path(out) / "eval-eval" / "predictions.jsonl"
+    assert len(default.read_text().splitlines()) == 5 and (default.parent / "summary.json").exists()
+    ctx = tmp_path / "ctx.txt"
+    ctx.write_text("a big dog ran under the car is grace near the house")
+    assert qa_cli(["qa", "predict", "--model", out, "--context", str(ctx), "who is it ?", "what is it ?"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["answer"] for x in lines] == ["grace", "grace"]
+    assert set(lines[0]) == {"question", "answer", "score", "start", "end"}
+
+
+def test_malformed_squad_names_the_json_path(qa_cli, capsys, tmp_path):
+    bad = squad_json([make_example(random.Random(0), "a", "t"), make_example(random.Random(1), "b", "t")])
+    del bad["data"][0]["paragraphs"][1]["qas"][0]["answers"][0]["answer_start"]
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(bad))
+    err = _cli_error(capsys, qa_cli, "train", "--data", str(f))
+    assert str(f) in err and "data[0].paragraphs[1].qas[0].answers[0].answer_start: missing" in err
+    err = _cli_error(capsys, qa_cli, "eval", "--model", str(tmp_path), "--data", str(f))
+    assert "answer_start" in err
+    (tmp_path / "broken.json").write_text('{"data": [')
+    assert "broken.json" in _cli_error(capsys, qa_cli, "train", "--data", str(tmp_path / "broken.json"))
+
+
+def test_missing_context_file_exits_2(qa_cli, capsys, tmp_path):
+    err = _cli_error(capsys, qa_cli, "predict", "--model", str(tmp_path), "--context", str(tmp_path / "no.txt"),
+                     "who?")
+    assert str(tmp_path / "no.txt") in err
+
+
+def test_not_a_qa_model(qa_cli, capsys, bert_dir, tmp_path):
+    ctx = tmp_path / "c.txt"
+    ctx.write_text("some text")
+    err = _cli_error(capsys, qa_cli, "predict", "--model", str(bert_dir), "--context", str(ctx), "who?")
+    assert "qa_outputs" in err
