@@ -571,6 +571,17 @@ def _register_seq2seq(sub: argparse._SubParsersAction) -> None:
 _EXTRA_VERBS.append(_register_seq2seq)
 
 
+def _register_modules(sub: argparse._SubParsersAction) -> None:
+    """Verbs that live in their own small modules: qa, serve."""
+    from lmforge import cli_qa, cli_serve
+
+    for mod in (cli_qa, cli_serve):
+        mod.register(sub)
+
+
+_EXTRA_VERBS.append(_register_modules)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,0 +1,332 @@
+"""A scheduler that batches concurrent generation requests on one worker thread.
+
+Why a single worker thread: model work must stay off the event loop (so /health and new connections are
+answered during a long generation), and one thread owning the model means one forward at a time, which
+is what a CPU (or one GPU) does best anyway; concurrency comes from batching, not from threads.
+
+How requests are batched ("dynamic batching"): while the worker is busy, new requests wait in a FIFO
+queue. When it is free, it takes the oldest waiting request and every other waiting request that can
+share its batch (same group key, see `SamplingParams.group_key`, and the batch's longest prompt plus
+largest max_tokens still fit the context), up to `max_batch` rows, left-pads their prompts into one
+tensor and runs them together through `generate.stream_tokens`. Each row streams its own text, stops at
+its own stop strings / max_tokens, and a row whose client went away is dropped at the next step; the
+batch ends as soon as no row is left. Requests that arrive mid-batch wait for the next one (no
+continuous batching: `stream_tokens` owns a fixed-size KV cache, and joining rows mid-flight would mean
+rebuilding it; for short completions the wait is small, see docs/serving.md).
+
+Per-request sampling parameters: greedy requests all batch together whatever their max_tokens and stop
+strings (those are per row). Sampled requests batch only with requests that have identical
+temperature/top-k/top-p/min-p (those are per batch in stream_tokens). A request with a seed runs alone,
+so the same seed gives the same text whatever else the server is doing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+log = logging.getLogger("lmforge.serve")
+
+
+class Overloaded(LmforgeError):
+    """Every generation slot and queue place is taken: the server answers 429 with Retry-After."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(LmforgeError):
+    """The scheduler was closed while the request waited or ran."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings (the OpenAI request fields, plus lmforge's top_k/min_p/penalty)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def group_key(self) -> tuple:
+        """Requests with equal keys may share a batch (see the module docstring)."""
+        if self.temperature == 0.0:
+            return ("greedy", self.repetition_penalty)
+        if self.seed is not None:
+            return ("seeded", id(self))  # one request per params object: runs alone, reproducibly
+        return ("sample", self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+
+
+@dataclass
+class Event:
+    """What the worker tells a request: a text piece, the end (with why), or an error."""
+
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" (done only)
+    completion_tokens: int = 0
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class GenRequest:
+    """One generation: prompt ids, params, and `emit(Event)` (called from the worker thread)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    cancelled: bool = False
+    finished: bool = False
+    completion_tokens: int = 0
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+
+
+class Scheduler:
+    """Admission control (max_batch generating + max_queue waiting, beyond that Overloaded) and the worker."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, window_s: float = 0.01,
+                 max_wait_s: float = 0.1, max_batch_tokens: int = 1 << 17) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise LmforgeError(f"max_concurrent must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_queue, self.window_s, self.max_wait_s = max_batch, max_queue, window_s, max_wait_s
+        self.max_batch_tokens = max_batch_tokens  # rows x (prompt + new) positions: bounds the KV cache size
+        self.context_length = model.cfg.context_length
+        self.eos = set(model.cfg.eos_ids)
+        self._cond = threading.Condition()
+        self._waiting: deque[GenRequest] = deque()
+        self._running: set[GenRequest] = set()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._busy_s = 0.0  # EMA of batch wall time: the Retry-After estimate
+        self._last_rows, self._last_batch_s = 1, 0.0  # the previous batch, for _gather
+        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "max_rows": 0}
+
+    # ---- admission (any thread) ---------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, req: GenRequest) -> None:
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._running) + len(self._waiting) >= self.max_batch + self.max_queue:
+                raise Overloaded(f"server busy: {len(self._running)} generations running and "
+                                 f"{len(self._waiting)} queued (limits {self.max_batch} and {self.max_queue}); "
+                                 "retry later", self.retry_after())
+            self._waiting.append(req)
+            self._cond.notify_all()
+        self.start()
+
+    def cancel(self, req: GenRequest) -> None:
+        """The client went away: free its slot now; the worker drops its row at the next step."""
+        with self._cond:
+            req.cancelled = True
+            try:
+                self._waiting.remove(req)
+            except ValueError:
+                pass
+            self._running.discard(req)
+            self._cond.notify_all()
+
+    def retry_after(self) -> int:
+        return int(min(60, max(1, math.ceil(self._busy_s or 1.0))))
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._loop, name="lmforge-generate", daemon=True)
+                self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            pending = list(self._waiting)
+            self._waiting.clear()
+            self._cond.notify_all()
+        for r in pending:
+            self._finish_error(r, ShuttingDown("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- worker --------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            g0 = time.monotonic()
+            self._gather()
+            with self._cond:
+                batch = self._pick()
+                self._running.update(batch)
+                left = len(self._waiting)
+            if not batch:
+                continue
+            log.debug("batch of %d rows after %.0f ms gathering; %d left waiting", len(batch),
+                      (time.monotonic() - g0) * 1000, left)
+            t0 = time.perf_counter()
+            try:
+                self._run(batch)
+            except Exception as e:  # a failed batch fails its requests, never the worker
+                log.exception("generation batch of %d failed", len(batch))
+                for r in batch:
+                    self._finish_error(r, e)
+            finally:
+                dt = time.perf_counter() - t0
+                self._busy_s = dt if not self._busy_s else 0.8 * self._busy_s + 0.2 * dt
+                self._last_rows, self._last_batch_s = len(batch), dt
+                with self._cond:
+                    self._running.difference_update(batch)
+
+    def _gather(self) -> None:
+        """Wait briefly so that requests arriving together share one batch (the worker is idle meanwhile).
+
+        Requests of a burst reach the scheduler spread out (each is parsed and tokenized first), so wait
+        until none has arrived for `window_s`, up to `max_wait_s` in all. After a batch of R rows its clients
+        tend to come back together, but a row that ended early (EOS) comes back first: without waiting it
+        would start a batch of one and the others would queue behind it. So while fewer than R wait, keep
+        waiting up to 10% of the last batch's time (within max_wait_s); at low load R is 1 and only the
+        quiet window (a few ms) is spent.
+        """
+        start = time.monotonic()
+        target = min(self._last_rows, self.max_batch)
+        stragglers = min(self.max_wait_s, 0.1 * self._last_batch_s)
+        while not self._closed:
+            with self._cond:
+                n = len(self._waiting)
+                newest = self._waiting[-1].enqueued_at if n else start
+            now = time.monotonic()
+            if n == 0 or n >= self.max_batch or now - start >= self.max_wait_s:
+                return
+            if now - newest >= self.window_s and (n >= target or now - start >= stragglers):
+                return
+            time.sleep(0.002)
+
+    def _pick(self) -> list[GenRequest]:
+        """The oldest waiting request and the waiting ones that can share its batch (FIFO order)."""
+        if not self._waiting:
+            return []
+        key = self._waiting[0].params.group_key()
+        rows: list[GenRequest] = []
+        longest = most_new = 0
+        for r in self._waiting:
+            if len(rows) == self.max_batch:
+                break
+            if r.params.group_key() != key:
+                continue
+            t, n = max(longest, len(r.prompt_ids)), max(most_new, r.params.max_tokens)
+            if rows and (t + n > self.context_length or (len(rows) + 1) * (t + n) > self.max_batch_tokens):
+                continue
+            rows.append(r)
+            longest, most_new = t, n
+        for r in rows:
+            self._waiting.remove(r)
+        return rows
+
+    @torch.inference_mode()
+    def _run(self, batch: list[GenRequest]) -> None:
+        from lmforge.generate import GenerationConfig, TextStreamer, stream_tokens
+
+        p = batch[0].params
+        gc = GenerationConfig(max_new_tokens=max(r.params.max_tokens for r in batch), temperature=p.temperature,
+                              top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                              repetition_penalty=p.repetition_penalty, seed=p.seed)
+        T = max(len(r.prompt_ids) for r in batch)
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        dev = next(self.model.parameters()).device
+        ids = torch.tensor([[pad] * (T - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=dev)
+        mask = torch.tensor([[0] * (T - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch], device=dev)
+
+        def decode(t: list[int]) -> str:
+            return self.tokenizer.decode(t, skip_special_tokens=True)
+
+        streamers = [TextStreamer(decode, list(r.params.stop)) for r in batch]
+        live = [not r.cancelled for r in batch]
+        now = time.monotonic()
+        for r in batch:
+            r.started_at = now
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(batch)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(batch))
+        steps = stream_tokens(self.model, ids, mask, gc)
+        try:
+            for tok, done in steps:
+                toks, dn = tok.tolist(), done.tolist()
+                for b, r in enumerate(batch):
+                    if not live[b]:
+                        continue
+                    if r.cancelled:
+                        live[b] = False
+                        continue
+                    t = toks[b]
+                    if dn[b] or t in self.eos:
+                        live[b] = False
+                        self._finish(r, streamers[b], "stop")
+                        continue
+                    r.completion_tokens += 1
+                    self.stats["tokens"] += 1
+                    piece = streamers[b].put(t)
+                    if piece:
+                        self._emit(r, Event("text", piece))
+                    if streamers[b].stopped or r.completion_tokens >= r.params.max_tokens:
+                        live[b] = False
+                        self._finish(r, streamers[b], "stop" if streamers[b].stopped else "length")
+                if not any(live):
+                    break
+                if self._closed:  # shutting down: end the open rows now rather than finish the batch
+                    for b, r in enumerate(batch):
+                        if live[b]:
+                            live[b] = False
+                            self._finish_error(r, ShuttingDown("the server is shutting down"))
+                    break
+        finally:
+            steps.close()
+        for b, r in enumerate(batch):  # the batch hit its own length limit: rows still open end here
+            if live[b] and not r.cancelled:
+                self._finish(r, streamers[b], "length")
+
+    # ---- results ---------------------------------------------------------------------------------------
+    def _emit(self, r: GenRequest, ev: Event) -> None:
+        try:
+            r.emit(ev)
+        except Exception:  # the receiving event loop is gone (shutdown): nothing to tell
+            r.cancelled = True
+
+    def _finish(self, r: GenRequest, streamer, reason: str) -> None:
+        tail = streamer.end()
+        if tail:
+            self._emit(r, Event("text", tail))
+        r.finished = True
+        self._emit(r, Event("done", finish_reason=reason, completion_tokens=r.completion_tokens))
+        with self._cond:  # its slot is free as soon as its answer is complete
+            self._running.discard(r)
+
+    def _finish_error(self, r: GenRequest, e: BaseException) -> None:
+        if r.finished:
+            return
+        r.finished = True
+        self._emit(r, Event("error", error=e, completion_tokens=r.completion_tokens))
