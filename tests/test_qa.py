@@ -12,7 +12,6 @@ import torch
 from conftest import make_hf_model
 
 from lmforge import cli
-from lmforge.cli_qa import register
 from lmforge.data.squad import SquadExample
 from lmforge.tasks.qa import (
     QAConfig,
@@ -278,10 +277,8 @@ def test_split_by_article_keeps_contexts_apart():
 
 # ---- CLI -------------------------------------------------------------------------------------------------
 @pytest.fixture
-def qa_cli(monkeypatch):
-    if register not in cli._EXTRA_VERBS:
-        monkeypatch.setattr(cli, "_EXTRA_VERBS", [*cli._EXTRA_VERBS, register])
-    return cli.main
+def qa_cli():
+    return cli.main  # `qa` is registered by lmforge.cli itself
 
 
 def _cli_error(capsys, main, *argv) -> str:
