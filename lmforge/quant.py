@@ -1,0 +1,584 @@
+"""Weight-only int8 / int4 quantization for fast batch-1 decoding on CPU.
+
+Decoding one token reads every weight once, so at batch 1 the speed is set by bytes of weights read
+per token: float32 SmolLM2-135M is 540 MB, int8 135 MB, int4 ~75 MB. `quantize_model` swaps the
+nn.Linear layers of the blocks (and, unless skipped, the LM head, tied or not) for `QuantLinear`.
+
+Kernels (measured on this torch build, see docs/quantization.md):
+- int8, per output channel: `torch._weight_int8pack_mm`. Its float32 path is scalar (10x slower than
+  a float32 GEMV); its bfloat16 path is vectorized. So small-M calls run it in bfloat16 (activations and
+  outputs rounded to bfloat16, ~0.3% relative error) and cast back.
+- int4, per group of 32..256 along K, asymmetric (scale and minimum per group, llama.cpp's Q4_1 grid):
+  `torch._weight_int4pack_mm_for_cpu` on a packed copy, again in bfloat16.
+- Anything else (large M = prefill and perplexity, grouped int8, gradients, shapes the kernels refuse):
+  dequantize to the activation dtype, then one dense matmul. Exact up to the weight rounding.
+`kernel_mode(...)` forces one path (for tests and accuracy checks).
+
+Tied LM head: the embedding lookup keeps its float table (it reads only T rows per step) while the
+quantized copy of the matrix lives at `model.quant_head`; `Transformer.lm_logits` uses it when present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import ConfigError
+
+_HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
+_HAS_INT4_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
+    torch, "_convert_weight_to_int4pack_for_cpu")
+_INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4 CPU kernel accepts
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations we cast to bfloat16 for the kernels
+HEAD_NAME = "lm_head"  # the name `skip` uses for the LM head, tied or not
+
+
+class QuantError(ConfigError):
+    """Unsupported quantization settings (bits, group size) or a layer shape they do not fit."""
+
+
+# ---- kernel policy ------------------------------------------------------------------------------------
+@dataclass
+class KernelPolicy:
+    """Which matmul QuantLinear runs. "auto": the packed kernel while rows (M = batch x tokens) <= max_m,
+    else dequantize + dense matmul; "kernel" / "dequant" force one path where it can run."""
+
+    mode: str = "auto"
+    max_m_int8: int = 32  # above this a float32 GEMM on the dequantized weight is faster (prefill)
+    max_m_int4: int = 256  # the int4 kernel is a tiled GEMM: as fast as float32 up to ~512 rows
+
+
+POLICY = KernelPolicy()
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str) -> Iterator[None]:
+    """Temporarily force "kernel", "dequant" or "auto" for every QuantLinear (e.g. to measure accuracy)."""
+    if mode not in ("auto", "kernel", "dequant"):
+        raise QuantError(f"kernel mode {mode!r} is not one of auto | kernel | dequant")
+    old, POLICY.mode = POLICY.mode, mode
+    try:
+        yield
+    finally:
+        POLICY.mode = old
+
+
+# ---- quantizers (float weight -> integers + scales) -------------------------------------------------
+def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8: w (N, K) -> q int8 (N, K) in [-127, 127], scales float32 (N, G); w ~ q * scale."""
+    N, K = w.shape
+    g = K if group_size is None else group_size
+    wg = w.detach().float().reshape(N, K // g, g)  # (N, G, g)
+    scales = (wg.abs().amax(-1) / 127.0).clamp(min=1e-12)  # (N, G)
+    q = torch.round(wg / scales[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(N, K), scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 per group: w (N, K) -> q uint8 (N, K) in [0, 15], scales, mins float32 (N, G);
+    w ~ q * scale + min. A weight already on such a grid (llama.cpp Q4_1) comes back exactly."""
+    N, K = w.shape
+    wg = w.detach().float().reshape(N, K // group_size, group_size)  # (N, G, g)
+    lo, hi = wg.amin(-1), wg.amax(-1)  # (N, G)
+    scales = ((hi - lo) / 15.0).clamp(min=1e-12)
+    q = torch.round((wg - lo[..., None]) / scales[..., None]).clamp_(0, 15).to(torch.uint8)
+    return q.reshape(N, K), scales, lo
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K/2) uint8; low nibble = even column. Our storage format (portable)."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) uint8 values 0..15."""
+    return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(p.shape[0], -1)
+
+
+# ---- the layer ----------------------------------------------------------------------------------------
+class QuantLinear(nn.Module):
+    """A bias-optional linear layer with int8 or int4 weights. State (persistent buffers):
+    int8: `qweight` int8 (N, K), `scales` (N, G); int4: `qweight` uint8 (N, K/2) nibbles, `scales`,
+    `mins` (N, G); G = 1 for per-channel. Kernel layouts are caches rebuilt on load, never saved."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 8, group_size: int | None = None,
+                 bias: bool = False, dtype: torch.dtype = torch.float32, device=None) -> None:
+        super().__init__()
+        _check_spec(bits, group_size)
+        if bits == 4 and group_size is None:
+            group_size = 32
+        g = in_features if group_size is None else group_size
+        if in_features % g or (bits == 4 and g % 2):
+            raise QuantError(f"in_features {in_features} is not a multiple of group_size {g}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.dtype = dtype  # of the float layer it replaced: output and dequantization dtype
+        G = in_features // g
+        if bits == 8:
+            qw = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        else:
+            qw = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        self.register_buffer("qweight", qw)
+        if bits == 4:
+            self.register_buffer("mins", torch.zeros(out_features, G, device=device))
+        self.register_buffer("scales", torch.ones(out_features, G, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+        self._drop_cache()  # kernel operands: plain attributes (not state), built on the first forward
+        self.register_load_state_dict_post_hook(_after_load)
+
+    # -- construction
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, bits: int = 8,
+                    group_size: int | None = None) -> QuantLinear:
+        N, K = weight.shape
+        m = cls(K, N, bits, group_size, bias is not None, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            if bits == 8:
+                q, s = quantize_int8(weight, m.group_size)
+                m.qweight.copy_(q)
+            else:
+                q, s, lo = quantize_int4(weight, m.group_size)
+                m.qweight.copy_(pack_nibbles(q))
+                m.mins.copy_(lo)
+            m.scales.copy_(s)
+            if bias is not None:
+                m.bias.copy_(bias)
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int | None = None) -> QuantLinear:
+        return cls.from_weight(linear.weight, linear.bias, bits, group_size)
+
+    # -- float views
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight the integers stand for, (N, K)."""
+        dtype = dtype or self.dtype
+        N, K = self.out_features, self.in_features
+        G = self.scales.shape[1]
+        if self.bits == 8:
+            q = self.qweight.reshape(N, G, K // G).to(dtype)
+            return (q * self.scales[..., None].to(dtype)).reshape(N, K)
+        q = unpack_nibbles(self.qweight).reshape(N, G, K // G).to(dtype)
+        return (q * self.scales[..., None].to(dtype) + self.mins[..., None].to(dtype)).reshape(N, K)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized weight, for code that reads `.weight` (slow: a full float copy each time)."""
+        return self.dequantize()
+
+    def nbytes(self) -> int:
+        """Bytes of the quantized state (what a decode step reads)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
+
+    # -- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (..., K) -> (..., N). The kernel path is kept short: ~200 of these calls run per decoded token.
+        if self._fast is None:
+            self._prepare_kernel()
+        mode = POLICY.mode
+        if self._fast and mode != "dequant" and not x.requires_grad and x.dtype in _KERNEL_DTYPES:
+            M = x.numel() // self.in_features
+            if M <= (POLICY.max_m_int8 if self.bits == 8 else POLICY.max_m_int4) or mode == "kernel":
+                xb = x.reshape(M, self.in_features).to(torch.bfloat16)  # the kernels' only vectorized dtype
+                if self.bits == 8:
+                    y = torch._weight_int8pack_mm(xb, self.qweight, self._k_scales)
+                else:
+                    y = torch._weight_int4pack_mm_for_cpu(xb, self._k_packed, self.group_size, self._k_sz)
+                y = y.to(x.dtype)
+                if self.bias is not None:
+                    y = y + self.bias.to(y.dtype)
+                return y.view(*x.shape[:-1], self.out_features)  # (a Size + tuple view costs 4 us more)
+        lead = x.shape[:-1]
+        y = self._dequant_mm(x.reshape(-1, self.in_features))  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _prepare_kernel(self) -> None:
+        """Decide once whether the packed kernel can run this layer, build its operands, try it."""
+        self._fast = False
+        if self.qweight.device.type != "cpu":
+            return
+        if self.bits == 8:
+            # K % 16: the bfloat16 kernel crashes (not raises) on other K in torch 2.13
+            if not (_HAS_INT8_KERNEL and self.scales.shape[1] == 1 and self.in_features % 16 == 0):
+                return
+        else:
+            if not (_HAS_INT4_KERNEL and self.group_size in _INT4_GROUPS and self.out_features % 16 == 0):
+                return
+        with torch.no_grad():
+            if self.bits == 8:
+                self._k_scales = self.scales.reshape(-1).to(torch.bfloat16).contiguous()
+            else:
+                q = unpack_nibbles(self.qweight).to(torch.int32).contiguous()  # (N, K)
+                self._k_packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+                # the kernel dequantizes w = (q - 8) * scale + zero, so zero = min + 8 * scale
+                zeros = self.mins + 8.0 * self.scales  # (N, G)
+                self._k_sz = torch.stack((self.scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
+            try:  # a build or shape the kernel refuses raises here once, not in the decode loop
+                probe = torch.zeros(1, self.in_features, dtype=torch.bfloat16)
+                if self.bits == 8:
+                    torch._weight_int8pack_mm(probe, self.qweight, self._k_scales)
+                else:
+                    torch._weight_int4pack_mm_for_cpu(probe, self._k_packed, self.group_size, self._k_sz)
+            except RuntimeError:
+                self._drop_cache()
+                self._fast = False
+                return
+        self._fast = True
+
+    def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8 and self.scales.shape[1] == 1:  # per-channel: scale the N outputs, not N*K weights
+            return F.linear(x, self.qweight.to(x.dtype)) * self.scales.reshape(-1).to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def _drop_cache(self) -> None:
+        """Forget the kernel operands (after load_state_dict, .to(), ...): rebuilt on the next forward."""
+        self._fast: bool | None = None
+        self._k_scales = self._k_packed = self._k_sz = None
+
+    def _apply(self, fn, recurse=True):
+        self._drop_cache()
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        g = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
+        return (f"in={self.in_features}, out={self.out_features}, int{self.bits}, {g}, "
+                f"bias={self.bias is not None}")
+
+
+def _after_load(module: QuantLinear, incompatible_keys) -> None:
+    module._drop_cache()  # new integers: the packed kernel copy must be rebuilt
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding with int8 rows (one scale per token): a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype = torch.float32,
+                 device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, dim, dtype
+        self.register_buffer("qweight", torch.zeros(num_embeddings, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(num_embeddings, 1, device=device))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> QuantEmbedding:
+        w = emb.weight
+        m = cls(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device)
+        q, s = quantize_int8(w)
+        with torch.no_grad():
+            m.qweight.copy_(q)
+            m.scales.copy_(s)
+        return m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids (...) -> (..., D)
+        return F.embedding(ids, self.qweight).to(self.dtype) * F.embedding(ids, self.scales).to(self.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return (self.qweight.to(self.dtype) * self.scales.to(self.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+
+
+# ---- whole models ---------------------------------------------------------------------------------------
+@dataclass
+class QuantSpec:
+    """What quantize_model did: enough to rebuild the module structure before loading a saved state."""
+
+    bits: int
+    group_size: int | None
+    modules: list[str]  # qualified names of the replaced nn.Linear layers
+    head: bool  # `quant_head` holds a quantized LM head
+    embedding: bool  # embed.tok is a QuantEmbedding
+
+
+def _check_spec(bits: int, group_size: int | None) -> None:
+    if bits not in (4, 8):
+        raise QuantError(f"bits must be 8 or 4, got {bits}")
+    if group_size is not None and (group_size < 2 or group_size % 2):
+        raise QuantError(f"group_size must be an even number >= 2 (or None), got {group_size}")
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pat) or name.endswith("." + pat) or name == pat for pat in skip)
+
+
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, new)
+
+
+def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = None,
+                   skip: Sequence[str] = (HEAD_NAME,), quantize_embedding: bool = False) -> nn.Module:
+    """Replace (in place) every nn.Linear under `blocks` with a QuantLinear; returns the model.
+
+    skip: fnmatch patterns or name suffixes of layers to keep in float ("blocks.0.*", "down"); the name
+    "lm_head" stands for the LM head, tied or not: quantizing it (skip=()) stores a quantized copy as
+    `model.quant_head` (~20% of SmolLM2's weights, so it matters for speed). quantize_embedding=True also
+    replaces the token embedding table by int8 rows (saves memory; lookups read few rows either way).
+    bits=4 defaults to groups of 32 (llama.cpp's Q4_1 grid); bits=8 defaults to per-output-channel.
+    """
+    _check_spec(bits, group_size)
+    if bits == 4 and group_size is None:
+        group_size = 32
+    done: list[str] = []
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear) or ".blocks." not in f".{name}" or _skipped(name, skip):
+            continue
+        if mod.in_features % (group_size or 1):
+            raise QuantError(f"layer {name!r}: in_features {mod.in_features} is not a multiple of "
+                             f"group_size {group_size}")
+        _set_module(model, name, QuantLinear.from_linear(mod, bits, group_size))
+        done.append(name)
+    head = False
+    if not _skipped(HEAD_NAME, skip) and hasattr(model, "lm_logits"):
+        lm_head = getattr(model, "lm_head", None)
+        w = lm_head.weight if isinstance(lm_head, nn.Linear) else model.embed.tok.weight
+        if w.shape[1] % (group_size or 1):
+            raise QuantError(f"LM head: d_model {w.shape[1]} is not a multiple of group_size {group_size}")
+        model.quant_head = QuantLinear.from_weight(w, getattr(lm_head, "bias", None), bits, group_size)
+        head = True
+    if quantize_embedding:
+        if not isinstance(getattr(getattr(model, "embed", None), "tok", None), nn.Embedding):
+            raise QuantError("quantize_embedding: the model has no embed.tok nn.Embedding")
+        if not head and getattr(model, "lm_head", None) is None:
+            raise QuantError("quantize_embedding with a tied, unquantized LM head would put int8 weights "
+                             "in the float head matmul: quantize the head too (drop 'lm_head' from skip)")
+        model.embed.tok = QuantEmbedding.from_embedding(model.embed.tok)
+    model.quant_spec = QuantSpec(bits, group_size, done, head, quantize_embedding)
+    return model
+
+
+def quantized_nbytes(model: nn.Module) -> dict[str, int]:
+    """Bytes a batch-1 decode step reads: quantized layers vs remaining float matmul weights."""
+    q = sum(m.nbytes() for m in model.modules() if isinstance(m, QuantLinear))
+    f = sum(m.weight.numel() * m.weight.element_size() for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and ".blocks." in f".{n}")
+    if getattr(model, "quant_head", None) is None and hasattr(model, "lm_logits"):
+        lm_head = getattr(model, "lm_head", None)
+        w = lm_head.weight if isinstance(lm_head, nn.Linear) else model.embed.tok.weight
+        f += w.numel() * w.element_size()
+    return {"quantized": q, "float": f}
+
+
+# ---- save / load ---------------------------------------------------------------------------------------
+def save_quantized(model: nn.Module, path: str | Path) -> Path:
+    """One safetensors file: the state dict (integers, scales, float norms/embeddings), the ModelConfig
+    and the QuantSpec in its metadata."""
+    from safetensors.torch import save_file
+
+    spec = getattr(model, "quant_spec", None)
+    if spec is None:
+        raise QuantError("save_quantized: the model was not quantized (no quant_spec)")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tied = getattr(model, "lm_head", None) is None
+    meta = {"lmforge_quant": json.dumps(asdict(spec)), "lmforge_config": json.dumps(model.cfg.to_dict()),
+            "tied": str(tied)}
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(p)
+    return p
+
+
+def load_quantized(path: str | Path, device: str = "cpu") -> nn.Module:
+    """Rebuild a Transformer saved by save_quantized: structure on the meta device, then assign tensors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lmforge.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+
+    p = Path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (OSError, Exception) as e:  # safetensors raises its own error type on bad headers
+        raise QuantError(f"{p}: not a readable safetensors file ({e})") from None
+    if "lmforge_quant" not in meta or "lmforge_config" not in meta:
+        raise QuantError(f"{p}: not written by save_quantized (no lmforge_quant metadata)")
+    spec = QuantSpec(**json.loads(meta["lmforge_quant"]))
+    cfg = ModelConfig.from_dict(json.loads(meta["lmforge_config"]))
+    state = load_file(str(p), device=device)
+    # float dtype of the saved model (norms, embeddings); scales and mins are always float32
+    fdtype = next((t.dtype for k, t in state.items() if t.is_floating_point()
+                   and not k.endswith((".scales", ".mins"))), torch.float32)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    for name in spec.modules:
+        lin = model.get_submodule(name)
+        _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, spec.bits, spec.group_size,
+                                             lin.bias is not None, dtype=fdtype, device="meta"))
+    if spec.head:
+        w = model.lm_head.weight if model.lm_head is not None else model.embed.tok.weight
+        model.quant_head = QuantLinear(w.shape[1], w.shape[0], spec.bits, spec.group_size,
+                                       "quant_head.bias" in state, dtype=fdtype, device="meta")
+    if spec.embedding:
+        e = model.embed.tok
+        model.embed.tok = QuantEmbedding(e.num_embeddings, e.embedding_dim, dtype=fdtype, device="meta")
+    model.load_state_dict(state, strict=True, assign=True)
+    model.init_buffers(device)  # rotary tables (non-persistent) were built on meta
+    model.quant_spec = spec
+    return model.eval()
+
+
+# ---- quality --------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def perplexity(model: nn.Module, token_ids: torch.Tensor | Sequence[int], block: int = 512,
+               batch_size: int = 1) -> float:
+    """exp(mean next-token NLL) over consecutive non-overlapping blocks of `block` tokens, each scored
+    from its own start (so the number depends on `block`; compare models at the same block)."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+    if ids.numel() < 2:
+        raise QuantError("perplexity needs at least 2 tokens")
+    block = min(block, getattr(getattr(model, "cfg", None), "context_length", block))
+    dev = next(model.parameters(), next(model.buffers())).device
+    n_blocks = math.ceil(ids.numel() / block)
+    chunks = [ids[i * block:(i + 1) * block] for i in range(n_blocks)]
+    if chunks[-1].numel() < 2:
+        chunks.pop()
+    total, count = 0.0, 0
+    for s in range(0, len(chunks), batch_size):
+        group = chunks[s:s + batch_size]
+        L = max(c.numel() for c in group)
+        x = torch.zeros(len(group), L, dtype=torch.long)
+        mask = torch.zeros(len(group), L, dtype=torch.long)
+        for b, c in enumerate(group):  # right padding: causal attention never looks at it
+            x[b, : c.numel()] = c
+            mask[b, : c.numel()] = 1
+        logits = model.lm_logits(model(x.to(dev)))[:, :-1].float()  # (B, L-1, V)
+        tgt = x[:, 1:].to(dev).masked_fill(mask[:, 1:].to(dev) == 0, -100)
+        total += F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="sum").item()
+        count += int((tgt != -100).sum())
+    return math.exp(total / count)
+
+
+# ---- measurement CLI: python -m lmforge.quant --help ---------------------------------------------------
+def decode_tokens_per_s(model: nn.Module, prompt_len: int = 30, new_tokens: int = 128, repeats: int = 5,
+                        seed: int = 0) -> dict[str, float]:
+    """Batch-1 greedy decoding speed: new tokens / wall time of generate.greedy (prefill included)."""
+    import statistics
+    import time
+
+    from lmforge.generate import greedy
+
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, prompt_len), generator=g)
+    greedy(model, prompt, 8)  # warm-up: kernel operands, allocator
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        greedy(model, prompt, new_tokens)
+        times.append(time.perf_counter() - t0)
+    return {"median": new_tokens / statistics.median(times), "best": new_tokens / min(times)}
+
+
+_VARIANTS = {  # name -> quantize_model arguments (None = float32 as loaded)
+    "float32": None,
+    "int8": dict(bits=8),
+    "int8+head": dict(bits=8, skip=()),
+    "int4+head": dict(bits=4, group_size=32, skip=()),
+    "int4+int8head": dict(bits=4, group_size=32),  # blocks int4, head int8 (added below)
+}
+
+
+def _ensure_head_hook() -> None:
+    """Bench-only stand-in until Transformer.lm_logits uses `quant_head` itself (see docs/quantization.md)."""
+    import inspect
+
+    from lmforge.model.transformer import Transformer
+
+    if "quant_head" in inspect.getsource(Transformer.lm_logits):
+        return
+    plain = Transformer.lm_logits
+
+    def lm_logits(self, h):
+        head = getattr(self, "quant_head", None)
+        if head is None:
+            return plain(self, h)
+        logits = head(h)
+        if self.cfg.final_softcap is not None:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
+
+    Transformer.lm_logits = lm_logits
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+    import copy
+    import time
+
+    ap = argparse.ArgumentParser(prog="python -m lmforge.quant",
+                                 description="Decode speed and perplexity of float32 vs quantized variants.")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--variants", default="float32,int8,int8+head,int4+head",
+                    help=f"comma list of {sorted(_VARIANTS)}")
+    ap.add_argument("--text", help="text file for perplexity (skipped if absent)")
+    ap.add_argument("--start", default="Chapter 1", help="perplexity text starts at this string")
+    ap.add_argument("--tokens", type=int, default=20480)
+    ap.add_argument("--block", type=int, default=512)
+    ap.add_argument("--paths", default="kernel,dequant", help="QuantLinear paths to score perplexity on")
+    ap.add_argument("--speed", action="store_true", help="measure batch-1 greedy tokens/s")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    _ensure_head_hook()
+    from lmforge.api import load
+
+    base, tok = load(a.model)
+    ids = None
+    if a.text:
+        text = Path(a.text).read_text(encoding="utf-8")
+        text = text[max(0, text.find(a.start)):]
+        ids = torch.tensor(tok.encode(text, add_special_tokens=False)[: a.tokens])
+    print(f"model {a.model}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    print("| variant | matmul weights read per token (MB) | tokens/s median (best) | "
+          + " | ".join(f"ppl ({p})" for p in a.paths.split(",")) + " |", flush=True)
+    for name in a.variants.split(","):
+        if name not in _VARIANTS:
+            raise QuantError(f"unknown variant {name!r}: one of {sorted(_VARIANTS)}")
+        kw = _VARIANTS[name]
+        m = base if kw is None else quantize_model(copy.deepcopy(base), **kw)
+        if name == "int4+int8head":
+            w = m.embed.tok.weight
+            m.quant_head = QuantLinear.from_weight(w, None, 8)
+        nb = quantized_nbytes(m)
+        row = [name, f"{(nb['quantized'] + nb['float']) / 2**20:.0f}"]
+        if a.speed:
+            s = decode_tokens_per_s(m, repeats=a.repeats)
+            row.append(f"{s['median']:.1f} ({s['best']:.1f})")
+        else:
+            row.append("-")
+        for i, p in enumerate(a.paths.split(",")):
+            if ids is None or (kw is None and i > 0):  # float32 has one path
+                row.append("-" if ids is None else row[-1])
+                continue
+            t0 = time.perf_counter()
+            with kernel_mode(p if kw is not None else "auto"):
+                row.append(f"{perplexity(m, ids, block=a.block):.4f}")
+            print(f"  ({name} ppl {p}: {time.perf_counter() - t0:.0f} s)", flush=True)
+        print("| " + " | ".join(row) + " |", flush=True)
+        if kw is not None:
+            del m
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,271 @@
+"""Weight-only int8/int4 quantization: layer accuracy on both paths (packed kernel, dequantize), whole-model
+logits and decoding on a tiny random llama, save/load round trip, perplexity. Runs in a few seconds."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge import quant
+from lmforge.config import ModelConfig
+from lmforge.errors import LmforgeError
+from lmforge.generate import greedy
+from lmforge.model.transformer import Transformer
+from lmforge.quant import (
+    QuantEmbedding,
+    QuantError,
+    QuantLinear,
+    kernel_mode,
+    load_quantized,
+    pack_nibbles,
+    perplexity,
+    quantize_int4,
+    quantize_model,
+    quantized_nbytes,
+    save_quantized,
+    unpack_nibbles,
+)
+
+VOCAB = 128  # multiples of 16 everywhere, so the int8 and int4 kernels take every layer
+
+
+def _lm_logits_with_quant_head(self, h):
+    """The change proposed for Transformer.lm_logits: use `quant_head` when quantize_model set one."""
+    head = getattr(self, "quant_head", None)
+    logits = head(h) if head is not None else F.linear(
+        h, self.embed.tok.weight if self.lm_head is None else self.lm_head.weight)
+    if self.cfg.final_softcap is not None:
+        logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+    return logits
+
+
+@pytest.fixture(autouse=True)
+def _head_hook(monkeypatch):
+    if "quant_head" not in inspect.getsource(Transformer.lm_logits):  # until transformer.py has the hook
+        monkeypatch.setattr(Transformer, "lm_logits", _lm_logits_with_quant_head)
+
+
+def tiny(tie: bool = True, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(family="llama", vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      d_ff=128, context_length=128, tie_embeddings=tie, eos_token_id=2)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():  # larger weights than the 0.02 init, so logits are not all near zero
+        for p in m.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.1)
+    return m
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+# ---- layer --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["kernel", "dequant"])
+@pytest.mark.parametrize("bits,group,tol", [(8, None, 1e-2), (8, 32, 1e-2), (4, 32, 0.12), (4, 64, 0.15)])
+def test_quant_linear_close_to_float(mode, bits, group, tol):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96, bias=True)
+    q = QuantLinear.from_linear(lin, bits, group)
+    x = torch.randn(3, 5, 256)
+    with torch.no_grad(), kernel_mode(mode):
+        y = q(x)
+    assert y.shape == (3, 5, 96) and y.dtype == torch.float32
+    assert rel(y, lin(x).detach()) < tol
+
+
+def test_kernel_and_dequant_paths_agree():
+    torch.manual_seed(1)
+    for bits in (8, 4):
+        q = QuantLinear.from_weight(torch.randn(64, 128), None, bits, 32 if bits == 4 else None)
+        x = torch.randn(7, 128)
+        with torch.no_grad(), kernel_mode("kernel"):
+            yk = q(x)
+        with torch.no_grad(), kernel_mode("dequant"):
+            yd = q(x)
+        assert q._fast is True  # the kernel really ran (this torch build has it)
+        assert rel(yk, yd) < 1e-2  # bfloat16 activations on the kernel path
+        assert rel(yd, x @ q.dequantize().t()) < 1e-6
+
+
+def test_int4_is_exact_on_a_q4_1_grid():
+    """Weights already on a 16-level grid per group of 32 (what a Q4_1 GGUF dequantizes to) survive."""
+    torch.manual_seed(2)
+    N, K, g = 32, 64, 32
+    q = torch.randint(0, 16, (N, K // g, g))
+    q[..., 0], q[..., 1] = 0, 15  # each group spans the full grid, as llama.cpp's quantizer makes it
+    w = (q * torch.rand(N, K // g, 1) * 0.01 - torch.rand(N, K // g, 1) * 0.05).reshape(N, K)
+    ql = QuantLinear.from_weight(w, None, 4, g)
+    torch.testing.assert_close(ql.dequantize(), w, rtol=0, atol=1e-6)
+    q2, s, lo = quantize_int4(w, g)
+    assert torch.equal(q2.reshape(N, K // g, g), q.to(torch.uint8))
+
+
+def test_pack_unpack_nibbles():
+    q = torch.randint(0, 16, (5, 12), dtype=torch.uint8)
+    p = pack_nibbles(q)
+    assert p.shape == (5, 6) and p.dtype == torch.uint8
+    assert torch.equal(unpack_nibbles(p), q)
+
+
+@pytest.mark.parametrize("bits,N,K", [(8, 24, 40), (4, 24, 64)])
+def test_shapes_the_kernels_refuse_fall_back(bits, N, K):
+    """int8 kernel: K % 16 != 0 (it would crash); int4 kernel: N % 16 != 0. Both take the dequant path."""
+    torch.manual_seed(3)
+    w = torch.randn(N, K)
+    ql = QuantLinear.from_weight(w, None, bits, 32 if bits == 4 else None)
+    x = torch.randn(2, K)
+    with torch.no_grad(), kernel_mode("kernel"):
+        y = ql(x)
+    assert ql._fast is False
+    assert rel(y, x @ w.t()) < (1e-2 if bits == 8 else 0.15)
+
+
+def test_no_kernel_available(monkeypatch):
+    monkeypatch.setattr(quant, "_HAS_INT8_KERNEL", False)
+    ql = QuantLinear.from_weight(torch.randn(32, 64), None, 8)
+    x = torch.randn(1, 64)
+    assert rel(ql(x), x @ ql.dequantize().t()) < 1e-6 and ql._fast is False
+
+
+def test_gradients_flow_through_the_dequant_path():
+    """A frozen quantized base under a trainable input (e.g. LoRA): the aten kernels have no backward."""
+    ql = QuantLinear.from_weight(torch.randn(32, 64), None, 8)
+    x = torch.randn(2, 64, requires_grad=True)
+    ql(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_kernel_cache_is_rebuilt_after_load_and_to():
+    torch.manual_seed(4)
+    a = QuantLinear.from_weight(torch.randn(32, 64), None, 4, 32)
+    b = QuantLinear.from_weight(torch.randn(32, 64), None, 4, 32)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        a(x)
+        assert a._fast is True
+        a.load_state_dict(b.state_dict())
+        assert a._fast is None  # stale packed weights dropped
+        torch.testing.assert_close(a(x), b(x))
+        a.to(torch.float32)
+        assert a._fast is None
+    assert set(a.state_dict()) == {"qweight", "scales", "mins"}  # kernel layouts are never saved
+
+
+def test_bad_settings_raise():
+    with pytest.raises(QuantError):
+        QuantLinear(64, 32, bits=3)
+    with pytest.raises(QuantError):
+        QuantLinear(60, 32, bits=8, group_size=32)
+    with pytest.raises(LmforgeError):
+        quantize_model(tiny(), bits=4, group_size=48)  # 64 % 48 != 0
+    with pytest.raises(QuantError):
+        with kernel_mode("fast"):
+            pass
+    with pytest.raises(QuantError):
+        quantize_model(tiny(), bits=8, quantize_embedding=True)  # tied head left float: refused
+
+
+# ---- whole model -------------------------------------------------------------------------------------------
+def test_quantize_model_replaces_block_linears_and_head():
+    m = tiny()
+    q = quantize_model(copy.deepcopy(m), bits=8, skip=())
+    names = [n for n, mod in q.named_modules() if isinstance(mod, QuantLinear)]
+    assert len(names) == 2 * 7 + 1 and "quant_head" in names
+    assert not any(isinstance(mod, nn.Linear) for mod in q.modules())
+    assert q.quant_spec.head and q.quant_spec.bits == 8
+    nb = quantized_nbytes(q)
+    float_bytes = 4 * sum(p.numel() for n, p in m.named_parameters() if p.ndim == 2)  # blocks + tied table
+    assert nb["float"] == 0 and nb["quantized"] < 0.3 * float_bytes
+    # default skip keeps the LM head in float; patterns keep chosen layers in float
+    d = quantize_model(copy.deepcopy(m), bits=8)
+    assert getattr(d, "quant_head", None) is None and quantized_nbytes(d)["float"] > 0
+    s = quantize_model(copy.deepcopy(m), bits=8, skip=("lm_head", "blocks.0.*", "down"))
+    kept = [n for n, mod in s.named_modules() if isinstance(mod, nn.Linear)]
+    layer0 = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+    assert set(kept) == {f"blocks.0.{x}" for x in layer0} | {"blocks.1.mlp.down"}
+
+
+@pytest.mark.parametrize("bits,tol", [(8, 4e-2), (4, 0.35)])  # gaussian weights: the worst case
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantized_logits_close_and_greedy_runs(bits, tol, tie):
+    m = tiny(tie=tie)
+    q = quantize_model(copy.deepcopy(m), bits=bits, skip=())
+    ids = torch.randint(3, VOCAB, (2, 20))
+    with torch.no_grad():
+        ref = m.logits(ids)
+        for mode in ("auto", "kernel", "dequant"):
+            with kernel_mode(mode):
+                assert rel(q.logits(ids), ref) < tol
+    out = greedy(q, ids[:1, :6], 10)
+    assert out.shape == (1, 16) and torch.equal(out[:, :6], ids[:1, :6])
+    # teacher-forced on the float model's own continuation, the int8 next-token choice mostly agrees
+    cont = greedy(m, ids[:1, :6], 10)
+    with torch.no_grad():
+        agree = (q.logits(cont).argmax(-1) == m.logits(cont).argmax(-1)).float().mean()
+    assert agree >= (0.9 if bits == 8 else 0.5)
+
+
+def test_quantized_embedding():
+    m = tiny()
+    q = quantize_model(copy.deepcopy(m), bits=8, skip=(), quantize_embedding=True)
+    assert isinstance(q.embed.tok, QuantEmbedding)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        assert rel(q.embed.tok(ids), m.embed.tok(ids)) < 1e-2
+        assert rel(q.logits(ids), m.logits(ids)) < 4e-2
+    assert greedy(q, ids[:, :4], 4).shape == (1, 8)
+
+
+@pytest.mark.parametrize("bits,emb", [(8, False), (4, True)])
+def test_save_load_round_trip(tmp_path, bits, emb):
+    q = quantize_model(tiny(), bits=bits, skip=(), quantize_embedding=emb)
+    path = save_quantized(q, tmp_path / "q.safetensors")
+    r = load_quantized(path)
+    assert r.quant_spec == q.quant_spec
+    ids = torch.randint(0, VOCAB, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(r.logits(ids), q.logits(ids))
+    assert torch.equal(greedy(r, ids, 5), greedy(q, ids, 5))
+
+
+def test_save_load_errors(tmp_path):
+    with pytest.raises(QuantError):
+        save_quantized(tiny(), tmp_path / "x.safetensors")  # not quantized
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(QuantError):
+        load_quantized(bad)
+
+
+# ---- perplexity -------------------------------------------------------------------------------------------
+def test_perplexity_matches_a_direct_computation():
+    m = tiny()
+    ids = torch.randint(0, VOCAB, (50,))
+    with torch.no_grad():
+        logits = m.logits(ids[None, :])[0, :-1]
+        direct = math.exp(F.cross_entropy(logits, ids[1:]).item())
+    assert perplexity(m, ids, block=64) == pytest.approx(direct, rel=1e-5)
+    # two blocks of 25: each scored from its own start, batched or not
+    with torch.no_grad():
+        nll = sum(F.cross_entropy(m.logits(c[None])[0, :-1], c[1:], reduction="sum").item()
+                  for c in (ids[:25], ids[25:]))
+    assert perplexity(m, ids, block=25) == pytest.approx(math.exp(nll / 48), rel=1e-5)
+    assert perplexity(m, ids, block=30, batch_size=2) == pytest.approx(perplexity(m, ids, block=30), rel=1e-5)
+    with pytest.raises(QuantError):
+        perplexity(m, [5])
+
+
+def test_int8_perplexity_close_to_float():
+    m = tiny()
+    ids = torch.randint(0, VOCAB, (200,))
+    p32 = perplexity(m, ids, block=100)
+    p8 = perplexity(quantize_model(copy.deepcopy(m), bits=8, skip=()), ids, block=100)
+    assert abs(p8 / p32 - 1) < 0.02
