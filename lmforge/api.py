@@ -172,3 +172,57 @@ class Generator:
         gen.setdefault("max_new_tokens", 256)
         prompt = self.format_chat(messages)
         yield from self.stream(prompt, add_special_tokens=False, **gen)
+
+
+# ---- classification ----------------------------------------------------------------------------------
+class Classifier:
+    """A trained text classifier: `Classifier.train(...)`, `Classifier.load(run_dir)`, `.predict(texts)`."""
+
+    def __init__(self, loaded) -> None:
+        self._lc = loaded  # lmforge.tasks.classify.LoadedClassifier
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._lc.labels)
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "cpu") -> Classifier:
+        from lmforge.tasks.classify import load_classifier
+
+        return cls(load_classifier(run_dir, device=device))
+
+    @classmethod
+    def train(cls, model: str = "minilm-l6", data: str = "tweets-sentiment", output_dir: str | Path = "runs/classify",
+              resume: bool = False, log=None, **kwargs) -> Classifier:
+        """Fine-tune and return the trained classifier. kwargs: any ClassifyConfig field (eval_data, max_length,
+        lora, ...) or TrainConfig field (epochs, batch_size, lr, eval_every, ...)."""
+        import dataclasses
+
+        from lmforge.tasks.classify import ClassifyConfig
+        from lmforge.tasks.classify import train as _train
+        from lmforge.train import TrainConfig
+
+        cfields = {f.name for f in dataclasses.fields(ClassifyConfig)}
+        tfields = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = set(kwargs) - cfields - tfields
+        if unknown:
+            from lmforge.errors import ConfigError
+
+            raise ConfigError(f"Classifier.train: unknown argument(s) {sorted(unknown)}")
+        c = ClassifyConfig(model=model, data=data, **{k: v for k, v in kwargs.items() if k in cfields})
+        tkw = {"keep_best": "accuracy", "eval_every": 100, "warmup": 0.1, **{k: v for k, v in kwargs.items()
+                                                                            if k in tfields}}
+        summary = _train(c, TrainConfig(output_dir=output_dir, **tkw), resume=resume, log=log or (lambda *_: None))
+        return cls.load(summary["run_dir"])
+
+    def predict(self, texts: list[str] | str, batch_size: int = 64) -> list[dict]:
+        """[{label, score, probabilities}] per text."""
+        from lmforge.tasks.classify import predict
+
+        return predict(self._lc, [texts] if isinstance(texts, str) else list(texts), batch_size)
+
+    def evaluate(self, data: str, limit: int | None = None) -> dict:
+        """Accuracy, macro-F1, per-class scores and confusion matrix on a built-in dataset's test split or a file."""
+        from lmforge.tasks.classify import ClassifyConfig, evaluate, load_eval_examples
+
+        return evaluate(self._lc, load_eval_examples(data, ClassifyConfig(), limit))

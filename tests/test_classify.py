@@ -268,3 +268,18 @@ def test_glove_baseline_learns(tmp_path):
     assert s["best_metric"] >= 0.9
     lc = load_classifier(d / "run")
     assert [p["label"] for p in predict(lc, ["a good dog", "a bad cat"])] == ["pos", "neg"]
+
+
+def test_python_api_classifier(tiny_models, toy_data, tmp_path):
+    import lmforge
+
+    clf = lmforge.Classifier.train(model=str(tiny_models["llama"]), data=str(toy_data["train"]),
+                                   eval_data=str(toy_data["eval"]), output_dir=tmp_path / "api", max_length=32,
+                                   epochs=6, batch_size=16, lr=3e-3, progress=False, seed=0)
+    assert clf.labels == ["neg", "pos"]
+    again = lmforge.Classifier.load(tmp_path / "api")
+    texts = [t for t, _ in toy_rows(6, seed=4)]
+    assert [p["label"] for p in again.predict(texts)] == [y for _, y in toy_rows(6, seed=4)]
+    assert again.evaluate(str(toy_data["eval"]))["accuracy"] >= 0.9
+    with pytest.raises(lmforge.LmforgeError):
+        lmforge.Classifier.train(model=str(tiny_models["llama"]), data=str(toy_data["train"]), bogus=1)
