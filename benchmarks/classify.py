@@ -205,10 +205,12 @@ def main() -> None:
             print(r, file=sys.stderr, flush=True)
         ref = next((r for r in rows if r["dataset"] == ds and r["impl"] == "transformers"), None)
         for r in rows:
-            if r["dataset"] == ds and ref and "samples_per_s" in r and "samples_per_s" in ref and r["impl"] != "tfidf+lr":
+            comparable = "samples_per_s" in r and ref and "samples_per_s" in ref and r["impl"] != "tfidf+lr"
+            if r["dataset"] == ds and comparable:
                 r["speed_ratio"] = round(r["samples_per_s"] / ref["samples_per_s"], 2)
                 r["acc_delta"] = round(r["accuracy"] - ref["accuracy"], 2)
-    cols = [("dataset", "dataset"), ("impl", "impl"), ("train_rows", "train rows"), ("samples_per_s", "train samples/s"),
+    cols = [("dataset", "dataset"), ("impl", "impl"), ("train_rows", "train rows"),
+            ("samples_per_s", "train samples/s"),
             ("speed_ratio", "vs transformers"), ("peak_mb", "peak MB"), ("accuracy", "test acc %"),
             ("acc_delta", "acc delta"), ("macro_f1", "macro-F1 %"), ("error", "error")]
     print(format_table(rows, cols))

@@ -26,7 +26,16 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, format_table, machine_info, peak_rss_mb, report, run_worker, set_threads, write_json
+from benchmarks.common import (
+    RESULTS_DIR,
+    format_table,
+    machine_info,
+    peak_rss_mb,
+    report,
+    run_worker,
+    set_threads,
+    write_json,
+)
 
 MODEL = "smollm2-135m-instruct"
 TEXT = (Path(__file__).resolve().parent.parent / "examples" / "article.txt")

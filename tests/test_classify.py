@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_hf_model
+
 from lmforge.cli import main
 from lmforge.tasks.classify import ClassifyConfig, load_classifier, predict, train
 from lmforge.tokenizer import Tokenizer

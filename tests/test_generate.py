@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import make_hf_model
+
 from lmforge.checkpoints import load_checkpoint
 from lmforge.errors import GenerationError
 from lmforge.generate import (

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_hf_model
+
 from lmforge.cli import main
 from lmforge.tasks.seq2seq import IGNORE, FinetuneConfig, build_example, collate, finetune, lm_loss
 from lmforge.tokenizer import Tokenizer
