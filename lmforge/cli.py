@@ -572,10 +572,10 @@ _EXTRA_VERBS.append(_register_seq2seq)
 
 
 def _register_modules(sub: argparse._SubParsersAction) -> None:
-    """Verbs that live in their own small modules: qa, serve."""
-    from lmforge import cli_qa, cli_serve
+    """Verbs that live in their own small modules: qa, tokenizer + pretrain, serve."""
+    from lmforge import cli_pretrain, cli_qa, cli_serve
 
-    for mod in (cli_qa, cli_serve):
+    for mod in (cli_qa, cli_pretrain, cli_serve):
         mod.register(sub)
 
 

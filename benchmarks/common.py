@@ -1,0 +1,189 @@
+"""Shared helpers for the benchmarks: timing, peak memory, worker subprocesses, tables, JSON, machine info.
+
+Each implementation under test runs in its own subprocess (`run_worker`), so that the peak memory one
+library reaches is not mixed with the other's, and each starts from the same cold state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_MARK = "@@BENCH_RESULT@@ "  # prefix of the one stdout line a worker reports on
+
+
+# ---- threads ---------------------------------------------------------------------------------------
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment for a worker: BLAS/OpenMP pools sized before torch is imported, quiet tokenizers."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return env
+
+
+def set_threads(threads: int) -> None:
+    """Pin torch's intra-op and inter-op pools (call in the worker, right after importing torch)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set once in this process
+        pass
+
+
+# ---- timing ----------------------------------------------------------------------------------------
+def time_fn(fn: Callable[[], Any], iters: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of `iters` calls of fn after `warmup` untimed ones (first calls pay one-off costs)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def summarize(times: Sequence[float]) -> dict[str, float]:
+    """Median (the figure we quote: robust to a noisy neighbour), min and max."""
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "n": len(times)}
+
+
+# ---- memory ----------------------------------------------------------------------------------------
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def rss_mb() -> float:
+    """Resident set size now, MB (1 MB = 2**20 bytes)."""
+    return _status_kb("VmRSS") / 1024
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process so far, MB: getrusage's ru_maxrss (KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak-RSS high-water mark (Linux: write 5 to /proc/self/clear_refs).
+
+    Without the reset, a peak reached while loading (e.g. dequantizing a GGUF) would hide the peak of the
+    forward. Returns False where the kernel does not allow it; then the forward peak is an upper bound.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return peak_rss_mb() <= rss_mb() + 1.0
+
+
+# ---- workers ---------------------------------------------------------------------------------------
+def report(result: dict[str, Any]) -> None:
+    """Worker side: hand the result dict to the parent (one marked line on stdout)."""
+    sys.stdout.write(_MARK + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def run_worker(args: Sequence[str], threads: int, timeout: float = 1800) -> dict[str, Any]:
+    """Parent side: run `python ARGS` in a fresh process, return the dict it reported.
+
+    A worker that crashes or reports nothing gives {"error": ...} rather than killing the whole run.
+    """
+    cmd = [sys.executable, *args]
+    try:
+        p = subprocess.run(cmd, env=thread_env(threads), capture_output=True, text=True, timeout=timeout,
+                           cwd=REPO_ROOT, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f}s"}
+    for line in p.stdout.splitlines():
+        if line.startswith(_MARK):
+            return json.loads(line[len(_MARK):])
+    tail = (p.stderr or p.stdout).strip().splitlines()[-5:]
+    return {"error": f"exit code {p.returncode}: " + " | ".join(tail)}
+
+
+# ---- output ----------------------------------------------------------------------------------------
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """A GitHub-markdown table (prints fine in a terminal too); columns = [(key, header)]."""
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.2f}"
+        return str(v)
+
+    body = [[cell(r.get(k)) for k, _ in columns] for r in rows]
+    heads = [h for _, h in columns]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(heads)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(heads), sep, *(line(b) for b in body)])
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write atomically (tmp + rename), so an interrupted run never leaves half a results file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_average() -> tuple[float, float, float] | None:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to compare numbers across machines: CPU, cores, flags, memory, versions."""
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpu_count": os.cpu_count(), "load_average": load_average()}
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        for line in cpuinfo.splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
+        info["simd"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    except OSError:
+        pass
+    try:
+        mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+                      if ln.startswith("MemTotal"))
+        info["mem_gb"] = round(mem_kb / 2**20, 1)
+    except (OSError, StopIteration):
+        pass
+    for mod in ("torch", "transformers", "lmforge"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):  # not installed: leave it out
+            continue
+    return info
