@@ -11,12 +11,17 @@ eps 1e-8, weight decay 0.1 on matrices only, the fused kernel when available), z
 does per step. Dropout is the same on both sides (0.0 by default, as `lmforge pretrain`).
 
 Implementations, each in its own fresh subprocess, rounds alternating who goes first:
-  lmforge           lmforge.tasks.pretrain.CausalLM over our Transformer (eager)
-  lmforge-compile   the same under torch.compile (what `--compile` does)
-  transformers      GPT2LMHeadModel (attn_implementation="sdpa"), labels= loss (eager)
+  lmforge             lmforge.tasks.pretrain.CausalLM over our Transformer (eager), with the CPU allocator
+                      tuning `lmforge pretrain` applies (tune_cpu_allocator: no mmap/trim in glibc malloc)
+  lmforge-compile     the same under torch.compile (what `--compile` does)
+  lmforge-plain-loss  lmforge without the fused LM-head loss (logits -> F.cross_entropy) nor allocator tuning
+  transformers        GPT2LMHeadModel (attn_implementation="sdpa"), labels= loss (eager), default allocator
+  transformers-malloc the same with lmforge's allocator tuning, to show what that part is worth to either
 
-The matmul peak (FLOP/s of a 2048^3 float32 matmul, best of ~1 s) is measured in its own worker with the
-same threads, in the same run. MFU = tokens/s * model FLOPs per token / peak, with model FLOPs =
+The matmul peak (FLOP/s of a 2048^3 float32 matmul, best of ~2 s) is measured in its own worker with the
+same threads, in every round; the best is used. Each implementation's step time is the median of its
+timed steps in its least disturbed round (the machine is shared: other jobs only ever slow a run down);
+every step of every round is in the JSON. MFU = tokens/s * model FLOPs per token / peak, with model FLOPs =
 6N + 12*L*H*hd*T (lmforge.flops; N = matmul weights incl. the LM head).
 """
 
@@ -34,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.common` impor
 from benchmarks.common import RESULTS_DIR, format_table, machine_info, report, run_worker, set_threads, write_json
 
 IMPLS = ("lmforge", "transformers")
-ALL_IMPLS = ("lmforge", "lmforge-compile", "transformers")
+ALL_IMPLS = ("lmforge", "lmforge-compile", "lmforge-plain-loss", "transformers", "transformers-malloc")
 LR, BETAS, EPS, WD = 3e-4, (0.9, 0.95), 1e-8, 0.1
 
 
@@ -71,6 +76,10 @@ def worker(a: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(1)
     data = torch.randint(0, cfg.vocab_size, (a.steps + a.warmup, a.batch, a.seq + 1), generator=g)
     res: dict = {"impl": a.impl}
+    if a.impl in ("lmforge", "lmforge-compile", "transformers-malloc"):
+        from lmforge.tasks.pretrain import tune_cpu_allocator
+
+        res["malloc_tuned"] = tune_cpu_allocator()
     if a.impl.startswith("lmforge"):
         from lmforge.model.transformer import Transformer
         from lmforge.tasks.pretrain import CausalLM
@@ -78,7 +87,7 @@ def worker(a: argparse.Namespace) -> None:
 
         backbone = Transformer(cfg)
         backbone.reset_parameters()
-        model = CausalLM(backbone).train()
+        model = CausalLM(backbone, fused_loss=a.impl != "lmforge-plain-loss").train()
         opt = _optimizer(param_groups(model, WD))
         fwd = torch.compile(model) if a.impl.endswith("compile") else model
 
@@ -169,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         if not ok:
             rows.append({"impl": impl, "error": runs[impl][-1].get("error")})
             continue
-        step = statistics.median(t for r in ok for t in r["times"])
+        # other jobs on the machine can only slow a worker down: quote the least disturbed round
+        step = min(statistics.median(r["times"]) for r in ok)
         tps = tokens / step
         rows.append({"impl": impl, "step_s": step, "tokens_per_s": tps, "gflops": tps * fpt / 1e9,
                      "mfu": tps * fpt / peak, "parameters": ok[0]["parameters"], "optimizer": ok[0]["optimizer"],

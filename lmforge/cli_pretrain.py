@@ -72,6 +72,11 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         tc.plot = False
     if a.peak_flops is not None:
         c.peak_flops = a.peak_flops
+    from lmforge.tasks.pretrain import tune_cpu_allocator
+    from lmforge.train.trainer import resolve_device
+
+    if resolve_device(tc.device).type == "cpu":
+        tune_cpu_allocator()  # no page faults on the big per-step tensors (see its docstring)
     s = pretrain(c, tc, resume=bool(a.resume))
     if info.is_main:
         v = s["validation"]

@@ -84,6 +84,7 @@ def one_thread(monkeypatch, tmp_path):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "lmforge-cache"))
+    monkeypatch.setenv("LMFORGE_MALLOC_TUNING", "0")  # in-process CLI runs: leave pytest's allocator alone
     yield
     torch.set_num_threads(n)
 
@@ -476,3 +477,10 @@ def test_pretrain_errors(tmp_path, capsys):
     assert_one_line_error(rc, err, "no-run")
     for exc in (ConfigError, DataError, TrainingError):
         assert issubclass(exc, Exception)
+
+
+def test_cpu_allocator_tuning_can_be_turned_off(monkeypatch):
+    from lmforge.tasks.pretrain import tune_cpu_allocator
+
+    monkeypatch.setenv("LMFORGE_MALLOC_TUNING", "0")
+    assert tune_cpu_allocator() is False

@@ -128,6 +128,21 @@ def test_shapes_the_kernels_refuse_fall_back(bits, N, K):
     assert rel(y, x @ w.t()) < (1e-2 if bits == 8 else 0.15)
 
 
+def test_unaligned_operands_do_not_crash_the_int8_kernel():
+    """torch 2.13's int8 kernel segfaults on unaligned tensors: weights assigned from a file, bf16 views."""
+    torch.manual_seed(5)
+    w = torch.randn(64, 128)
+    ql = QuantLinear.from_weight(w, None, 8)
+    buf = torch.empty(ql.qweight.numel() + 1, dtype=torch.int8)[1:].view_as(ql.qweight)  # offset by 1 byte
+    buf.copy_(ql.qweight)
+    ql.qweight = buf
+    ql._drop_cache()
+    x = torch.randn(5 * 128 + 3).bfloat16()[3:].view(5, 128)  # bf16 input at an odd address
+    with torch.no_grad(), kernel_mode("kernel"):
+        y = ql(x)
+    assert ql._fast is True and rel(y, x.float() @ w.t()) < 2e-2
+
+
 def test_no_kernel_available(monkeypatch):
     monkeypatch.setattr(quant, "_HAS_INT8_KERNEL", False)
     ql = QuantLinear.from_weight(torch.randn(32, 64), None, 8)
@@ -224,9 +239,10 @@ def test_quantized_embedding():
     assert greedy(q, ids[:, :4], 4).shape == (1, 8)
 
 
-@pytest.mark.parametrize("bits,emb", [(8, False), (4, True)])
-def test_save_load_round_trip(tmp_path, bits, emb):
-    q = quantize_model(tiny(), bits=bits, skip=(), quantize_embedding=emb)
+@pytest.mark.parametrize("bits,emb,head_bits", [(8, False, None), (4, True, None), (4, False, 8)])
+def test_save_load_round_trip(tmp_path, bits, emb, head_bits):
+    q = quantize_model(tiny(), bits=bits, skip=(), quantize_embedding=emb, head_bits=head_bits)
+    assert q.quant_head.bits == (head_bits or bits)
     path = save_quantized(q, tmp_path / "q.safetensors")
     r = load_quantized(path)
     assert r.quant_spec == q.quant_spec
@@ -261,6 +277,12 @@ def test_perplexity_matches_a_direct_computation():
     assert perplexity(m, ids, block=30, batch_size=2) == pytest.approx(perplexity(m, ids, block=30), rel=1e-5)
     with pytest.raises(QuantError):
         perplexity(m, [5])
+
+
+def test_decode_speed_helper_runs():
+    q = quantize_model(tiny(), bits=8, skip=())
+    s = quant.decode_tokens_per_s(q, prompt_len=5, new_tokens=4, repeats=1)
+    assert set(s) == {"median", "best", "cpu"} and all(v > 0 for v in s.values())
 
 
 def test_int8_perplexity_close_to_float():

@@ -97,7 +97,8 @@ def tune_cpu_allocator() -> bool:
     Why: glibc serves blocks above 32 MiB with mmap and returns them on free, so each step of GPT-2 small
     at 1024 tokens took ~100,000 page faults (the kernel zeroing every page again: ~0.35 s of CPU per step
     on 2 cores); with this, ~0. Peak RSS did not grow. Linux/glibc only; LMFORGE_MALLOC_TUNING=0 skips it.
-    Returns whether it was applied.
+    Returns whether it was applied. Process-wide, so the `lmforge pretrain` verb calls it (on CPU), not
+    the library function pretrain(), which may run inside a longer-lived process.
     """
     import ctypes
     import ctypes.util
@@ -420,8 +421,6 @@ def pretrain(c: PretrainConfig, tc, resume: bool = False, log: Callable[[str], N
             saved = {**c.to_dict(), "context_length": T, "data": [str(p) for p in c.data]}
             (run_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=1) + "\n")
 
-    if resolve_device(tc.device).type == "cpu":
-        tune_cpu_allocator()
     data = PackedBatches(cache.train, T, tc.batch_size, seed=tc.seed)
     model = CausalLM(s.model)
     device = resolve_device(tc.device)
