@@ -184,8 +184,12 @@ class Transformer(nn.Module):
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., D) hidden states -> (..., V) logits, tied or not, soft-capped if the config says so."""
-        w = self.embed.tok.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, w)
+        head = getattr(self, "quant_head", None)  # set by lmforge.quant.quantize_model (quantized LM head)
+        if head is not None:
+            logits = head(h)
+        else:
+            w = self.embed.tok.weight if self.lm_head is None else self.lm_head.weight
+            logits = F.linear(h, w)
         if self.cfg.final_softcap is not None:
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
