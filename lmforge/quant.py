@@ -1,8 +1,9 @@
 """Weight-only int8 / int4 quantization for fast batch-1 decoding on CPU.
 
 Decoding one token reads every weight once, so at batch 1 the speed is set by bytes of weights read
-per token: float32 SmolLM2-135M is 540 MB, int8 135 MB, int4 ~75 MB. `quantize_model` swaps the
-nn.Linear layers of the blocks (and, unless skipped, the LM head, tied or not) for `QuantLinear`.
+per token: SmolLM2-135M's matmuls read 513 MiB in float32, 129 MiB in int8, 103 MiB with int4 blocks and
+an int8 head. `quantize_model` swaps the nn.Linear layers of the blocks (and, unless skipped, the LM
+head, tied or not) for `QuantLinear`.
 
 Kernels (measured on this torch build, see docs/quantization.md):
 - int8, per output channel: `torch._weight_int8pack_mm`. Its float32 path is scalar (10x slower than
@@ -38,8 +39,10 @@ _HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 _HAS_INT4_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
     torch, "_convert_weight_to_int4pack_for_cpu")
 _INT4_GROUPS = (32, 64, 128, 256)  # group sizes the int4 CPU kernel accepts
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations we cast to bfloat16 for the kernels
 HEAD_NAME = "lm_head"  # the name `skip` uses for the LM head, tied or not
+# What `--quantize 8|4` (Generator.load, the CLI, benchmarks) applies: the head is ~20% of a small model's
+# weights, so it is quantized too; an int4 head costs SmolLM2 +6% perplexity, so 4-bit keeps an int8 head.
+DECODE_PRESETS: dict[int, dict] = {8: {"bits": 8, "skip": ()}, 4: {"bits": 4, "skip": (), "head_bits": 8}}
 
 
 class QuantError(ConfigError):
@@ -184,17 +187,20 @@ class QuantLinear(nn.Module):
     # -- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., K) -> (..., N). The kernel path is kept short: ~200 of these calls run per decoded token.
-        if self._fast is None:
+        fast = self._fast
+        if fast is None:
             self._prepare_kernel()
-        mode = POLICY.mode
-        if self._fast and mode != "dequant" and not x.requires_grad and x.dtype in _KERNEL_DTYPES:
+            fast = self._fast
+        if fast and not x.requires_grad and (x.dtype is torch.float32 or x.dtype is torch.bfloat16):
+            mode = POLICY.mode
             M = x.numel() // self.in_features
-            if M <= (POLICY.max_m_int8 if self.bits == 8 else POLICY.max_m_int4) or mode == "kernel":
+            if (mode != "dequant" and M <= (POLICY.max_m_int8 if self.bits == 8 else POLICY.max_m_int4)) \
+                    or mode == "kernel":
                 xb = x.reshape(M, self.in_features).to(torch.bfloat16)  # the kernels' only vectorized dtype
                 if self.bits == 8:
                     if xb.data_ptr() % 64:  # an unaligned bfloat16 view (x was bf16 already) crashes it
                         xb = xb.clone()
-                    y = torch._weight_int8pack_mm(xb, self.qweight, self._k_scales)
+                    y = torch._weight_int8pack_mm(xb, self._k_w, self._k_scales)
                 else:
                     y = torch._weight_int4pack_mm_for_cpu(xb, self._k_packed, self.group_size, self._k_sz)
                 y = y.to(x.dtype)
@@ -225,6 +231,7 @@ class QuantLinear(nn.Module):
                     # the int8 kernel segfaults on unaligned operands (e.g. tensors assigned straight from
                     # a safetensors file): give it a fresh, 64-byte-aligned allocation
                     self.qweight = self.qweight.contiguous().clone()
+                self._k_w = self.qweight  # a plain attribute: reading a buffer goes through __getattr__
                 self._k_scales = self.scales.reshape(-1).to(torch.bfloat16).contiguous()
             else:
                 q = unpack_nibbles(self.qweight).to(torch.int32).contiguous()  # (N, K)
@@ -252,7 +259,7 @@ class QuantLinear(nn.Module):
     def _drop_cache(self) -> None:
         """Forget the kernel operands (after load_state_dict, .to(), ...): rebuilt on the next forward."""
         self._fast: bool | None = None
-        self._k_scales = self._k_packed = self._k_sz = None
+        self._k_w = self._k_scales = self._k_packed = self._k_sz = None
 
     def _apply(self, fn, recurse=True):
         self._drop_cache()

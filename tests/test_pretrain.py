@@ -380,9 +380,13 @@ def test_flops_per_token_and_mfu(tmp_path, monkeypatch):
 
     import lmforge.flops as fl
 
-    calls = []
-    monkeypatch.setattr(fl, "measure_matmul_flops", lambda dev, dtype: calls.append(1) or 1.5e11)
-    assert peak_flops("cpu") == 1.5e11 and peak_flops("cpu") == 1.5e11 and len(calls) == 1  # cached
+    calls, values, busy = [], [1.0e11, 1.5e11, 1.2e11], [True]
+    monkeypatch.setattr(fl, "measure_matmul_flops", lambda dev, dtype: calls.append(1) or values[len(calls) - 1])
+    monkeypatch.setattr(fl, "_machine_busy", lambda dev: busy[0])
+    assert peak_flops("cpu") == 1.0e11  # measured while busy: measured again next time, the best kept
+    busy[0] = False
+    assert peak_flops("cpu") == 1.5e11 and peak_flops("cpu") == 1.5e11 and len(calls) == 2  # then cached
+    assert peak_flops("cpu", remeasure=True) == 1.5e11 and len(calls) == 3  # a slower measurement: kept max
     assert json.loads((tmp_path / "lmforge-cache" / "peak_flops.json").read_text())
     assert fl.measure_matmul_flops.__name__ == "<lambda>"
     monkeypatch.undo()

@@ -20,7 +20,7 @@ from torch import nn
 from lmforge.data import datasets, readers
 from lmforge.data.readers import Example
 from lmforge.errors import CheckpointError, ConfigError, DataError, TrainingError
-from lmforge.tasks.common import publish_model_dir
+from lmforge.tasks.common import find_run_dir, publish_model_dir
 from lmforge.train.batching import pad_batch
 
 GLOVE = "glove-6b-50d"
@@ -300,17 +300,10 @@ class LoadedClassifier:
 
 def load_classifier(run_dir: str | Path, device: str = "cpu") -> LoadedClassifier:
     """A run dir (or its best/ or final/) -> model ready to predict."""
-    p = Path(run_dir)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such run directory")
-    if not (p / RUN_INFO).exists():
-        for sub in ("best", "final"):
-            if (p / sub / RUN_INFO).exists():
-                p = p / sub
-                break
-        else:
-            raise CheckpointError(f"{p}: not a classifier run directory (no {RUN_INFO}; train one with "
-                                  "`lmforge classify train`)")
+    p = find_run_dir(run_dir, RUN_INFO)
+    if p is None:
+        raise CheckpointError(f"{run_dir}: not a classifier run directory (no {RUN_INFO}; train one with "
+                              "`lmforge classify train`)")
     info = json.loads((p / RUN_INFO).read_text())
     labels = json.loads((p / "labels.json").read_text())
     if info["kind"] == "glove":

@@ -29,7 +29,7 @@ from torch import nn
 
 from lmforge.data.squad import SquadExample, read_squad
 from lmforge.errors import CheckpointError, ConfigError, DataError, TrainingError
-from lmforge.tasks.common import publish_model_dir
+from lmforge.tasks.common import find_run_dir, publish_model_dir
 from lmforge.train.batching import pad_batch
 
 RUN_INFO = "qa.json"
@@ -472,18 +472,10 @@ def load_qa(run_dir: str | Path, device: str = "cpu") -> LoadedQA:
     from lmforge.checkpoints.hf import load_into
     from lmforge.model.heads import SpanHead
 
-    p = Path(run_dir)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such run directory")
-    if not (p / RUN_INFO).exists():
-        for sub in ("best", "final"):
-            if (p / sub / RUN_INFO).exists():
-                p = p / sub
-                break
-        else:
-            if not (p / "config.json").exists():
-                raise CheckpointError(f"{p}: not a question-answering run directory (no {RUN_INFO} or config.json; "
-                                      "train one with `lmforge qa train`)")
+    p = find_run_dir(run_dir, RUN_INFO) or Path(run_dir)  # or a plain HF directory
+    if not (p / RUN_INFO).exists() and not (p / "config.json").exists():
+        raise CheckpointError(f"{p}: not a question-answering run directory (no {RUN_INFO} or config.json; "
+                              "train one with `lmforge qa train`)")
     info: dict[str, Any] = {}
     if (p / RUN_INFO).exists():
         try:
