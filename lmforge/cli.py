@@ -332,8 +332,22 @@ def _run_dir(a: argparse.Namespace, task: str, model: str) -> str:
     import time as _time
     from pathlib import Path
 
+    from lmforge.distributed import broadcast_from_leader
+
     slug = Path(model).name.replace("/", "_") or "model"
-    return str(Path("runs") / f"{task}-{slug}-{_time.strftime('%Y%m%d-%H%M%S')}")
+    # under torchrun the ranks may read the clock a second apart: all use rank 0's name
+    return broadcast_from_leader(str(Path("runs") / f"{task}-{slug}-{_time.strftime('%Y%m%d-%H%M%S')}"))
+
+
+def _join_workers(a: argparse.Namespace):
+    """Join torchrun's process group when launched by it (a no-op otherwise), for the training verbs.
+
+    -> (is_main, log): only rank 0 prints; the Trainer shards batches, syncs gradients (DDP) and lets rank 0
+    alone write files."""
+    from lmforge.distributed import init_distributed
+
+    main_rank = init_distributed(a.device).is_main
+    return main_rank, ((lambda m: print(m, file=sys.stderr)) if main_rank else (lambda m: None))
 
 
 def _load_resume(a: argparse.Namespace, config_name: str):
@@ -364,6 +378,7 @@ def _load_resume(a: argparse.Namespace, config_name: str):
 def cmd_classify_train(a: argparse.Namespace) -> int:
     from lmforge.tasks.classify import GLOVE, ClassifyConfig, train
 
+    main_rank, log = _join_workers(a)
     if a.resume:
         task, tc = _load_resume(a, "classify_config.json")
         c = ClassifyConfig(**task)
@@ -380,10 +395,12 @@ def cmd_classify_train(a: argparse.Namespace) -> int:
                     "lr": 1e-3 if glove else (2e-4 if c.lora else 5e-5), "warmup": 0.1,
                     "eval_every": 100, "save_every": 100, "keep_best": "accuracy"}
         tc = _train_config(a, _run_dir(a, "classify", c.model), defaults)
-    summary = train(c, tc, resume=bool(a.resume), log=lambda m: print(m, file=sys.stderr))
+    summary = train(c, tc, resume=bool(a.resume), log=log)
     v = summary["validation"]
-    print(f"run: {summary['run_dir']}  steps: {summary['steps']} ({summary['stopped']}, {summary['elapsed_s']}s)  "
-          f"validation accuracy {v.get('accuracy', float('nan')):.4f} macro-F1 {v.get('macro_f1', float('nan')):.4f}")
+    if main_rank:
+        print(f"run: {summary['run_dir']}  steps: {summary['steps']} ({summary['stopped']}, {summary['elapsed_s']}s)  "
+              f"validation accuracy {v.get('accuracy', float('nan')):.4f} "
+              f"macro-F1 {v.get('macro_f1', float('nan')):.4f}")
     return 0
 
 
@@ -488,6 +505,7 @@ _EXTRA_VERBS.append(_register_classify)
 def cmd_finetune(a: argparse.Namespace) -> int:
     from lmforge.tasks.seq2seq import FinetuneConfig, finetune
 
+    main_rank, log = _join_workers(a)
     if a.resume:
         task, tc = _load_resume(a, "finetune_config.json")
         c = FinetuneConfig(**task)
@@ -503,10 +521,12 @@ def cmd_finetune(a: argparse.Namespace) -> int:
         defaults = {"epochs": 1.0, "batch_size": 4, "lr": 2e-4 if c.lora else 3e-5, "warmup": 0.05,
                     "eval_every": 100, "save_every": 100, "keep_best": "eval_loss"}
         tc = _train_config(a, _run_dir(a, f"finetune-{c.task}", c.model), defaults)
-    s = finetune(c, tc, resume=bool(a.resume), log=lambda m: print(m, file=sys.stderr))
+    s = finetune(c, tc, resume=bool(a.resume), log=log)
     v = s["validation"]
-    print(f"run: {s['run_dir']}  steps: {s['steps']} ({s['stopped']}, {s['elapsed_s']}s)  "
-          f"validation loss {v.get('eval_loss', float('nan')):.4f} perplexity {v.get('perplexity', float('nan')):.2f}")
+    if main_rank:
+        print(f"run: {s['run_dir']}  steps: {s['steps']} ({s['stopped']}, {s['elapsed_s']}s)  "
+              f"validation loss {v.get('eval_loss', float('nan')):.4f} "
+              f"perplexity {v.get('perplexity', float('nan')):.2f}")
     return 0
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -18,9 +17,10 @@ TRAIN_DEFAULTS = {"epochs": 2.0, "batch_size": 16, "lr": 5e-5, "warmup": 0.1, "e
 
 
 def cmd_qa_train(a: argparse.Namespace) -> int:
-    from lmforge.cli import _load_resume, _run_dir, _train_config
+    from lmforge.cli import _join_workers, _load_resume, _run_dir, _train_config
     from lmforge.tasks.qa import CONFIG_FILE, QAConfig, train
 
+    main_rank, log = _join_workers(a)
     if a.resume:
         task, tc = _load_resume(a, CONFIG_FILE)
         c = QAConfig(**{k: v for k, v in task.items() if k in QAConfig.__dataclass_fields__})
@@ -32,10 +32,11 @@ def cmd_qa_train(a: argparse.Namespace) -> int:
                      max_answer_length=a.max_answer_length, n_best=a.n_best,
                      max_train_samples=a.max_train_samples or None, max_eval_samples=a.max_eval_samples or None)
         tc = _train_config(a, _run_dir(a, "qa", c.model), TRAIN_DEFAULTS)
-    s = train(c, tc, resume=bool(a.resume), log=lambda m: print(m, file=sys.stderr))
+    s = train(c, tc, resume=bool(a.resume), log=log)
     v = s["validation"]
-    print(f"run: {s['run_dir']}  steps: {s['steps']} ({s['stopped']}, {s['elapsed_s']}s)  "
-          f"validation exact match {v.get('exact_match', float('nan')):.2f} F1 {v.get('f1', float('nan')):.2f}")
+    if main_rank:
+        print(f"run: {s['run_dir']}  steps: {s['steps']} ({s['stopped']}, {s['elapsed_s']}s)  "
+              f"validation exact match {v.get('exact_match', float('nan')):.2f} F1 {v.get('f1', float('nan')):.2f}")
     return 0
 
 

@@ -99,6 +99,16 @@ def _destroy() -> None:
             dist.destroy_process_group()
 
 
+def broadcast_from_leader(obj: T) -> T:
+    """Rank 0's value of `obj` on every rank (e.g. a run directory named after the clock); `obj` itself
+    when not distributed."""
+    if dist_state().world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.squad import SquadExample, read_squad
+from lmforge.distributed import dist_state
 from lmforge.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lmforge.tasks.common import find_run_dir, publish_model_dir
 from lmforge.train.batching import pad_batch
@@ -438,17 +439,22 @@ def train(c: QAConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
     def save_fn(m: nn.Module, d: Path) -> None:
         save_qa(m, tok, run_info, d)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(json.dumps(c.to_dict(), indent=1) + "\n")
+    main_rank = dist_state().is_main  # under torchrun, rank 0 alone writes the run directory
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(json.dumps(c.to_dict(), indent=1) + "\n")
     trainer = Trainer(model, tc, train_feats, span_loss, eval_fn=eval_fn, save_model_fn=save_fn, collate_fn=collate,
-                      lengths=[len(f["input_ids"]) for f in train_feats])
+                      lengths=[len(f["input_ids"]) for f in train_feats],
+                      find_unused_parameters=True)  # BERT's pooler: span QA never runs it
     result = trainer.train(resume=resume)
     chosen = run_dir / "best" if (run_dir / "best" / "config.json").exists() else run_dir / "final"
-    publish_model_dir(run_dir, chosen)
+    if main_rank:
+        publish_model_dir(run_dir, chosen)
     summary = {"run_dir": str(run_dir), "model_dir": str(chosen), "data": info, "steps": result.step,
                "stopped": result.stopped, "elapsed_s": round(result.elapsed_s, 1), "validation": result.eval_metrics,
                "best_metric": result.best_metric, "best_step": result.best_step}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if main_rank:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmforge.distributed import dist_state
 from lmforge.errors import DataError
 from lmforge.model.transformer import Transformer
 from lmforge.tasks.prompts import summarize_prompt, translate_prompt
@@ -89,7 +90,9 @@ def lm_loss(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     h = model(batch["input_ids"], batch["attention_mask"])  # (B, T, D)
     targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     keep = targets != IGNORE
-    logits = model.lm_logits(h[:, :-1][keep])  # (N, V)
+    # under torchrun `model` is the DDP wrapper: the head runs on the module inside it. DDP (without
+    # find_unused_parameters) only needs every trainable weight to get its gradient in backward, which it does
+    logits = getattr(model, "module", model).lm_logits(h[:, :-1][keep])  # (N, V)
     n = int(keep.sum())
     loss = F.cross_entropy(logits.float(), targets[keep], reduction="mean") if n else h.sum() * 0.0
     return loss, n
@@ -204,14 +207,18 @@ def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
 
     if resume and not (run_dir / "checkpoints").exists():
         raise TrainingError(f"{run_dir}: no checkpoint to resume from (expected {run_dir}/checkpoints/step-N)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "finetune_config.json").write_text(json.dumps(c.__dict__, indent=1) + "\n")
+    main_rank = dist_state().is_main  # under torchrun, rank 0 alone writes the run directory
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "finetune_config.json").write_text(json.dumps(c.__dict__, indent=1) + "\n")
     trainer = Trainer(model, tc, train_ex, lm_loss, eval_fn=eval_fn, save_model_fn=save_fn, collate_fn=col,
                       lengths=[len(e) for e in train_ex])
     result = trainer.train(resume=resume)
     chosen = run_dir / "best" if (run_dir / "best" / "finetune.json").exists() else run_dir / "final"
-    publish_model_dir(run_dir, chosen)
+    if main_rank:
+        publish_model_dir(run_dir, chosen)
     summary = {"run_dir": str(run_dir), "model_dir": str(chosen), "steps": result.step, "stopped": result.stopped,
                "elapsed_s": round(result.elapsed_s, 1), "validation": result.eval_metrics}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if main_rank:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -341,12 +341,13 @@ class Trainer:
     for LM): accumulated micro-batches are then weighted by item count, so the update does not depend on
     how a step is split. eval_fn(model) -> {metric: value} runs with the model in eval mode, under
     no_grad, on every rank. save_model_fn(model, dir) exports best/ and final/ (default: safetensors).
+    find_unused_parameters: under torchrun, tell DDP that the loss may not reach every trainable weight.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_data: BatchSource | Sequence[Any],
                  loss_fn: LossFn, eval_fn: EvalFn | None = None, save_model_fn: SaveModelFn | None = None,
                  collate_fn: Callable[[list[Any]], Any] | None = None,
-                 lengths: Sequence[int] | None = None) -> None:
+                 lengths: Sequence[int] | None = None, find_unused_parameters: bool = False) -> None:
         cfg = self.config = config
         if cfg.keep_best and eval_fn is None:
             raise TrainingError("train config field 'keep_best': set, but no eval_fn was given")
@@ -385,7 +386,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            fwd = DistributedDataParallel(self.model, device_ids=ids)
+            # find_unused_parameters: for tasks whose forward skips some trainable weights (BERT's pooler
+            # under mean pooling or span QA, an untied LM head under a classifier); DDP stalls otherwise
+            fwd = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=find_unused_parameters)
         self.train_model = torch.compile(fwd) if cfg.compile else fwd  # what loss_fn receives
         self._ddp_module = fwd
         self._pbar: Any = None
