@@ -30,11 +30,23 @@ if __package__ in (None, ""):
 from benchmarks.common import RESULTS_DIR, format_table, machine_info, write_json
 
 SCALES = {  # quick: the LoRA fine-tunes are sized to ~10 minutes each on 2 CPU cores (SmolLM2 at ~1.5 s per 1k tokens)
-    "quick": {"qa_train": 2000, "qa_eval": 300, "sum_eval": 30, "sum_train": 300, "sum_ft_steps": 40,
+    "quick": {"qa_train": 5000, "qa_eval": 300, "sum_eval": 30, "sum_train": 300, "sum_ft_steps": 40,
               "mt_eval": 60, "mt_train": 600, "mt_ft_steps": 80},
     "full": {"qa_train": 0, "qa_eval": 0, "sum_eval": 100, "sum_train": 900, "sum_ft_steps": 1000,
              "mt_eval": 500, "mt_train": 5000, "mt_ft_steps": 1000},
 }
+
+
+STEP_TASKS = {"qa": "qa", "sum": "summarize", "mt": "translate"}  # --steps name -> row "task" prefix
+
+
+def _command_task(command: str) -> str:
+    """Which step a recorded command belongs to (for keeping a partial rerun's other commands)."""
+    for t, keys in (("qa", ("qa train", "--task qa")), ("summarize", ("summarize", "sum-")),
+                    ("translate", ("translate", "mt-"))):
+        if any(k in command for k in keys):
+            return t
+    return ""
 
 
 def run(cmd: list[str], log: list[dict]) -> dict:
@@ -67,9 +79,15 @@ def main() -> None:
     if not data.is_dir():
         sys.exit(f"{data}: no such directory (this benchmark needs ../shared/data)")
     lm = [sys.executable, "-m", "lmforge.cli"]
+    steps = a.steps.split(",")
     rows: list[dict] = []
     log: list[dict] = []
-    steps = a.steps.split(",")
+    out = Path(a.out)
+    if out.is_file() and set(steps) != set(STEP_TASKS):  # a partial rerun keeps the other steps' results
+        old = json.loads(out.read_text())
+        rows = [r for r in old.get("rows", []) if not any(r["task"].startswith(STEP_TASKS[k]) for k in steps)]
+        keep = [STEP_TASKS[k] for k in STEP_TASKS if k not in steps]
+        log = [c for c in old.get("commands", []) if any(_command_task(c["command"]) == t for t in keep)]
 
     def save() -> None:  # after every task, so an interrupted run keeps what it measured
         write_json(a.out, {"machine": machine_info(), "scale": a.scale, "limits": s, "rows": rows, "commands": log})
@@ -102,7 +120,7 @@ def main() -> None:
                          "ROUGE-L": r.get("rougeL"), "error": r.get("error")})
         # short LoRA fine-tune on the head of the file (the evaluation rows are the tail: no overlap)
         train_f = runs / "sum-train.jsonl"
-        lines = Path(f).read_text(encoding="utf-8").splitlines()
+        lines = [x for x in Path(f).read_text(encoding="utf-8").split("\n") if x.strip()]  # not splitlines(): U+2028
         train_f.parent.mkdir(parents=True, exist_ok=True)
         train_f.write_text("\n".join(lines[: min(s["sum_train"], len(lines) - n)]) + "\n", encoding="utf-8")
         ft = runs / "sum-ft"
@@ -128,7 +146,7 @@ def main() -> None:
             rows.append({"task": "translate en-es", "model": model + " zero-shot", "examples": r.get("examples"),
                          "BLEU": r.get("bleu"), "chrF": r.get("chrf"), "error": r.get("error")})
         train_f = runs / "mt-train.jsonl"
-        lines = Path(f).read_text(encoding="utf-8").splitlines()
+        lines = [x for x in Path(f).read_text(encoding="utf-8").split("\n") if x.strip()]  # not splitlines(): U+2028
         train_f.write_text("\n".join(lines[: s["mt_train"]]) + "\n", encoding="utf-8")
         ft = runs / "mt-ft"
         run([*lm, "finetune", "--task", "translate", "--from", "en", "--to", "es", "--data", str(train_f),

@@ -696,7 +696,8 @@ def _byte_level_backend(vocab_json: Path, merges_txt: Path) -> Backend:
     if not merges_txt.is_file():
         raise TokenizerError(f"{merges_txt}: file not found")
     merges = []
-    for n, line in enumerate(merges_txt.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(merges_txt.read_text(encoding="utf-8").split("\n"), 1):  # not splitlines(): U+2028..
+        line = line.rstrip("\r")
         if not line.strip() or (n == 1 and line.startswith("#version")):
             continue
         parts = line.split(" ")
@@ -718,8 +719,11 @@ def _byte_level_backend(vocab_json: Path, merges_txt: Path) -> Backend:
 def _wordpiece_backend(vocab_txt: Path, cfg: dict) -> Backend:
     """BERT's tokenizer from vocab.txt, with the normalizer options tokenizer_config.json gives."""
     vocab: dict[str, int] = {}
-    for i, line in enumerate(vocab_txt.read_text(encoding="utf-8").splitlines()):
-        vocab.setdefault(line.rstrip("\r\n"), i)
+    lines = vocab_txt.read_text(encoding="utf-8").split("\n")  # one token per line; not splitlines(): U+2028..
+    if lines and lines[-1] == "":
+        lines.pop()
+    for i, line in enumerate(lines):
+        vocab.setdefault(line.rstrip("\r"), i)
     unk = _token_text(cfg.get("unk_token")) or "[UNK]"
     cls_tok, sep = _token_text(cfg.get("cls_token")) or "[CLS]", _token_text(cfg.get("sep_token")) or "[SEP]"
     for t in (unk, cls_tok, sep):

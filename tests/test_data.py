@@ -168,6 +168,17 @@ def test_jsonl_stringifies_labels_and_skips_blank_lines(tmp_path):
     assert r.skipped_empty == 1
 
 
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    """U+2028/U+2029/U+0085 are legal unescaped in JSON strings (WikiLingua has them): a JSONL line is cut
+    at \\n only, never where str.splitlines() would cut, and \\r\\n files still read."""
+    rows = [{"text": "one\u2028two", "label": "a", "summary": "s\u2029t\x85u"}, {"text": "three", "label": "b",
+            "summary": "v"}]
+    body = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows)
+    p = write(tmp_path / "d.jsonl", body)
+    assert read_examples(p).examples == [Example("one\u2028two", "a"), Example("three", "b")]
+    assert read_jsonl_pairs(p, "text", "summary") == [("one\u2028two", "s\u2029t\x85u"), ("three", "v")]
+
+
 def test_json_array_file(tmp_path):
     p = write(tmp_path / "d.json", json.dumps([{"text": "a", "label": True}, {"text": "b", "label": "x"}]))
     assert read_examples(p).examples == [Example("a", "true"), Example("b", "x")]

@@ -175,7 +175,8 @@ def _json_rows(
             raise DataError(f"{path}: line {e.lineno}: not valid JSON: {e.msg}") from None
         items = [(f"item [{i}]", obj) for i, obj in enumerate(data)]
     else:
-        for n, line in enumerate(text.splitlines(), 1):
+        # split on \n only: str.splitlines() also breaks at U+2028 and other separators JSON strings may hold
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

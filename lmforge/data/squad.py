@@ -194,7 +194,8 @@ def read_jsonl_pairs(
     text = read_text_file(path, encoding)
     pairs: list[tuple[str, str]] = []
     seen_rows = False
-    for n, line in enumerate(text.splitlines(), 1):
+    # split on \n only: str.splitlines() also breaks at U+2028 and other separators JSON strings may hold
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         seen_rows = True
