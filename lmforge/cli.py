@@ -392,7 +392,7 @@ def cmd_classify_train(a: argparse.Namespace) -> int:
             lora_targets=a.lora_targets, save_adapters_only=a.save_adapters_only)
         glove = c.model == GLOVE
         defaults = {"epochs": 5.0 if glove else 1.0, "batch_size": 64 if glove else 32,
-                    "lr": 1e-3 if glove else (2e-4 if c.lora else 5e-5), "warmup": 0.1,
+                    "lr": 1e-3 if glove or c.lora else 5e-5, "warmup": 0.1,
                     "eval_every": 100, "save_every": 100, "keep_best": "accuracy"}
         tc = _train_config(a, _run_dir(a, "classify", c.model), defaults)
     summary = train(c, tc, resume=bool(a.resume), log=log)
@@ -472,11 +472,13 @@ def _register_classify(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-train-samples", type=int, default=8000,
                    help="subsample the training set (default 8000, the ~5-minute budget; 0 = all)")
     g.add_argument("--max-eval-samples", type=int, default=1000)
-    g.add_argument("--lora", action="store_true", help="train LoRA adapters + the head only")
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16.0)
+    g.add_argument("--lora", action="store_true",
+                   help="train LoRA adapters + the head only (default recipe: rank 16 on every linear, lr 1e-3)")
+    g.add_argument("--lora-rank", type=int, default=16)
+    g.add_argument("--lora-alpha", type=float, default=32.0)
     g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-targets", default="q,v", help="comma list of q,k,v,o,gate,up,down,fc1,fc2 or all-linear")
+    g.add_argument("--lora-targets", default="all-linear",
+                   help="comma list of q,k,v,o,gate,up,down,fc1,fc2, or all-linear (default)")
     g.add_argument("--save-adapters-only", action="store_true", help="LoRA: save adapters, not a merged model")
     _add_train_flags(s)
     s.set_defaults(func=cmd_classify_train)
