@@ -289,8 +289,7 @@ def make_fsdp_trainer(model: nn.Module, config: Any, train_data: Any, loss_fn: A
 
         def _train_step(self, window: list[Any], state) -> None:
             """Trainer._train_step for sharded parameters: FSDP's own gradient-sync switch instead of
-            DDP's no_sync, and the DTensor gradient norm made a plain number for the log."""
-            from torch.distributed.tensor import DTensor
+            DDP's no_sync; Trainer._optimizer_step makes the DTensor gradient norm a plain number."""
 
             from lmforge.train.trainer import batch_counts, to_device
 
@@ -310,19 +309,8 @@ def make_fsdp_trainer(model: nn.Module, config: Any, train_data: Any, loss_fn: A
                 self._acc["items"] += n
                 n_total += n
             dist.all_reduce(n_total)
-            grads = [p.grad for p in self._params if p.grad is not None]
-            if grads:  # FSDP averaged over ranks like DDP: sum over items / all items of the step
-                torch._foreach_mul_(grads, self.world_size / max(float(n_total), 1.0))
-            gn = torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm or float("inf"), foreach=True)
-            if isinstance(gn, DTensor):
-                gn = gn.full_tensor()
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self._acc["grad_norm"] += gn.detach().double()
-            state.acc_samples += samples
-            state.acc_tokens += tokens
-            state.acc_steps += 1
+            # FSDP averaged over ranks like DDP: sum over items / all items of the step
+            self._optimizer_step(state, self.world_size / max(float(n_total), 1.0), samples, tokens)
 
         def _evaluate(self, state, final: bool = False) -> bool:
             self._full = full_state_dict(self.model)  # collective: every rank evaluates at the same step

@@ -553,12 +553,17 @@ class Trainer:
             n_total += n
         if self._ddp:
             torch.distributed.all_reduce(n_total)
+        # sum over items / all items of the step; DDP has averaged over ranks, hence * world_size
+        self._optimizer_step(state, self.world_size / torch.where(n_total > 0, n_total, 1.0), samples, tokens)
+
+    def _optimizer_step(self, state: _State, grad_scale: torch.Tensor | float, samples: int, tokens: int) -> None:
+        """Scale the summed gradients to a per-item mean, clip, step optimizer and schedule, and count."""
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads:
-            # sum over items / all items of the step; DDP has averaged over ranks, hence * world_size
-            torch._foreach_mul_(grads, self.world_size / torch.where(n_total > 0, n_total, 1.0))
-        max_norm = cfg.max_grad_norm or float("inf")
-        gn = torch.nn.utils.clip_grad_norm_(self._params, max_norm, foreach=True)
+            torch._foreach_mul_(grads, grad_scale)
+        gn = torch.nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm or float("inf"), foreach=True)
+        if hasattr(gn, "full_tensor"):  # a DTensor under FSDP
+            gn = gn.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
