@@ -18,20 +18,24 @@ $(VENV)/.installed: pyproject.toml requirements-data.txt
 	$(PIP) install -q --no-deps -r requirements-data.txt
 	touch $@
 
-# The main job on built-in defaults: fine-tune minilm-l6 on tweets-sentiment (~5 minutes on 2 CPU cores),
-# classify a few sentences, evaluate on the test split, then summarize and answer with SmolLM2-Instruct.
+# The main job on built-in defaults: fine-tune minilm-l6 on tweets-sentiment, classify a few sentences, evaluate
+# on the test split, then summarize and answer with SmolLM2-Instruct. Each step prints its name and a rough ETA:
+# the fine-tuning takes about 5 minutes on 2 idle CPU cores, and several times that on a busy machine.
 DEMO_RUN ?= runs/demo-classify
 demo: install
+	@echo "--- [1/5] fine-tune minilm-l6 on tweets-sentiment (8000 rows): ETA ~5 min on 2 idle cores, up to ~30 on a busy machine"
 	$(VENV)/bin/lmforge classify train --output $(DEMO_RUN) --overwrite
+	@echo "--- [2/5] classify three sentences with the fine-tuned model: ETA under a minute"
 	$(VENV)/bin/lmforge classify predict --model $(DEMO_RUN) \
 		"I love this new phone, the battery lasts forever" \
 		"The train was late again and nobody told us why" \
 		"The meeting is scheduled for 3pm on Thursday"
+	@echo "--- [3/5] evaluate on 2000 test tweets (accuracy, macro-F1, confusion matrix): ETA about a minute"
 	$(VENV)/bin/lmforge classify eval --model $(DEMO_RUN) --data tweets-sentiment --limit 2000
-	@echo "--- summarize examples/article.txt with smollm2-135m-instruct"
-	$(VENV)/bin/lmforge summarize examples/article.txt --max-new-tokens 80 --no-stream
-	@echo "--- ask a question about examples/context.txt"
-	$(VENV)/bin/lmforge ask --context examples/context.txt "How tall is the Eiffel Tower?" --no-stream
+	@echo "--- [4/5] summarize examples/article.txt with smollm2-135m-instruct: ETA under a minute"
+	$(VENV)/bin/lmforge summarize examples/article.txt --max-new-tokens 80 --verbose
+	@echo "--- [5/5] answer a question about examples/context.txt: ETA under a minute"
+	$(VENV)/bin/lmforge ask --context examples/context.txt "How tall is the Eiffel Tower?" --verbose
 
 # CI runs the fast tests plus the slow real-weight tests marked `ci` (MiniLM, SmolLM2).
 test: install

@@ -56,7 +56,7 @@ def worker_lmforge(batch: int, new: int, n_prompt: int, threads: int, bits: int 
     import torch
 
     set_threads(threads)
-    from lmforge.api import load
+    from lmforge.checkpoints import load
     from lmforge.generate import GenerationConfig, stream_tokens
 
     model, tok = load(MODEL)

@@ -53,7 +53,7 @@ def prompts(n: int) -> list[str]:
 def serve_lmforge(a: argparse.Namespace) -> None:
     import uvicorn
 
-    from lmforge.api import Generator
+    from lmforge.generate import Generator
     from lmforge.serve import ServeSettings, create_app
 
     gen = Generator.load(a.model)

@@ -3,13 +3,17 @@
 from lmforge.errors import LmforgeError
 
 __version__ = "0.1.0"
-__all__ = ["Classifier", "Generator", "LmforgeError", "__version__", "embed_texts", "load", "load_full"]
+__all__ = ["Classifier", "Generator", "LmforgeError", "__version__", "embed_texts", "export", "load",
+           "load_full"]
+
+# Lazy: `import lmforge` stays light; torch (and only the layer a name lives in) loads on first use.
+_LAZY = {"load": "lmforge.checkpoints", "load_full": "lmforge.checkpoints", "embed_texts": "lmforge.model.heads",
+         "Generator": "lmforge.generate", "Classifier": "lmforge.tasks.classifier", "export": "lmforge.tasks.export"}
 
 
 def __getattr__(name: str):
-    # Lazy: `import lmforge` stays light; torch loads when the API is first used.
-    if name in ("load", "load_full", "embed_texts", "Generator", "Classifier"):
-        from lmforge import api
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'lmforge' has no attribute {name!r}")

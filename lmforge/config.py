@@ -7,20 +7,37 @@ GPT-2, Llama (SmolLM2), Gemma-3 and BERT (MiniLM) are all points in this space; 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lmforge.errors import ConfigError
 
-FAMILIES = ("gpt2", "llama", "gemma3", "bert")
+Family = Literal["gpt2", "llama", "gemma3", "bert"]
+Norm = Literal["layernorm", "rmsnorm"]
+NormPlacement = Literal["pre", "post", "sandwich"]
+MlpKind = Literal["gelu", "swiglu", "geglu"]
+Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
+Position = Literal["learned", "sinusoidal", "rotary", "none"]
+LayerType = Literal["full", "sliding"]
+FAMILIES: tuple[str, ...] = typing.get_args(Family)
+
+# Range rules checked after the type checks: field -> (lowest allowed, whether the bound itself is allowed).
+_AT_LEAST_1 = ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
+               "sliding_window")
+_POSITIVE = ("norm_eps", "rope_theta", "rope_local_theta", "embed_scale", "attn_scale", "attn_softcap",
+             "final_softcap")
+_AT_LEAST_0 = ("type_vocab_size", "bos_token_id", "pad_token_id")
 
 
 @dataclass
 class ModelConfig:
-    family: str = "llama"  # gpt2 | llama | gemma3 | bert: the HF model_type we map to and from
+    family: Family = "llama"  # gpt2 | llama | gemma3 | bert: the HF model_type we map to and from
     vocab_size: int = 32000
     context_length: int = 2048  # max positions the model was trained for
     d_model: int = 512
@@ -31,18 +48,18 @@ class ModelConfig:
     d_ff: int = 2048  # MLP hidden width
 
     # variants
-    norm: str = "rmsnorm"  # layernorm | rmsnorm
+    norm: Norm = "rmsnorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_offset: float = 0.0  # gemma stores RMSNorm weight as w-1: y = x * (offset + w)
-    norm_placement: str = "pre"  # pre (gpt2, llama) | post (bert) | sandwich (gemma3: pre and post)
+    norm_placement: NormPlacement = "pre"  # pre (gpt2, llama) | post (bert) | sandwich (gemma3: pre and post)
     final_norm: bool = True  # a norm after the last block (not in bert)
     embed_norm: bool = False  # LayerNorm after the embeddings (bert)
-    mlp: str = "swiglu"  # gelu (fc1 -> act -> fc2) | swiglu | geglu (gate * up -> down)
-    activation: str = "silu"  # gelu (exact) | gelu_tanh | silu | relu
+    mlp: MlpKind = "swiglu"  # gelu (fc1 -> act -> fc2) | swiglu | geglu (gate * up -> down)
+    activation: Activation = "silu"  # gelu (exact) | gelu_tanh | silu | relu
     attn_bias: bool = False
     attn_out_bias: bool | None = None  # None = attn_bias
     mlp_bias: bool = False
-    position: str = "rotary"  # learned | sinusoidal | rotary | none
+    position: Position = "rotary"  # learned | sinusoidal | rotary | none
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None  # HF rope_parameters for global layers (linear, llama3, ...)
     rope_local_theta: float | None = None  # gemma3: theta of sliding-window layers
@@ -52,7 +69,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     qk_norm: bool = False  # RMSNorm on per-head queries and keys (gemma3)
     sliding_window: int | None = None
-    layer_types: list[str] | None = None  # per layer: "full" | "sliding"
+    layer_types: list[LayerType] | None = None  # per layer: "full" | "sliding"
     embed_scale: float | None = None  # multiply token embeddings (gemma: sqrt(d_model))
     attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5
     attn_softcap: float | None = None
@@ -68,11 +85,26 @@ class ModelConfig:
     id2label: dict[int, str] | None = None
     dropout: float = 0.0
     dtype: str = "float32"  # dtype the weights were stored in
-    extra: dict[str, Any] = field(default_factory=dict)  # HF fields we keep to write back
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ConfigError(f"config field 'family': unsupported {self.family!r}, expected one of {FAMILIES}")
+        """Check every field's type (Literal variants included) and range, so a bad config fails here, by
+        name, and not as a shape error deep inside a forward pass."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name), _field_types()[f.name]))
+        for name in _AT_LEAST_1:
+            _at_least(name, getattr(self, name), 1)
+        for name in _AT_LEAST_0:
+            _at_least(name, getattr(self, name), 0)
+        for name in _POSITIVE:
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"config field {name!r}: must be > 0, got {v}")
+        for e in self.eos_ids:
+            _at_least("eos_token_id", e, 0)
+        if not 0.0 < self.rotary_fraction <= 1.0:
+            raise ConfigError(f"config field 'rotary_fraction': must be in (0, 1], got {self.rotary_fraction}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"config field 'dropout': must be in [0, 1), got {self.dropout}")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -90,7 +122,11 @@ class ModelConfig:
                 f"config field 'layer_types' has {len(self.layer_types)} entries for {self.n_layers} layers"
             )
         if self.id2label is not None:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            try:
+                self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            except ValueError:
+                raise ConfigError(f"config field 'id2label': keys must be integers, got {list(self.id2label)}") \
+                    from None
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -111,6 +147,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"config: expected an object, got {_short(d)}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -120,21 +158,27 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from a Hugging Face config.json dict (model_type gpt2, llama, gemma3/gemma3_text, bert)."""
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got a JSON {type(hf).__name__}")
         mt = hf.get("model_type")
+        build = _FROM_HF.get(mt) if isinstance(mt, str) else None
+        if build is None:
+            raise ConfigError(
+                f"{source}: unsupported model_type {mt!r} (supported: gpt2, llama, gemma3_text, bert)"
+            )
+        if mt == "gemma3":
+            hf = hf.get("text_config", hf)
+            if not isinstance(hf, dict):
+                raise ConfigError(f"{source}: field 'text_config': expected an object, got {_short(hf)}")
         try:
-            if mt == "gpt2":
-                return _from_hf_gpt2(hf)
-            if mt in ("llama", "mistral", "qwen2"):
-                return _from_hf_llama(hf)
-            if mt in ("gemma3_text", "gemma3"):
-                return _from_hf_gemma3(hf.get("text_config", hf) if mt == "gemma3" else hf)
-            if mt == "bert":
-                return _from_hf_bert(hf)
+            _check_hf_numbers(hf)
+            return build(hf)
         except KeyError as e:
             raise ConfigError(f"{source}: missing field {e.args[0]!r} for model_type {mt!r}") from None
-        raise ConfigError(
-            f"{source}: unsupported model_type {mt!r} (supported: gpt2, llama, gemma3_text, bert)"
-        )
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except (TypeError, ValueError, AttributeError) as e:  # a nested value (rope_parameters, ...) of a wrong type
+            raise ConfigError(f"{source}: malformed config for model_type {mt!r} ({e})") from None
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json that transformers' Auto classes load for this model."""
@@ -144,18 +188,114 @@ class ModelConfig:
     def load(cls, path: str | Path) -> ModelConfig:
         p = Path(path)
         try:
-            d = json.loads(p.read_text())
+            d = json.loads(p.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{p}: file not found") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if "family" in d:
-            return cls.from_dict(d)
+        except RecursionError:
+            raise ConfigError(f"{p}: JSON nested too deeply") from None
+        if isinstance(d, dict) and "family" in d:
+            try:
+                return cls.from_dict(d)
+            except ConfigError as e:
+                raise ConfigError(f"{p}: {e}") from None
         return cls.from_hf(d, source=str(p))
+
+
+# ---- field validation ------------------------------------------------------------------------------
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(ModelConfig)
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + " | ".join(typing.get_args(tp))
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+             dict: "an object"}
+    return names.get(typing.get_origin(tp) or tp, str(tp))
+
+
+def _checked(name: str, v: Any, tp: Any) -> Any:
+    """`v` if it has the annotated type `tp` (a float field takes an int and returns it as float), else a
+    ConfigError naming the field. bool is not accepted as int: JSON `true` for a head count is a mistake."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for a in options:
+            try:
+                return _checked(name, v, a)
+            except ConfigError:
+                if len(options) == 1:
+                    raise
+        raise ConfigError(f"config field {name!r}: expected {' or '.join(map(_describe, options))}, "
+                          f"got {_short(v)}")
+    ok = {
+        Literal: lambda: isinstance(v, str) and v in args,
+        int: lambda: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+        bool: lambda: isinstance(v, bool),
+        str: lambda: isinstance(v, str),
+        list: lambda: isinstance(v, list),
+        dict: lambda: isinstance(v, dict),
+    }.get(origin or tp, lambda: True)
+    if not ok():
+        what = "a finite number" if tp is float else _describe(tp)
+        raise ConfigError(f"config field {name!r}: expected {what}, got {_short(v)}")
+    if tp is float:
+        return float(v)
+    if origin is list and args:
+        return [_checked(name, x, args[0]) for x in v]
+    return v
+
+
+def _at_least(name: str, v: int | None, low: int) -> None:
+    if v is not None and v < low:
+        raise ConfigError(f"config field {name!r}: must be >= {low}, got {v}")
+
+
+# HF config keys whose values we read as numbers: checked by their own names before any arithmetic on them.
+_HF_COUNTS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "max_position_embeddings",
+              "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "intermediate_size", "sliding_window", "sliding_window_pattern")
+_HF_POSITIVE = ("layer_norm_epsilon", "rms_norm_eps", "layer_norm_eps", "rope_theta", "rope_local_base_freq",
+                "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
+
+
+def _check_hf_numbers(hf: dict[str, Any]) -> None:
+    """Type and range of the numeric HF fields, named as the file names them (num_attention_heads, not n_heads)."""
+    for key in _HF_COUNTS:
+        v = hf.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ConfigError(f"field {key!r}: expected an integer, got {_short(v)}")
+        if v < 1:
+            raise ConfigError(f"field {key!r}: must be >= 1, got {v}")
+    for key in _HF_POSITIVE:
+        v = hf.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+            raise ConfigError(f"field {key!r}: expected a finite number, got {_short(v)}")
+        if v <= 0:
+            raise ConfigError(f"field {key!r}: must be > 0, got {v}")
 
 
 def _common_tokens(hf: dict[str, Any]) -> dict[str, Any]:
     id2label = hf.get("id2label")
+    if id2label is not None and not isinstance(id2label, dict):
+        raise ConfigError(f"field 'id2label': expected an object, got {_short(id2label)}")
     # HF writes a default {0: LABEL_0, 1: LABEL_1} even for LMs; only keep labels a task set.
     if id2label and all(str(v) == f"LABEL_{k}" for k, v in id2label.items()) and not hf.get("finetuning_task"):
         if not any("ForSequenceClassification" in a for a in hf.get("architectures") or []):
@@ -187,6 +327,8 @@ def _rope(hf: dict[str, Any], key: str | None = None) -> tuple[float, dict[str, 
     else:
         theta = float(hf.get("rope_theta", 10000.0))
         scaling = hf.get("rope_scaling")
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConfigError(f"field 'rope_scaling': expected an object, got {_short(scaling)}")
     if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
     return theta, scaling
@@ -334,6 +476,8 @@ def _int_if_close(x: float) -> int | float:
     return int(round(x)) if abs(x - round(x)) < 1e-3 else x
 
 
+_FROM_HF = {"gpt2": _from_hf_gpt2, "llama": _from_hf_llama, "mistral": _from_hf_llama, "qwen2": _from_hf_llama,
+            "gemma3_text": _from_hf_gemma3, "gemma3": _from_hf_gemma3, "bert": _from_hf_bert}
 _TO_HF = {"gpt2": _to_hf_gpt2, "llama": _to_hf_llama, "gemma3": _to_hf_gemma3, "bert": _to_hf_bert}
 
 

@@ -26,6 +26,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
+from lmforge.io import atomic_write
 
 PEAK_FILE = "peak_flops.json"
 
@@ -138,9 +139,7 @@ def peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.fl
         table[key] = {"flops": value, "busy": busy}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{PEAK_FILE}.{os.getpid()}")
-            tmp.write_text(json.dumps(table, indent=1) + "\n")
-            os.replace(tmp, path)
+            atomic_write(path, json.dumps(table, indent=1) + "\n")
         except OSError:  # a read-only home still gets a measured peak, just not a cached one
             pass
     return value

@@ -8,14 +8,18 @@ text without splitting a multi-byte character) live in TextStreamer, on top of t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from lmforge.errors import GenerationError
+from lmforge.checkpoints import load
+from lmforge.errors import GenerationError, TokenizerError
 from lmforge.model.layers import KVCache
 from lmforge.model.transformer import Transformer
+from lmforge.quant import DECODE_PRESETS, QuantError, quantize_model
 
 
 @dataclass
@@ -26,6 +30,7 @@ class GenerationConfig:
     top_p: float = 1.0  # nucleus: keep the smallest top set whose probability reaches top_p
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or output
+    no_repeat_ngram_size: int = 0  # > 0: no n-gram of this size twice in the output (the prompt may be quoted)
     num_beams: int = 1
     length_penalty: float = 1.0  # beam score = sum log p / generated_len ** length_penalty
     early_stopping: bool = False  # beam search: stop as soon as num_beams hypotheses are finished
@@ -46,6 +51,8 @@ class GenerationConfig:
             raise GenerationError(f"min_p must be in [0, 1), got {self.min_p}")
         if self.repetition_penalty <= 0:
             raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise GenerationError(f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
         if self.num_beams < 1:
             raise GenerationError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.temperature > 0:
@@ -61,6 +68,19 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
+
+
+def ban_repeated_ngrams(logits: torch.Tensor, generated: torch.Tensor, n: int) -> torch.Tensor:
+    """logits (B, V); generated (B, L) output ids so far. Forbid each token that would complete an n-gram the
+    output already holds: loops are cut while the prompt stays free to quote (unlike transformers)."""
+    L = generated.shape[1]
+    if n <= 0 or L < n:
+        return logits
+    windows = generated.unfold(1, n, 1)  # (B, L-n+1, n)
+    prefix = generated[:, L - n + 1:]  # (B, n-1): what the next token would extend
+    hit = (windows[..., :-1] == prefix[:, None, :]).all(-1)  # (B, L-n+1)
+    banned = torch.zeros_like(logits).scatter_add_(1, windows[..., -1], hit.to(logits.dtype))  # (B, V)
+    return logits.masked_fill(banned > 0, torch.finfo(logits.dtype).min)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
@@ -168,16 +188,21 @@ def stream_tokens(model: Transformer, input_ids: torch.Tensor, attention_mask: t
         rows, cols = (real >= 0).nonzero(as_tuple=True)
         seen[rows, real[rows, cols]] = True
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    out = input_ids.new_empty(B, 0)  # (B, i): the output so far, for no_repeat_ngram_size
     logits = stepper.prefill(input_ids)
     for i in range(gc.max_new_tokens):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, gc.repetition_penalty)
+        if gc.no_repeat_ngram_size:
+            logits = ban_repeated_ngrams(logits, out, gc.no_repeat_ngram_size)
         tok = next_token(logits, gc, gen)  # (B,)
         if stop.numel():
             tok = torch.where(finished, stop[0], tok)
         if seen is not None:
             seen[torch.arange(B), tok] = True
         newly = torch.isin(tok, stop) if stop.numel() else torch.zeros_like(finished)
+        if gc.no_repeat_ngram_size:
+            out = torch.cat([out, tok[:, None]], 1)
         yield tok, finished.clone()
         finished = finished | newly
         if i == gc.max_new_tokens - 1 or bool(finished.all()):
@@ -247,6 +272,8 @@ def beam_search(model: Transformer, input_ids: torch.Tensor, attention_mask: tor
     for step in range(max_new):
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, gc.repetition_penalty)
+        if gc.no_repeat_ngram_size:
+            logits = ban_repeated_ngrams(logits, run_seq.view(B * nb, max_new)[:, :step], gc.no_repeat_ngram_size)
         logp = logits.log_softmax(-1).view(B, nb, V) + run_score[:, :, None]  # (B, nb, V)
         cand_score, cand_idx = torch.topk(logp.view(B, nb * V), keep)  # (B, K)
         cand_beam, cand_tok = cand_idx // V, cand_idx % V  # (B, K)
@@ -339,3 +366,116 @@ class TextStreamer:
                     held = max(held, k)
                     break
         return held
+
+
+# ---- text in, text out --------------------------------------------------------------------------------
+class Generator:
+    """Text in, text out: tokenization, chat templates, stop strings and streaming around the decoders above.
+    The one engine that the CLI, the server and the tasks use."""
+
+    def __init__(self, model: Transformer, tokenizer, name: str = "") -> None:
+        if tokenizer is None:
+            raise TokenizerError(f"{name or 'model'}: no tokenizer found, cannot generate text")
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+
+    @classmethod
+    def load(cls, name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
+             quantize: int | None = None) -> Generator:
+        model, tok = load(name_or_path, dtype=dtype, device=device)
+        if quantize:
+            if quantize not in DECODE_PRESETS:
+                raise QuantError(f"quantize: {quantize} bits is not supported (choose 8 or 4)")
+            model = quantize_model(model, **DECODE_PRESETS[quantize])
+        return cls(model, tok, str(name_or_path))
+
+    # -- prompts
+    def format_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The model's chat template, or a plain instruction format for base models without one."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        parts = []
+        for m in messages:
+            role = m.get("role", "user")
+            parts.append(m["content"].strip() if role in ("user", "system") else f"Response: {m['content'].strip()}")
+        return "\n\n".join(parts) + ("\n\nResponse:" if add_generation_prompt else "")
+
+    def _encode(self, prompts: list[str], add_special_tokens: bool, max_new_tokens: int,
+                truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts -> left-padded (B, T) ids and mask, leaving room for max_new_tokens in the context."""
+        if any(not p.strip() for p in prompts):
+            raise GenerationError("empty prompt: give some text")
+        ids = [self.tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
+        room = self.model.cfg.context_length - max_new_tokens
+        if room <= 0:
+            raise GenerationError(f"max_new_tokens {max_new_tokens} leaves no room in the context length "
+                                  f"{self.model.cfg.context_length}")
+        for i, row in enumerate(ids):
+            if len(row) > room:
+                if not truncate:
+                    raise GenerationError(
+                        f"prompt of {len(row)} tokens + max_new_tokens {max_new_tokens} exceeds the context length "
+                        f"{self.model.cfg.context_length} (shorten it, or pass truncate=True / --truncate to keep "
+                        "its last tokens)")
+                logging.getLogger("lmforge").warning("prompt %d truncated from %d to its last %d tokens", i,
+                                                     len(row), room)
+                ids[i] = row[-room:]
+        T = max(map(len, ids))
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        dev = next(self.model.parameters()).device
+        input_ids = torch.tensor([[pad] * (T - len(r)) + r for r in ids], device=dev)  # (B, T) left padding
+        mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in ids], device=dev)  # (B, T)
+        return input_ids, mask
+
+    def _streamer(self, gc: GenerationConfig) -> TextStreamer:
+        return TextStreamer(lambda t: self.tokenizer.decode(t, skip_special_tokens=True), gc.stop_strings)
+
+    def stream(self, prompt: str, *, chat: bool = False, add_special_tokens: bool | None = None,
+               truncate: bool = False, **gen) -> Iterator[str]:
+        """Yield text pieces as they are decoded (never half a character; stop strings are cut)."""
+        gc = GenerationConfig(**gen)
+        gc.validate()
+        text = self.format_chat([{"role": "user", "content": prompt}]) if chat else prompt
+        special = (not chat) if add_special_tokens is None else add_special_tokens
+        ids, mask = self._encode([text], special, gc.max_new_tokens, truncate)
+        streamer = self._streamer(gc)
+        stop = set(_stop_ids(self.model, gc))
+        for tok, done in stream_tokens(self.model, ids, mask, gc):
+            t = int(tok[0])
+            if bool(done[0]) or t in stop:
+                break
+            piece = streamer.put(t)
+            if piece:
+                yield piece
+            if streamer.stopped:
+                return
+        tail = streamer.end()
+        if tail:
+            yield tail
+
+    def generate(self, prompt: str | list[str], *, chat: bool = False, add_special_tokens: bool | None = None,
+                 truncate: bool = False, **gen) -> str | list[str]:
+        """Complete one prompt (-> str) or a batch (-> list[str], left-padded together)."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        gc = GenerationConfig(**gen)
+        gc.validate()
+        texts = [self.format_chat([{"role": "user", "content": p}]) if chat else p for p in prompts]
+        special = (not chat) if add_special_tokens is None else add_special_tokens
+        ids, mask = self._encode(texts, special, gc.max_new_tokens, truncate)
+        stop = set(_stop_ids(self.model, gc))
+        outs = []
+        for row in generate(self.model, ids, mask, gc):
+            row = row[:-1] if row and row[-1] in stop else row
+            st = self._streamer(gc)
+            outs.append("".join(st.put(t) for t in row) + st.end())
+        return outs[0] if single else outs
+
+    def chat(self, messages: list[dict[str, str]], **gen) -> str:
+        """The assistant's reply to a conversation, through the model's chat template."""
+        gen.setdefault("max_new_tokens", 256)
+        return self.generate(self.format_chat(messages), add_special_tokens=False, **gen)
+
+    def chat_stream(self, messages: list[dict[str, str]], **gen) -> Iterator[str]:
+        gen.setdefault("max_new_tokens", 256)
+        prompt = self.format_chat(messages)
+        yield from self.stream(prompt, add_special_tokens=False, **gen)

@@ -16,7 +16,8 @@ Kernels (measured on this torch build, see docs/quantization.md):
 `kernel_mode(...)` forces one path (for tests and accuracy checks).
 
 Tied LM head: the embedding lookup keeps its float table (it reads only T rows per step) while the
-quantized copy of the matrix lives at `model.quant_head`; `Transformer.lm_logits` uses it when present.
+quantized copy of the matrix is set with `Transformer.set_lm_head` (it lives at `model.quant_head`), and
+`Transformer.lm_logits` uses it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.io import atomic_write
+from lmforge.model.heads import IGNORE, lm_head_loss
 
 _HAS_INT8_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 _HAS_INT4_KERNEL = hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(
@@ -368,13 +371,13 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = Non
         _set_module(model, name, QuantLinear.from_linear(mod, bits, group_size))
         done.append(name)
     head = False
-    if not _skipped(HEAD_NAME, skip) and hasattr(model, "lm_logits"):
+    if not _skipped(HEAD_NAME, skip) and hasattr(model, "set_lm_head"):
         lm_head = getattr(model, "lm_head", None)
         w = lm_head.weight if isinstance(lm_head, nn.Linear) else model.embed.tok.weight
         hg = head_group_size
         if w.shape[1] % (hg or 1):
             raise QuantError(f"LM head: d_model {w.shape[1]} is not a multiple of group_size {hg}")
-        model.quant_head = QuantLinear.from_weight(w, getattr(lm_head, "bias", None), head_bits, hg)
+        model.set_lm_head(QuantLinear.from_weight(w, getattr(lm_head, "bias", None), head_bits, hg))
         head = True
     if quantize_embedding:
         if not isinstance(getattr(getattr(model, "embed", None), "tok", None), nn.Embedding):
@@ -415,10 +418,7 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
             "tied": str(tied)}
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
-    tmp.replace(p)
-    return p
+    return atomic_write(p, lambda f: save_file(state, str(f), metadata=meta))
 
 
 def load_quantized(path: str | Path, device: str = "cpu") -> nn.Module:
@@ -453,8 +453,8 @@ def load_quantized(path: str | Path, device: str = "cpu") -> nn.Module:
         w = model.lm_head.weight if model.lm_head is not None else model.embed.tok.weight
         hb = spec.bits if spec.head_bits is None else spec.head_bits
         hg = spec.group_size if spec.head_bits is None else spec.head_group_size
-        model.quant_head = QuantLinear(w.shape[1], w.shape[0], hb, hg, "quant_head.bias" in state,
-                                       dtype=fdtype, device="meta")
+        model.set_lm_head(QuantLinear(w.shape[1], w.shape[0], hb, hg, "quant_head.bias" in state,
+                                      dtype=fdtype, device="meta"))
     if spec.embedding:
         e = model.embed.tok
         model.embed.tok = QuantEmbedding(e.num_embeddings, e.embedding_dim, dtype=fdtype, device="meta")
@@ -488,126 +488,8 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor | Sequence[int], block:
         for b, c in enumerate(group):  # right padding: causal attention never looks at it
             x[b, : c.numel()] = c
             mask[b, : c.numel()] = 1
-        logits = model.lm_logits(model(x.to(dev)))[:, :-1].float()  # (B, L-1, V)
-        tgt = x[:, 1:].to(dev).masked_fill(mask[:, 1:].to(dev) == 0, -100)
-        total += F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="sum").item()
-        count += int((tgt != -100).sum())
+        h = model(x.to(dev))[:, :-1]  # (B, L-1, D)
+        tgt = x[:, 1:].to(dev).masked_fill(mask[:, 1:].to(dev) == 0, IGNORE)  # (B, L-1): the next tokens
+        total += lm_head_loss(model, h, tgt, reduction="sum").double().item()
+        count += int((tgt != IGNORE).sum())
     return math.exp(total / count)
-
-
-# ---- measurement CLI: python -m lmforge.quant --help ---------------------------------------------------
-def decode_tokens_per_s(model: nn.Module, prompt_len: int = 30, new_tokens: int = 128, repeats: int = 5,
-                        seed: int = 0) -> dict[str, float]:
-    """Batch-1 greedy decoding speed: new tokens / wall time of generate.greedy (prefill included).
-    `cpu`: new tokens / CPU time of this process: with one thread, what the wall rate would be on an
-    otherwise idle machine (our shared 2-core box is rarely idle)."""
-    import statistics
-    import time
-
-    from lmforge.generate import greedy
-
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, prompt_len), generator=g)
-    greedy(model, prompt, 8)  # warm-up: kernel operands, allocator
-    times, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        greedy(model, prompt, new_tokens)
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return {"median": new_tokens / statistics.median(times), "best": new_tokens / min(times),
-            "cpu": new_tokens / statistics.median(cpu)}
-
-
-_VARIANTS = {  # name -> quantize_model arguments (None = float32 as loaded)
-    "float32": None,
-    "int8": dict(bits=8),
-    "int8+head": dict(bits=8, skip=()),
-    "int4+head": dict(bits=4, group_size=32, skip=()),
-    "int4+int8head": dict(bits=4, group_size=32, skip=(), head_bits=8),
-}
-
-
-def _ensure_head_hook() -> None:
-    """Bench-only stand-in until Transformer.lm_logits uses `quant_head` itself (see docs/quantization.md)."""
-    import inspect
-
-    from lmforge.model.transformer import Transformer
-
-    if "quant_head" in inspect.getsource(Transformer.lm_logits):
-        return
-    plain = Transformer.lm_logits
-
-    def lm_logits(self, h):
-        head = getattr(self, "quant_head", None)
-        if head is None:
-            return plain(self, h)
-        logits = head(h)
-        if self.cfg.final_softcap is not None:
-            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
-        return logits
-
-    Transformer.lm_logits = lm_logits
-
-
-def _main(argv: Sequence[str] | None = None) -> None:
-    import argparse
-    import copy
-    import time
-
-    ap = argparse.ArgumentParser(prog="python -m lmforge.quant",
-                                 description="Decode speed and perplexity of float32 vs quantized variants.")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--variants", default="float32,int8,int8+head,int4+int8head,int4+head",
-                    help=f"comma list of {sorted(_VARIANTS)}")
-    ap.add_argument("--text", help="text file for perplexity (skipped if absent)")
-    ap.add_argument("--start", default="Chapter 1", help="perplexity text starts at this string")
-    ap.add_argument("--tokens", type=int, default=20480)
-    ap.add_argument("--block", type=int, default=512)
-    ap.add_argument("--paths", default="kernel,dequant", help="QuantLinear paths to score perplexity on")
-    ap.add_argument("--speed", action="store_true", help="measure batch-1 greedy tokens/s")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    _ensure_head_hook()
-    from lmforge.api import load
-
-    base, tok = load(a.model)
-    ids = None
-    if a.text:
-        text = Path(a.text).read_text(encoding="utf-8")
-        text = text[max(0, text.find(a.start)):]
-        ids = torch.tensor(tok.encode(text, add_special_tokens=False)[: a.tokens])
-    print(f"model {a.model}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
-    print("| variant | matmul weights read per token (MiB) | tokens/s wall, median (best) | tokens/CPU-s | "
-          + " | ".join(f"ppl ({p})" for p in a.paths.split(",")) + " |", flush=True)
-    for name in a.variants.split(","):
-        if name not in _VARIANTS:
-            raise QuantError(f"unknown variant {name!r}: one of {sorted(_VARIANTS)}")
-        kw = _VARIANTS[name]
-        m = base if kw is None else quantize_model(copy.deepcopy(base), **kw)
-        nb = quantized_nbytes(m)
-        row = [name, f"{(nb['quantized'] + nb['float']) / 2**20:.0f}"]
-        if a.speed:
-            s = decode_tokens_per_s(m, repeats=a.repeats)
-            row.append(f"{s['median']:.1f} ({s['best']:.1f})")
-            row.append(f"{s['cpu']:.1f}")
-        else:
-            row += ["-", "-"]
-        for i, p in enumerate(a.paths.split(",")):
-            if ids is None or (kw is None and i > 0):  # float32 has one path
-                row.append("-" if ids is None else row[-1])
-                continue
-            t0 = time.perf_counter()
-            with kernel_mode(p if kw is not None else "auto"):
-                row.append(f"{perplexity(m, ids, block=a.block):.4f}")
-            print(f"  ({name} ppl {p}: {time.perf_counter() - t0:.0f} s)", flush=True)
-        print("| " + " | ".join(row) + " |", flush=True)
-        if kw is not None:
-            del m
-
-
-if __name__ == "__main__":
-    _main()

@@ -23,6 +23,7 @@ from tokenizers.models import BPE, WordPiece
 from tokenizers.trainers import BpeTrainer
 
 from lmforge.errors import TokenizerError
+from lmforge.io import atomic_write
 
 __all__ = ["Tokenizer"]
 
@@ -128,17 +129,49 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
                              sort_keys=sort_keys))
 
 
+def _template_cause(e: Exception) -> str:
+    """One line: the template's own message (raise_exception, syntax, sandbox) or the Python error it hit."""
+    import jinja2
+
+    line = getattr(e, "lineno", None)
+    where = f" (line {line})" if isinstance(e, jinja2.TemplateSyntaxError) and line else ""
+    if isinstance(e, jinja2.exceptions.SecurityError):
+        return f"refused by the sandbox: {_one_line(e)}{where}"
+    if isinstance(e, jinja2.exceptions.TemplateError):
+        return f"{_one_line(e)}{where}"
+    return f"{type(e).__name__}: {_one_line(e)[:200]}"
+
+
 def _raise_exception(message: str):
     import jinja2
 
     raise jinja2.exceptions.TemplateError(message)
 
 
+_MAX_TEMPLATE_ITEMS = 1_000_000  # longest string / list a template may build with `*`
+_MAX_POWER_BITS = 4096  # largest integer a template may build with `**`
+
+
 @functools.lru_cache(maxsize=16)
 def _compile_template(source: str):
-    """Chat templates come from model files, so they run in jinja2's immutable sandbox."""
+    """Chat templates come from model files, so they run in jinja2's immutable sandbox, which also refuses
+    the two cheap memory bombs it lets through (`'x' * 10**9`, `9 ** 10**9`); ranges it caps itself."""
     import jinja2.ext
+    from jinja2.exceptions import SecurityError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Sandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context, operator: str, left, right):
+            if operator == "*":
+                seq, n = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_TEMPLATE_ITEMS:
+                    raise SecurityError(f"a repeated sequence longer than {_MAX_TEMPLATE_ITEMS:,} items is refused")
+            elif isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+                    and right * abs(left).bit_length() > _MAX_POWER_BITS:
+                raise SecurityError(f"a power above 2**{_MAX_POWER_BITS} is refused")
+            return super().call_binop(context, operator, left, right)
 
     class Generation(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` marks assistant text for loss masks; render as is."""
@@ -153,8 +186,7 @@ def _compile_template(source: str):
         def _render(self, caller):
             return caller()
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols, Generation])
+    env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, Generation])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -453,14 +485,13 @@ class Tokenizer:
             raise TokenizerError(f"{self.source}: this tokenizer has no chat_template")
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise TokenizerError("apply_chat_template: messages must be a list of {'role', 'content'} dicts")
-        import jinja2
-
         context = {**self.special_tokens, **kwargs, "messages": list(messages), "tools": tools,
                    "documents": documents, "add_generation_prompt": add_generation_prompt}
+        which = "the chat_template argument" if chat_template else f"{self.source}: chat_template"
         try:
             text = _compile_template(source).render(**context)
-        except jinja2.exceptions.TemplateError as e:
-            raise TokenizerError(f"{self.source}: chat_template: {_one_line(e)}") from None
+        except Exception as e:  # the template is data from a model file: whatever it raises is its fault
+            raise TokenizerError(f"{which} failed to render: {_template_cause(e)}") from None
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     # ------------------------------------------------------------------ save
@@ -472,7 +503,7 @@ class Tokenizer:
         """
         d = Path(path)
         d.mkdir(parents=True, exist_ok=True)
-        self._tk.save(str(d / "tokenizer.json"))
+        atomic_write(d / "tokenizer.json", lambda f: self._tk.save(str(f)))
         config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens,
                                   "padding_side": self.padding_side,
                                   "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces,
@@ -483,10 +514,9 @@ class Tokenizer:
             config["model_max_length"] = self.model_max_length
         if self.chat_template:
             config["chat_template"] = self.chat_template
-        (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                                 encoding="utf-8")
+        atomic_write(d / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         specials = json.dumps(self.special_tokens, indent=2, ensure_ascii=False)
-        (d / "special_tokens_map.json").write_text(specials + "\n", encoding="utf-8")
+        atomic_write(d / "special_tokens_map.json", specials + "\n")
         return d
 
     # ------------------------------------------------------------------ constructors

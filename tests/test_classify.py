@@ -283,3 +283,34 @@ def test_python_api_classifier(tiny_models, toy_data, tmp_path):
     assert again.evaluate(str(toy_data["eval"]))["accuracy"] >= 0.9
     with pytest.raises(lmforge.LmforgeError):
         lmforge.Classifier.train(model=str(tiny_models["llama"]), data=str(toy_data["train"]), bogus=1)
+
+
+def test_tiny_training_file_with_empty_validation_is_one_line(capsys, tmp_path, tiny_models):
+    """One row per class: the stratified validation split is empty -> a DataError before training, not an assert."""
+    f = write_csv(tmp_path / "tiny.csv", [("a good cat", "pos"), ("a bad dog", "neg")])
+    err = _cli_error(capsys, "train", "--model", str(tiny_models["llama"]), "--data", str(f),
+                     "--output", str(tmp_path / "run"))
+    assert "validation set is empty" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_keep_best_unknown_metric_fails_before_training(tiny_models, toy_data, tmp_path):
+    from lmforge.errors import TrainingError
+
+    c = ClassifyConfig(model=str(tiny_models["llama"]), data=str(toy_data["train"]), eval_data=str(toy_data["eval"]),
+                       max_length=32)
+    tc = TrainConfig(output_dir=tmp_path / "run", epochs=1, batch_size=16, keep_best="nosuchmetric", progress=False)
+    with pytest.raises(TrainingError, match="nosuchmetric.*accuracy, macro_f1, eval_loss"):
+        train(c, tc, log=lambda *_: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_lora_defaults_are_per_task():
+    """LoraArgs is shared; classify keeps its measured defaults, finetune the plain ones."""
+    from lmforge.tasks.common import LoraArgs
+    from lmforge.tasks.seq2seq import FinetuneConfig
+
+    c, f = ClassifyConfig(), FinetuneConfig()
+    assert isinstance(c, LoraArgs) and isinstance(f, LoraArgs)
+    assert (c.lora_rank, c.lora_alpha, c.targets()) == (16, 32.0, ("all-linear",))
+    assert (f.lora_rank, f.lora_alpha, f.targets()) == (8, 16.0, ("q", "v"))

@@ -1,7 +1,7 @@
 """torchrun on CPU (gloo): 2-process DDP follows the 1-process loss curve at the same global batch; FSDP
 runs, resumes bit-exactly and exports a loadable model; a bad input stops every rank with one line.
 
-Each test launches `torchrun --standalone --nproc-per-node 2 -m lmforge.cli_pretrain pretrain ...` on a
+Each test launches `torchrun --standalone --nproc-per-node 2 -m lmforge.cli pretrain ...` on a
 tiny model and a generated corpus (see test_pretrain.py), one thread per process.
 """
 
@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.distributed import DistInfo, init_distributed, leader_first
 from lmforge.train import read_metrics
+from lmforge.train.strategy import DistInfo, init_distributed, leader_first
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_pretrain import make_corpus, pretrain_args, tiny_config  # noqa: E402
@@ -34,9 +34,9 @@ def _env() -> dict[str, str]:
 
 def _run(argv: list[str], nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
     if nproc == 1:
-        cmd = [sys.executable, "-m", "lmforge.cli_pretrain", *argv]
+        cmd = [sys.executable, "-m", "lmforge.cli", *argv]
     else:
-        cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), "-m", "lmforge.cli_pretrain", *argv]
+        cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), "-m", "lmforge.cli", *argv]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -113,7 +113,7 @@ def test_bad_input_stops_every_rank_with_one_line(tmp_path, setup):
     assert p.stderr.count("lmforge: error:") >= 1, p.stderr[-3000:]
     assert p.stderr.count("lmforge: error:") == p.stderr.count("zz.bin: binary file, not text (NUL byte at offset 5)")
     assert "exitcode  : 2" in p.stderr
-    assert "lmforge/tasks" not in p.stderr and "lmforge/distributed" not in p.stderr  # no traceback of ours
+    assert "lmforge/tasks" not in p.stderr and "lmforge/train" not in p.stderr  # no traceback of ours
 
 
 def test_init_distributed_is_a_noop_outside_torchrun(monkeypatch):

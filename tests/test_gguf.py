@@ -258,7 +258,7 @@ def test_unsupported_architecture(tmp_path):
     w.close()
     with pytest.raises(CheckpointError) as e:
         read_gguf(p)
-    assert _one_line(e, p) == f"{p}: GGUF architecture 'mamba' is not supported (supported: llama, gemma3)"
+    assert _one_line(e, p) == f"{p}: GGUF architecture 'mamba' is not supported (supported: llama, gemma3, gpt2)"
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.97, 0.002])  # in tensor data, in the last tensor, in the header

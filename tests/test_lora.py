@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -11,21 +13,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmforge.checkpoints import save_pretrained
+from lmforge.checkpoints.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapters, save_adapters
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.model.heads import SequenceClassifier
 from lmforge.model.lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     LORA_TARGETS,
     LoraConfig,
     LoraLinear,
     has_lora,
     inject_lora,
-    load_adapters,
     lora_state_dict,
     merge_lora,
-    save_adapters,
     trainable_parameters,
 )
 from lmforge.model.transformer import Transformer
@@ -298,3 +297,31 @@ def test_we_read_peft_adapters(family, modules, tmp_path):
     load_adapters(model, tmp_path / "adapter")  # gpt2: one shared A over q/k/v, B split by rows
     with torch.no_grad():
         torch.testing.assert_close(run(model, X), pm.eval()(X).logits, atol=1e-5, rtol=1e-5)
+
+
+# ---- file permissions (issue 14.7) ------------------------------------------------------------------
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_saved_model_files_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """Temp files are private while being written; what lands on disk gets what open()/mkdir() would give,
+    so others on a shared machine can read a saved model."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers.models import WordLevel
+
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer(Backend(WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")))
+    model = build("llama", "cls")
+    old = os.umask(umask)
+    try:
+        out = save_pretrained(model, tmp_path / "runs" / "model", tokenizer=tok)
+        inject_lora(model, LoraConfig())
+        adapters = save_adapters(model, tmp_path / "runs" / "adapters")
+    finally:
+        os.umask(old)
+    files = [f for d in (out, adapters) for f in d.iterdir()]
+    assert {f.name for f in files} == {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                                       "special_tokens_map.json", ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == file_mode, f
+    for d in (tmp_path / "runs", out, adapters):
+        assert stat.S_IMODE(d.stat().st_mode) == dir_mode, d

@@ -55,8 +55,8 @@ def test_lm_loss_equals_full_cross_entropy_on_targets(tiny_lm):
     batch = collate([build_example(tok, "one two", "three four", 64), build_example(tok, "five", "six", 64)],
                     pad_id=tok.pad_id)
     loss, n = lm_loss(ck.model, batch)
-    logits = ck.model.logits(batch["input_ids"], batch["attention_mask"])[:, :-1]
-    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+    logits = ck.model.logits(batch["input_ids"], batch["attention_mask"])  # collate's labels are the next tokens
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
                                             ignore_index=IGNORE)
     assert abs(float(loss) - float(ref)) < 1e-5 and n == int((batch["labels"] != IGNORE).sum())
 

@@ -26,7 +26,8 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from lmforge.api import Generator, embed_texts  # noqa: E402
+from lmforge.generate import Generator  # noqa: E402
+from lmforge.model.heads import embed_texts  # noqa: E402
 from lmforge.serve import BackgroundServer, ServeSettings, create_app  # noqa: E402
 from lmforge.tasks.classify import LoadedClassifier, predict  # noqa: E402
 from lmforge.tasks.prompts import answer_prompt, summarize_prompt, translate_prompt  # noqa: E402
@@ -37,7 +38,7 @@ TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def _tokenizer() -> Tokenizer:
+def tiny_tokenizer() -> Tokenizer:
     rng = random.Random(0)
     corpus = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(300)]
     tok = Tokenizer.train_bpe(corpus, vocab_size=300, min_frequency=1)
@@ -62,7 +63,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("serve-llama")
-    tok = _tokenizer()
+    tok = tiny_tokenizer()
     make_hf_model("llama", vocab=tok.vocab_size).save_pretrained(d)
     tok.save(d)
     return d
@@ -87,14 +88,14 @@ def classifier(gen) -> LoadedClassifier:
     return LoadedClassifier(model, gen.tokenizer, ["neg", "pos"], "transformer", 32)
 
 
-def _serve(gen, **kw):
+def start_server(gen, **kw):
     settings = ServeSettings(**{"max_tokens": 64, "default_max_tokens": 16, **kw.pop("settings", {})})
     return BackgroundServer(create_app(gen, settings=settings, **kw)).start()
 
 
 @pytest.fixture(scope="module")
 def server(gen, classifier):
-    srv = _serve(gen, classifier=classifier,
+    srv = start_server(gen, classifier=classifier,
                  settings={"max_prompt_tokens": 110, "max_body_bytes": 20_000})
     yield srv
     srv.stop()
@@ -105,7 +106,7 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def _gate(model: torch.nn.Module, delay: float = 0.0):
+def gate_forwards(model: torch.nn.Module, delay: float = 0.0):
     """Block (or slow) every forward of `model` until the returned Event is set: makes timing deterministic."""
     gate = threading.Event()
 
@@ -256,7 +257,7 @@ LONG = " ".join(["cat dog tree house"] * 40)
 ])
 def test_bad_requests(server, path, body, status, param, words):
     kw = {"json": body} if isinstance(body, dict) else {"content": body}
-    r = httpx.post(server.url + path, timeout=30, **kw)
+    r = httpx.post(server.url + path, timeout=30, headers={"Content-Type": "application/json"}, **kw)
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
@@ -273,7 +274,7 @@ def test_oversized_body_413(server):
         for _ in range(30):
             yield b"x" * 1000
 
-    r = httpx.post(server.url + "/v1/chat/completions", content=chunks())
+    r = httpx.post(server.url + "/v1/chat/completions", content=chunks(), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
@@ -302,8 +303,8 @@ def test_50_concurrent_streams_batched_and_the_51st_gets_429(gen):
     n, max_tokens = 50, 12
     convs = [[{"role": "user", "content": _prompt(i)}] for i in range(n)]
     expected = [gen.chat(c, max_new_tokens=max_tokens) for c in convs]
-    srv = _serve(gen, settings={"max_concurrent": 16, "max_queue": 34})
-    gate, hook = _gate(gen.model)  # hold the worker until all 50 are admitted: no race with the 51st
+    srv = start_server(gen, settings={"max_concurrent": 16, "max_queue": 34})
+    gate, hook = gate_forwards(gen.model)  # hold the worker until all 50 are admitted: no race with the 51st
     try:
         async def main():
             admitted = 0
@@ -355,9 +356,9 @@ def _active(srv) -> int:
 
 
 def test_disconnect_mid_stream_frees_the_slot(gen):
-    srv = _serve(gen, settings={"max_concurrent": 1, "max_queue": 0, "max_tokens": 100})
+    srv = start_server(gen, settings={"max_concurrent": 1, "max_queue": 0, "max_tokens": 100})
     sched = srv.server.config.app.state.lmforge.sched
-    gate, hook = _gate(gen.model, delay=0.02)
+    gate, hook = gate_forwards(gen.model, delay=0.02)
     gate.set()  # no blocking, only slow steps: 90 tokens take ~2 s
     try:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 90, "temperature": 0,
@@ -394,7 +395,7 @@ def test_disconnect_mid_stream_frees_the_slot(gen):
 def long_gen(tmp_path_factory) -> Generator:
     """A wider model with a 1024-token context and no EOS, so one request generates for seconds."""
     transformers = pytest.importorskip("transformers")
-    tok = _tokenizer()
+    tok = tiny_tokenizer()
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=256, num_hidden_layers=4,
                                    num_attention_heads=8, num_key_value_heads=4, intermediate_size=512,
@@ -407,7 +408,7 @@ def long_gen(tmp_path_factory) -> Generator:
 
 
 def test_health_stays_fast_during_a_long_generation(long_gen):
-    srv = _serve(long_gen, settings={"max_tokens": 600})
+    srv = start_server(long_gen, settings={"max_tokens": 600})
     try:
         done = {}
 
@@ -453,7 +454,7 @@ def test_one_log_line_per_request(server, caplog):
 
 # ---- the CLI verb ------------------------------------------------------------------------------------------------
 def test_cli_flags_build_the_app(tiny_dir):
-    from lmforge.cli_serve import build_app, register
+    from lmforge.cli.serve import build_app, register
 
     p = argparse.ArgumentParser()
     register(p.add_subparsers(dest="verb"))
@@ -463,5 +464,11 @@ def test_cli_flags_build_the_app(tiny_dir):
     app = build_app(a)
     st = app.state.lmforge
     assert (st.s.max_concurrent, st.s.max_queue, st.s.max_tokens, st.s.api_key) == (3, 0, 32, "k")
+    assert st.s.allowed_hosts == [] and st.s.cors_origin is None
+    a = p.parse_args(["serve", "--model", str(tiny_dir), "--host", "0.0.0.0",
+                      "--allowed-hosts", "box.lan, .corp.example", "--cors-origin", "https://app.example"])
+    st = build_app(a).state.lmforge
+    assert st.s.host == "0.0.0.0" and st.s.allowed_hosts == ["box.lan", ".corp.example"]
+    assert st.s.cors_origin == "https://app.example"
     with pytest.raises(SystemExit):
         p.parse_args(["serve", "--max-concurrent", "0"])

@@ -18,9 +18,9 @@ pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from conftest import make_hf_model  # noqa: E402
-from test_serve import _gate, _serve, _tokenizer  # noqa: E402
+from test_serve import gate_forwards, start_server, tiny_tokenizer  # noqa: E402
 
-from lmforge.api import Generator  # noqa: E402
+from lmforge.generate import Generator  # noqa: E402
 from lmforge.tasks.classify import LoadedClassifier, predict  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -41,7 +41,7 @@ def page_server(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: intra-op threads only slow it down on a busy machine
     d = tmp_path_factory.mktemp("browser-llama")
-    tok = _tokenizer()
+    tok = tiny_tokenizer()
     make_hf_model("llama", vocab=tok.vocab_size).save_pretrained(d)
     tok.save(d)
     gen = Generator.load(d)
@@ -52,7 +52,7 @@ def page_server(tmp_path_factory):
     with torch.no_grad():
         head.score.weight.normal_(0, 1.0)
     lc = LoadedClassifier(head, gen.tokenizer, ["neg", "pos"], "transformer", 32)
-    srv = _serve(gen, classifier=lc)
+    srv = start_server(gen, classifier=lc)
     yield srv, gen, lc
     srv.stop()
     torch.set_num_threads(n)
@@ -90,7 +90,7 @@ def test_page_streams_a_chat_reply_and_classifies(page_server, browser_context):
         }).observe(document.getElementById('messages'), {subtree: true, characterData: true, childList: true});
     }""")
     expected = gen.chat([{"role": "user", "content": "the cat sat on the mat"}], max_new_tokens=16)
-    gate, hook = _gate(gen.model, delay=0.03)  # ~30 ms a token, so pieces arrive in separate reads
+    gate, hook = gate_forwards(gen.model, delay=0.03)  # ~30 ms a token, so pieces arrive in separate reads
     gate.set()
     try:
         page.fill("#prompt", "the cat sat on the mat")
@@ -102,6 +102,8 @@ def test_page_streams_a_chat_reply_and_classifies(page_server, browser_context):
     seen = page.evaluate("window.seen")
     assert len(seen) >= 3 and seen[-1] == expected and all(expected.startswith(x) for x in seen), seen
     assert page.locator(".msg.error").count() == 0
+    usage = page.text_content("#usage")  # the speed figures from the usage chunk's `timings`
+    assert "prompt tokens" in usage and " generated" in usage and "first token" in usage and " ms" in usage, usage
 
     page.fill("#classify-text", "a good cat")
     page.click("#classify-btn")

@@ -295,6 +295,33 @@ def test_chat_template_is_sandboxed(gpt2):
                                  chat_template="{% set _ = messages.append(1) %}")
 
 
+
+@pytest.mark.parametrize("template, cause", [
+    ("{% for i in range(10**7) %}x{% endfor %}", "OverflowError: Range too big"),
+    ("{{ raise_exception('this model takes no tools') }}", "this model takes no tools"),
+    ("{{ messages.append(1) }}", "refused by the sandbox: access to attribute 'append'"),  # SecurityError
+    ("{{ 'ab' * 10**9 }}", "refused by the sandbox: a repeated sequence"),  # 2 GB of text
+    ("{{ 7 ** (10**9) }}", "refused by the sandbox: a power above"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+    ("{% if %}", "line 1"),  # syntax error
+])
+def test_chat_template_failure_is_one_line_error(gpt2, template, cause):
+    ours, _ = gpt2
+    msgs = [{"role": "user", "content": "x"}]
+    ours.chat_template = template
+    try:
+        with pytest.raises(TokenizerError) as own:
+            ours.apply_chat_template(msgs)
+    finally:
+        ours.chat_template = None
+    msg = str(own.value)
+    assert "\n" not in msg and msg.startswith(f"{ours.source}: chat_template failed to render: "), msg
+    assert cause in msg, msg
+    with pytest.raises(TokenizerError, match=r"^the chat_template argument failed to render: "):
+        ours.apply_chat_template(msgs, chat_template=template)
+
+
 # ---------------------------------------------------------------------------- BERT vocab.txt + pairs (fast)
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ slower by orders of magnitude. The subprocess tests import this module for their
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 
 from lmforge.config import ModelConfig
 from lmforge.errors import TrainingError
+from lmforge.io import clean_partial
 from lmforge.model.heads import SequenceClassifier
 from lmforge.model.transformer import Transformer
 from lmforge.train import (
@@ -314,16 +316,43 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path):
 def test_failed_checkpoint_write_leaves_nothing_and_previous_loadable(tmp_path, monkeypatch):
     model = tiny_model(0)
     opt = torch.optim.AdamW(model.parameters())
-    save_checkpoint(tmp_path, 1, model, opt, None, {"epoch": 0, "batch_index": 1})
+    save_checkpoint(tmp_path, 1, model.state_dict(), opt.state_dict(), None, {"epoch": 0, "batch_index": 1})
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt_mod, "write_training_state", boom)
     with pytest.raises(OSError):
-        save_checkpoint(tmp_path, 2, model, opt, None, {"epoch": 0, "batch_index": 2})
+        save_checkpoint(tmp_path, 2, model.state_dict(), opt.state_dict(), None, {"epoch": 0, "batch_index": 2})
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-1"]
     assert load_checkpoint(latest_checkpoint(tmp_path), tiny_model(1), opt)["step"] == 1
+
+
+class Tied(torch.nn.Module):
+    """An output projection that shares the embedding matrix: two names, one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 4)
+        self.out = torch.nn.Linear(4, 10, bias=False)
+        self.out.weight = self.embed.weight
+
+
+def test_checkpoint_of_tied_weights_round_trips(tmp_path):
+    a, b = Tied(), Tied()
+    save_checkpoint(tmp_path, 1, a.state_dict(), None, None, {})  # safetensors refuses shared tensors as they are
+    load_checkpoint(latest_checkpoint(tmp_path), b)
+    assert torch.equal(b.embed.weight, a.embed.weight) and b.out.weight is b.embed.weight
+
+
+def test_strategy_outside_torchrun(monkeypatch):
+    from lmforge.train import DDP, FSDP, Single, choose_strategy
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert type(choose_strategy(find_unused_parameters=True)) is Single
+    for cls in (DDP, FSDP):
+        with pytest.raises(TrainingError, match=f"{cls.__name__} strategy: needs a process group .* torchrun"):
+            cls()
 
 
 def test_resume_errors(tmp_path):
@@ -335,7 +364,8 @@ def test_resume_errors(tmp_path):
     with pytest.raises(TrainingError, match="no checkpoint to resume from"):
         trainer.train(resume_from=tmp_path / "empty")
     assert trainer.train(resume="auto").step == 2  # auto: nothing to resume, start fresh
-    with pytest.raises(TrainingError, match="already holds checkpoints"):
+    with pytest.raises(TrainingError, match=r"already holds checkpoints; continue with --resume .*empty \(or "
+                       r"train\(resume=True\)\), or start over with --overwrite"):
         Trainer(tiny_model(0), cfg, toy_data(16, 0), cls_loss).train()
     cfg.overwrite = True
     assert Trainer(tiny_model(0), cfg, toy_data(16, 0), cls_loss).train().step == 2
@@ -407,6 +437,93 @@ def test_max_time_stops_saves_and_resumes(tmp_path, capsys):
     assert result.stopped == "completed" and result.step == 6
 
 
+def test_run_that_did_all_its_steps_says_nothing_about_max_time(tmp_path, capsys):
+    # the budget is spent after the last step as well: the run completed, so no "continue" advice
+    cfg = TrainConfig(output_dir=tmp_path, max_steps=1, batch_size=8, max_time_s=1e-6, progress=False)
+    result = Trainer(tiny_model(0), cfg, toy_data(64, 0), cls_loss).train()
+    assert result.stopped == "completed" and result.step == 1
+    assert "max_time" not in capsys.readouterr().err
+
+
+# ---- a full disk ---------------------------------------------------------------------------------
+def _disk_full_config(run: Path) -> TrainConfig:
+    return TrainConfig(output_dir=run, max_steps=8, batch_size=8, lr=3e-3, save_every=2, eval_every=4,
+                       keep_best="accuracy", log_every=2, seed=3, progress=False, plot=False)
+
+
+def test_disk_full_during_checkpoint_keeps_last_good_one_and_resumes_exactly(tmp_path, monkeypatch):
+    data, eval_fn = toy_data(64, 0), make_eval(toy_data(32, 1))
+    full = tiny_model(0)
+    Trainer(full, _disk_full_config(tmp_path / "full"), data, cls_loss, eval_fn).train()
+
+    run = tmp_path / "run"
+    real = ckpt_mod.torch_save
+
+    def full_disk(obj, path):
+        if path.parent.name.startswith(".tmp-step-6-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(obj, path)
+
+    monkeypatch.setattr(ckpt_mod, "torch_save", full_disk)
+    with pytest.raises(TrainingError) as e:
+        Trainer(tiny_model(0), _disk_full_config(run), data, cls_loss, eval_fn).train()
+    assert str(e.value) == (f"{run}: could not write checkpoint step-6: [Errno 28] No space left on device; the last "
+                            f"good checkpoint (step-4) is kept: free space and continue with --resume {run} "
+                            "(or train(resume=True))")
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-2", "step-4"]  # no partial step-6
+    assert (root / "latest").read_text().strip() == "step-4"
+
+    monkeypatch.setattr(ckpt_mod, "torch_save", real)  # space freed
+    model = tiny_model(5)
+    result = Trainer(model, _disk_full_config(run), data, cls_loss, eval_fn).train(resume=True)
+    assert result.step == 8 and result.stopped == "completed"
+    assert_same_weights(dict(full.state_dict()), dict(model.state_dict()))
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EROFS])
+def test_failed_final_export_is_one_line_and_keeps_checkpoint(tmp_path, err):
+    def save_fn(model, out_dir, state_dict):
+        raise OSError(err, os.strerror(err))
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(output_dir=run, max_steps=4, batch_size=8, save_every=2, progress=False, plot=False)
+    with pytest.raises(TrainingError, match=r"could not write final/ \(step 4\): \[Errno \d+\] .*the last good "
+                       r"checkpoint \(step-2\) is kept: (free space|make it writable) and continue with --resume"):
+        Trainer(tiny_model(0), cfg, toy_data(64, 0), cls_loss, save_model_fn=save_fn).train()
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    assert not (run / "final").exists() and not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+WRITE_LIMIT_SCRIPT = """
+import resource, signal, sys
+import torch
+from lmforge.train.checkpoint import save_checkpoint
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit, write() fails with EFBIG instead of a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+small, big = {"w": torch.zeros(10)}, {"w": torch.zeros(100_000)}
+for name, model_sd, optim_sd in [("model", big, None), ("optimizer", small, {"state": {0: big}})]:
+    try:
+        save_checkpoint(sys.argv[1], 1, model_sd, optim_sd, None, {})
+        print(name, "written")
+    except OSError as e:
+        print(name, "OSError", e.errno)
+"""
+
+
+def test_real_write_failures_surface_as_oserror(tmp_path):
+    """safetensors and torch.save report a failed write as their own errors; the checkpoint writer must
+    raise the OSError (here EFBIG from a file-size limit, as ENOSPC from a full disk) and leave nothing."""
+    script = tmp_path / "limit.py"
+    script.write_text(WRITE_LIMIT_SCRIPT)
+    p = subprocess.run([sys.executable, str(script), str(tmp_path / "run")], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.split("\n")[:2] == [f"model OSError {errno.EFBIG}", f"optimizer OSError {errno.EFBIG}"]
+    assert os.listdir(tmp_path / "run" / "checkpoints") == []
+
+
 # ---- batching ------------------------------------------------------------------------------------
 def test_bucket_sampler_deterministic_sorted_and_resumable():
     lengths = [random.Random(i).randint(1, 200) for i in range(1000)]
@@ -471,6 +588,6 @@ def test_dir_replaced_halfway_is_restored(tmp_path):
     (aside / "best" / "model.safetensors").write_text("old")
     (tmp_path / ".tmp-best-x2").mkdir()
     (tmp_path / ".tmp-del-step-3-x3" / "step-3").mkdir(parents=True)  # a pruned checkpoint stays deleted
-    ckpt_mod.clean_partial(tmp_path)
+    clean_partial(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert (tmp_path / "best" / "model.safetensors").read_text() == "old"

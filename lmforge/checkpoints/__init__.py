@@ -10,10 +10,14 @@ import torch
 from lmforge.checkpoints.hf import from_hf_state_dict, read_config, read_state_dict, save_hf
 from lmforge.checkpoints.registry import BUILTINS, resolve
 from lmforge.config import ModelConfig
-from lmforge.errors import CheckpointError, ModelNotFoundError
+from lmforge.errors import CheckpointError, ConfigError, ModelNotFoundError
 from lmforge.model.transformer import Transformer
 
-__all__ = ["Loaded", "load_checkpoint", "build_model", "save_pretrained", "save_hf", "BUILTINS", "resolve"]
+__all__ = ["Loaded", "load", "load_full", "load_checkpoint", "as_dtype", "build_model", "save_pretrained", "save_hf",
+           "BUILTINS", "resolve"]
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -93,6 +97,26 @@ def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32
         except Exception:  # a model dir without tokenizer files is still a model
             tok = None
     return Loaded(model, tok, cfg, path, source, "hf", _dir_size(path), heads=heads)
+
+
+def as_dtype(d: torch.dtype | str) -> torch.dtype:
+    """A torch dtype, or its name as users write it (float32, bf16, ...)."""
+    if isinstance(d, torch.dtype):
+        return d
+    if d not in DTYPES:
+        raise ConfigError(f"dtype {d!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[d]
+
+
+def load(name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu"):
+    """A built-in name, HF directory, GGUF file or hub id -> (model, tokenizer)."""
+    ck = load_checkpoint(name_or_path, dtype=as_dtype(dtype), device=device)
+    return ck.model, ck.tokenizer
+
+
+def load_full(name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu") -> Loaded:
+    """Like load(), with where it came from, its format and size (what `lmforge info` prints)."""
+    return load_checkpoint(name_or_path, dtype=as_dtype(dtype), device=device)
 
 
 def _is_gguf(p: Path) -> bool:

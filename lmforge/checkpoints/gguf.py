@@ -7,7 +7,8 @@ the HF names so `from_hf_state_dict` stays the one place that knows our names:
 
 - llama: the converter permutes the rows of Q and K (interleaved rotary pairs instead of HF's halves);
 - gemma3: the converter stores every RMSNorm weight as w + 1 (HF stores w and adds 1 at run time);
-- a missing `output.weight` means the LM head is tied to the token embeddings.
+- a missing `output.weight` means the LM head is tied to the token embeddings;
+- gpt2: the converter transposes HF's Conv1D weights to (out, in), fused q/k/v included.
 
 Config values missing from the metadata take the values llama.cpp assumes (its runtime defines the format);
 where transformers' GGUF loader assumes something else, the comment says so.
@@ -29,7 +30,7 @@ from lmforge.checkpoints.hf import from_hf_state_dict, to_hf_state_dict
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError, ConfigError, ModelNotFoundError
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "gpt2")
 _SMALL_ARRAY = 64  # metadata arrays up to this length are kept as lists, longer ones summarised
 
 # GGUF tensor name (without the .weight/.bias suffix) -> HF name, per architecture; {i} is the layer.
@@ -56,7 +57,21 @@ _TENSOR_NAMES: dict[str, dict[str, str]] = {
         "blk.{i}.ffn_norm": "model.layers.{i}.pre_feedforward_layernorm",
         "blk.{i}.post_ffw_norm": "model.layers.{i}.post_feedforward_layernorm",
     },
+    "gpt2": {
+        "token_embd": "transformer.wte",
+        "position_embd": "transformer.wpe",
+        "output_norm": "transformer.ln_f",
+        "output": "lm_head",
+        "blk.{i}.attn_norm": "transformer.h.{i}.ln_1",
+        "blk.{i}.attn_qkv": "transformer.h.{i}.attn.c_attn",
+        "blk.{i}.attn_output": "transformer.h.{i}.attn.c_proj",
+        "blk.{i}.ffn_norm": "transformer.h.{i}.ln_2",
+        "blk.{i}.ffn_up": "transformer.h.{i}.mlp.c_fc",
+        "blk.{i}.ffn_down": "transformer.h.{i}.mlp.c_proj",
+    },
 }
+TENSOR_NAMES = _TENSOR_NAMES  # public: the writer (gguf_write.py) maps the other way with the same table
+_GPT2_CONV1D = (".attn_qkv.weight", ".attn_output.weight", ".ffn_up.weight", ".ffn_down.weight")
 _TENSOR_RX = {
     arch: [(re.compile("^" + re.escape(g).replace(r"\{i\}", r"(?P<i>\d+)") + r"\.(?P<p>weight|bias)$"), h)
            for g, h in names.items()]
@@ -255,6 +270,16 @@ def _hf_config(reader, arch: str, src: str, names: list[str], embd_rows: int, dt
     if extra_eos:
         eos = ([eos] if eos is not None else []) + extra_eos
 
+    if arch == "gpt2":  # llama.cpp's gpt2: LayerNorm, tanh GELU, learned positions, biases everywhere
+        return {
+            "model_type": "gpt2", "vocab_size": int(vocab), "n_positions": int(req("context_length")),
+            "n_embd": d_model, "n_layer": n_layers, "n_head": n_heads, "n_inner": int(req("feed_forward_length")),
+            "layer_norm_epsilon": float(req("attention.layer_norm_epsilon")), "activation_function": "gelu_new",
+            "tie_word_embeddings": "output.weight" not in names,
+            "bos_token_id": _opt(reader, "tokenizer.ggml.bos_token_id"), "eos_token_id": eos,
+            "pad_token_id": _opt(reader, "tokenizer.ggml.padding_token_id"),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
     hf: dict[str, Any] = {
         "model_type": "llama" if arch == "llama" else "gemma3_text",
         "vocab_size": int(vocab),
@@ -331,6 +356,8 @@ def _convert(t, arch: str, cfg: ModelConfig, dtype: torch.dtype, src: str) -> to
         out = _unpermute_qk(out, cfg.n_heads if ".attn_q." in t.name else cfg.n_kv_heads)
     if arch == "gemma3" and t.name.endswith("norm.weight"):
         out -= 1.0  # llama.cpp stores Gemma's RMSNorm weight as w + 1; HF (and our norm_offset=1) keep w
+    if arch == "gpt2" and t.name.endswith(_GPT2_CONV1D):
+        out = out.t().contiguous()  # back to HF's Conv1D layout (in, out)
     return out if dtype == torch.float32 else out.to(dtype)
 
 

@@ -8,7 +8,6 @@ its heads; the maps below are the whole difference.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError, ModelNotFoundError
+from lmforge.io import atomic_write
 
 # (HF name relative to the backbone prefix, our name); {i} is the layer index.
 _LLAMA = [
@@ -84,14 +84,60 @@ def _regex(template: str) -> re.Pattern:
 
 
 _COMPILED = {fam: [(_regex(h), h, o) for h, o in names] for fam, names in _NAMES.items()}
+_REVERSE = {fam: [(_regex(o), h) for h, o in names] for fam, names in _NAMES.items()}  # ours -> HF
 
 
-def _strip_prefix(name: str, family: str) -> tuple[str, bool]:
+def strip_prefix(name: str, family: str) -> tuple[str, bool]:
     """Remove the backbone prefix (model., transformer., bert., model.language_model.); True if it was one."""
     for pre in ("model.language_model.", "language_model.model.", _PREFIX[family]):
         if name.startswith(pre):
             return name[len(pre):], True
     return name, False
+
+
+# ---- module names (what PEFT adapter files use) ---------------------------------------------------
+def hf_prefix(family: str, has_heads: bool) -> str:
+    """The backbone prefix save_pretrained writes: none for a bare BERT, else model. / transformer. / bert."""
+    return "" if family == "bert" and not has_heads else _PREFIX[family]
+
+
+def hf_module_name(family: str, ours: str) -> str:
+    """Backbone-relative module name -> HF module path without prefix (gpt2 q/k/v -> the fused c_attn)."""
+    if family == "gpt2":
+        m = re.fullmatch(r"blocks\.(\d+)\.attn\.[qkv]", ours)
+        if m:
+            return f"h.{m.group(1)}.attn.c_attn"
+    for rx, hf_t in _REVERSE[family]:
+        m = rx.match(ours + ".weight")
+        if m:
+            return hf_t.format(**m.groupdict())[: -len(".weight")]
+    raise CheckpointError(f"internal: no HF module name for {ours!r} of family {family!r}")
+
+
+def module_from_hf(family: str, hf_path: str) -> str | None:
+    """HF module path (any backbone prefix) -> backbone-relative name; gpt2 c_attn -> 'blocks.N.attn.qkv'."""
+    rel, _ = strip_prefix(hf_path, family)
+    if family == "gpt2":
+        m = re.fullmatch(r"h\.(\d+)\.attn\.c_attn", rel)
+        if m:
+            return f"blocks.{m.group(1)}.attn.qkv"
+    for rx, _h, ours_t in _COMPILED[family]:
+        m = rx.match(rel + ".weight")
+        if m:
+            return ours_t.format(**m.groupdict())[: -len(".weight")]
+    return None
+
+
+def head_hf_name(family: str, name: str) -> str:
+    """Our task-head tensor name -> its HF name (BERT's classifier is `classifier`, ours `score`)."""
+    if family == "bert" and name.startswith("score."):
+        return "classifier." + name[len("score."):]  # BertForSequenceClassification's name
+    return name
+
+
+def head_from_hf(hf_name: str) -> str | None:
+    """A HF task-head tensor name (score / classifier / qa_outputs) -> ours; None if it is not a head tensor."""
+    return _HEADS.get(hf_name)
 
 
 def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor], source: str = "") -> tuple[dict, dict]:
@@ -107,7 +153,7 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor], source: st
         if name == "lm_head.weight":
             body["lm_head.weight"] = t
             continue
-        rel, _ = _strip_prefix(name, fam)
+        rel, _ = strip_prefix(name, fam)
         rel = rel.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         if _IGNORED.search(rel):
             continue
@@ -141,7 +187,7 @@ def to_hf_state_dict(cfg: ModelConfig, body: dict[str, torch.Tensor], heads: dic
                      with_prefix: bool = True) -> dict[str, torch.Tensor]:
     """Our backbone (+ head) tensors -> HF names, as the Auto classes expect them on disk."""
     fam = cfg.family
-    reverse = [(_regex(o), h) for h, o in _NAMES[fam]]
+    reverse = _REVERSE[fam]
     prefix = _PREFIX[fam] if with_prefix else ""
     if fam == "bert" and not heads:
         prefix = ""  # BertModel keeps no prefix
@@ -170,10 +216,7 @@ def to_hf_state_dict(cfg: ModelConfig, body: dict[str, torch.Tensor], heads: dic
             out[f"{prefix}h.{i}.attn.c_attn.weight"] = w.t().contiguous()  # Conv1D (D, 3D)
             out[f"{prefix}h.{i}.attn.c_attn.bias"] = b.contiguous()
     for name, t in (heads or {}).items():
-        hf_name = {"score.weight": "score.weight", "score.bias": "score.bias"}.get(name, name)
-        if fam == "bert" and name.startswith("score."):
-            hf_name = name.replace("score.", "classifier.")
-        out[hf_name] = t.contiguous()
+        out[head_hf_name(fam, name)] = t.contiguous()
     return out
 
 
@@ -190,7 +233,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.is_file():
-        return _load_safetensors(single)
+        return load_safetensors(single)
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -200,7 +243,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         for s in shards:
             if not (path / s).is_file():
                 raise CheckpointError(f"{index}: names shard {s!r}, which is missing")
-            sd.update(_load_safetensors(path / s))
+            sd.update(load_safetensors(path / s))
         return sd
     binf = path / "pytorch_model.bin"
     if binf.is_file():
@@ -212,7 +255,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{path}: no weights found (model.safetensors, an index, or pytorch_model.bin)")
 
 
-def _load_safetensors(f: Path) -> dict[str, torch.Tensor]:
+def load_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a truncated or corrupt file is a CheckpointError naming it."""
     try:
         return load_file(str(f))
     except (SafetensorError, OSError, ValueError) as e:
@@ -242,15 +286,6 @@ def load_into(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: str,
 
 
 # ---- saving ---------------------------------------------------------------------------------------
-def _atomic_file(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_hf(path: Path, cfg: ModelConfig, body: dict, heads: dict | None = None,
             extra_config: dict[str, Any] | None = None, tokenizer=None) -> None:
     """config.json + model.safetensors (+ tokenizer files) that transformers' Auto classes load.
@@ -262,10 +297,10 @@ def save_hf(path: Path, cfg: ModelConfig, body: dict, heads: dict | None = None,
     path.mkdir(parents=True, exist_ok=True)
     tensors = to_hf_state_dict(cfg, body, heads, with_prefix=bool(heads) or cfg.family != "bert")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic_file(path / "model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
+    atomic_write(path / "model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
     if tokenizer is not None:
         tokenizer.save(path)
     hf_cfg = cfg.to_hf()
     hf_cfg.update(extra_config or {})
     hf_cfg["dtype"] = str(next(iter(body.values())).dtype).replace("torch.", "")
-    _atomic_file(path / "config.json", lambda f: f.write_text(json.dumps(hf_cfg, indent=2) + "\n"))
+    atomic_write(path / "config.json", json.dumps(hf_cfg, indent=2) + "\n")

@@ -50,7 +50,8 @@ class ReadResult:
 # ----------------------------------------------------------------------------------------------- file text
 
 
-def read_text_file(path: str | Path, encoding: str | None = None) -> str:
+def read_text_file(path: str | Path, encoding: str | None = None,
+                   hint: str = "pass the file's encoding, e.g. --encoding latin-1") -> str:
     """Read a whole text file; without ``encoding`` it must be UTF-8 and the error says where it is not."""
     path = Path(path)
     if not path.exists():
@@ -69,7 +70,7 @@ def read_text_file(path: str | Path, encoding: str | None = None) -> str:
             bad = data[e.start]
             raise DataError(
                 f"{path}: line {line} (byte offset {e.start}) is not valid UTF-8 (byte 0x{bad:02x}); "
-                f"pass the file's encoding, e.g. --encoding latin-1"
+                f"{hint}"
             ) from None
     try:
         return data.decode(encoding)

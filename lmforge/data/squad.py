@@ -16,6 +16,8 @@ from typing import Any
 from lmforge.data.readers import read_text_file
 from lmforge.errors import DataError
 
+UTF8_HINT = "save it as UTF-8 first, e.g. iconv -f latin1 -t utf-8 FILE > NEW_FILE"
+
 log = logging.getLogger(__name__)
 
 
@@ -81,7 +83,7 @@ def _nearest(context: str, text: str, start: int) -> int:
 def load_squad(path: str | Path) -> SquadReadResult:
     """Read and validate a SQuAD v1.1 file (v2.0 files work: unanswerable questions get no answers)."""
     path = Path(path)
-    text = read_text_file(path)
+    text = read_text_file(path, hint=UTF8_HINT)
     if not text.strip():
         raise DataError(f"{path}: file is empty")
     try:
@@ -191,7 +193,7 @@ def read_jsonl_pairs(
     path = Path(path)
     if limit is not None and limit < 1:
         raise DataError(f"{path}: limit must be at least 1, got {limit}")
-    text = read_text_file(path, encoding)
+    text = read_text_file(path, encoding, hint=UTF8_HINT)
     pairs: list[tuple[str, str]] = []
     seen_rows = False
     # split on \n only: str.splitlines() also breaks at U+2028 and other separators JSON strings may hold

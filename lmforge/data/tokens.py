@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from lmforge.errors import DataError, TrainingError
+from lmforge.io import TMP_PREFIX, default_mode, fsync_path
 
 CACHE_VERSION = 1
 META = "meta.json"
 TRAIN_FILE, VAL_FILE = "train.bin", "val.bin"
-TMP_PREFIX = ".tmp-"
 _READ_BYTES = 1 << 22  # text read per step while tokenizing
 _PIECE_CHARS = 1 << 16  # texts handed to the Rust tokenizer per batch item (it encodes a batch in parallel)
 # A cut right after a newline that ends a non-blank line and precedes non-space text does not change how
@@ -280,6 +280,9 @@ def _build(train: list[Path], val: list[Path], val_fraction: float, tokenizer, r
                 "tokenizer_sha256": tokenizer_hash(tokenizer),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")  # the completion marker, written last
+        os.chmod(tmp, default_mode(directory=True))  # mkdtemp made it private; a shared cache must be readable
+        fsync_path(tmp / META)
+        fsync_path(tmp)
         final = root / key
         try:
             os.replace(tmp, final)
@@ -328,15 +331,15 @@ class PackedBatches:
 
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int = 0,
                  shuffle: bool = True, rank: int | None = None, world_size: int | None = None) -> None:
-        from lmforge.train.batching import dist_info
+        from lmforge.train.strategy import dist_info
 
         if block_size < 1 or batch_size < 1:
             raise TrainingError(f"PackedBatches: block_size and batch_size must be >= 1, got {block_size}, "
                                 f"{batch_size}")
         self.tokens, self.T, self.B, self.seed, self.shuffle = tokens, block_size, batch_size, seed, shuffle
-        r, w = dist_info()
-        self.rank = r if rank is None else rank
-        self.world_size = w if world_size is None else world_size
+        info = dist_info()
+        self.rank = info.rank if rank is None else rank
+        self.world_size = info.world_size if world_size is None else world_size
         self.n_blocks = (len(tokens) - 1) // block_size
         self.slack = (len(tokens) - 1) - self.n_blocks * block_size  # room for a per-epoch offset
         if self.n_blocks < 1:

@@ -1,4 +1,4 @@
-"""The pieces of a Transformer: norms, positional encodings, attention (SDPA, GQA, KV cache), MLPs.
+"""The pieces of a Transformer: norms, positional encodings, embeddings, attention (SDPA, GQA, KV cache), MLPs.
 
 Each class reads the ModelConfig fields that select its variant; parameter names are chosen so that the
 Hugging Face name maps in checkpoints/hf.py are one line per tensor.
@@ -37,21 +37,19 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or cfg.d_model
     if cfg.norm == "layernorm":
         return nn.LayerNorm(dim, eps=cfg.norm_eps)
-    if cfg.norm == "rmsnorm":
-        return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset)
-    raise ConfigError(f"config field 'norm': unsupported {cfg.norm!r} (layernorm | rmsnorm)")
+    return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset)  # ModelConfig allows only these two
+
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
 
 
 def activation(name: str):
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_tanh":
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "silu":
-        return F.silu
-    if name == "relu":
-        return F.relu
-    raise ConfigError(f"config field 'activation': unsupported {name!r} (gelu | gelu_tanh | silu | relu)")
+    return _ACTIVATIONS[name]  # the names of ModelConfig's Activation Literal, checked there
 
 
 # ---- positions -----------------------------------------------------------------------------------
@@ -109,6 +107,50 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out if xp is None else torch.cat((out, xp), dim=-1)
 
 
+# ---- embeddings ----------------------------------------------------------------------------------
+class Embeddings(nn.Module):
+    """Token ids -> vectors: token embedding (times `embed_scale`), plus learned or sinusoidal positions and
+    token types where the family has them, then bert's LayerNorm and dropout. Rotary positions are applied
+    inside attention instead. Submodule names (tok, pos, seg, norm) are the `embed.*` tensor names."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.position == "learned":
+            self.pos = nn.Embedding(cfg.context_length, cfg.d_model)
+        if cfg.position == "sinusoidal":
+            self.register_buffer("sin_table", torch.empty(0), persistent=False)
+        if cfg.type_vocab_size:
+            self.seg = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+        if cfg.embed_norm:
+            self.norm = make_norm(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.init_buffers()
+
+    def init_buffers(self, device=None) -> None:
+        """(Re)compute the sinusoidal table (not in the state dict): needed after building on the meta device."""
+        if self.cfg.position == "sinusoidal":
+            self.sin_table = sinusoidal_table(self.cfg.context_length, self.cfg.d_model).to(device)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # input_ids, position_ids, token_type_ids: (B, T) -> (B, T, D)
+        cfg = self.cfg
+        x = self.tok(input_ids)  # (B, T, D)
+        if cfg.embed_scale is not None:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)  # rounded to the weights' dtype, as HF does
+        if cfg.position == "learned":
+            x = x + self.pos(position_ids)
+        elif cfg.position == "sinusoidal":
+            x = x + self.sin_table[position_ids].to(x.dtype)
+        if cfg.type_vocab_size:
+            x = x + self.seg(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+        if cfg.embed_norm:
+            x = self.norm(x)
+        return self.drop(x)
+
+
 # ---- KV cache ------------------------------------------------------------------------------------
 class KVCache:
     """Preallocated keys/values for every layer: (B, n_kv, max_len, hd) each, filled up to `length`."""
@@ -151,6 +193,7 @@ class Attention(nn.Module):
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
+        self.causal = cfg.causal  # False for bidirectional encoders (bert)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
@@ -167,14 +210,12 @@ class Attention(nn.Module):
         if self.softcap is not None:
             y = self._softcapped(q, k, v, mask)
         else:
-            is_causal = mask is None and self._causal and T > 1  # else the model passed a mask
+            is_causal = mask is None and self.causal and T > 1  # else the model passed a mask
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                 is_causal=is_causal, scale=self.scale, enable_gqa=self.n_kv != self.n_heads,
             )  # (B, H, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
-
-    _causal = True  # set by the Transformer for bidirectional encoders
 
     def _softcapped(self, q, k, v, mask):
         """Explicit attention for tanh logit soft-capping (SDPA cannot express it)."""
@@ -184,7 +225,7 @@ class Attention(nn.Module):
         s = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
         s = torch.tanh(s / self.softcap) * self.softcap
         T, S = s.shape[-2:]
-        if mask is None and self._causal and T > 1:
+        if mask is None and self.causal and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=s.device).tril(S - T)
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
@@ -220,8 +261,4 @@ class GatedMLP(nn.Module):
 
 
 def make_mlp(cfg: ModelConfig) -> nn.Module:
-    if cfg.mlp == "gelu":
-        return MLP(cfg)
-    if cfg.mlp in ("swiglu", "geglu"):
-        return GatedMLP(cfg)
-    raise ConfigError(f"config field 'mlp': unsupported {cfg.mlp!r} (gelu | swiglu | geglu)")
+    return MLP(cfg) if cfg.mlp == "gelu" else GatedMLP(cfg)  # gated: swiglu | geglu (ModelConfig checks)

@@ -14,17 +14,14 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
-from lmforge.model.layers import Attention, KVCache, Rotary, make_mlp, make_norm, sinusoidal_table
+from lmforge.model.layers import Attention, Embeddings, KVCache, Rotary, make_mlp, make_norm
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.placement = cfg.norm_placement
-        if self.placement not in ("pre", "post", "sandwich"):
-            raise ConfigError(f"config field 'norm_placement': unsupported {self.placement!r}")
+        self.placement = cfg.norm_placement  # pre | post | sandwich
         self.attn = Attention(cfg, layer)
-        self.attn._causal = cfg.causal
         self.mlp = make_mlp(cfg)
         self.norm1 = make_norm(cfg)  # pre: before attention; post: after the attention residual
         self.norm2 = make_norm(cfg)  # pre: before the MLP; post: after the MLP residual
@@ -46,28 +43,22 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Embeddings -> blocks -> final norm; `forward` returns hidden states, `logits` adds the LM head."""
+    """Embeddings -> blocks -> final norm; `forward` returns hidden states, `logits` adds the LM head.
+
+    `quant_head` is the one hook for another LM head implementation: None (the default) means the float
+    matmul with `lm_head` or the tied token embeddings; `set_lm_head(module)` puts a module there (lmforge.quant
+    stores its quantized head so), and `lm_logits` calls it instead. Its tensors save as `quant_head.*`.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.embed = nn.Module()
-        self.embed.tok = nn.Embedding(cfg.vocab_size, d)
-        if cfg.position == "learned":
-            self.embed.pos = nn.Embedding(cfg.context_length, d)
-        elif cfg.position == "sinusoidal":
-            self.register_buffer("sin_table", torch.empty(0), persistent=False)
-        elif cfg.position not in ("rotary", "none"):
-            raise ConfigError(f"config field 'position': unsupported {cfg.position!r}")
-        if cfg.type_vocab_size:
-            self.embed.seg = nn.Embedding(cfg.type_vocab_size, d)
-        if cfg.embed_norm:
-            self.embed.norm = make_norm(cfg)
-        self.embed_drop = nn.Dropout(cfg.dropout)
+        self.embed = Embeddings(cfg)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg) if cfg.final_norm else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        self.quant_head: nn.Module | None = None
         self.pooler = nn.Linear(d, d) if cfg.pooler else None
         self.init_buffers()
         self.apply(self._init_weights)
@@ -75,8 +66,7 @@ class Transformer(nn.Module):
     def init_buffers(self, device=None) -> None:
         """(Re)compute the non-persistent buffers: needed after building on the meta device."""
         cfg = self.cfg
-        if cfg.position == "sinusoidal":
-            self.sin_table = sinusoidal_table(cfg.context_length, cfg.d_model).to(device)
+        self.embed.init_buffers(device)
         if cfg.position == "rotary":
             assert cfg.head_dim is not None
             with torch.device(device or "cpu"):
@@ -85,6 +75,10 @@ class Transformer(nn.Module):
                     Rotary(cfg.head_dim, cfg.rope_local_theta, None, cfg.rotary_fraction)
                     if cfg.rope_local_theta is not None else None
                 )
+
+    def set_lm_head(self, module: nn.Module | None) -> None:
+        """Compute logits with `module` ((..., D) -> (..., V)) instead of the float LM head; None restores it."""
+        self.quant_head = module
 
     # ---- init (for training from scratch) ------------------------------------------------------
     def _init_weights(self, m: nn.Module) -> None:
@@ -125,22 +119,10 @@ class Transformer(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past: past + T]  # (B, T)
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        x = self.embed.tok(input_ids)  # (B, T, D)
-        if cfg.embed_scale is not None:
-            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)  # rounded to the weights' dtype, as HF does
         if past + T > cfg.context_length:  # a static check: no device sync in the decode loop
             raise ConfigError(f"sequence of {past + T} tokens exceeds the model's context_length "
                               f"{cfg.context_length}")
-        if cfg.position == "learned":
-            x = x + self.embed.pos(position_ids)
-        elif cfg.position == "sinusoidal":
-            x = x + self.sin_table[position_ids].to(x.dtype)
-        if cfg.type_vocab_size:
-            tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
-            x = x + self.embed.seg(tt)
-        if cfg.embed_norm:
-            x = self.embed.norm(x)
-        x = self.embed_drop(x)
+        x = self.embed(input_ids, position_ids, token_type_ids)  # (B, T, D)
 
         rope = rope_local = None
         if cfg.position == "rotary":
@@ -184,9 +166,8 @@ class Transformer(nn.Module):
 
     def lm_logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., D) hidden states -> (..., V) logits, tied or not, soft-capped if the config says so."""
-        head = getattr(self, "quant_head", None)  # set by lmforge.quant.quantize_model (quantized LM head)
-        if head is not None:
-            logits = head(h)
+        if self.quant_head is not None:  # set_lm_head's module (lmforge.quant's quantized head)
+            logits = self.quant_head(h)
         else:
             w = self.embed.tok.weight if self.lm_head is None else self.lm_head.weight
             logits = F.linear(h, w)

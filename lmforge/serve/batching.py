@@ -93,7 +93,9 @@ class GenRequest:
     finished: bool = False
     completion_tokens: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None
+    started_at: float | None = None  # its batch began (prefill)
+    first_token_at: float | None = None  # for the speed figures the API reports ("timings")
+    finished_at: float | None = None
 
 
 class Scheduler:
@@ -283,6 +285,8 @@ class Scheduler:
                         live[b] = False
                         continue
                     t = toks[b]
+                    if r.first_token_at is None:  # the first step (even an immediate EOS): time to first token
+                        r.first_token_at = time.monotonic()
                     if dn[b] or t in self.eos:
                         live[b] = False
                         self._finish(r, streamers[b], "stop")
@@ -320,7 +324,7 @@ class Scheduler:
         tail = streamer.end()
         if tail:
             self._emit(r, Event("text", tail))
-        r.finished = True
+        r.finished, r.finished_at = True, time.monotonic()
         self._emit(r, Event("done", finish_reason=reason, completion_tokens=r.completion_tokens))
         with self._cond:  # its slot is free as soon as its answer is complete
             self._running.discard(r)

@@ -19,17 +19,29 @@ from torch import nn
 
 from lmforge.data import datasets, readers
 from lmforge.data.readers import Example
-from lmforge.distributed import dist_state
-from lmforge.errors import CheckpointError, ConfigError, DataError, TrainingError
-from lmforge.tasks.common import find_run_dir, publish_model_dir
+from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.tasks.common import (
+    LoraArgs,
+    TaskRun,
+    apply_lora,
+    check_resumable,
+    check_validation,
+    export_model,
+    find_run_dir,
+    run_training,
+    write_json,
+)
 from lmforge.train.batching import pad_batch
 
 GLOVE = "glove-6b-50d"
 RUN_INFO = "classify.json"
 
 
+EVAL_METRICS = ("accuracy", "macro_f1", "eval_loss")
+
+
 @dataclass
-class ClassifyConfig:
+class ClassifyConfig(LoraArgs):
     """What to train on and how to build the model; the loop's own knobs are in TrainConfig."""
 
     model: str = "minilm-l6"
@@ -46,13 +58,10 @@ class ClassifyConfig:
     padding_side: str = "right"
     max_train_samples: int | None = None
     max_eval_samples: int | None = 1000
-    lora: bool = False
     # measured on tweets (docs/benchmarks.md): r16 on every linear at lr 1e-3 beat r8 on q,v at 2e-4 by 13.8 points
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
     lora_targets: str = "all-linear"
-    save_adapters_only: bool = False  # LoRA: save adapters + head alone instead of a merged model
     glove_hidden: int = 256
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,12 +210,7 @@ def build_model(c: ClassifyConfig, num_labels: int, labels: list[str]):
     cfg.id2label = dict(enumerate(labels))
     model = SequenceClassifier(ck.model, num_labels, c.pooling)
     model.train()
-    if c.lora:
-        from lmforge.model.lora import LoraConfig, inject_lora
-
-        targets = tuple(t.strip() for t in c.lora_targets.split(",") if t.strip())
-        inject_lora(model, LoraConfig(rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
-                                      targets=targets))
+    apply_lora(model, c)
     return model, tok, "transformer"
 
 
@@ -215,42 +219,27 @@ def save_classifier(model: nn.Module, tok, kind: str, labels: list[str], c: Clas
     path = Path(path)
     if kind == "glove":
         model.save(path, labels)
-    elif c.lora and c.save_adapters_only:
-        from lmforge.model.lora import save_adapters
-
-        save_adapters(model, path, base_model=c.model)
-        tok.save(path)
     else:
-        from lmforge.checkpoints import save_pretrained
-
-        export = model
-        if c.lora:
-            import copy
-
-            from lmforge.model.lora import merge_lora
-
-            export = merge_lora(copy.deepcopy(model), inplace=True)
-        save_pretrained(export, path, tokenizer=tok, extra_config={"lmforge_pooling": model.pooling})
-    (path / "labels.json").write_text(json.dumps(labels, indent=1) + "\n")
+        export_model(model, path, tok, c, c.model, extra_config={"lmforge_pooling": model.pooling})
+    write_json(path / "labels.json", labels)
     info = {"kind": kind, "max_length": c.max_length, "pooling": getattr(model, "pooling", "mean"),
             "base_model": c.model, "lora": c.lora, "adapters_only": bool(c.lora and c.save_adapters_only),
             "padding_side": c.padding_side}
-    (path / RUN_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    write_json(path / RUN_INFO, info)
 
 
 # ---- training ----------------------------------------------------------------------------------------
 def train(c: ClassifyConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
     """Train a classifier; returns a summary (run dir, validation report, timings)."""
     from lmforge.metrics import classification_report
-    from lmforge.train import Trainer
     from lmforge.train.trainer import seed_everything
 
-    run_dir = Path(tc.output_dir)
-    if resume and not (run_dir / RUN_INFO).exists() and not (run_dir / "checkpoints").exists():
-        raise TrainingError(f"{run_dir}: no checkpoint to resume from (expected {run_dir}/checkpoints/step-N)")
+    if resume:
+        check_resumable(Path(tc.output_dir))
     if c.padding_side not in ("left", "right"):
         raise ConfigError(f"--padding-side must be left or right, got {c.padding_side!r}")
     train_ex, eval_ex, labels, info = load_data(c, seed=tc.seed)
+    check_validation(len(eval_ex), "classify")
     label_ids = {lab: i for i, lab in enumerate(labels)}
     seed_everything(tc.seed)
     model, tok, kind = build_model(c, len(labels), labels)
@@ -271,26 +260,13 @@ def train(c: ClassifyConfig, tc, resume: bool = False, log=print) -> dict[str, A
         return {"accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"],
                 "eval_loss": float(F.cross_entropy(logits, y))}
 
-    def save_fn(m: nn.Module, d: Path) -> None:
-        save_classifier(m, tok, kind, labels, c, d)
-
-    main_rank = dist_state().is_main  # under torchrun, rank 0 alone writes the run directory
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "classify_config.json").write_text(json.dumps(c.to_dict(), indent=1) + "\n")
-    trainer = Trainer(model, tc, train_feats, classification_loss, eval_fn=eval_fn, save_model_fn=save_fn,
-                      collate_fn=collate, lengths=[len(f["input_ids"]) for f in train_feats],
-                      find_unused_parameters=True)  # e.g. the pooler under mean pooling
-    result = trainer.train(resume=resume)
-    chosen = run_dir / "best" if (run_dir / "best" / "config.json").exists() else run_dir / "final"
-    if main_rank:
-        publish_model_dir(run_dir, chosen)
-    summary = {"run_dir": str(run_dir), "model_dir": str(chosen), "labels": labels, "data": info,
-               "steps": result.step, "stopped": result.stopped, "elapsed_s": round(result.elapsed_s, 1),
-               "validation": result.eval_metrics, "best_metric": result.best_metric, "best_step": result.best_step}
-    if main_rank:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    run = TaskRun("classify", c.to_dict(), model, train_feats, classification_loss,
+                  save_fn=lambda m, d, _sd: save_classifier(m, tok, kind, labels, c, d),
+                  eval_fn=eval_fn, eval_metrics=EVAL_METRICS, n_eval=len(eval_feats), collate_fn=collate,
+                  lengths=[len(f["input_ids"]) for f in train_feats],
+                  find_unused_parameters=True,  # e.g. the pooler under mean pooling
+                  summary={"labels": labels, "data": info})
+    return run_training(run, tc, resume=resume)
 
 
 # ---- loading a trained classifier -------------------------------------------------------------------------
@@ -323,7 +299,7 @@ def load_classifier(run_dir: str | Path, device: str = "cpu") -> LoadedClassifie
     from lmforge.model.heads import SequenceClassifier
 
     if info.get("adapters_only"):
-        from lmforge.model.lora import load_adapters
+        from lmforge.checkpoints.peft import load_adapters
         from lmforge.tokenizer import Tokenizer
 
         ck = load_checkpoint(info["base_model"], device=device)

@@ -84,7 +84,7 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
         if c.model == "lead-3" and c.task == "summarize":
             preds = [_lead_sentences(x) for x, _ in pairs]
         else:
-            from lmforge.api import Generator
+            from lmforge.generate import Generator
 
             gen = Generator.load(c.model, quantize=c.quantize)
             if c.task == "summarize":
@@ -111,7 +111,7 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
                 for ex, a in zip(exs, qa.answer(lq, ctx, [e.question for e in exs])):
                     preds_by_id[ex.id] = a["answer"]
         else:
-            from lmforge.api import Generator
+            from lmforge.generate import Generator
 
             gen = Generator.load(c.model, quantize=c.quantize)
             prompts = [P.answer_prompt(ex.context, ex.question) for ex in examples]

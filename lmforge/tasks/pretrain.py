@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import PRESETS, ModelConfig, preset
@@ -46,12 +45,16 @@ from lmforge.data.tokens import (
     expand_files,
     fingerprint_files,
 )
-from lmforge.distributed import all_reduce_sum, dist_state, is_fsdp, leader_first
 from lmforge.errors import ConfigError, DataError, TokenizerError, TrainingError
 from lmforge.flops import cache_root, flops_per_token, peak_flops
+from lmforge.io import atomic_dir
+from lmforge.model.heads import CausalLM, lm_loss
 from lmforge.model.transformer import Transformer
+from lmforge.tasks.common import TaskRun, run_training, write_json
+from lmforge.train.strategy import all_reduce_sum, choose_strategy, dist_info, is_fsdp, leader_first
 
 CONFIG_FILE = "pretrain_config.json"
+EVAL_METRICS = ("val_loss", "perplexity", "tokens_per_s", "mfu")
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
 INFO_FILE = "pretrain.json"
@@ -116,107 +119,6 @@ def tune_cpu_allocator() -> bool:
         return False
 
 
-# ---- the model with its loss ---------------------------------------------------------------------------
-class _HeadCrossEntropy(torch.autograd.Function):
-    """LM head + next-token cross-entropy in one op, its gradients computed in the forward pass.
-
-    Why (measured on a 2-core AVX2 CPU, GPT-2 small, 1024 tokens): `F.linear(h, W)` into a fresh
-    (tokens x 50257) float32 tensor runs at ~36 GFLOP/s, while the same product written vocab-major,
-    W @ h^T into a reused (V x tokens) buffer, runs at ~55 GFLOP/s; and the standard loss allocates three
-    more logits-sized tensors per step (log-softmax, its gradient, the NLL gradient), each a fresh mmap
-    with page faults. Here the logits of a chunk of tokens go into one reused workspace, become exp(logit -
-    max) in place, and the two gradient matmuls run right away on it (softmax's 1/sum and the -onehot are
-    applied to the small operands); backward only scales the results.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, workspace: dict, mean: bool,
-                need_grad: bool) -> torch.Tensor:
-        # h: (N, D); w: (V, D); labels: (N,) -> scalar loss (mean or sum over the N tokens)
-        N, V = h.shape[0], w.shape[0]
-        chunk = max(1, min(N, _WORKSPACE_ELEMS // V))
-        flat = workspace.get("buf")
-        if flat is None or flat.numel() < V * chunk or flat.dtype != h.dtype or flat.device != h.device:
-            flat = workspace["buf"] = torch.empty(V * chunk, dtype=h.dtype, device=h.device)
-        want_h = need_grad and ctx.needs_input_grad[0]
-        want_w = need_grad and ctx.needs_input_grad[1]
-        gh = torch.empty_like(h) if want_h else None
-        gw: torch.Tensor | None = None
-        total = torch.zeros((), dtype=torch.float64, device=h.device)
-        for s in range(0, N, chunk):
-            hc, yc = h[s: s + chunk], labels[s: s + chunk]
-            c = hc.shape[0]
-            buf = flat[: V * c].view(V, c)
-            torch.mm(w, hc.t(), out=buf)  # logits, vocab-major: (V, c)
-            picked = buf.gather(0, yc[None]).squeeze(0)  # (c,) logit of each target
-            mx = buf.amax(0)  # (c,)
-            buf.sub_(mx).exp_()
-            se = buf.sum(0)  # (c,)
-            total += (se.log() + mx - picked).sum(dtype=torch.float64)
-            # d loss / d logits = softmax - onehot = buf / se - onehot: the 1/se and the onehot are applied to the
-            # (small) matmul operands and outputs, not to the (V, c) buffer
-            inv = se.reciprocal()[:, None]  # (c, 1)
-            if want_h:
-                ghc = gh[s: s + c]
-                torch.mm(buf.t(), w, out=ghc)  # (c, D)
-                ghc.mul_(inv).sub_(w[yc])
-            if want_w:
-                hs = hc * inv  # (c, D)
-                gw = torch.mm(buf, hs) if gw is None else gw.addmm_(buf, hs)  # (V, D)
-                gw.index_add_(0, yc, hc, alpha=-1.0)
-        scale = 1.0 / N if mean else 1.0
-        ctx.grads, ctx.scale = (gh, gw), scale
-        return (total * scale).to(h.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        gh, gw = ctx.grads
-        ctx.grads = (None, None)  # hand over the only reference: autograd may then accumulate in place
-        s = grad_out * ctx.scale
-        if gh is not None:
-            gh.mul_(s)
-        if gw is not None:
-            gw.mul_(s)
-        return gh, gw, None, None, None, None
-
-
-_WORKSPACE_ELEMS = 64 * 2**20  # logits workspace: 256 MiB of float32 at most (chunks of tokens beyond that)
-
-
-class CausalLM(nn.Module):
-    """A Transformer and its next-token loss in one forward: DDP and FSDP then see the LM head (tied to
-    the embeddings or not) inside the call they wrap.
-
-    The float32 loss uses _HeadCrossEntropy (fused, same value and gradients as logits -> F.cross_entropy);
-    other dtypes (bf16 autocast) and soft-capped logits take the plain path.
-    """
-
-    def __init__(self, backbone: Transformer, fused_loss: bool = True) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.fused_loss = fused_loss
-        self._workspace: dict[str, torch.Tensor] = {}
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
-        bb = self.backbone
-        h = bb(input_ids)  # (B, T, D)
-        if labels is None:
-            return bb.lm_logits(h)  # (B, T, V)
-        w = bb.embed.tok.weight if bb.lm_head is None else bb.lm_head.weight  # (V, D)
-        if self.fused_loss and h.dtype == w.dtype == torch.float32 and bb.cfg.final_softcap is None:
-            need = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
-            return _HeadCrossEntropy.apply(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1), self._workspace,
-                                           reduction == "mean", need)
-        logits = bb.lm_logits(h)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction=reduction)
-
-
-def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean next-token loss over the B*T targets of a packed batch (every position is a real token)."""
-    return model(batch["input_ids"], batch["labels"]), batch["labels"].numel()
-
-
 # ---- tokenizer -----------------------------------------------------------------------------------------
 def train_tokenizer(files: list[Path], vocab_size: int, special_tokens: list[str] | tuple[str, ...] = (ENDOFTEXT,),
                     min_frequency: int = 2):
@@ -245,7 +147,6 @@ def _has_text(path: Path) -> bool:
 def _trained_tokenizer(files: list[Path], vocab_size: int, min_frequency: int, root: Path, log) -> Any:
     """Get-or-train a BPE tokenizer for `files` in the cache (keyed by the files, size and settings)."""
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import atomic_dir
 
     spec = {"files": fingerprint_files(files), "vocab": vocab_size, "min_frequency": min_frequency,
             "specials": [ENDOFTEXT], "version": 1}
@@ -379,13 +280,11 @@ def _setup(c: PretrainConfig, run_dir: Path, resume: bool, train_files: list[Pat
 def pretrain(c: PretrainConfig, tc, resume: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Pretrain (or continue pretraining) a causal LM on raw text; returns the run summary.
 
-    tc: a TrainConfig. Call lmforge.distributed.init_distributed() first when launched by torchrun.
+    tc: a TrainConfig. Call lmforge.train.strategy.init_distributed() first when launched by torchrun.
     """
-    from lmforge.tasks.common import publish_model_dir
-    from lmforge.train import Trainer
     from lmforge.train.trainer import resolve_device, seed_everything
 
-    info = dist_state()
+    info = dist_info()
     say: Callable[[str], None] = log or (lambda m: print(m, file=sys.stderr))
     log = say if info.is_main else (lambda m: None)
     run_dir = Path(tc.output_dir)
@@ -409,17 +308,14 @@ def pretrain(c: PretrainConfig, tc, resume: bool = False, log: Callable[[str], N
     cache: TokenCache = leader_first(lambda: build_token_cache(
         train_files, tok, cache_dir, val_files=val_files, val_fraction=0.0 if val_files else c.val_fraction,
         log=log))
+    saved_config = {**c.to_dict(), "context_length": T, "data": [str(p) for p in c.data]}
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            from lmforge.train.checkpoint import atomic_dir
-
+        if not resume:  # a resumed run rebuilds its model and tokenizer from these: never rewritten
             with atomic_dir(run_dir / TOKENIZER_DIR) as tmp:
                 tok.save(tmp)
-            cfg_d = {**cfg.to_dict(), "context_length": cfg.context_length}
-            (run_dir / MODEL_CONFIG_FILE).write_text(json.dumps(cfg_d, indent=1) + "\n")
-            saved = {**c.to_dict(), "context_length": T, "data": [str(p) for p in c.data]}
-            (run_dir / CONFIG_FILE).write_text(json.dumps(saved, indent=1) + "\n")
+            write_json(run_dir / MODEL_CONFIG_FILE, {**cfg.to_dict(), "context_length": cfg.context_length})
+            write_json(run_dir / CONFIG_FILE, saved_config)
 
     data = PackedBatches(cache.train, T, tc.batch_size, seed=tc.seed)
     model = CausalLM(s.model)
@@ -444,42 +340,32 @@ def pretrain(c: PretrainConfig, tc, resume: bool = False, log: Callable[[str], N
     if eval_fn is None:
         log("validation: no held-out tokens (--val-fraction 0 and no --val-data): no validation loss")
 
-    def export(backbone_sd: dict[str, torch.Tensor], d: Path) -> None:
+    def export(_m: nn.Module, d: Path, full_sd: dict[str, torch.Tensor]) -> None:
+        """From the full state dict, so a sharded (FSDP) model exports the same way as a plain one."""
         from lmforge.checkpoints import save_hf
 
-        body = {k[len("backbone."):]: v for k, v in backbone_sd.items() if k.startswith("backbone.")}
+        body = {k[len("backbone."):]: v for k, v in full_sd.items() if k.startswith("backbone.")}
         save_hf(Path(d), cfg, body, tokenizer=tok)
         meta = {"context_length": T, "init_from": c.init_from, "data": [str(f) for f in cache.meta["train_files"]],
                 "val_data": cache.meta["val_files"], "val_fraction": cache.meta["val_fraction"],
                 "token_cache": str(cache.dir)}
-        (Path(d) / INFO_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        write_json(Path(d) / INFO_FILE, meta)
 
-    if c.fsdp:
-        from lmforge.distributed import fsdp_shard, make_fsdp_trainer
+    def finish(_result) -> dict[str, Any]:
+        rates = evaluator.rates(all_records=True)
+        tok_s = statistics.median(rates) if rates else None
+        return {"tokens_per_s": tok_s, "mfu": None if tok_s is None else tok_s * fpt / total_peak}
 
-        fsdp_shard(model, list(model.backbone.blocks), device, bf16=tc.bf16)
-        trainer = make_fsdp_trainer(model, tc, data, lm_loss, eval_fn, export)
-    else:
-        trainer = Trainer(model, tc, data, lm_loss, eval_fn=eval_fn,
-                          save_model_fn=lambda m, d: export(m.state_dict(), d))
-    result = trainer.train(resume=resume)
-
-    final = run_dir / "best" if (run_dir / "best" / INFO_FILE).exists() else run_dir / "final"
-    rates = evaluator.rates(all_records=True)
-    tok_s = statistics.median(rates) if rates else None
-    summary = {
-        "run_dir": str(run_dir), "model_dir": str(final), "steps": result.step, "stopped": result.stopped,
-        "elapsed_s": round(result.elapsed_s, 1), "tokens_seen": result.step * tokens_per_step,
-        "validation": result.eval_metrics, "parameters": n_params, "context_length": T,
-        "world_size": info.world_size, "fsdp": c.fsdp, "tokens_per_s": tok_s,
-        "model_flops_per_token": fpt, "peak_flops": total_peak,
-        "mfu": None if tok_s is None else tok_s * fpt / total_peak,
-        "data": {"train_tokens": cache.train_tokens, "val_tokens": cache.val_tokens, "cache": str(cache.dir),
-                 "cache_reused": cache.reused},
-    }
-    if info.is_main:
-        publish_model_dir(run_dir, final)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    strategy = choose_strategy(fsdp=c.fsdp, fsdp_layers=list(model.backbone.blocks), bf16=tc.bf16)
+    run = TaskRun("pretrain", saved_config, model, data, lm_loss, save_fn=export, eval_fn=eval_fn,
+                  eval_metrics=EVAL_METRICS, marker=INFO_FILE, strategy=strategy, write_config=False,
+                  summary={"parameters": n_params, "context_length": T,
+                           "world_size": info.world_size, "fsdp": c.fsdp, "model_flops_per_token": fpt,
+                           "peak_flops": total_peak,
+                           "data": {"train_tokens": cache.train_tokens, "val_tokens": cache.val_tokens,
+                                    "cache": str(cache.dir), "cache_reused": cache.reused}})
+    summary = run_training(run, tc, resume=resume, finish=finish)
+    summary["tokens_seen"] = summary["steps"] * tokens_per_step
     return summary
 
 
@@ -518,7 +404,7 @@ class _Evaluator:
 
     @torch.no_grad()
     def __call__(self, m: nn.Module) -> dict[str, float]:
-        info = dist_state()
+        info = dist_info()
         sharded = is_fsdp(m)
         mine = self.blocks if sharded or info.world_size == 1 else self.blocks[info.rank::info.world_size]
         total, count = 0.0, 0

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.squad import SquadExample, read_squad
-from lmforge.distributed import dist_state
-from lmforge.errors import CheckpointError, ConfigError, DataError, TrainingError
-from lmforge.tasks.common import find_run_dir, publish_model_dir
+from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.tasks.common import TaskRun, check_resumable, find_run_dir, run_training, write_json
 from lmforge.train.batching import pad_batch
 
 RUN_INFO = "qa.json"
+EVAL_METRICS = ("exact_match", "f1", "eval_loss")
 CONFIG_FILE = "qa_config.json"
 _ARCH = {"bert": "BertForQuestionAnswering"}
 
@@ -383,7 +383,7 @@ def save_qa(model: nn.Module, tok, info: dict[str, Any], path: str | Path) -> No
     path = Path(path)
     arch = _ARCH.get(model.backbone.cfg.family)
     save_pretrained(model, path, tokenizer=tok, extra_config={"architectures": [arch]} if arch else None)
-    (path / RUN_INFO).write_text(json.dumps(info, indent=1) + "\n")
+    write_json(path / RUN_INFO, info)
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -403,12 +403,10 @@ def _feature_loss(feats: list[dict[str, Any]], starts, ends) -> float:
 def train(c: QAConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
     """Fine-tune an encoder for extractive QA; returns a summary (run dir, validation EM/F1, timings)."""
     from lmforge.metrics import squad_scores
-    from lmforge.train import Trainer
     from lmforge.train.trainer import seed_everything
 
-    run_dir = Path(tc.output_dir)
-    if resume and not (run_dir / "checkpoints").exists():
-        raise TrainingError(f"{run_dir}: no checkpoint to resume from (expected {run_dir}/checkpoints/step-N)")
+    if resume:
+        check_resumable(Path(tc.output_dir))
     train_ex, eval_ex, info = load_data(c, seed=tc.seed)
     seed_everything(tc.seed)
     model, tok = build_model(c)
@@ -435,27 +433,13 @@ def train(c: QAConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
         return {"exact_match": sc["exact_match"], "f1": sc["f1"], "eval_loss": _feature_loss(eval_feats, starts, ends)}
 
     run_info = _run_info(c.to_dict(), c.model)
-
-    def save_fn(m: nn.Module, d: Path) -> None:
-        save_qa(m, tok, run_info, d)
-
-    main_rank = dist_state().is_main  # under torchrun, rank 0 alone writes the run directory
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / CONFIG_FILE).write_text(json.dumps(c.to_dict(), indent=1) + "\n")
-    trainer = Trainer(model, tc, train_feats, span_loss, eval_fn=eval_fn, save_model_fn=save_fn, collate_fn=collate,
-                      lengths=[len(f["input_ids"]) for f in train_feats],
-                      find_unused_parameters=True)  # BERT's pooler: span QA never runs it
-    result = trainer.train(resume=resume)
-    chosen = run_dir / "best" if (run_dir / "best" / "config.json").exists() else run_dir / "final"
-    if main_rank:
-        publish_model_dir(run_dir, chosen)
-    summary = {"run_dir": str(run_dir), "model_dir": str(chosen), "data": info, "steps": result.step,
-               "stopped": result.stopped, "elapsed_s": round(result.elapsed_s, 1), "validation": result.eval_metrics,
-               "best_metric": result.best_metric, "best_step": result.best_step}
-    if main_rank:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    run = TaskRun("qa", c.to_dict(), model, train_feats, span_loss,
+                  save_fn=lambda m, d, _sd: save_qa(m, tok, run_info, d),
+                  eval_fn=eval_fn, eval_metrics=EVAL_METRICS, n_eval=len(eval_feats), collate_fn=collate,
+                  lengths=[len(f["input_ids"]) for f in train_feats],
+                  find_unused_parameters=True,  # BERT's pooler: span QA never runs it
+                  summary={"data": info})
+    return run_training(run, tc, resume=resume)
 
 
 # ---- loading and using a trained model -----------------------------------------------------------------

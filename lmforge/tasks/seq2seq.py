@@ -9,14 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from lmforge.distributed import dist_state
 from lmforge.errors import DataError
-from lmforge.model.transformer import Transformer
+from lmforge.model.heads import IGNORE, lm_loss
+from lmforge.tasks.common import LoraArgs, TaskRun, apply_lora, check_resumable, export_model, run_training, write_json
 from lmforge.tasks.prompts import summarize_prompt, translate_prompt
 
-IGNORE = -100
 TASKS = ("summarize", "translate", "instruct")
 
 
@@ -71,7 +69,8 @@ def build_example(tokenizer, prompt: str, target: str, max_length: int, max_targ
 
 
 def collate(examples: list[Seq2SeqExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; pad positions get mask 0 and label IGNORE."""
+    """Right-pad a batch; pad positions get mask 0 and label IGNORE. labels[:, t] is the token position t
+    predicts (the example's labels shifted by one), the convention of lmforge.model.heads.lm_loss."""
     T = max(len(e) for e in examples)
     ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
@@ -79,28 +78,17 @@ def collate(examples: list[Seq2SeqExample], pad_id: int) -> dict[str, torch.Tens
     for i, e in enumerate(examples):
         n = len(e)
         ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
+        labels[i, : n - 1] = torch.tensor(e.labels[1:])
         mask[i, :n] = 1
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def lm_loss(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy on target positions only; the LM head runs only where a label exists,
-    which skips the large vocabulary matmul on every prompt and pad token."""
-    h = model(batch["input_ids"], batch["attention_mask"])  # (B, T, D)
-    targets = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
-    keep = targets != IGNORE
-    # under torchrun `model` is the DDP wrapper: the head runs on the module inside it. DDP (without
-    # find_unused_parameters) only needs every trainable weight to get its gradient in backward, which it does
-    logits = getattr(model, "module", model).lm_logits(h[:, :-1][keep])  # (N, V)
-    n = int(keep.sum())
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="mean") if n else h.sum() * 0.0
-    return loss, n
-
-
 # ---- fine-tuning ---------------------------------------------------------------------------------------
+EVAL_METRICS = ("eval_loss", "perplexity")
+
+
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(LoraArgs):
     model: str = "smollm2-135m-instruct"
     task: str = "instruct"  # summarize | translate | instruct
     data: str = ""
@@ -114,12 +102,6 @@ class FinetuneConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = 200
     eval_fraction: float = 0.05
-    lora: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q,v"
-    save_adapters_only: bool = False
 
 
 def _examples(c: FinetuneConfig, tok, pairs: list[tuple[str, str]]) -> list[Seq2SeqExample]:
@@ -129,22 +111,20 @@ def _examples(c: FinetuneConfig, tok, pairs: list[tuple[str, str]]) -> list[Seq2
 
 def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
     """Fine-tune a decoder on input/target pairs; the result is a HF model dir that `generate` loads."""
-    import copy
-    import json
+    from dataclasses import asdict
     from functools import partial
     from pathlib import Path
 
-    from lmforge.checkpoints import load_checkpoint, save_pretrained
+    from lmforge.checkpoints import load_checkpoint
     from lmforge.data.squad import read_jsonl_pairs
-    from lmforge.errors import ConfigError, TrainingError
-    from lmforge.tasks.common import publish_model_dir
-    from lmforge.train import Trainer
+    from lmforge.errors import ConfigError
     from lmforge.train.trainer import seed_everything
 
     if c.task not in TASKS:
         raise DataError(f"--task: unknown task {c.task!r} (one of {', '.join(TASKS)})")
     task_prompt(c.task, "x", c.to, c.src)  # validates --to/--from before anything heavy
-    run_dir = Path(tc.output_dir)
+    if resume:
+        check_resumable(Path(tc.output_dir))
     pairs = read_jsonl_pairs(c.data, c.input_field, c.target_field, skip_empty=True)
     if c.eval_data:
         eval_pairs = read_jsonl_pairs(c.eval_data, c.input_field, c.target_field, skip_empty=True)
@@ -167,11 +147,7 @@ def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
         raise ConfigError(f"--max-length {c.max_length} is above the model's context length "
                           f"{ck.cfg.context_length} ({c.model})")
     tok, model = ck.tokenizer, ck.model.train()
-    if c.lora:
-        from lmforge.model.lora import LoraConfig, inject_lora
-
-        inject_lora(model, LoraConfig(rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
-                                      targets=tuple(t for t in c.lora_targets.split(",") if t)))
+    apply_lora(model, c)
     train_ex, eval_ex = _examples(c, tok, pairs), _examples(c, tok, eval_pairs)
     n_target = sum(sum(1 for x in e.labels if x != IGNORE) for e in train_ex)
     log(f"data: {len(train_ex)} train / {len(eval_ex)} validation pairs; {n_target} target tokens in training")
@@ -190,35 +166,11 @@ def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
 
     meta = {"task": c.task, "to": c.to, "from": c.src, "base_model": c.model, "max_length": c.max_length}
 
-    def save_fn(m, d: Path) -> None:
-        if c.lora and c.save_adapters_only:
-            from lmforge.model.lora import save_adapters
+    def save_fn(m, d: Path, _sd) -> None:
+        export_model(m, d, tok, c, c.model)
+        write_json(d / "finetune.json", meta)
 
-            save_adapters(m, d, base_model=c.model)
-            tok.save(d)
-        else:
-            export = m
-            if c.lora:
-                from lmforge.model.lora import merge_lora
-
-                export = merge_lora(copy.deepcopy(m), inplace=True)
-            save_pretrained(export, d, tokenizer=tok)
-        (d / "finetune.json").write_text(json.dumps(meta, indent=1) + "\n")
-
-    if resume and not (run_dir / "checkpoints").exists():
-        raise TrainingError(f"{run_dir}: no checkpoint to resume from (expected {run_dir}/checkpoints/step-N)")
-    main_rank = dist_state().is_main  # under torchrun, rank 0 alone writes the run directory
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "finetune_config.json").write_text(json.dumps(c.__dict__, indent=1) + "\n")
-    trainer = Trainer(model, tc, train_ex, lm_loss, eval_fn=eval_fn, save_model_fn=save_fn, collate_fn=col,
-                      lengths=[len(e) for e in train_ex])
-    result = trainer.train(resume=resume)
-    chosen = run_dir / "best" if (run_dir / "best" / "finetune.json").exists() else run_dir / "final"
-    if main_rank:
-        publish_model_dir(run_dir, chosen)
-    summary = {"run_dir": str(run_dir), "model_dir": str(chosen), "steps": result.step, "stopped": result.stopped,
-               "elapsed_s": round(result.elapsed_s, 1), "validation": result.eval_metrics}
-    if main_rank:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+    run = TaskRun("finetune", asdict(c), model, train_ex, lm_loss, save_fn=save_fn, eval_fn=eval_fn,
+                  eval_metrics=EVAL_METRICS, n_eval=len(eval_ex), marker="finetune.json", collate_fn=col,
+                  lengths=[len(e) for e in train_ex])
+    return run_training(run, tc, resume=resume)

@@ -1,8 +1,16 @@
-"""The shared trainer: tasks give it a model, a loss function, a batch source and an eval function."""
+"""The shared trainer: tasks give it a model, a loss function, a batch source and an eval function; a strategy
+(Single, DDP, FSDP) says how the model is placed and synced."""
 
 from lmforge.train.batching import BucketSampler, Collator, DatasetBatches, collate, pad_batch
-from lmforge.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from lmforge.train.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from lmforge.train.plots import plot_metrics, read_metrics
+from lmforge.train.strategy import DDP, FSDP, Single, Strategy, choose_strategy
 from lmforge.train.trainer import (
     BatchSource,
     TrainConfig,
@@ -14,7 +22,8 @@ from lmforge.train.trainer import (
 )
 
 __all__ = [
-    "BatchSource", "BucketSampler", "Collator", "DatasetBatches", "TrainConfig", "TrainResult", "Trainer",
-    "build_optimizer", "collate", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "pad_batch",
-    "param_groups", "plot_metrics", "read_metrics", "save_checkpoint", "seed_everything",
+    "DDP", "FSDP", "BatchSource", "BucketSampler", "Collator", "DatasetBatches", "Single", "Strategy", "TrainConfig",
+    "TrainResult", "Trainer", "build_optimizer", "choose_strategy", "collate", "latest_checkpoint", "list_checkpoints",
+    "load_checkpoint", "pad_batch", "param_groups", "plot_metrics", "read_checkpoint", "read_metrics",
+    "save_checkpoint", "seed_everything",
 ]

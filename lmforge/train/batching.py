@@ -15,13 +15,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import TrainingError
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) of the initialised torch.distributed group, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+from lmforge.train.strategy import dist_info
 
 
 class BucketSampler:
@@ -48,9 +42,9 @@ class BucketSampler:
         self.shuffle = shuffle
         self.bucket_size_multiplier = bucket_size_multiplier
         self.drop_last = drop_last
-        r, w = dist_info()
-        self.rank = r if rank is None else rank
-        self.world_size = w if world_size is None else world_size
+        info = dist_info()
+        self.rank = info.rank if rank is None else rank
+        self.world_size = info.world_size if world_size is None else world_size
         if not 0 <= self.rank < self.world_size:
             raise TrainingError(f"BucketSampler: rank {self.rank} outside world_size {self.world_size}")
         self.epoch = 0

@@ -1,10 +1,15 @@
 """Crash-safe training checkpoints: RUN_DIR/checkpoints/step-N/, written atomically, last K kept.
 
-A checkpoint is built in a temp dir next to its final place, every file fsynced, then renamed into place,
-so a step-N dir either holds a whole checkpoint or does not exist; a crash mid-write leaves only a
-`.tmp-*` dir, which the next run ignores and deletes. The `latest` pointer file is informational (for
-people and tools); resuming takes the highest complete step-N, so a crash between the rename and the
+A checkpoint is built in a temp dir next to its final place, every file fsynced, then renamed into place
+(lmforge.io.atomic_dir), so a step-N dir either holds a whole checkpoint or does not exist; a crash mid-write
+leaves only a `.tmp-*` dir, which the next run ignores and deletes. The `latest` pointer file is informational
+(for people and tools); resuming takes the highest complete step-N, so a crash between the rename and the
 pointer update loses nothing.
+
+Checkpoints are made of state dicts (the Trainer gets them from its strategy, gathered to full tensors under
+FSDP), never of live objects. Every file is written through a Python file object, so a full disk or a
+read-only filesystem surfaces as the OSError it is (safetensors and torch.save would turn it into an opaque
+error of their own).
 
 Files of a checkpoint: model.safetensors, optimizer.pt (optimizer + scheduler state), rng.pt (python,
 numpy, torch CPU and CUDA generator states, one entry per rank), trainer_state.json (step, data
@@ -13,120 +18,30 @@ position, best metric, trainer config; written last).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
+import safetensors.torch
 import torch
-from safetensors.torch import load_model, save_model
 from torch import nn
 
 from lmforge.errors import TrainingError
+from lmforge.io import TMP_PREFIX, atomic_dir, atomic_write
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
-TMP_PREFIX = ".tmp-"
+MODEL_FILE = "model.safetensors"
 _STEP_RE = re.compile(r"^step-(\d+)$")
-
-
-# ---- low-level atomic writes ----------------------------------------------------------------------
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (directories: best effort, not supported everywhere)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same dir + fsync + os.replace: readers see the old or the new file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + "-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_path(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temp dir to `final`, replacing an existing dir (moved aside first, then deleted)."""
-    trash = None
-    if final.exists():
-        trash = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + "old-" + final.name + "-", dir=final.parent))
-        os.replace(final, trash / final.name)
-    os.replace(tmp, final)
-    fsync_path(final.parent)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `final`; on success its files are fsynced and it replaces `final`."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + "-", dir=final.parent))
-    try:
-        yield tmp
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                fsync_path(p)
-        fsync_path(tmp)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def clean_partial(parent: Path) -> list[Path]:
-    """Delete `.tmp-*` leftovers of interrupted writes under `parent`; returns what was removed.
-
-    A dir moved aside by `_replace_dir` whose replacement never arrived (killed between the two renames)
-    is moved back first, so e.g. best/ is never lost.
-    """
-    parent = Path(parent)
-    removed = []
-    if parent.is_dir():
-        for p in parent.iterdir():
-            if p.name.startswith(TMP_PREFIX + "old-") and p.is_dir():
-                for child in p.iterdir():
-                    if not (parent / child.name).exists():
-                        os.replace(child, parent / child.name)
-        for p in parent.iterdir():
-            if p.name.startswith(TMP_PREFIX):
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        p.unlink()
-                removed.append(p)
-    return removed
 
 
 # ---- RNG state ------------------------------------------------------------------------------------
@@ -190,29 +105,77 @@ def resolve_resume(path: Path) -> Path:
     return ckpt
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                    scheduler: Any, state: dict[str, Any], rng: list[dict[str, Any]] | None = None,
-                    keep: int | None = 2) -> Path:
-    """Write RUN_DIR/checkpoints/step-N atomically, update `latest`, keep the newest `keep` (None = all)."""
+def storable(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sd` as safetensors can store it: one name per shared tensor (tied weights; `fill_tied` restores the
+    others on load), other views of a shared storage copied, every tensor contiguous."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[Any, int], tuple[Any, ...]] = {}
+    for name, t in sd.items():
+        t = t.detach()
+        if t.numel() == 0:
+            out[name] = t
+            continue
+        storage = (t.device, t.untyped_storage().data_ptr())
+        view = (t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if storage not in seen:
+            seen[storage] = view
+            out[name] = t.contiguous()
+        elif seen[storage] != view:
+            out[name] = t.clone()  # another part of the same storage: its own copy
+    return out
+
+
+class _Recorder:
+    """A file object that keeps the OSError of a failed write: torch.save reports it as an opaque RuntimeError."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """torch.save to `path`; a failed write (full disk, read-only fs) raises its OSError."""
+    with open(path, "wb") as f:
+        out = _Recorder(f)
+        try:
+            torch.save(obj, out)  # type: ignore[arg-type]
+        except RuntimeError:
+            if out.error is not None:
+                raise out.error from None
+            raise
+
+
+def save_checkpoint(run_dir: Path, step: int, model_state: Mapping[str, torch.Tensor],
+                    optimizer_state: Mapping[str, Any] | None, scheduler_state: Mapping[str, Any] | None,
+                    state: dict[str, Any], rng: list[dict[str, Any]] | None = None, keep: int | None = 2) -> Path:
+    """Write RUN_DIR/checkpoints/step-N atomically from full state dicts, update `latest`, keep the newest
+    `keep` (None = all). An OSError (full disk, read-only fs) leaves the earlier checkpoints as they were."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
     with atomic_dir(final) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
-        write_training_state(tmp, optimizer, scheduler, rng if rng is not None else [rng_state()])
+        (tmp / MODEL_FILE).write_bytes(safetensors.torch.save(storable(model_state)))
+        write_training_state(tmp, optimizer_state, scheduler_state, rng if rng is not None else [rng_state()])
         (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step}, indent=1, default=str))
-    atomic_write_text(root / LATEST, final.name + "\n")
+    atomic_write(root / LATEST, final.name + "\n")
     if keep is not None:
         prune_checkpoints(run_dir, keep)
     return final
 
 
-def write_training_state(tmp: Path, optimizer: torch.optim.Optimizer | None, scheduler: Any,
-                         rng: list[dict[str, Any]]) -> None:
-    opt = {"optimizer": optimizer.state_dict() if optimizer is not None else None,
-           "scheduler": scheduler.state_dict() if scheduler is not None else None}
-    torch.save(opt, tmp / "optimizer.pt")
-    torch.save({"ranks": rng}, tmp / "rng.pt")
+def write_training_state(tmp: Path, optimizer_state: Mapping[str, Any] | None,
+                         scheduler_state: Mapping[str, Any] | None, rng: list[dict[str, Any]]) -> None:
+    torch_save({"optimizer": optimizer_state, "scheduler": scheduler_state}, tmp / "optimizer.pt")
+    torch_save({"ranks": rng}, tmp / "rng.pt")
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
@@ -224,41 +187,70 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module | None = None,
-                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
-                    device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load into the objects given; returns trainer_state.json plus `rng` (a list, one entry per rank)."""
+@dataclass
+class Checkpoint:
+    """What a checkpoint dir holds, as plain state dicts on the CPU."""
+
+    path: Path
+    state: dict[str, Any]  # trainer_state.json: step, data position, best metric, trainer config
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    scheduler: dict[str, Any] | None
+    rng: list[dict[str, Any]]  # one entry per rank
+
+
+def read_checkpoint(ckpt: Path) -> Checkpoint:
+    """Read a step-N dir; a missing or damaged file is a one-line TrainingError naming it."""
     ckpt = Path(ckpt)
     try:
         state = json.loads((ckpt / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise TrainingError(f"{ckpt / STATE_FILE}: cannot read trainer state ({_one_line(e)})") from None
+        raise TrainingError(f"{ckpt / STATE_FILE}: cannot read trainer state ({one_line(e)})") from None
+    f = ckpt / MODEL_FILE
+    try:
+        model = safetensors.torch.load_file(str(f))
+    except Exception as e:  # noqa: BLE001 -- safetensors raises several types for a bad file
+        raise TrainingError(f"{f}: cannot load model weights ({one_line(e)})") from None
+    f = ckpt / "optimizer.pt"
+    try:
+        opt = torch.load(f, map_location="cpu", weights_only=True)
+        optimizer, scheduler = opt["optimizer"], opt["scheduler"]
+    except Exception as e:  # noqa: BLE001 -- unpickling raises many types
+        raise TrainingError(f"{f}: cannot load optimizer/scheduler state ({one_line(e)})") from None
+    f = ckpt / "rng.pt"
+    try:
+        rng = torch.load(f, map_location="cpu", weights_only=True)["ranks"]
+    except Exception as e:  # noqa: BLE001 -- unpickling raises many types
+        raise TrainingError(f"{f}: cannot load RNG state ({one_line(e)})") from None
+    return Checkpoint(ckpt, state, model, optimizer, scheduler, rng)
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> dict[str, Any]:
+    """Load a checkpoint into plain (unsharded) objects, for tools and tests; returns trainer_state.json plus
+    `rng` (a list, one entry per rank). The Trainer itself loads through its strategy."""
+    from lmforge.train.strategy import fill_tied
+
+    ck = read_checkpoint(ckpt)
     if model is not None:
-        f = ckpt / "model.safetensors"
+        f = ck.path / MODEL_FILE
         try:
-            missing, unexpected = load_model(model, str(f), strict=False, device=str(device))
-        except Exception as e:  # noqa: BLE001 -- safetensors raises several types for a bad file
-            raise TrainingError(f"{f}: cannot load model weights ({_one_line(e)})") from None
+            missing, unexpected = model.load_state_dict(fill_tied(model, ck.model), strict=False)
+        except RuntimeError as e:  # shapes that do not fit
+            raise TrainingError(f"{f}: weights do not match the model ({one_line(e)})") from None
         if missing or unexpected:
             raise TrainingError(f"{f}: weights do not match the model (missing {sorted(missing)[:5]}, "
                                 f"unexpected {sorted(unexpected)[:5]})")
-    if optimizer is not None or scheduler is not None:
-        f = ckpt / "optimizer.pt"
-        try:
-            opt = torch.load(f, map_location="cpu", weights_only=True)
-            if optimizer is not None:
-                optimizer.load_state_dict(opt["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(opt["scheduler"])
-        except Exception as e:  # noqa: BLE001 -- unpickling and load_state_dict raise many types
-            raise TrainingError(f"{f}: cannot load optimizer/scheduler state ({_one_line(e)})") from None
-    f = ckpt / "rng.pt"
     try:
-        state["rng"] = torch.load(f, map_location="cpu", weights_only=True)["ranks"]
-    except Exception as e:  # noqa: BLE001 -- unpickling raises many types
-        raise TrainingError(f"{f}: cannot load RNG state ({_one_line(e)})") from None
-    return state
+        if optimizer is not None:
+            optimizer.load_state_dict(ck.optimizer)
+        if scheduler is not None:
+            scheduler.load_state_dict(ck.scheduler)
+    except Exception as e:  # noqa: BLE001 -- load_state_dict raises many types
+        raise TrainingError(f"{ck.path / 'optimizer.pt'}: cannot load optimizer/scheduler state "
+                            f"({one_line(e)})") from None
+    return {**ck.state, "rng": ck.rng}

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lmforge.train.checkpoint import atomic_write_bytes
+from lmforge.io import atomic_write
 
 EVAL_PREFIX = "eval_"
 
@@ -96,5 +96,5 @@ def plot_metrics(records: list[dict[str, Any]] | Path, out_png: Path,
     fig.savefig(buf, format="png")
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_png, buf.getvalue())
+    atomic_write(out_png, buf.getvalue())
     return out_png

@@ -3,8 +3,10 @@
 The loop knows nothing about tasks. It does gradient accumulation weighted by item counts, clipping,
 warmup + decay schedules, bf16 autocast, periodic eval with best-model keeping and early stopping,
 atomic checkpoints that resume bit-exactly (weights, optimizer, scheduler, every RNG, data position),
-a time budget, metrics.jsonl and a PNG of the curves. Under torch.distributed the model is wrapped in
-DistributedDataParallel and rank 0 alone writes files and shows progress.
+a time budget, metrics.jsonl and a PNG of the curves. What differs between one process, DDP and FSDP is
+its Strategy's business (lmforge.train.strategy): the loop never asks which one it has. Rank 0 alone
+writes files and shows progress; a write that fails for an OS reason (full disk, read-only filesystem)
+stops every rank with one line that names what was kept and how to continue.
 
 Run directory layout (config.output_dir):
   trainer_config.json   the config of the (last) session
@@ -17,8 +19,8 @@ Run directory layout (config.output_dir):
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -38,21 +40,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmforge.errors import TrainingError
-from lmforge.train.batching import DatasetBatches, dist_info
+from lmforge.io import atomic_dir, atomic_write, clean_partial
+from lmforge.train.batching import DatasetBatches
 from lmforge.train.checkpoint import (
     CHECKPOINTS,
-    atomic_dir,
-    atomic_write_text,
-    clean_partial,
+    MODEL_FILE,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
+    one_line,
+    read_checkpoint,
     resolve_resume,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    storable,
 )
 from lmforge.train.plots import EVAL_PREFIX, plot_metrics, read_metrics
+from lmforge.train.strategy import Strategy, choose_strategy, dist_info
 
 SCHEDULES = ("linear", "cosine", "constant")
 STOP_REASONS = ("completed", "early_stopping", "max_time")
@@ -65,7 +69,7 @@ _RESUME_FREE_FIELDS = {"output_dir", "progress", "plot", "max_time_s", "device",
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, "int | float | torch.Tensor"]]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
-SaveModelFn = Callable[[nn.Module, Path], None]
+SaveModelFn = Callable[[nn.Module, Path, Mapping[str, Any]], None]  # (model, out_dir, full state dict)
 
 
 @dataclass
@@ -227,9 +231,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError:
         raise TrainingError(f"train config field 'device': unknown device {name!r}") from None
     if dev.type == "cuda" and dev.index is None:
-        rank, world = dist_info()
-        local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count())))
-        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+        info = dist_info()
+        local = int(os.environ.get("LOCAL_RANK", info.rank % max(1, torch.cuda.device_count())))
+        dev = torch.device("cuda", local if info.world_size > 1 else torch.cuda.current_device())
     return dev
 
 
@@ -295,11 +299,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def default_save_model(model: nn.Module, out_dir: Path) -> None:
-    """Fallback export when the task gives no save_model_fn: the state dict as model.safetensors."""
-    from safetensors.torch import save_model
+def default_save_model(model: nn.Module, out_dir: Path, state_dict: Mapping[str, Any]) -> None:
+    """Fallback export when the task gives no save_model_fn: the full state dict as model.safetensors."""
+    import safetensors.torch
 
-    save_model(model, str(Path(out_dir) / "model.safetensors"))
+    (Path(out_dir) / MODEL_FILE).write_bytes(safetensors.torch.save(storable(state_dict)))
+
+
+# what to do about a write that failed for an OS reason, by errno
+_WRITE_FIXES = {errno.ENOSPC: "free space", errno.EDQUOT: "free space (disk quota)",
+                errno.EROFS: "make it writable", errno.EACCES: "make it writable", errno.EPERM: "make it writable"}
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -340,14 +349,17 @@ class Trainer:
     len(example["input_ids"])). The loss must be the mean over its `n_items` items (examples, or tokens
     for LM): accumulated micro-batches are then weighted by item count, so the update does not depend on
     how a step is split. eval_fn(model) -> {metric: value} runs with the model in eval mode, under
-    no_grad, on every rank. save_model_fn(model, dir) exports best/ and final/ (default: safetensors).
-    find_unused_parameters: under torchrun, tell DDP that the loss may not reach every trainable weight.
+    no_grad, on every rank, and must return the same metrics on every rank (best model and early stopping
+    are decided on each). save_model_fn(model, dir, state_dict) exports best/ and final/ on rank 0, from the
+    strategy's full state dict (which a sharded model needs) or from the model itself (default: the state
+    dict as safetensors). strategy: Single, DDP or FSDP; None picks Single or DDP from the process group,
+    with find_unused_parameters telling DDP that the loss may not reach every trainable weight.
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, train_data: BatchSource | Sequence[Any],
                  loss_fn: LossFn, eval_fn: EvalFn | None = None, save_model_fn: SaveModelFn | None = None,
-                 collate_fn: Callable[[list[Any]], Any] | None = None,
-                 lengths: Sequence[int] | None = None, find_unused_parameters: bool = False) -> None:
+                 collate_fn: Callable[[list[Any]], Any] | None = None, lengths: Sequence[int] | None = None,
+                 strategy: Strategy | None = None, find_unused_parameters: bool = False) -> None:
         cfg = self.config = config
         if cfg.keep_best and eval_fn is None:
             raise TrainingError("train config field 'keep_best': set, but no eval_fn was given")
@@ -367,8 +379,8 @@ class Trainer:
         self.steps_per_epoch = -(-self.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
 
-        self.rank, self.world_size = dist_info()
-        self.is_main = self.rank == 0
+        self.strategy = strategy or choose_strategy(find_unused_parameters=find_unused_parameters)
+        self.rank, self.world_size, self.is_main = self.strategy.rank, self.strategy.world_size, self.strategy.is_main
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -376,21 +388,12 @@ class Trainer:
                 raise TrainingError(
                     f"train config field 'bf16': device {self.device} has no bfloat16 support")
         self.run_dir = Path(cfg.output_dir)
-        self.model = model.to(self.device)  # the raw module: saved, evaluated, exported
-        self.optimizer = build_optimizer(self.model, cfg)
+        fwd = self.strategy.setup(model, self.device)  # in place: moved (and sharded under FSDP)
+        self.model = model  # the module itself: evaluated, and what the strategy saves and loads
+        self.train_model = torch.compile(fwd) if cfg.compile else fwd  # what loss_fn receives
+        self.optimizer = build_optimizer(self.model, cfg)  # after setup: FSDP replaces the parameters
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._ddp = self.world_size > 1
-        fwd: nn.Module = self.model
-        if self._ddp:
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # find_unused_parameters: for tasks whose forward skips some trainable weights (BERT's pooler
-            # under mean pooling or span QA, an untied LM head under a classifier); DDP stalls otherwise
-            fwd = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=find_unused_parameters)
-        self.train_model = torch.compile(fwd) if cfg.compile else fwd  # what loss_fn receives
-        self._ddp_module = fwd
         self._pbar: Any = None
 
     # ---- public ------------------------------------------------------------------------------------
@@ -416,7 +419,7 @@ class Trainer:
         if self.is_main:
             meta = {**cfg.to_dict(), "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                     "batches_per_epoch": self.batches_per_epoch, "world_size": self.world_size}
-            atomic_write_text(self.run_dir / "trainer_config.json", json.dumps(meta, indent=1) + "\n")
+            atomic_write(self.run_dir / "trainer_config.json", json.dumps(meta, indent=1) + "\n")
         self._barrier()
         if state.step >= self.total_steps or state.stopped == "early_stopping":
             self._say(f"{self.run_dir}: nothing to do, training already ended at step {state.step} "
@@ -428,8 +431,9 @@ class Trainer:
     def _fresh_start(self) -> _State:
         if list_checkpoints(self.run_dir):
             if not self.config.overwrite:
-                raise TrainingError(f"{self.run_dir}: already holds checkpoints; pass resume=True to "
-                                    "continue or overwrite=True to start over")
+                raise TrainingError(f"{self.run_dir}: already holds checkpoints; continue with --resume "
+                                    f"{self.run_dir} (or train(resume=True)), or start over with --overwrite "
+                                    "(or TrainConfig(overwrite=True))")
             if self.is_main:
                 for name in (CHECKPOINTS, "best", "final"):
                     shutil.rmtree(self.run_dir / name, ignore_errors=True)
@@ -440,16 +444,21 @@ class Trainer:
         return _State()
 
     def _restore(self, ckpt: Path) -> _State:
-        d = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, device=self.device)
-        state = _State.from_dict(d)
-        rng = d["rng"]
+        ck = read_checkpoint(ckpt)
+        try:
+            self.strategy.load_state(self.model, self.optimizer, ck.model, ck.optimizer)
+            self.scheduler.load_state_dict(ck.scheduler)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise TrainingError(f"{ckpt}: does not fit this model and optimizer ({one_line(e)})") from None
+        state = _State.from_dict(ck.state)
+        rng = ck.rng
         if len(rng) == self.world_size:
             set_rng_state(rng[self.rank])
         else:
             self._say(f"{ckpt}: saved with {len(rng)} rank(s), resuming on {self.world_size}: RNG reseeded, "
                       "the run will not be bit-identical")
             seed_everything(self.config.seed + self.rank + 1000 * state.step)
-        saved = d.get("config") or {}
+        saved = ck.state.get("config") or {}
         changed = sorted(k for k, v in self.config.to_dict().items()
                          if k in saved and saved[k] != v and k not in _RESUME_FREE_FIELDS)
         if changed:
@@ -458,7 +467,7 @@ class Trainer:
         if self.is_main:  # drop records the interrupted session wrote after this checkpoint
             path = self.run_dir / METRICS_FILE
             keep = [r for r in read_metrics(path) if r.get("step", 0) <= state.step]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+            atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
         self._say(f"{self.run_dir}: resuming from {ckpt.name} "
                   f"(epoch {state.epoch}, batch {state.batch_index})")
         if state.stopped == "max_time":
@@ -498,8 +507,8 @@ class Trainer:
                     if self.eval_fn is not None and cfg.eval_every and state.step % cfg.eval_every == 0 \
                             and self._evaluate(state):
                         reason = "early_stopping"
-                    if reason is None and self._out_of_time():
-                        reason = "max_time"
+                    if reason is None and state.step < self.total_steps and self._out_of_time():
+                        reason = "max_time"  # never for a run that has just done its last step
                     if reason is not None:
                         break
                     if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.total_steps:
@@ -510,9 +519,7 @@ class Trainer:
             if self.eval_fn is not None and state.last_eval_step != state.step:
                 self._evaluate(state, final=True)
             state.stopped = reason
-            if self.is_main:
-                with atomic_dir(self.run_dir / "final") as tmp:
-                    self.save_model_fn(self.model, tmp)
+            self._export("final", state)
             self._save(state)
             self._write({"step": state.step, "epoch": self._epoch(state), "event": "end", "stopped": reason,
                          "elapsed": round(self._elapsed(), 3)})
@@ -521,7 +528,8 @@ class Trainer:
             self._pbar.close()
         if reason == "max_time":
             self._say(f"{self.run_dir}: stopped at step {state.step}/{self.total_steps}: "
-                      f"max_time_s={cfg.max_time_s} reached; checkpoint saved, continue with resume=True")
+                      f"max_time_s={cfg.max_time_s} reached; checkpoint saved, continue with --resume "
+                      f"{self.run_dir} (or train(resume=True))")
         elif reason == "early_stopping":
             self._say(f"{self.run_dir}: early stopping at step {state.step}: {cfg.keep_best} did not improve "
                       f"for {cfg.early_stopping_patience} evals (best {state.best_metric} "
@@ -537,9 +545,7 @@ class Trainer:
             s, t = batch_counts(batch)
             samples, tokens = samples + s, tokens + t
             batch = to_device(batch, dev)
-            last = i == len(window) - 1
-            sync = self._ddp_module.no_sync() if self._ddp and not last else contextlib.nullcontext()
-            with sync:
+            with self.strategy.sync_context(i == len(window) - 1):
                 with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                     out = self.loss_fn(model, batch)
                 try:
@@ -551,9 +557,8 @@ class Trainer:
             self._acc["loss"] += loss.detach().double() * n
             self._acc["items"] += n
             n_total += n
-        if self._ddp:
-            torch.distributed.all_reduce(n_total)
-        # sum over items / all items of the step; DDP has averaged over ranks, hence * world_size
+        self.strategy.all_reduce(n_total)
+        # sum over items / all items of the step; DDP and FSDP average over ranks, hence * world_size
         self._optimizer_step(state, self.world_size / torch.where(n_total > 0, n_total, 1.0), samples, tokens)
 
     def _optimizer_step(self, state: _State, grad_scale: torch.Tensor | float, samples: int, tokens: int) -> None:
@@ -561,9 +566,7 @@ class Trainer:
         grads = [p.grad for p in self._params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, grad_scale)
-        gn = torch.nn.utils.clip_grad_norm_(self._params, self.config.max_grad_norm or float("inf"), foreach=True)
-        if hasattr(gn, "full_tensor"):  # a DTensor under FSDP
-            gn = gn.full_tensor()
+        gn = self.strategy.clip_grad_norm(self._params, self.config.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -581,8 +584,7 @@ class Trainer:
         self._sync_acc(state)
         vals = torch.tensor([state.acc_loss, state.acc_items, state.acc_samples, state.acc_tokens],
                             dtype=torch.float64, device=self.device)
-        if self._ddp:
-            torch.distributed.all_reduce(vals)
+        self.strategy.all_reduce(vals)
         loss_sum, items, samples, tokens = vals.tolist()
         loss = loss_sum / items if items else float("nan")
         if not math.isfinite(loss) and items:
@@ -645,11 +647,7 @@ class Trainer:
             better = math.isfinite(value) and improves
             if better:
                 state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
-                if self.is_main:
-                    with atomic_dir(self.run_dir / "best") as tmp:
-                        self.save_model_fn(self.model, tmp)
-                        (tmp / "best_metric.json").write_text(json.dumps(
-                            {"metric": name, "value": value, "step": state.step, "mode": cfg.mode}) + "\n")
+                self._export("best", state, {"metric": name, "value": value, "step": state.step, "mode": cfg.mode})
             else:
                 state.bad_evals += 1
                 patience = cfg.early_stopping_patience
@@ -663,45 +661,76 @@ class Trainer:
         t0 = time.monotonic()
         self._sync_acc(state)
         state.elapsed = self._elapsed()
-        rng = [rng_state()]
-        if self._ddp:
-            gathered: list[Any] = [None] * self.world_size
-            torch.distributed.all_gather_object(gathered, rng[0])
-            rng = gathered
-        if self.is_main:
-            payload = {**dataclasses.asdict(state), "config": self.config.to_dict(),
-                       "total_steps": self.total_steps, "world_size": self.world_size}
-            save_checkpoint(self.run_dir, state.step, self.model, self.optimizer, self.scheduler, payload,
-                            rng=rng, keep=self.config.keep_checkpoints)
-        self._barrier()
+        rng = self.strategy.all_gather_object(rng_state())
+        model_sd = self.strategy.model_state_dict(self.model)  # collectives under FSDP: every rank
+        optim_sd = self.strategy.optimizer_state_dict(self.model, self.optimizer)
+        payload = {**dataclasses.asdict(state), "config": self.config.to_dict(),
+                   "total_steps": self.total_steps, "world_size": self.world_size}
+        self._write_on_main(f"checkpoint step-{state.step}", lambda: save_checkpoint(
+            self.run_dir, state.step, model_sd, optim_sd, self.scheduler.state_dict(), payload, rng=rng,
+            keep=self.config.keep_checkpoints))
         self._pause_s += time.monotonic() - t0
+
+    def _export(self, name: str, state: _State, best: dict[str, Any] | None = None) -> None:
+        """Write RUN_DIR/name (best/ or final/) with save_model_fn, atomically, on rank 0."""
+        sd = self.strategy.model_state_dict(self.model)  # collectives under FSDP: every rank
+
+        def write() -> None:
+            with atomic_dir(self.run_dir / name) as tmp:
+                self.save_model_fn(self.model, tmp, sd)
+                if best is not None:
+                    (tmp / "best_metric.json").write_text(json.dumps(best) + "\n")
+
+        self._write_on_main(f"{name}/ (step {state.step})", write)
+
+    def _write_on_main(self, what: str, write: Callable[[], Any]) -> None:
+        """Run `write` on rank 0; an OSError there (full disk, read-only fs, permissions) becomes one
+        TrainingError on every rank, after the partial write was removed. Also a barrier."""
+        failure = None
+        if self.is_main:
+            try:
+                write()
+            except OSError as e:
+                failure = self._write_failed(what, e)
+        failure = self.strategy.broadcast(failure)
+        if failure is not None:
+            raise TrainingError(failure)
+
+    def _write_failed(self, what: str, e: OSError) -> str:
+        cause = f"[Errno {e.errno}] {e.strerror}" if e.errno else one_line(e)
+        fix = _WRITE_FIXES.get(e.errno or 0, "fix the cause")
+        last = latest_checkpoint(self.run_dir)
+        if last is None:
+            return f"{self.run_dir}: could not write {what}: {cause}; no checkpoint was saved yet: {fix} and start over"
+        return (f"{self.run_dir}: could not write {what}: {cause}; the last good checkpoint ({last.name}) is kept: "
+                f"{fix} and continue with --resume {self.run_dir} (or train(resume=True))")
 
     def _plot(self) -> None:
         if self.is_main and self.config.plot:
-            plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE, title=self.run_dir.name)
+            try:
+                plot_metrics(self.run_dir / METRICS_FILE, self.run_dir / PLOT_FILE, title=self.run_dir.name)
+            except OSError as e:
+                raise TrainingError(self._write_failed(PLOT_FILE, e)) from None
 
     def _out_of_time(self) -> bool:
         if self.config.max_time_s is None:
             return False
-        out = time.monotonic() - self._t_session >= self.config.max_time_s
-        if self._ddp:  # every rank must stop at the same step
-            flag = torch.tensor([float(out)], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            out = bool(flag.item())
-        return out
+        return self.strategy.any_rank(time.monotonic() - self._t_session >= self.config.max_time_s)
 
     def _write(self, rec: dict[str, Any]) -> None:
         if self.is_main:
-            with open(self.run_dir / METRICS_FILE, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            try:
+                with open(self.run_dir / METRICS_FILE, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:
+                raise TrainingError(self._write_failed(METRICS_FILE, e)) from None
 
     def _say(self, msg: str) -> None:
         if self.is_main:
             tqdm.write(msg, file=sys.stderr)
 
     def _barrier(self) -> None:
-        if self._ddp:
-            torch.distributed.barrier()
+        self.strategy.barrier()
 
     def _epoch(self, state: _State) -> float:
         return state.epoch + state.batch_index / self.batches_per_epoch

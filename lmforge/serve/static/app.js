@@ -52,6 +52,15 @@ async function* sseData(body) {
   }
 }
 
+// "12 prompt tokens · 16 generated · first token 35 ms · 48.2 tokens/s": the figures the server measured
+// (the `timings` object next to `usage`); older servers send only usage.
+function speedText(usage, t) {
+  const parts = [`${usage.prompt_tokens} prompt tokens`, `${usage.completion_tokens} generated`];
+  if (t && t.time_to_first_token_ms != null) parts.push(`first token ${Math.round(t.time_to_first_token_ms)} ms`);
+  if (t && t.tokens_per_second != null) parts.push(`${t.tokens_per_second.toFixed(1)} tokens/s`);
+  return parts.join(" · ");
+}
+
 async function send(text) {
   turns.push({ role: "user", content: text });
   addMessage("user", text);
@@ -75,9 +84,7 @@ async function send(text) {
       if (data === "[DONE]") break;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
-      if (chunk.usage) {
-        $("usage").textContent = `${chunk.usage.prompt_tokens} tokens in, ${chunk.usage.completion_tokens} out`;
-      }
+      if (chunk.usage) $("usage").textContent = speedText(chunk.usage, chunk.timings);
       const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
       if (delta && delta.content) {
         reply += delta.content;

@@ -1,6 +1,6 @@
 """`lmforge serve`: load a generator (and optionally a classifier and an embedder), serve them over HTTP.
 
-Registered by cli.py through `register(sub)`; fastapi/uvicorn are imported only when the verb runs.
+fastapi/uvicorn are imported only when the verb runs.
 """
 
 from __future__ import annotations
@@ -11,26 +11,8 @@ import logging
 import os
 import sys
 
+from lmforge.cli.common import DEFAULT_LM, load_generator, non_negative_int, positive_int
 from lmforge.errors import LmforgeError
-
-DEFAULT_LM = "smollm2-135m-instruct"
-
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
-
-
-def _non_negative(value: str) -> int:
-    n = int(value) if value.lstrip("-").isdigit() else -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return n
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "serve", help="serve a model over HTTP: OpenAI-compatible API, task endpoints and a chat page",
         description="Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, "
                     "/v1/classify, /v1/summarize, /v1/translate, /v1/answer, /health, and a chat page at /.")
-    s.add_argument("--model", default=DEFAULT_LM, help=f"text-generation model (default: {DEFAULT_LM})")
+    s.add_argument("--model", default=DEFAULT_LM, help="text-generation model")
     s.add_argument("--classifier", default=None, metavar="RUN_DIR",
                    help="a `lmforge classify train` run directory, for /v1/classify and the page's classify box")
     s.add_argument("--embedder", default=None, metavar="MODEL",
@@ -47,18 +29,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--api-key", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $LMFORGE_API_KEY if set)")
-    s.add_argument("--max-concurrent", type=_positive, default=16, metavar="N",
+    s.add_argument("--max-concurrent", type=positive_int, default=16, metavar="N",
                    help="generations run together as one batch (default: 16)")
-    s.add_argument("--max-queue", type=_non_negative, default=64, metavar="N",
+    s.add_argument("--max-queue", type=non_negative_int, default=64, metavar="N",
                    help="generations that may wait beyond those; more get 429 (default: 64)")
-    s.add_argument("--max-tokens", type=_positive, default=1024, metavar="N",
+    s.add_argument("--max-tokens", type=positive_int, default=1024, metavar="N",
                    help="largest max_tokens a request may ask for (default: 1024)")
-    s.add_argument("--max-prompt-tokens", type=_positive, default=None, metavar="N",
+    s.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
                    help="longest prompt in tokens (default: the model's context length)")
-    s.add_argument("--max-body-bytes", type=_positive, default=1 << 20, metavar="N",
+    s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, metavar="N",
                    help="largest request body (default: 1 MiB)")
     s.add_argument("--quantize", type=int, choices=[8, 4], default=None,
                    help="weight-only int8/int4 matmuls for the generator (faster CPU decoding)")
+    s.add_argument("--allowed-hosts", default="", metavar="HOST[,HOST...]",
+                   help="more names the Host header may carry besides 127.0.0.1, localhost, ::1 and --host "
+                        "(DNS rebinding protection); '*' allows any, '.example.com' a domain and its subdomains")
+    s.add_argument("--cors-origin", default=None, metavar="ORIGIN",
+                   help="send CORS headers to this one web origin (e.g. https://app.example, or *); default: none")
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 
@@ -70,14 +57,15 @@ def build_app(a: argparse.Namespace):
     except ImportError as e:
         raise LmforgeError(f"serve needs fastapi and uvicorn ({e.name} is missing): "
                            "pip install fastapi uvicorn") from None
-    from lmforge.api import Generator
 
     api_key = a.api_key if a.api_key is not None else os.environ.get("LMFORGE_API_KEY") or None
-    settings = ServeSettings(api_key=api_key, max_concurrent=a.max_concurrent,
+    allowed = [h.strip() for h in (a.allowed_hosts or "").split(",") if h.strip()]
+    settings = ServeSettings(api_key=api_key, host=a.host, allowed_hosts=allowed, cors_origin=a.cors_origin,
+                             max_concurrent=a.max_concurrent,
                              max_queue=a.max_queue, max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens,
                              max_body_bytes=a.max_body_bytes, default_max_tokens=min(256, a.max_tokens))
     settings.validate()
-    gen = Generator.load(a.model, quantize=a.quantize)
+    gen = load_generator(a.model, a.quantize)
     if a.max_prompt_tokens is not None and a.max_prompt_tokens >= gen.model.cfg.context_length:
         logging.getLogger("lmforge.serve").warning(
             "--max-prompt-tokens %d is not below the context length %d: prompts are bounded by the context",

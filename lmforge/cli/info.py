@@ -1,0 +1,79 @@
+"""`lmforge info MODEL` and `lmforge embed MODEL TEXT...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lmforge.cli.common import EPILOG, positive_int, read_texts
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from lmforge.checkpoints import load_full
+
+    ck = load_full(a.model)
+    cfg, model = ck.cfg, ck.model
+    info = {
+        "model": a.model,
+        "family": cfg.family,
+        "parameters": model.num_parameters(),
+        "layers": cfg.n_layers,
+        "width": cfg.d_model,
+        "heads": cfg.n_heads,
+        "kv_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "mlp": f"{cfg.mlp} ({cfg.d_ff})",
+        "vocab": cfg.vocab_size,
+        "context_length": cfg.context_length,
+        "attention": "causal" if cfg.causal else "bidirectional",
+        "position": cfg.position + (f" (theta {cfg.rope_theta:g})" if cfg.position == "rotary" else ""),
+        "stored_dtype": ck.quantization or cfg.dtype,
+        "loaded_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "format": ck.format,
+        "file_size": ck.file_size,
+        "path": str(ck.path),
+        "source": ck.source,
+        "tokenizer": ck.tokenizer is not None,
+    }
+    if cfg.id2label:
+        info["labels"] = [cfg.id2label[i] for i in sorted(cfg.id2label)]
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        if k == "parameters":
+            v = f"{v:,} ({v / 1e6:.1f}M)"
+        elif k == "file_size":
+            v = f"{v:,} bytes ({v / 2**20:.1f} MiB)"
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_embed(a: argparse.Namespace) -> int:
+    import sys
+
+    from lmforge.checkpoints import load
+    from lmforge.model.heads import embed_texts
+
+    texts = read_texts(a.text, "embed")
+    model, tok = load(a.model)
+    vecs = embed_texts(model, tok, texts, batch_size=a.batch_size, normalize=a.normalize)
+    for v in vecs.tolist():
+        sys.stdout.write(json.dumps([round(x, 7) for x in v]) + "\n")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("info", help="describe a model: family, size, shapes, where it was loaded from",
+                       epilog=EPILOG)
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("embed", help="sentence embeddings (mean pooling), one JSON array per line", epilog=EPILOG)
+    s.add_argument("model", metavar="MODEL")
+    s.add_argument("text", nargs="*", metavar="TEXT", help="texts to embed (default: stdin, one per line)")
+    s.add_argument("--batch-size", type=positive_int, default=32)
+    s.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
+    s.set_defaults(func=cmd_embed)

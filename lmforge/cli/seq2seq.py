@@ -1,0 +1,124 @@
+"""`lmforge finetune` (seq2seq fine-tuning of a decoder) and `lmforge eval` (task scores)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from lmforge.cli.common import (
+    DEFAULT_LM,
+    LORA_FLAGS,
+    RUN_STAMP,
+    STAMP_HELP,
+    add_fields,
+    add_train_flags,
+    check_keep_best,
+    join_workers,
+    load_resume,
+    pick,
+    positive_int,
+    prepare_run,
+    run_dir,
+    train_config,
+)
+from lmforge.errors import LmforgeError
+
+FINETUNE_FLAGS: dict[str, dict] = {
+    "task": dict(choices=["summarize", "translate", "instruct"], help="the prompt the inputs are wrapped in"),
+    "model": dict(help="decoder to fine-tune"),
+    "data": dict(default=None, help="JSONL training file (required)"),
+    "eval_data": dict(help="JSONL validation file (default: the last 5%% of --data)"),
+    "input_field": dict(help="JSONL field with the input text"),
+    "target_field": dict(help="JSONL field with the target text"),
+    "to": dict(help="translate: target language code"),
+    "src": dict(flag="--from", help="translate: source language code"),
+    "max_length": dict(type=positive_int, help="prompt + target tokens"),
+    "max_target_length": dict(type=positive_int, help="target tokens"),
+    "max_train_samples": dict(type=positive_int, help="subsample the training pairs"),
+    "max_eval_samples": dict(type=positive_int, help="validation pairs"),
+    **LORA_FLAGS,
+}
+TRAIN_DEFAULTS = {"epochs": 1.0, "batch_size": 4, "lr": None, "warmup": 0.05, "eval_every": 100,
+                  "save_every": 100, "keep_best": "eval_loss"}
+TRAIN_HELPS = {"lr": "peak learning rate (default: 3e-5; 2e-4 with --lora)"}
+EVAL_HELP = """Score a model on a task:
+  summarize  ROUGE on JSONL rows with fields "document" (input) and "summary" (reference);
+             other names with --input-field / --target-field
+  translate  BLEU and chrF on JSONL rows with one field per language code, e.g. {"en": ..., "es": ...}
+             (--from en --to es; other names with --input-field / --target-field)
+  qa         exact match and F1 on a SQuAD v1.1 JSON file (a `qa train` run dir, or an instruct model)
+A row that lacks a field fails in one line naming the file, line and field."""
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    from lmforge.tasks.seq2seq import EVAL_METRICS, FinetuneConfig, finetune
+
+    check_keep_best(a.keep_best, EVAL_METRICS, "finetune")
+    main_rank, log = join_workers(a)
+    if a.resume:
+        task, tc = load_resume(a, "finetune_config.json")
+        c = FinetuneConfig(**task)
+    else:
+        if not a.data:
+            raise LmforgeError("finetune: --data FILE is required (JSON lines with input and target fields)")
+        c = FinetuneConfig(**pick(a, FINETUNE_FLAGS))
+        out = run_dir(a, f"finetune-{c.task}", c.model)
+        prepare_run(a, out)
+        tc = train_config(a, out, {"lr": 2e-4 if c.lora else 3e-5})
+    s = finetune(c, tc, resume=bool(a.resume), log=log)
+    v = s["validation"]
+    if main_rank:
+        print(f"run: {s['run_dir']}  steps: {s['steps']} ({s['stopped']}, {s['elapsed_s']}s)  "
+              f"validation loss {v.get('eval_loss', float('nan')):.4f} "
+              f"perplexity {v.get('perplexity', float('nan')):.2f}")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from lmforge.tasks.evaluate import EvalConfig, evaluate_task, format_summary
+
+    out = a.predictions or str(Path("runs") / f"eval-{a.task}-{Path(a.model).name}-{time.strftime(RUN_STAMP)}"
+                               / "predictions.jsonl")
+    c = EvalConfig(task=a.task, model=a.model, data=a.data, limit=a.limit, input_field=a.input_field,
+                   target_field=a.target_field, to=a.to, src=a.src, batch_size=a.batch_size,
+                   max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, output=out, tail=a.tail,
+                   quantize=a.quantize)
+    s = evaluate_task(c, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(s, indent=1) if a.json else format_summary(s))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from lmforge.tasks.seq2seq import FinetuneConfig
+
+    s = sub.add_parser("finetune", help="fine-tune a decoder on JSONL input/target pairs (prompt masked from loss)",
+                       description="Sequence-to-sequence fine-tuning of a decoder: summarization, translation or "
+                       "instructions. Loss on target tokens only; full or LoRA. The run dir loads in `generate`, "
+                       "the task verbs and transformers.")
+    add_fields(s, FinetuneConfig, FINETUNE_FLAGS, {"model": DEFAULT_LM})
+    add_train_flags(s, TRAIN_DEFAULTS, TRAIN_HELPS)
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("eval", help="score a model on summarize (ROUGE), translate (BLEU/chrF) or qa (EM/F1)",
+                       description=EVAL_HELP)
+    s.add_argument("--task", required=True, choices=["summarize", "translate", "qa"])
+    s.add_argument("--model", default=DEFAULT_LM, help="instruct model, fine-tuned run dir, QA run dir, or "
+                   "lead-3 (summarize baseline)")
+    s.add_argument("--data", required=True, help="JSONL (summarize/translate) or SQuAD JSON (qa)")
+    s.add_argument("--limit", type=positive_int, default=None, help="first N examples (last N with --tail)")
+    s.add_argument("--tail", action="store_true", help="take the last N examples")
+    s.add_argument("--input-field", default=None, help="input field (default: document; translate: --from)")
+    s.add_argument("--target-field", default=None, help="reference field (default: summary; translate: --to)")
+    s.add_argument("--to", default=None, help="translate: target language code")
+    s.add_argument("--from", dest="src", default=None, help="translate: source language code (default: en)")
+    s.add_argument("--batch-size", type=positive_int, default=8)
+    s.add_argument("--max-new-tokens", type=positive_int, default=128)
+    s.add_argument("--num-beams", type=positive_int, default=1)
+    s.add_argument("--quantize", type=int, choices=[8, 4], default=None)
+    s.add_argument("--predictions", default=None, help="predictions JSONL path (summary.json goes beside it; "
+                   f"default: runs/eval-<task>-<model>-{STAMP_HELP}/predictions.jsonl)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)

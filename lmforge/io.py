@@ -1,0 +1,126 @@
+"""Crash-safe file writing, used by everything that writes a file lmforge may read back.
+
+One rule: write to a temp name beside the target, fsync, then rename. A reader (or a resumed run) sees
+the old file or the new one, never half of one; a crash leaves only a `.tmp-*` leftover, which
+`clean_partial` removes. Temp files and dirs are created private (mkstemp/mkdtemp use 0600/0700), so
+their permissions are reset to what a plain open()/mkdir() would give under the process umask before
+they are renamed into place: saved models stay readable by others on a shared machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+
+Writer = Callable[[Path], object]  # writes the content to the given (temp) path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode open() (0o666) or mkdir() (0o777) gives under the current umask."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (directories: best effort, not supported everywhere)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | str | Writer) -> Path:
+    """Write `data` (bytes, text, or a function that writes a file at the path it is given) to `path`
+    atomically: temp file in the same dir, fsync, os.replace, fsync of the dir."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        if callable(data):
+            os.close(fd)
+            data(tmp)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, default_mode())
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_path(path.parent)
+    return path
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temp dir to `final`, replacing an existing dir (moved aside first, then deleted)."""
+    trash = None
+    if final.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}old-{final.name}-", dir=final.parent))
+        os.replace(final, trash / final.name)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temp dir beside `final`; on success its files are fsynced and it replaces `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, default_mode(directory=True))
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                fsync_path(p)
+        fsync_path(tmp)
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def clean_partial(parent: str | Path) -> list[Path]:
+    """Delete `.tmp-*` leftovers of interrupted writes under `parent`; returns what was removed.
+
+    A dir moved aside by `replace_dir` whose replacement never arrived (killed between the two renames)
+    is moved back first, so e.g. best/ is never lost.
+    """
+    parent = Path(parent)
+    removed = []
+    if parent.is_dir():
+        for p in parent.iterdir():
+            if p.name.startswith(f"{TMP_PREFIX}old-") and p.is_dir():
+                for child in p.iterdir():
+                    if not (parent / child.name).exists():
+                        os.replace(child, parent / child.name)
+        for p in parent.iterdir():
+            if p.name.startswith(TMP_PREFIX):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                removed.append(p)
+    return removed
