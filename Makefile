@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-all lint bench clean llamacpp
 
 install: $(VENV)/.installed
 
@@ -37,9 +37,14 @@ demo: install
 	@echo "--- [5/5] answer a question about examples/context.txt: ETA under a minute"
 	$(VENV)/bin/lmforge ask --context examples/context.txt "How tall is the Eiffel Tower?" --verbose
 
-# CI runs the fast tests plus the slow real-weight tests marked `ci` (MiniLM, SmolLM2).
+# CI runs the fast tests, the slow real-weight tests marked `ci` (MiniLM, SmolLM2) and the llama.cpp comparisons
+# (marked `llamacpp`; they skip, with the reason printed by -rs, when llama-cpp-python is not installed).
 test: install
-	$(PY) -m pytest -q -m "not slow or ci" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs -m "not slow or ci or llamacpp" $(PYTEST_ARGS)
+
+# llama-cpp-python (compiles llama.cpp: about 8 minutes on 2 cores; a portable build, not tuned to this CPU).
+llamacpp: install
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q "llama-cpp-python>=0.3"
 
 test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
