@@ -81,8 +81,8 @@ def worker(a: argparse.Namespace) -> None:
 
         res["malloc_tuned"] = tune_cpu_allocator()
     if a.impl.startswith("lmforge"):
-        from lmforge.model.transformer import Transformer
         from lmforge.model.heads import CausalLM
+        from lmforge.model.transformer import Transformer
         from lmforge.train.trainer import param_groups
 
         backbone = Transformer(cfg)

@@ -7,5 +7,8 @@ from lmforge.generate import Generator
 from lmforge.model.heads import embed_texts
 from lmforge.tasks.classifier import Classifier
 from lmforge.tasks.export import export
+from lmforge.tasks.grounding import unsupported_content
+from lmforge.tasks.textgen import TaskOutput, answer, summarize, translate
 
-__all__ = ["Classifier", "Generator", "Loaded", "embed_texts", "export", "load", "load_full"]
+__all__ = ["Classifier", "Generator", "Loaded", "TaskOutput", "answer", "embed_texts", "export", "load", "load_full",
+           "summarize", "translate", "unsupported_content"]

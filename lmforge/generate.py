@@ -9,17 +9,17 @@ text without splitting a multi-byte character) live in TextStreamer, on top of t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lmforge.checkpoints import load
+from lmforge.checkpoints import as_dtype, load, load_checkpoint
 from lmforge.errors import GenerationError, TokenizerError
 from lmforge.model.layers import KVCache
 from lmforge.model.transformer import Transformer
-from lmforge.quant import DECODE_PRESETS, QuantError, quantize_model
+from lmforge.quant import DECODE_PRESETS, decode_quantize, quantize_model
 
 
 @dataclass
@@ -168,9 +168,12 @@ class _Stepper:
 # ---- sampling / greedy -----------------------------------------------------------------------------
 @torch.inference_mode()
 def stream_tokens(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  gc: GenerationConfig | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  gc: GenerationConfig | None = None, on_logits: Callable[[torch.Tensor], None] | None = None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), finished (B,) bool) per step. A row that hit a stop id yields that id once,
-    then is marked finished (later values in that row are padding to ignore)."""
+    then is marked finished (later values in that row are padding to ignore). `on_logits`, if given, sees each
+    step's raw float32 logits (B, V) before penalties and sampling, just before that step's tokens are yielded
+    (the server's logprobs)."""
     gc = gc or GenerationConfig()
     _check(model, input_ids, gc)
     if gc.num_beams > 1:
@@ -191,6 +194,8 @@ def stream_tokens(model: Transformer, input_ids: torch.Tensor, attention_mask: t
     out = input_ids.new_empty(B, 0)  # (B, i): the output so far, for no_repeat_ngram_size
     logits = stepper.prefill(input_ids)
     for i in range(gc.max_new_tokens):
+        if on_logits is not None:
+            on_logits(logits)
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, gc.repetition_penalty)
         if gc.no_repeat_ngram_size:
@@ -379,13 +384,20 @@ class Generator:
         self.model, self.tokenizer, self.name = model, tokenizer, name
 
     @classmethod
-    def load(cls, name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
-             quantize: int | None = None) -> Generator:
-        model, tok = load(name_or_path, dtype=dtype, device=device)
-        if quantize:
-            if quantize not in DECODE_PRESETS:
-                raise QuantError(f"quantize: {quantize} bits is not supported (choose 8 or 4)")
-            model = quantize_model(model, **DECODE_PRESETS[quantize])
+    def load(cls, name_or_path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
+             quantize: int | str | None = "auto") -> Generator:
+        """quantize="auto": a quantized GGUF decodes on the int4/int8 path matching each tensor's type (exact for
+        Q4_0/Q4_1/Q4_K blocks); other checkpoints in float. "none" / None, or an explicit dtype with "auto":
+        full precision. 8 or 4: quantize the float weights with DECODE_PRESETS."""
+        mode = decode_quantize(quantize, dtype_given=dtype is not None)
+        dtype = torch.float32 if dtype is None else dtype
+        if mode == "auto":
+            ck = load_checkpoint(name_or_path, dtype=as_dtype(dtype), device=device, quantized=True)
+            model, tok = ck.model, ck.tokenizer
+        else:
+            model, tok = load(name_or_path, dtype=dtype, device=device)
+        if isinstance(mode, int):
+            model = quantize_model(model, **DECODE_PRESETS[mode])
         return cls(model, tok, str(name_or_path))
 
     # -- prompts

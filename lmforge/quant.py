@@ -27,7 +27,7 @@ import fnmatch
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,21 @@ HEAD_NAME = "lm_head"  # the name `skip` uses for the LM head, tied or not
 # What `--quantize 8|4` (Generator.load, the CLI, benchmarks) applies: the head is ~20% of a small model's
 # weights, so it is quantized too; an int4 head costs SmolLM2 +6% perplexity, so 4-bit keeps an int8 head.
 DECODE_PRESETS: dict[int, dict] = {8: {"bits": 8, "skip": ()}, 4: {"bits": 4, "skip": (), "head_bits": 8}}
+
+
+QUANTIZE_CHOICES = ("auto", "none", "8", "4")  # what --quantize / Generator.load(quantize=...) accept
+
+
+def decode_quantize(quantize: int | str | None, dtype_given: bool = False) -> int | str:
+    """Normalise a quantize setting to "auto", "none", 8 or 4. "auto" (the CLI/Generator default): a GGUF with
+    quantized matrices decodes on the matching int4/int8 path, anything else in float; an explicit dtype turns
+    "auto" into "none" (`--dtype float32` asks for full precision). None means "none" (the old API default)."""
+    q = "none" if quantize is None else str(quantize).lower()
+    if q not in QUANTIZE_CHOICES:
+        raise QuantError(f"quantize: {quantize!r} is not one of {' | '.join(QUANTIZE_CHOICES)}")
+    if q == "auto" and dtype_given:
+        return "none"
+    return int(q) if q.isdigit() else q
 
 
 class QuantError(ConfigError):
@@ -158,6 +173,21 @@ class QuantLinear(nn.Module):
                 m.qweight.copy_(pack_nibbles(q))
                 m.mins.copy_(lo)
             m.scales.copy_(s)
+            if bias is not None:
+                m.bias.copy_(bias)
+        return m
+
+    @classmethod
+    def from_int4(cls, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float32) -> QuantLinear:
+        """From integers already on an int4 grid, w = q * scale + min: q (N, K) values 0..15, scales and mins
+        (N, G). A GGUF's Q4_0 / Q4_1 / Q4_K blocks are such a grid, so nothing is rounded twice."""
+        N, K = q.shape
+        m = cls(K, N, 4, K // scales.shape[1], bias is not None, dtype=dtype, device=q.device)
+        with torch.no_grad():
+            m.qweight.copy_(pack_nibbles(q))
+            m.scales.copy_(scales)
+            m.mins.copy_(mins)
             if bias is not None:
                 m.bias.copy_(bias)
         return m
@@ -322,6 +352,23 @@ class QuantSpec:
     embedding: bool  # embed.tok is a QuantEmbedding
     head_bits: int | None = None  # bits of quant_head (None = `bits`)
     head_group_size: int | None = None
+    # per-module [bits, group_size] where a layer differs from (bits, group_size): a GGUF mixes tensor types
+    # (Q4_K_M: Q4_K and Q6_K), and each layer takes the path that matches its own type
+    layers: dict[str, list] = field(default_factory=dict)
+    source: str | None = None  # what the integers came from, e.g. "Q4_1 file" (None: quantized from floats)
+
+    def layer_format(self, name: str) -> tuple[int, int | None]:
+        """(bits, group_size) of the replaced layer `name`."""
+        bits, group = self.layers.get(name, (self.bits, self.group_size))
+        return int(bits), group
+
+    def describe(self) -> str:
+        """One phrase for `lmforge info` and logs: "int4 (from Q4_1 file)", "int4+int8 (from Q4_K_M file)"."""
+        kinds = sorted({self.layer_format(n)[0] for n in self.modules}, reverse=True)
+        if self.head and self.head_bits is not None and not self.modules:
+            kinds = [self.head_bits]
+        path = "+".join(f"int{b}" for b in sorted(kinds)) or "float32"
+        return f"{path} (from {self.source})" if self.source else path
 
 
 def _check_spec(bits: int, group_size: int | None) -> None:
@@ -412,7 +459,12 @@ def save_quantized(model: nn.Module, path: str | Path) -> Path:
     spec = getattr(model, "quant_spec", None)
     if spec is None:
         raise QuantError("save_quantized: the model was not quantized (no quant_spec)")
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():  # safetensors refuses shared storage (a head sharing the embedding)
+        v = v.detach().contiguous()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset())
+        state[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
     tied = getattr(model, "lm_head", None) is None
     meta = {"lmforge_quant": json.dumps(asdict(spec)), "lmforge_config": json.dumps(model.cfg.to_dict()),
             "tied": str(tied)}
@@ -427,7 +479,6 @@ def load_quantized(path: str | Path, device: str = "cpu") -> nn.Module:
     from safetensors.torch import load_file
 
     from lmforge.config import ModelConfig
-    from lmforge.model.transformer import Transformer
 
     p = Path(path)
     try:
@@ -440,14 +491,24 @@ def load_quantized(path: str | Path, device: str = "cpu") -> nn.Module:
     spec = QuantSpec(**json.loads(meta["lmforge_quant"]))
     cfg = ModelConfig.from_dict(json.loads(meta["lmforge_config"]))
     state = load_file(str(p), device=device)
-    # float dtype of the saved model (norms, embeddings); scales and mins are always float32
+    return build_quantized(cfg, state, spec, device)
+
+
+def build_quantized(cfg, state: dict[str, torch.Tensor], spec: QuantSpec, device: str | torch.device = "cpu"
+                    ) -> nn.Module:
+    """A Transformer whose layers named by `spec` are QuantLinear, built on the meta device and then given the
+    tensors of `state` (a quantized state dict: integers, scales, float norms...), so nothing is copied."""
+    from lmforge.model.transformer import Transformer
+
+    # float dtype of the model (norms, embeddings); scales and mins are always float32
     fdtype = next((t.dtype for k, t in state.items() if t.is_floating_point()
                    and not k.endswith((".scales", ".mins"))), torch.float32)
     with torch.device("meta"):
         model = Transformer(cfg)
     for name in spec.modules:
         lin = model.get_submodule(name)
-        _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, spec.bits, spec.group_size,
+        bits, group = spec.layer_format(name)
+        _set_module(model, name, QuantLinear(lin.in_features, lin.out_features, bits, group,
                                              lin.bias is not None, dtype=fdtype, device="meta"))
     if spec.head:
         w = model.lm_head.weight if model.lm_head is not None else model.embed.tok.weight

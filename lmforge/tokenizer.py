@@ -372,6 +372,20 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tk.id_to_token(int(token_id))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (OpenAI logprobs' `bytes`): a token may hold part of a UTF-8 character,
+        which decode() would turn into U+FFFD. Byte-level BPE pieces map back through GPT-2's byte table,
+        SentencePiece byte-fallback pieces (<0xE2>) to their byte; anything else is its decoded text."""
+        text = self.decode([token_id], skip_special_tokens=False)
+        piece = self.id_to_token(token_id) or ""
+        if "\ufffd" in text:
+            inverse = {c: b for b, c in _byte_alphabet().items()}
+            if piece and all(c in inverse for c in piece):
+                return bytes(inverse[c] for c in piece)
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                return bytes([int(piece[3:5], 16)])
+        return text.encode("utf-8")
+
     def get_vocab(self) -> dict[str, int]:
         return self._tk.get_vocab(with_added_tokens=True)
 

@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import sysconfig
 from pathlib import Path
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
 import pytest
 import torch
 
-from lmforge.checkpoints.gguf import GGUFCheckpoint, read_gguf
+from lmforge.checkpoints import load_checkpoint
+from lmforge.checkpoints.gguf import GGUFCheckpoint, decode_path, int4_grid, read_gguf
 from lmforge.checkpoints.hf import load_into
 from lmforge.errors import CheckpointError, ModelNotFoundError
 from lmforge.model.layers import KVCache
 from lmforge.model.transformer import Transformer
+from lmforge.quant import QuantEmbedding, QuantLinear, kernel_mode, load_quantized, save_quantized
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,7 +62,8 @@ def write_gguf_from_hf(path: Path, model, arch: str, skip_keys: tuple[str, ...] 
         f"{arch}.attention.head_count": c.num_attention_heads,
         f"{arch}.attention.head_count_kv": c.num_key_value_heads,
         f"{arch}.attention.layer_norm_rms_epsilon": float(c.rms_norm_eps),
-        "general.file_type": int(gguf.LlamaFileType.ALL_F32 if quant is None else gguf.LlamaFileType.MOSTLY_Q8_0),
+        "general.file_type": int(gguf.LlamaFileType.ALL_F32 if quant is None
+                                 else gguf.LlamaFileType[f"MOSTLY_{quant.name}"]),
         "tokenizer.ggml.model": "gpt2" if arch == "llama" else "llama",
         "tokenizer.ggml.tokens": [f"<t{i}>" for i in range(c.vocab_size)],
         "tokenizer.ggml.bos_token_id": 1 if arch == "llama" else 2,
@@ -223,6 +227,70 @@ def test_metadata_only_and_dtype(tmp_path):
     assert ck.metadata["llama.attention.head_count"] == 4 and ck.metadata["tokenizer.ggml.bos_token_id"] == 1
     half = read_gguf(path, dtype=torch.bfloat16)
     assert half.cfg.dtype == "bfloat16" and {t.dtype for t in half.body.values()} == {torch.bfloat16}
+
+
+# ---- fast: quantized tensors kept as integers (the default decode path) ------------------------------------
+def _random_blocks(kind: str, rows: int, k: int, seed: int = 0) -> SimpleNamespace:
+    """A GGUF tensor stand-in (as GGUFReader gives it) with random blocks of `kind`: every bit pattern of the
+    nibbles and of Q4_K's packed 6-bit sub-scales, finite f16 scales."""
+    qtype = gguf.GGMLQuantizationType[kind]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, k // block, size), dtype=np.uint8)
+    n_f16 = 1 if kind == "Q4_0" else 2  # d (Q4_0); d, m (Q4_1); d, dmin (Q4_K)
+    halves = (rng.standard_normal((rows, k // block, n_f16)) * 0.02).astype(np.float16)
+    raw[..., : 2 * n_f16] = halves.view(np.uint8)
+    return SimpleNamespace(name="blk.0.ffn_up.weight", tensor_type=qtype, shape=[k, rows],
+                           data=raw.reshape(rows, -1))
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K"])
+def test_int4_blocks_reproduce_gguf_dequantize_exactly(kind):
+    t = _random_blocks(kind, rows=48, k=512)
+    q, scales, mins = int4_grid(t, "test")
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scales.shape == mins.shape == (48, 512 // 32)
+    layer = QuantLinear.from_int4(q, scales, mins)
+    want = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type))  # (48, 512)
+    assert torch.equal(layer.dequantize(), want)  # bit for bit: nothing is rounded twice
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tiny_llama_q4_1_loads_as_exact_int4(tmp_path, tied):
+    path = write_gguf_from_hf(tmp_path / "q4_1.gguf", tiny_llama(tied), "llama", quant=gguf.GGMLQuantizationType.Q4_1)
+    flt = read_gguf(path)
+    q = load_checkpoint(path, quantized=True, tokenizer=False)
+    spec = q.model.quant_spec
+    assert spec.describe() == "int4 (from Q4_1 file)" and decode_path(path) == "int4 (from Q4_1 file)"
+    assert len(spec.modules) == 2 * 7 and spec.head_bits == 4 and not spec.embedding
+    for name in spec.modules:  # q and k rows unpermuted like the float path
+        assert torch.equal(q.model.get_submodule(name).dequantize(), flt.body[f"{name}.weight"]), name
+    head = flt.body["embed.tok.weight" if tied else "lm_head.weight"]
+    assert torch.equal(q.model.quant_head.dequantize(), head)
+    with torch.no_grad(), kernel_mode("dequant"):
+        torch.testing.assert_close(q.model.logits(IDS), ours(flt).logits(IDS), atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_q8_0_tied_shares_int8_head_and_embedding(tmp_path):
+    path = write_gguf_from_hf(tmp_path / "q8.gguf", tiny_llama(True), "llama", quant=gguf.GGMLQuantizationType.Q8_0)
+    q = load_checkpoint(path, quantized=True, tokenizer=False).model
+    assert q.quant_spec.describe() == "int8 (from Q8_0 file)" and q.quant_spec.embedding
+    assert isinstance(q.embed.tok, QuantEmbedding)
+    assert q.embed.tok.qweight.data_ptr() == q.quant_head.qweight.data_ptr()  # one copy of the integers
+    with torch.no_grad():
+        got, want = q.logits(IDS), ours(read_gguf(path)).logits(IDS)
+        assert (got - want).abs().max() / want.abs().max() < 3e-2
+        back = load_quantized(save_quantized(q, tmp_path / "q.safetensors"))
+        assert torch.equal(back.logits(IDS), got)
+
+
+def test_tiny_gemma3_q4_0_quantized_load(tmp_path):
+    path = write_gguf_from_hf(tmp_path / "g.gguf", tiny_gemma3(), "gemma3", quant=gguf.GGMLQuantizationType.Q4_0)
+    q = load_checkpoint(path, quantized=True, tokenizer=False).model
+    assert q.quant_spec.describe() == "int4 (from Q4_0 file)" and len(q.quant_spec.modules) == 7 * 7
+    with torch.no_grad(), kernel_mode("dequant"):
+        torch.testing.assert_close(q.logits(IDS), ours(read_gguf(path)).logits(IDS), atol=1e-5, rtol=1e-5)
+    f32 = write_gguf_from_hf(tmp_path / "f.gguf", tiny_gemma3(), "gemma3")
+    assert read_gguf(f32, quantized=True).quant_spec is None and decode_path(f32) == "float32"
 
 
 # ---- fast: errors -----------------------------------------------------------------------------------

@@ -76,7 +76,9 @@ def pretrain_args(corpus: Path, cfg: Path, out: Path, cache: Path, *extra: str, 
             "--context-length", "32", "--batch-size", "8", "--max-steps", str(steps), "--lr", "3e-3",
             "--warmup", "5", "--eval-every", "10", "--save-every", "10", "--log-every", "1", "--samples", "1",
             "--sample-tokens", "8", "--output", str(out), "--cache-dir", str(cache), "--peak-flops", PEAK,
-            "--no-progress", "--no-plot", "--seed", "3", *extra]
+            "--no-progress", "--no-plot", "--seed", "3",
+            "--precision", "fp32",  # the numbers these tests compare (DDP, FSDP, resume) are float32's
+            *extra]
 
 
 @pytest.fixture(autouse=True)

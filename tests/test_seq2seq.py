@@ -110,3 +110,51 @@ def test_eval_summarize_lead_baseline_and_translate(tiny_lm, tmp_path, capsys):
     s = json.loads(capsys.readouterr().out)
     assert s["examples"] == 3 and 0.0 <= s["bleu"] <= 100.0
     assert main(["eval", "--task", "translate", "--to", "zz", "--model", str(tiny_lm), "--data", str(t)]) == 2
+
+
+def test_bucketed_batches_give_the_loss_of_one_example_at_a_time(tiny_lm):
+    """Length-bucketed, padded micro-batches weighted by their target counts (as the Trainer does) give the
+    mean over all target tokens of unpadded one-example computation: the same loss and the same gradients."""
+    from lmforge.checkpoints import load_checkpoint
+    from lmforge.train import DatasetBatches
+
+    ck = load_checkpoint(tiny_lm)
+    model, tok = ck.model.eval(), ck.tokenizer  # eval: no dropout, backward still works
+    words = "one two three four five six seven eight nine ten red green blue".split()
+    exs = [build_example(tok, " ".join(words[i % 13:][: 1 + i % 7]), " ".join(words[: 1 + (3 * i) % 5]), 64)
+           for i in range(14)]
+    assert len({len(e) for e in exs}) > 4  # varied lengths: batches need padding
+
+    def summed(batches) -> tuple[torch.Tensor, int, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        tot, n = torch.zeros((), dtype=torch.float64), 0
+        for b in batches:
+            loss, k = lm_loss(model, b)
+            (loss * k).backward()  # the Trainer's weighting: sum over the micro-batch's targets
+            tot, n = tot + loss.detach().double() * k, n + k
+        return tot / n, n, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    ref, n_ref, g_ref = summed(collate([e], pad_id=tok.pad_id) for e in exs)  # unpadded, one at a time
+    source = DatasetBatches(exs, 4, collate_fn=lambda b: collate(b, pad_id=tok.pad_id), lengths=[len(e) for e in exs],
+                            seed=3, bucket_size_multiplier=2)
+    batches = list(source.batches(0))
+    assert sum(int((b["attention_mask"] == 0).sum()) for b in batches) > 0  # padding is really there
+    got, n_got, g_got = summed(batches)
+    assert n_got == n_ref == sum(sum(1 for x in e.labels if x != IGNORE) for e in exs)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    for k in g_ref:
+        torch.testing.assert_close(g_got[k], g_ref[k], rtol=1e-4, atol=1e-6)
+
+
+def test_finetune_hands_the_trainer_lengths_for_bucketing(tiny_lm, tmp_path, monkeypatch):
+    import lmforge.tasks.seq2seq as S
+
+    rows = [{"input": "one two " * (1 + i % 5), "target": "red " * (1 + i % 3)} for i in range(12)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = []
+    monkeypatch.setattr(S, "run_training", lambda run, tc, resume=False: runs.append(run) or {})
+    finetune(FinetuneConfig(model=str(tiny_lm), data=str(data), max_length=64), TrainConfig(output_dir=tmp_path),
+             log=lambda *_: None)
+    (run,) = runs
+    assert run.lengths == [len(e) for e in run.train_data] and len(set(run.lengths)) > 1

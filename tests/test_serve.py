@@ -242,7 +242,7 @@ LONG = " ".join(["cat dog tree house"] * 40)
     ("/v1/chat/completions", {**OK, "model": "gpt-4"}, 404, "model", "'gpt-4' is not served"),
     ("/v1/chat/completions", {**OK, "messages": [{"role": "user", "content": LONG}]}, 400, "messages",
      "longer than this server's limit of 110"),
-    ("/v1/chat/completions", {**OK, "n": 2}, 400, "n", "n must be 1"),
+    ("/v1/chat/completions", {**OK, "n": 17}, 400, "n", "n 17 exceeds this server's limit of 16"),
     ("/v1/chat/completions", {**OK, "stop": ["", "x"]}, 400, "stop", "must not be empty"),
     ("/v1/completions", {"prompt": " ".join(["cat"] * 35), "max_tokens": 64}, 400, "max_tokens",
      "exceeds the model's context length of 128"),

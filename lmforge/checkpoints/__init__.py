@@ -32,6 +32,14 @@ class Loaded:
     heads: dict[str, torch.Tensor] = field(default_factory=dict)  # task-head tensors found (score, qa_outputs)
     quantization: str | None = None
 
+    @property
+    def decode_path(self) -> str:
+        """How the loaded model's matmuls run: "int4 (from Q4_1 file)", "int4+int8 (...)", or its float dtype."""
+        spec = getattr(self.model, "quant_spec", None)
+        if spec is not None:
+            return spec.describe()
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
 
 def build_model(cfg: ModelConfig, body: dict[str, torch.Tensor], source: str,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Transformer:
@@ -64,8 +72,12 @@ def _dir_size(p: Path) -> int:
 
 
 def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", tokenizer: bool = True) -> Loaded:
-    """A built-in name, a HF directory, a GGUF file or a hub id -> model (+ tokenizer)."""
+                    device: str | torch.device = "cpu", tokenizer: bool = True, quantized: bool = False) -> Loaded:
+    """A built-in name, a HF directory, a GGUF file or a hub id -> model (+ tokenizer).
+
+    quantized=True: a GGUF whose block matrices are quantized loads them as QuantLinear integers, tensor by
+    tensor (no float copy of them), each on the int4/int8 path matching its type (checkpoints.gguf.decode_bits).
+    Float files, HF directories and run dirs load as usual. The default (float) is what parity tests use."""
     path, source = resolve(str(name_or_path))
     if path.is_dir() and not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
@@ -74,8 +86,14 @@ def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32
     if path.is_file() and (path.suffix == ".gguf" or _is_gguf(path)):
         from lmforge.checkpoints.gguf import read_gguf
 
-        ck = read_gguf(path, dtype=dtype)
-        model = build_model(ck.cfg, ck.body, str(path), dtype, device)
+        ck = read_gguf(path, dtype=dtype, quantized=quantized)
+        if ck.quant_spec is not None:
+            from lmforge.quant import build_quantized
+
+            model = build_quantized(ck.cfg, {k: v.to(device) for k, v in ck.body.items()}, ck.quant_spec, device)
+        else:
+            model = build_model(ck.cfg, ck.body, str(path), dtype, device)
+        ck.body = {}  # the model holds the tensors now
         tok = None
         if tokenizer:
             from lmforge.tokenizer import Tokenizer
@@ -114,9 +132,10 @@ def load(name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, dev
     return ck.model, ck.tokenizer
 
 
-def load_full(name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu") -> Loaded:
+def load_full(name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device: str = "cpu",
+              quantized: bool = False) -> Loaded:
     """Like load(), with where it came from, its format and size (what `lmforge info` prints)."""
-    return load_checkpoint(name_or_path, dtype=as_dtype(dtype), device=device)
+    return load_checkpoint(name_or_path, dtype=as_dtype(dtype), device=device, quantized=quantized)
 
 
 def _is_gguf(p: Path) -> bool:

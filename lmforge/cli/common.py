@@ -147,7 +147,9 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
     "early_stopping_patience": dict(flag="--early-stopping", type=positive_int, metavar="N",
                                     help="stop after N evaluations without improvement of --keep-best"),
     "seed": dict(help="seeds data order, init and dropout"),
-    "bf16": dict(help="bfloat16 autocast (CUDA, or CPUs with bf16)"),
+    "precision": dict(default="auto", help="auto: bf16 autocast on CUDA with bf16 and on CPUs with avx512_bf16 or "
+                      "AMX, else fp32 (weights stay float32); the run records its choice and resumes in it"),
+    "bf16": dict(help="alias of --precision bf16"),
     "compile": dict(help="torch.compile the model"),
     "device": dict(help="auto | cpu | cuda | cuda:N"),
     "max_time_s": dict(flag="--max-time", type=positive_float, metavar="SECONDS",
@@ -184,6 +186,8 @@ def train_config(a: argparse.Namespace, output_dir: str, late: Mapping[str, Any]
     from lmforge.train import TrainConfig
 
     kw = pick(a, TRAIN_FLAGS)
+    if kw.get("bf16") and kw.get("precision") not in (None, "auto", "bf16"):
+        raise LmforgeError(f"--bf16 is an alias of --precision bf16; it conflicts with --precision {kw['precision']}")
     for k, v in (late or {}).items():
         if kw.get(k) is None:
             kw[k] = v
@@ -371,8 +375,11 @@ def add_gen_flags(s: argparse.ArgumentParser, defaults: Mapping[str, Any] | None
     s.add_argument("--model", default=DEFAULT_LM, help="decoder model to generate with")
     g = s.add_argument_group("decoding")
     add_fields(g, GenerationConfig, GEN_FLAGS, defaults, helps)
-    g.add_argument("--quantize", type=int, choices=[8, 4], default=None,
-                   help="weight-only int8/int4 matmuls for faster CPU decoding")
+    g.add_argument("--quantize", choices=["auto", "none", "8", "4"], default="auto",
+                   help="auto: a quantized GGUF decodes on its matching int4/int8 path (exact for Q4_0/Q4_1/Q4_K), "
+                        "other models in float; none: full precision; 8|4: int8/int4 weights from the floats")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="load the weights in this float dtype, unquantized (unless --quantize 8|4)")
     g.add_argument("--truncate", action="store_true",
                    help="keep the last tokens of a prompt that is too long instead of failing")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
@@ -390,11 +397,12 @@ def gen_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def load_generator(model: str, quantize: int | None = None):
-    """A Generator for a decoder; an encoder (e.g. minilm-l6) is refused in one line."""
+def load_generator(model: str, quantize: int | str | None = "auto", dtype: str | None = None):
+    """A Generator for a decoder; an encoder (e.g. minilm-l6) is refused in one line. quantize None (a flag
+    not given) is "auto": quantized GGUF files decode quantized; `--dtype` or `--quantize none` forces float."""
     from lmforge.generate import Generator
 
-    gen = Generator.load(model, quantize=quantize)
+    gen = Generator.load(model, dtype=dtype, quantize="auto" if quantize is None else quantize)
     cfg = gen.model.cfg
     if not cfg.causal:
         raise LmforgeError(f"{model}: a {cfg.family} encoder (bidirectional attention) cannot generate text; use "

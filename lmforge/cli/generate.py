@@ -3,6 +3,8 @@
 Each verb has its own decoding defaults, shown in its --help, chosen so that a small model does not loop:
 free text gets a repetition penalty and an n-gram ban on its own output; the task verbs ban repeated 4-grams
 of the output only (so the answer may still quote its source) and size max_new_tokens to the task.
+The task verbs take several inputs (decoded in batches), warn on stderr about numbers, amounts and names that
+the source lacks (tasks/grounding.py), and summarize/translate prompt base models few-shot with --shots.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import argparse
 import sys
 import time
 
-from lmforge.cli.common import EPILOG, add_gen_flags, gen_kwargs, load_generator, read_input
+from lmforge.cli.common import EPILOG, add_gen_flags, gen_kwargs, load_generator, positive_int, read_input
 from lmforge.errors import LmforgeError
 
 GENERATE_DEFAULTS = {"max_new_tokens": 256, "repetition_penalty": 1.1, "no_repeat_ngram_size": 3}
@@ -21,9 +23,9 @@ TRANSLATE_DEFAULTS = {"max_new_tokens": None, "no_repeat_ngram_size": 4}  # None
 ASK_DEFAULTS = {"max_new_tokens": 64, "no_repeat_ngram_size": 4}
 
 
-def emit(gen, prompt: str, a: argparse.Namespace, chat: bool, kw: dict | None = None) -> None:
-    """Print the reply: piece by piece, flushed (so a pipe sees it as it comes), unless --no-stream or beams;
-    --verbose adds the speed line on stderr."""
+def emit(gen, prompt: str, a: argparse.Namespace, chat: bool, kw: dict | None = None) -> str:
+    """Print the reply (and return it): piece by piece, flushed (so a pipe sees it as it comes), unless
+    --no-stream or beams; --verbose adds the speed line on stderr."""
     kw = dict(kw or gen_kwargs(a))
     t0, first = time.perf_counter(), None
     if a.stream and kw["num_beams"] == 1:
@@ -41,6 +43,7 @@ def emit(gen, prompt: str, a: argparse.Namespace, chat: bool, kw: dict | None = 
         print(text, flush=True)
     if a.verbose:
         speed_line(gen, prompt, chat, text, t0, first, time.perf_counter())
+    return text
 
 
 def speed_line(gen, prompt: str, chat: bool, text: str, t0: float, first: float | None, end: float) -> None:
@@ -60,16 +63,71 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if not prompt.strip():
         raise LmforgeError("generate: empty prompt (pass --prompt TEXT or text on stdin)")
     gen_kwargs(a)  # bad flags fail before the model loads
-    emit(load_generator(a.model, a.quantize), prompt, a, chat=a.chat)
+    emit(load_generator(a.model, a.quantize, a.dtype), prompt, a, chat=a.chat)
     return 0
+
+
+def read_inputs(files: list[str] | None) -> tuple[list[str], list[str]]:
+    """(texts, labels) of FILE arguments, or of stdin when there are none."""
+    files = files or ["-"]
+    return [read_input(f, "input") for f in files], ["stdin" if f == "-" else f for f in files]
+
+
+def fewshot_from_flags(a: argparse.Namespace, task: str, inputs: list[str]):
+    """The FewShot of --shots/--shots-file/--shots-fields, or None; bad flags or files fail in one line."""
+    from lmforge.tasks.prompts import load_fewshot
+
+    if not a.shots and not a.shots_file:
+        return None
+    if not (a.shots and a.shots_file):
+        raise LmforgeError(f"{task}: --shots K and --shots-file FILE go together")
+    if a.shots_fields:
+        fields = [f.strip() for f in a.shots_fields.split(",")]
+        if len(fields) != 2 or not all(fields):
+            raise LmforgeError(f"--shots-fields: expected IN,OUT (two field names), got {a.shots_fields!r}")
+    elif task == "summarize":
+        fields = ["document", "summary"]
+    elif not a.src:
+        raise LmforgeError("translate --shots: give --from LANG (the input field of --shots-file) or "
+                           "--shots-fields IN,OUT")
+    else:
+        fields = [a.src, a.to]
+    return load_fewshot(a.shots_file, a.shots, task, fields[0], fields[1], to=getattr(a, "to", None),
+                        src=getattr(a, "src", None), exclude=inputs)
+
+
+def run_task_verb(gen, a: argparse.Namespace, task: str, sources: list[str], prompts: list[str],
+                  labels: list[str], kw: dict, fewshot=None) -> None:
+    """One input streams as `generate` does; several are decoded --batch-size at a time (left-padded, a
+    progress bar with an ETA on stderr) and printed in input order under `==> LABEL <==`. Unless --no-check,
+    each output whose numbers, amounts or names are not in its source gets a warning line on stderr."""
+    from lmforge.tasks.grounding import check, warning_line
+    from lmforge.tasks.textgen import run_prompts
+
+    if len(prompts) == 1:
+        if fewshot is not None:
+            kw = {**kw, "stop_strings": [*(kw.get("stop_strings") or []), *fewshot.stop_strings]}
+        text = emit(gen, prompts[0], a, chat=fewshot is None, kw=kw).strip()
+        if a.check and (items := check(sources[0], text, task)):
+            print(warning_line(items), file=sys.stderr)
+        return
+    outs = run_prompts(gen, task, sources, prompts, fewshot=fewshot, batch_size=a.batch_size, progress=True,
+                       truncate=a.truncate, **kw)
+    for label, o in zip(labels, outs):
+        print(f"==> {label} <==\n{o.text}\n", flush=True)
+        if a.check and o.unsupported:
+            print(f"{label}: {warning_line(o.unsupported)}", file=sys.stderr)
 
 
 def cmd_summarize(a: argparse.Namespace) -> int:
     from lmforge.tasks.prompts import summarize_prompt
 
-    text = read_input(a.file, "input")
-    gen_kwargs(a)
-    emit(load_generator(a.model, a.quantize), summarize_prompt(text), a, chat=True)
+    texts, labels = read_inputs(a.file)
+    kw = gen_kwargs(a)
+    shots = fewshot_from_flags(a, "summarize", texts)
+    gen = load_generator(a.model, a.quantize, a.dtype)
+    prompts = [shots.prompt(t) if shots else summarize_prompt(t) for t in texts]
+    run_task_verb(gen, a, "summarize", texts, prompts, labels, kw, shots)
     return 0
 
 
@@ -79,13 +137,15 @@ def cmd_translate(a: argparse.Namespace) -> int:
     language_name(a.to, "--to")
     if a.src:
         language_name(a.src, "--from")
-    text = read_input(a.file, "input")
+    texts, labels = read_inputs(a.file)
     kw = gen_kwargs(a) if a.max_new_tokens else None
-    gen = load_generator(a.model, a.quantize)
+    shots = fewshot_from_flags(a, "translate", texts)
+    gen = load_generator(a.model, a.quantize, a.dtype)
     if kw is None:  # sized to the input: a translation runs about as long as its source
-        a.max_new_tokens = 2 * len(gen.tokenizer.encode(text, add_special_tokens=False)) + 16
+        a.max_new_tokens = 2 * max(len(gen.tokenizer.encode(t, add_special_tokens=False)) for t in texts) + 16
         kw = gen_kwargs(a)
-    emit(gen, translate_prompt(text, a.to, a.src), a, chat=True, kw=kw)
+    prompts = [shots.prompt(t) if shots else translate_prompt(t, a.to, a.src) for t in texts]
+    run_task_verb(gen, a, "translate", texts, prompts, labels, kw, shots)
     return 0
 
 
@@ -93,16 +153,18 @@ def cmd_ask(a: argparse.Namespace) -> int:
     from lmforge.tasks.prompts import answer_prompt
 
     context = read_input(a.context, "context")
-    if not a.question.strip():
+    if any(not q.strip() for q in a.question):
         raise LmforgeError("ask: empty question")
-    gen_kwargs(a)
-    emit(load_generator(a.model, a.quantize), answer_prompt(context, a.question), a, chat=True)
+    kw = gen_kwargs(a)
+    gen = load_generator(a.model, a.quantize, a.dtype)
+    prompts = [answer_prompt(context, q) for q in a.question]
+    run_task_verb(gen, a, "answer", [context] * len(prompts), prompts, a.question, kw)
     return 0
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
     kw = gen_kwargs(a)
-    gen = load_generator(a.model, a.quantize)
+    gen = load_generator(a.model, a.quantize, a.dtype)
     history: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
     print(f"chatting with {a.model}; /reset clears the history, /exit (or Ctrl-D) quits", file=sys.stderr)
     while True:
@@ -144,21 +206,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_gen_flags(s, CHAT_DEFAULTS)
     s.set_defaults(func=cmd_chat)
 
-    s = sub.add_parser("summarize", help="summarize a text file (or stdin) with an instruct model", epilog=EPILOG)
-    s.add_argument("file", nargs="?", default=None, metavar="FILE|-")
+    s = sub.add_parser("summarize", help="summarize text files (or stdin) with an instruct model, or a base model "
+                       "with --shots", epilog=EPILOG)
+    s.add_argument("file", nargs="*", metavar="FILE|-", help="several files are decoded in batches")
     add_gen_flags(s, SUMMARIZE_DEFAULTS)
+    add_task_flags(s, "document,summary")
     s.set_defaults(func=cmd_summarize)
 
-    s = sub.add_parser("translate", help="translate a text file (or stdin) with an instruct model", epilog=EPILOG)
-    s.add_argument("file", nargs="?", default=None, metavar="FILE|-")
+    s = sub.add_parser("translate", help="translate text files (or stdin) with an instruct model, or a base model "
+                       "with --shots", epilog=EPILOG)
+    s.add_argument("file", nargs="*", metavar="FILE|-", help="several files are decoded in batches")
     s.add_argument("--to", required=True, help="target language (ISO 639-1 code, e.g. es)")
-    s.add_argument("--from", dest="src", default=None, help="source language code (optional)")
+    s.add_argument("--from", dest="src", default=None, help="source language code (optional; needed by --shots)")
     add_gen_flags(s, TRANSLATE_DEFAULTS, {"max_new_tokens": "tokens to generate at most (default: twice the "
                                                             "input's tokens + 16)"})
+    add_task_flags(s, "the --from and --to codes, e.g. en,es", check="numbers and amounts")
     s.set_defaults(func=cmd_translate)
 
-    s = sub.add_parser("ask", help="answer a question from a context file with an instruct model", epilog=EPILOG)
-    s.add_argument("question", metavar="QUESTION")
+    s = sub.add_parser("ask", help="answer questions from a context file with an instruct model", epilog=EPILOG)
+    s.add_argument("question", nargs="+", metavar="QUESTION", help="several questions are decoded in batches")
     s.add_argument("--context", required=True, metavar="FILE", help="text file the answer must come from")
     add_gen_flags(s, ASK_DEFAULTS)
+    add_task_flags(s, None)
     s.set_defaults(func=cmd_ask)
+
+
+def add_task_flags(s: argparse.ArgumentParser, shot_fields: str | None,
+                   check: str = "numbers, amounts, years and names") -> None:
+    """--batch-size and --check for a task verb; the few-shot flags where `shot_fields` names the defaults."""
+    from lmforge.tasks.prompts import FEWSHOT_HELP
+
+    s.add_argument("--batch-size", type=positive_int, default=8, help="inputs decoded together (left-padded)")
+    s.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"warn on stderr about {check} in the output that the input does not contain")
+    if shot_fields is None:
+        return
+    g = s.add_argument_group("few-shot prompting (base models)", FEWSHOT_HELP)
+    g.add_argument("--shots", type=positive_int, default=None, metavar="K", help="examples shown before the input")
+    g.add_argument("--shots-file", default=None, metavar="FILE", help="JSONL file the examples come from")
+    g.add_argument("--shots-fields", default=None, metavar="IN,OUT",
+                   help=f"input and target fields of --shots-file (default: {shot_fields})")

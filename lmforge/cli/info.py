@@ -29,6 +29,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         "position": cfg.position + (f" (theta {cfg.rope_theta:g})" if cfg.position == "rotary" else ""),
         "stored_dtype": ck.quantization or cfg.dtype,
         "loaded_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "decode_path": decode_path(ck),
         "format": ck.format,
         "file_size": ck.file_size,
         "path": str(ck.path),
@@ -48,6 +49,16 @@ def cmd_info(a: argparse.Namespace) -> int:
             v = f"{v:,} bytes ({v / 2**20:.1f} MiB)"
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def decode_path(ck) -> str:
+    """The matmul path generate/chat/serve run by default (`--quantize auto`): a quantized GGUF's int path,
+    else the float dtype the weights load in."""
+    if ck.format == "gguf" and ck.cfg.causal:
+        from lmforge.checkpoints.gguf import decode_path as gguf_decode_path
+
+        return gguf_decode_path(ck.path)
+    return str(next(ck.model.parameters()).dtype).removeprefix("torch.")
 
 
 def cmd_embed(a: argparse.Namespace) -> int:

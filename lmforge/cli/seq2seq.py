@@ -50,7 +50,12 @@ EVAL_HELP = """Score a model on a task:
   translate  BLEU and chrF on JSONL rows with one field per language code, e.g. {"en": ..., "es": ...}
              (--from en --to es; other names with --input-field / --target-field)
   qa         exact match and F1 on a SQuAD v1.1 JSON file (a `qa train` run dir, or an instruct model)
-A row that lacks a field fails in one line naming the file, line and field."""
+A row that lacks a field fails in one line naming the file, line and field.
+Every output is checked against its source: `unsupported%` is the share of outputs with a number, amount, year,
+century or capitalised name (names not for translate) that the source does not contain.
+--quantize auto (the default) decodes a quantized GGUF file quantized, as `generate` does.
+
+"""
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
@@ -85,7 +90,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     c = EvalConfig(task=a.task, model=a.model, data=a.data, limit=a.limit, input_field=a.input_field,
                    target_field=a.target_field, to=a.to, src=a.src, batch_size=a.batch_size,
                    max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, output=out, tail=a.tail,
-                   quantize=a.quantize)
+                   quantize=a.quantize, shots=a.shots or 0, shots_file=a.shots_file)
     s = evaluate_task(c, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(s, indent=1) if a.json else format_summary(s))
     return 0
@@ -102,8 +107,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_train_flags(s, TRAIN_DEFAULTS, TRAIN_HELPS)
     s.set_defaults(func=cmd_finetune)
 
+    from lmforge.tasks.prompts import FEWSHOT_HELP
+
     s = sub.add_parser("eval", help="score a model on summarize (ROUGE), translate (BLEU/chrF) or qa (EM/F1)",
-                       description=EVAL_HELP)
+                       description=EVAL_HELP + FEWSHOT_HELP)
     s.add_argument("--task", required=True, choices=["summarize", "translate", "qa"])
     s.add_argument("--model", default=DEFAULT_LM, help="instruct model, fine-tuned run dir, QA run dir, or "
                    "lead-3 (summarize baseline)")
@@ -114,10 +121,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--target-field", default=None, help="reference field (default: summary; translate: --to)")
     s.add_argument("--to", default=None, help="translate: target language code")
     s.add_argument("--from", dest="src", default=None, help="translate: source language code (default: en)")
-    s.add_argument("--batch-size", type=positive_int, default=8)
+    s.add_argument("--shots", type=positive_int, default=None, metavar="K",
+                   help="summarize/translate: few-shot prompt with K examples from --shots-file (for base models)")
+    s.add_argument("--shots-file", default=None, metavar="FILE",
+                   help="JSONL with the same fields as --data; rows evaluated in this run are never shown")
+    s.add_argument("--batch-size", type=positive_int, default=8, help="prompts decoded together (left-padded)")
     s.add_argument("--max-new-tokens", type=positive_int, default=128)
     s.add_argument("--num-beams", type=positive_int, default=1)
-    s.add_argument("--quantize", type=int, choices=[8, 4], default=None)
+    s.add_argument("--quantize", choices=["auto", "none", "8", "4"], default="auto",
+                   help="auto: a quantized GGUF decodes on its int4/int8 path, other models in float; none: float; "
+                   "8|4: int8/int4 weights from the floats")
     s.add_argument("--predictions", default=None, help="predictions JSONL path (summary.json goes beside it; "
                    f"default: runs/eval-<task>-<model>-{STAMP_HELP}/predictions.jsonl)")
     s.add_argument("--json", action="store_true")

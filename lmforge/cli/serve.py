@@ -39,8 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="longest prompt in tokens (default: the model's context length)")
     s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, metavar="N",
                    help="largest request body (default: 1 MiB)")
-    s.add_argument("--quantize", type=int, choices=[8, 4], default=None,
-                   help="weight-only int8/int4 matmuls for the generator (faster CPU decoding)")
+    s.add_argument("--quantize", choices=["auto", "none", "8", "4"], default="auto",
+                   help="auto: a quantized GGUF decodes on its int4/int8 path; none: float32; 8|4: from floats")
     s.add_argument("--allowed-hosts", default="", metavar="HOST[,HOST...]",
                    help="more names the Host header may carry besides 127.0.0.1, localhost, ::1 and --host "
                         "(DNS rebinding protection); '*' allows any, '.example.com' a domain and its subdomains")

@@ -101,7 +101,8 @@ def lm_head_loss(backbone: Transformer, h: torch.Tensor, labels: torch.Tensor, r
         return h.sum() * 0.0
     w = backbone.embed.tok.weight if backbone.lm_head is None else backbone.lm_head.weight  # (V, D)
     if (fused and h.dtype == w.dtype == torch.float32 and backbone.cfg.final_softcap is None
-            and backbone.quant_head is None and reduction in ("mean", "sum")):
+            and backbone.quant_head is None and reduction in ("mean", "sum")
+            and not torch.is_autocast_enabled(h.device.type)):  # autocast (bf16 training): bf16 logits below
         need = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
         return _HeadCrossEntropy.apply(h, w, y, {} if workspace is None else workspace, reduction == "mean", need)
     return F.cross_entropy(backbone.lm_logits(h).float(), y, reduction=reduction)  # logits: (N, V)
@@ -126,15 +127,18 @@ class CausalLM(nn.Module):
         return lm_head_loss(self.backbone, h, labels, reduction, self.fused_loss, self._workspace)
 
 
-def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int | torch.Tensor]:
     """The Trainer's loss_fn for every causal-LM run: (mean loss over the targets, number of targets).
 
     batch: input_ids (B, T), labels (B, T) = the next token at each position (IGNORE on prompt and padding
     tokens), optional attention_mask (B, T). `model` is a CausalLM or a bare Transformer, either possibly
     wrapped by DDP (`.module`); a CausalLM runs the head inside the wrapper's forward, which FSDP needs.
+    The count is an int for labels on the CPU, and a 0-d tensor on an accelerator, where int() would make the
+    host wait for the device before the forward is even queued.
     """
     ids, labels, mask = batch["input_ids"], batch["labels"], batch.get("attention_mask")
-    n = int((labels != IGNORE).sum())
+    count = (labels != IGNORE).sum()  # ()
+    n = int(count) if count.device.type == "cpu" else count
     inner = getattr(model, "module", model)
     if isinstance(inner, CausalLM):
         return model(ids, labels, attention_mask=mask), n

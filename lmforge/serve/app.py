@@ -6,7 +6,7 @@ Endpoints (all JSON; errors in OpenAI's shape `{"error": {"message", "type", "pa
   POST /v1/embeddings        (the --embedder model, else the generator's own mean-pooled hidden states)
   GET  /v1/models, GET /v1/models/{id}
   POST /v1/classify, /v1/summarize, /v1/translate, /v1/answer   (lmforge's task endpoints)
-  GET  /health, GET / (the chat page), /static/*
+  GET  /health, GET /metrics (Prometheus text format), GET / (the chat page), /static/*
 
 The handlers live in routes.py, request bodies in schemas.py, the error shape in errors.py, and the Host /
 API key / Content-Type / CORS gate in middleware.py.
@@ -130,7 +130,7 @@ def create_app(generator, embedder=None, classifier=None, settings: ServeSetting
         app.add_exception_handler(exc, on_error)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(Gate, settings=settings)
+    app.add_middleware(Gate, settings=settings, metrics=app.state.lmforge.metrics)
     return app
 
 

@@ -16,8 +16,13 @@ rebuilding it; for short completions the wait is small, see docs/serving.md).
 
 Per-request sampling parameters: greedy requests all batch together whatever their max_tokens and stop
 strings (those are per row). Sampled requests batch only with requests that have identical
-temperature/top-k/top-p/min-p (those are per batch in stream_tokens). A request with a seed runs alone,
-so the same seed gives the same text whatever else the server is doing.
+temperature/top-k/top-p/min-p (those are per batch in stream_tokens). A request with a seed runs alone
+(its `n` choices are rows with one `group`, submitted together: they run as one batch of their own), so
+the same seed gives the same texts whatever else the server is doing.
+
+Log-probabilities (`SamplingParams.logprobs`) are those of the model's own distribution: log_softmax of the
+raw float32 logits at each step, before repetition penalty, temperature and top-k/top-p/min-p (as vLLM
+reports them), for every counted completion token (the stop token that ends a row is not one).
 """
 
 from __future__ import annotations
@@ -61,14 +66,25 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
+    group: int | None = None  # seeded rows of one request (its n choices): they run as one batch of their own
 
     def group_key(self) -> tuple:
         """Requests with equal keys may share a batch (see the module docstring)."""
         if self.temperature == 0.0:
             return ("greedy", self.repetition_penalty)
         if self.seed is not None:
-            return ("seeded", id(self))  # one request per params object: runs alone, reproducibly
+            return ("seeded", self.group if self.group is not None else id(self))  # runs alone, reproducibly
         return ("sample", self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+
+
+@dataclass
+class TokenLogprob:
+    """One completion token's log-probability and the most likely alternatives at its step (ids, not text)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
 
 
 @dataclass
@@ -80,6 +96,7 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" (done only)
     completion_tokens: int = 0
     error: BaseException | None = None
+    logprobs: list[TokenLogprob] | None = None  # text only: the tokens behind this piece (when asked for)
 
 
 @dataclass(eq=False)
@@ -96,13 +113,14 @@ class GenRequest:
     started_at: float | None = None  # its batch began (prefill)
     first_token_at: float | None = None  # for the speed figures the API reports ("timings")
     finished_at: float | None = None
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is still held back
 
 
 class Scheduler:
     """Admission control (max_batch generating + max_queue waiting, beyond that Overloaded) and the worker."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, window_s: float = 0.01,
-                 max_wait_s: float = 0.1, max_batch_tokens: int = 1 << 17) -> None:
+                 max_wait_s: float = 0.1, max_batch_tokens: int = 1 << 17, metrics=None) -> None:
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_concurrent must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer = model, tokenizer
@@ -118,6 +136,7 @@ class Scheduler:
         self._busy_s = 0.0  # EMA of batch wall time: the Retry-After estimate
         self._last_rows, self._last_batch_s = 1, 0.0  # the previous batch, for _gather
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "max_rows": 0}
+        self.metrics = metrics  # optional observer: batch(rows), first_token(seconds) (serve/metrics.py)
 
     # ---- admission (any thread) ---------------------------------------------------------------------
     @property
@@ -129,14 +148,18 @@ class Scheduler:
         return len(self._waiting)
 
     def submit(self, req: GenRequest) -> None:
+        self.submit_many([req])
+
+    def submit_many(self, reqs: list[GenRequest]) -> None:
+        """All or none: a request's n choices are admitted together, and queue next to each other."""
         with self._cond:
             if self._closed:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._running) + len(self._waiting) >= self.max_batch + self.max_queue:
+            if len(self._running) + len(self._waiting) + len(reqs) > self.max_batch + self.max_queue:
                 raise Overloaded(f"server busy: {len(self._running)} generations running and "
                                  f"{len(self._waiting)} queued (limits {self.max_batch} and {self.max_queue}); "
                                  "retry later", self.retry_after())
-            self._waiting.append(req)
+            self._waiting.extend(reqs)
             self._cond.notify_all()
         self.start()
 
@@ -233,6 +256,7 @@ class Scheduler:
         if not self._waiting:
             return []
         key = self._waiting[0].params.group_key()
+        seeded = key[0] == "seeded"  # one request's rows: never split by the token budget (max_batch bounds it)
         rows: list[GenRequest] = []
         longest = most_new = 0
         for r in self._waiting:
@@ -241,7 +265,8 @@ class Scheduler:
             if r.params.group_key() != key:
                 continue
             t, n = max(longest, len(r.prompt_ids)), max(most_new, r.params.max_tokens)
-            if rows and (t + n > self.context_length or (len(rows) + 1) * (t + n) > self.max_batch_tokens):
+            too_big = (len(rows) + 1) * (t + n) > self.max_batch_tokens and not seeded
+            if rows and (t + n > self.context_length or too_big):
                 continue
             rows.append(r)
             longest, most_new = t, n
@@ -274,10 +299,15 @@ class Scheduler:
         self.stats["batches"] += 1
         self.stats["rows"] += len(batch)
         self.stats["max_rows"] = max(self.stats["max_rows"], len(batch))
-        steps = stream_tokens(self.model, ids, mask, gc)
+        if self.metrics is not None:
+            self.metrics.batch(len(batch))
+        want = [r.params.logprobs for r in batch]
+        lp = _LogprobTap(max((k for k in want if k is not None), default=-1))
+        steps = stream_tokens(self.model, ids, mask, gc, on_logits=lp if lp.k >= 0 else None)
         try:
             for tok, done in steps:
                 toks, dn = tok.tolist(), done.tolist()
+                chosen, top = lp.take(tok)
                 for b, r in enumerate(batch):
                     if not live[b]:
                         continue
@@ -287,15 +317,19 @@ class Scheduler:
                     t = toks[b]
                     if r.first_token_at is None:  # the first step (even an immediate EOS): time to first token
                         r.first_token_at = time.monotonic()
+                        if self.metrics is not None:
+                            self.metrics.first_token(r.first_token_at - r.enqueued_at)
                     if dn[b] or t in self.eos:
                         live[b] = False
                         self._finish(r, streamers[b], "stop")
                         continue
                     r.completion_tokens += 1
                     self.stats["tokens"] += 1
+                    if want[b] is not None:
+                        r.pending_logprobs.append(TokenLogprob(t, chosen[b], list(zip(*top[b]))[: want[b]]))
                     piece = streamers[b].put(t)
                     if piece:
-                        self._emit(r, Event("text", piece))
+                        self._emit(r, Event("text", piece, logprobs=self._take_logprobs(r)))
                     if streamers[b].stopped or r.completion_tokens >= r.params.max_tokens:
                         live[b] = False
                         self._finish(r, streamers[b], "stop" if streamers[b].stopped else "length")
@@ -320,10 +354,17 @@ class Scheduler:
         except Exception:  # the receiving event loop is gone (shutdown): nothing to tell
             r.cancelled = True
 
+    @staticmethod
+    def _take_logprobs(r: GenRequest) -> list[TokenLogprob] | None:
+        if r.params.logprobs is None:
+            return None
+        out, r.pending_logprobs = r.pending_logprobs, []
+        return out
+
     def _finish(self, r: GenRequest, streamer, reason: str) -> None:
         tail = streamer.end()
-        if tail:
-            self._emit(r, Event("text", tail))
+        if tail or r.pending_logprobs:  # held-back text, or tokens whose text a stop string cut away
+            self._emit(r, Event("text", tail, logprobs=self._take_logprobs(r)))
         r.finished, r.finished_at = True, time.monotonic()
         self._emit(r, Event("done", finish_reason=reason, completion_tokens=r.completion_tokens))
         with self._cond:  # its slot is free as soon as its answer is complete
@@ -334,3 +375,26 @@ class Scheduler:
             return
         r.finished = True
         self._emit(r, Event("error", error=e, completion_tokens=r.completion_tokens))
+
+
+class _LogprobTap:
+    """stream_tokens' on_logits hook: keeps each step's log_softmax so the chosen token's value can be read."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k  # most alternatives any row asked for; -1: nobody asked
+        self.logp: torch.Tensor | None = None
+        self.top: tuple[list, list] | None = None
+
+    def __call__(self, logits: torch.Tensor) -> None:
+        self.logp = logits.float().log_softmax(-1)  # (B, V)
+        if self.k > 0:
+            v, i = self.logp.topk(min(self.k, self.logp.shape[-1]), dim=-1)  # (B, k)
+            self.top = (i.tolist(), v.tolist())
+
+    def take(self, tok: torch.Tensor) -> tuple[list[float], list[tuple[list, list]]]:
+        """-> (chosen token's log-probability per row, (top ids, top log-probabilities) per row)."""
+        if self.logp is None:
+            return [], []
+        chosen = self.logp.gather(1, tok[:, None]).squeeze(1).tolist()  # (B,)
+        ids, vals = self.top if self.top is not None else ([[]] * len(chosen), [[]] * len(chosen))
+        return chosen, list(zip(ids, vals))

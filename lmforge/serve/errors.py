@@ -66,6 +66,8 @@ def validation_error(e: ValidationError) -> ApiError:
     more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
     if first["type"] == "missing":
         return ApiError(400, f"missing required field '{param}'{more}", param=param, code="missing_field")
+    if first["type"] == "extra_forbidden":  # a nested object's undeclared field (top-level ones: schemas.py)
+        return ApiError(400, f"unknown parameter '{param}'{more}", param=param, code="unknown_parameter")
     where = f"'{param}'" if param else "request body"
     kind = "invalid_type" if first["type"].endswith(("_type", "_parsing")) else "invalid_value"
     return ApiError(400, f"{where}: {first['msg']}{more}", param=param, code=kind)

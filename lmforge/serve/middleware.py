@@ -1,4 +1,5 @@
-"""The gate every request passes: Host check, API key, JSON-only POSTs, body size, CORS, one log line.
+"""The gate every request passes: Host check, API key, JSON-only POSTs, body size, CORS, one log line and
+its metrics (serve/metrics.py).
 
 Why the Host and Content-Type checks: with no API key, any web page the user visits could otherwise drive a
 local server. A form or `text/plain` POST is a "simple" cross-site request that browsers send without asking;
@@ -18,6 +19,7 @@ from lmforge.serve.errors import ApiError, error_response
 
 if TYPE_CHECKING:
     from lmforge.serve.app import ServeSettings
+    from lmforge.serve.metrics import Metrics
 
 log = logging.getLogger("lmforge.serve")
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -43,8 +45,8 @@ def host_allowed(name: str, allowed: set[str]) -> bool:
 class Gate:
     """Pure ASGI (streams and disconnects pass through untouched), so it sees every request before routing."""
 
-    def __init__(self, app, settings: ServeSettings) -> None:
-        self.app, self.s = app, settings
+    def __init__(self, app, settings: ServeSettings, metrics: Metrics | None = None) -> None:
+        self.app, self.s, self.metrics = app, settings, metrics
         self.allowed = {host_name(h) for h in (*LOCAL_NAMES, settings.host, *settings.allowed_hosts)}
 
     async def __call__(self, scope, receive, send) -> None:
@@ -76,6 +78,8 @@ class Gate:
             raise
         finally:
             ms = (time.perf_counter() - t0) * 1000
+            if self.metrics is not None:
+                self.metrics.request(scope["path"], info["status"], ms / 1000, info["tokens_in"], info["tokens_out"])
             extra = " (client disconnected)" if info.get("disconnected") else ""
             log.info("%s %s %s in=%d out=%d %.1fms%s", scope["method"], scope["path"], info["status"] or "-",
                      info["tokens_in"], info["tokens_out"], ms, extra)

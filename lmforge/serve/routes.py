@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import itertools
 import json
 import os
 import threading
@@ -15,15 +17,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 
 from lmforge.errors import GenerationError
-from lmforge.serve.batching import Event, GenRequest, Overloaded, SamplingParams, Scheduler
+from lmforge.serve.batching import Event, GenRequest, Overloaded, SamplingParams, Scheduler, TokenLogprob
 from lmforge.serve.errors import ApiError, as_api_error
+from lmforge.serve.logprobs import LogprobFormatter
+from lmforge.serve.metrics import Metrics
 from lmforge.serve.schemas import (
     AnswerRequest,
     ChatRequest,
@@ -52,9 +57,12 @@ class ServerState:
         self.gen, self.emb, self.cls, self.s = generator, embedder, classifier, settings
         self.ctx = generator.model.cfg.context_length
         self.max_prompt = min(settings.max_prompt_tokens or self.ctx - 1, self.ctx - 1)
+        self.metrics = Metrics()
         self.sched = Scheduler(generator.model, generator.tokenizer, max_batch=settings.max_concurrent,
                                max_queue=settings.max_queue, window_s=settings.batch_window_ms / 1000,
-                               max_wait_s=settings.batch_max_wait_ms / 1000)
+                               max_wait_s=settings.batch_max_wait_ms / 1000, metrics=self.metrics)
+        self.metrics.watch(self.sched)
+        self.logprobs = LogprobFormatter(generator.tokenizer)
         self.aux = ThreadPoolExecutor(1, thread_name_prefix="lmforge-aux")  # embeddings, classification
         self.aux_lock = threading.Lock()
         self.aux_active = 0
@@ -150,44 +158,53 @@ def state(request: Request) -> ServerState:
     return request.app.state.lmforge
 
 
-# ---- one generation, seen from the event loop ------------------------------------------------------------
-class Job:
-    """Bridges a scheduler request (worker thread) to an asyncio queue of Events."""
+# ---- one generation request (its n choices, or its prompts), seen from the event loop ------------------------
+GROUPS = itertools.count(1)  # seeded requests: their rows share a group and run as one batch of their own
 
-    def __init__(self, sched: Scheduler, ids: list[int], params: SamplingParams) -> None:
+
+class Job:
+    """Bridges a request's scheduler rows (worker thread) to one asyncio queue of (row, Event)."""
+
+    def __init__(self, sched: Scheduler, rows: list[tuple[list[int], SamplingParams]]) -> None:
         self.sched, self.loop = sched, asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.req = GenRequest(ids, params, self.emit)
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.reqs = [GenRequest(ids, params, functools.partial(self.emit, i)) for i, (ids, params) in enumerate(rows)]
+        self.open = len(self.reqs)  # rows not done yet
         self.over = False
 
-    def emit(self, ev: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+    def emit(self, row: int, ev: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (row, ev))
 
     def submit(self) -> Job:
-        self.sched.submit(self.req)
+        self.sched.submit_many(self.reqs)
         return self
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """Every row's events in arrival order; ends when all rows are done, or at the first error."""
         while not self.over:
-            ev = await self.queue.get()
-            self.over = ev.kind in ("done", "error")
-            yield ev
+            row, ev = await self.queue.get()
+            if ev.kind == "done":
+                self.open -= 1
+            self.over = ev.kind == "error" or self.open == 0
+            yield row, ev
 
     def cancel(self) -> None:
-        if not self.over:
-            self.over = True
-            self.sched.cancel(self.req)
+        """Free the slots of rows still waiting or running (a no-op once all are done)."""
+        self.over = True
+        for r in self.reqs:
+            if not r.finished:
+                self.sched.cancel(r)
 
 
 class ClientGone(Exception):
     """The client closed a non-streaming request: nobody reads the answer (logged as 499)."""
 
 
-def sampling_params(body, max_tokens: int) -> SamplingParams:
+def sampling_params(body, max_tokens: int, logprobs: int | None = None, group: int | None = None) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           top_k=getattr(body, "top_k", 0), min_p=getattr(body, "min_p", 0.0),
                           repetition_penalty=body.repetition_penalty, seed=body.seed,
-                          stop=tuple(getattr(body, "stop", None) or ()))
+                          stop=tuple(getattr(body, "stop", None) or ()), logprobs=logprobs, group=group)
 
 
 def note(request: Request, **kw) -> None:
@@ -209,62 +226,87 @@ async def read_body(request: Request, model: type):
     return parse_request(bytes(raw), model)
 
 
-async def start_job(request: Request, ids: list[int], body, param: str, max_param: str = "max_tokens",
-                    requested: int | None = None) -> Job:
+def check_n(st: ServerState, n: int, prompts: int = 1) -> None:
+    """n choices are n rows of one batch, so they must fit in one (a seed then reproduces all of them)."""
+    if n > st.s.max_concurrent:
+        raise ApiError(400, f"n {n} exceeds this server's limit of {st.s.max_concurrent} (its max_concurrent)", "n",
+                       "unsupported_value")
+    if n * prompts > st.s.max_concurrent + st.s.max_queue:
+        raise ApiError(400, f"{prompts} prompts x n {n} = {n * prompts} generations; this server takes at most "
+                            f"{st.s.max_concurrent + st.s.max_queue}", "n", "too_many_inputs")
+
+
+async def start_job(request: Request, prompts: list[list[int]], body, param: str, max_param: str = "max_tokens",
+                    requested: int | None = None, n: int = 1, logprobs: int | None = None) -> Job:
+    """Check every prompt, then submit n rows per prompt (choice index = prompt * n + j) all at once."""
     st = state(request)
-    st.check_prompt(len(ids), param)
-    n = st.resolve_max_tokens(requested if requested is not None else body.max_tokens, len(ids), max_param)
-    note(request, tokens_in=len(ids))
-    return Job(st.sched, ids, sampling_params(body, n)).submit()
+    limits = []
+    for ids in prompts:
+        st.check_prompt(len(ids), param)
+        limits.append(st.resolve_max_tokens(requested if requested is not None else body.max_tokens, len(ids),
+                                            max_param))
+    group = next(GROUPS) if body.seed is not None else None
+    rows = [(ids, sampling_params(body, m, logprobs, group)) for ids, m in zip(prompts, limits) for _ in range(n)]
+    note(request, tokens_in=sum(map(len, prompts)))
+    return Job(st.sched, rows).submit()
 
 
-async def watch_disconnect(request: Request, jobs: list[Job]) -> None:
+async def watch_disconnect(request: Request, job: Job) -> None:
     """Non-streaming requests: when the client goes away, free its slots at once."""
     while True:
         msg = await request.receive()
         if msg["type"] == "http.disconnect":
             note(request, disconnected=True)
-            for j in jobs:
-                j.cancel()
-                j.queue.put_nowait(Event("error", error=ClientGone()))
+            job.cancel()
+            job.queue.put_nowait((-1, Event("error", error=ClientGone())))
             return
 
 
-async def collect(request: Request, jobs: list[Job]) -> list[tuple[str, str, int]]:
-    """Run jobs to completion -> [(text, finish_reason, completion_tokens)]; raises their error."""
-    watcher = asyncio.create_task(watch_disconnect(request, jobs))
+@dataclass
+class Choice:
+    """One row's whole answer (non-streaming replies)."""
+
+    text: str = ""
+    finish_reason: str = "stop"
+    tokens: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+async def collect(request: Request, job: Job) -> list[Choice]:
+    """Run a job's rows to completion -> one Choice per row; raises the first error."""
+    watcher = asyncio.create_task(watch_disconnect(request, job))
     try:
-        out = []
-        for j in jobs:
-            parts, reason, n = [], "stop", 0
-            async for ev in j.events():
-                if ev.kind == "text":
-                    parts.append(ev.text)
-                elif ev.kind == "done":
-                    reason, n = ev.finish_reason or "stop", ev.completion_tokens
-                elif isinstance(ev.error, ClientGone):  # nobody is listening; the log line says 499
-                    raise ApiError(499, "client closed the request", None, "client_closed")
-                else:
-                    raise ev.error or RuntimeError("generation failed")
-            out.append(("".join(parts), reason, n))
+        parts: list[list[str]] = [[] for _ in job.reqs]
+        out = [Choice() for _ in job.reqs]
+        async for row, ev in job.events():
+            if ev.kind == "text":
+                parts[row].append(ev.text)
+                out[row].logprobs.extend(ev.logprobs or ())
+            elif ev.kind == "done":
+                out[row].finish_reason, out[row].tokens = ev.finish_reason or "stop", ev.completion_tokens
+            elif isinstance(ev.error, ClientGone):  # nobody is listening; the log line says 499
+                raise ApiError(499, "client closed the request", None, "client_closed")
+            else:
+                raise ev.error or RuntimeError("generation failed")
+        for c, p in zip(out, parts):
+            c.text = "".join(p)
         return out
     finally:
         watcher.cancel()
-        for j in jobs:
-            j.cancel()
+        job.cancel()
 
 
 def usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def timings(jobs: list[Job], n_in: int) -> dict[str, Any]:
+def timings(job: Job, n_in: int) -> dict[str, Any]:
     """Speed figures next to `usage` (an lmforge extension; OpenAI clients ignore it).
 
     Times count from when the request reached the scheduler (after tokenization): the queue wait, the time to
     the first token (queue + prefill + one step), and the decode speed after the first token.
     """
-    reqs = [j.req for j in jobs]
+    reqs = job.reqs
     t0 = min(r.enqueued_at for r in reqs)
     starts = [r.started_at for r in reqs if r.started_at is not None]
     firsts = [r.first_token_at for r in reqs if r.first_token_at is not None]
@@ -286,32 +328,34 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def stream_job(request: Request, job: Job, n_in: int, head: dict, include_usage: bool, text_chunk,
-                     end_chunk, first: str | None) -> AsyncIterator[str]:
-    """SSE pieces for one job; a client that goes away (the task is cancelled) frees its slot at once."""
+async def stream_job(request: Request, job: Job, n_in: int, head: dict, include_usage: bool,
+                     text_chunk: Callable[[int, str, list[TokenLogprob] | None], str],
+                     end_chunk: Callable[[int, str], str], first: list[str]) -> AsyncIterator[str]:
+    """SSE pieces for a job's rows (chunks name their choice index); a client that goes away (the task is
+    cancelled) frees its slots at once. With include_usage, a last chunk carries `usage` and no choices."""
     n_out = 0
     try:
-        if first is not None:
-            yield first
-        async for ev in job.events():
+        for f in first:
+            yield f
+        async for row, ev in job.events():
             if ev.kind == "text":
-                yield text_chunk(ev.text)
+                if ev.text or ev.logprobs:
+                    yield text_chunk(row, ev.text, ev.logprobs)
             elif ev.kind == "done":
-                n_out = ev.completion_tokens
-                yield end_chunk(ev.finish_reason or "stop")
-                if include_usage:
-                    yield sse({**head, "object": "chat.completion.chunk" if first else "text_completion",
-                               "choices": [], "usage": usage(n_in, n_out), "timings": timings([job], n_in)})
+                n_out += ev.completion_tokens
+                yield end_chunk(row, ev.finish_reason or "stop")
             else:
                 err = as_api_error(ev.error or RuntimeError("generation failed"))
                 yield sse(err.body())
                 return
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": usage(n_in, n_out), "timings": timings(job, n_in)})
         yield "data: [DONE]\n\n"
     finally:
         if not job.over:
             note(request, disconnected=True)
         job.cancel()
-        note(request, tokens_out=n_out or job.req.completion_tokens)
+        note(request, tokens_out=n_out or sum(r.completion_tokens for r in job.reqs))
 
 
 # ---- pages, health, models -------------------------------------------------------------------------------
@@ -332,6 +376,13 @@ async def health(request: Request):
             "api_key_required": bool(st.s.api_key)}
 
 
+@router.get("/metrics")
+async def metrics(request: Request):
+    """Prometheus text format (like /health, outside /v1/: no API key needed; see docs/serving.md)."""
+    m = state(request).metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
 @router.get("/v1/models")
 async def list_models(request: Request):
     return {"object": "list", "data": state(request).models()}
@@ -346,36 +397,49 @@ async def get_model(request: Request, model_id: str):
 
 
 # ---- generation ------------------------------------------------------------------------------------------
+def stream_head(body, head: dict, obj: str) -> tuple[dict, bool]:
+    """The fields every chunk shares, and whether the stream ends with a usage chunk (then every other chunk
+    says `usage: null`, as OpenAI's do)."""
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    return {**head, "object": obj, **({"usage": None} if include_usage else {})}, include_usage
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     st = state(request)
     body: ChatRequest = await read_body(request, ChatRequest)
     st.check_model(body.model, st.gen_names, "chat completions")
     body.unsupported()
+    check_n(st, body.n)
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     st.check_max_tokens(requested, max_param)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+                 **({"name": m.name} if m.name is not None else {})} for m in body.messages]
     ids = await st.chat_ids(messages)
-    job = await start_job(request, ids, body, "messages", max_param, requested)
+    k = body.top_logprobs_k()
+    job = await start_job(request, [ids], body, "messages", max_param, requested, n=body.n, logprobs=k)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": st.model_id,
             "system_fingerprint": "lmforge"}
     if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        shead, include_usage = stream_head(body, head, "chat.completion.chunk")
 
-        def chunk(delta: dict, finish: str | None = None) -> str:
-            return sse({**head, "object": "chat.completion.chunk",
-                        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+        def chunk(i: int, delta: dict, finish: str | None = None, lps: list[TokenLogprob] | None = None) -> str:
+            lp = st.logprobs.chat(lps) if k is not None and lps is not None else None
+            return sse({**shead, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
 
-        pieces = stream_job(request, job, len(ids), head, include_usage, lambda t: chunk({"content": t}),
-                            lambda r: chunk({}, r), chunk({"role": "assistant", "content": ""}))
+        pieces = stream_job(request, job, len(ids), shead, include_usage,
+                            lambda i, t, lps: chunk(i, {"content": t}, lps=lps), lambda i, r: chunk(i, {}, r),
+                            [chunk(i, {"role": "assistant", "content": ""}) for i in range(body.n)])
         return StreamingResponse(pieces, media_type="text/event-stream", headers=SSE_HEADERS)
-    [(text, reason, n)] = await collect(request, [job])
-    note(request, tokens_out=n)
+    choices = await collect(request, job)
+    n_out = sum(c.tokens for c in choices)
+    note(request, tokens_out=n_out)
     return {**head, "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": reason}],
-            "usage": usage(len(ids), n), "timings": timings([job], len(ids))}
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                         "logprobs": st.logprobs.chat(c.logprobs) if k is not None else None,
+                         "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+            "usage": usage(len(ids), n_out), "timings": timings(job, len(ids))}
 
 
 @router.post("/v1/completions")
@@ -391,48 +455,41 @@ async def completions(request: Request):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise ApiError(400, "'prompt' is empty: give some text", "prompt", "empty_prompt")
-    if body.stream and len(prompts) > 1:
-        raise ApiError(400, "stream with a list of prompts is not supported: send one prompt per request",
-                       "prompt", "unsupported_value")
     if len(prompts) > st.s.max_concurrent + st.s.max_queue:
         raise ApiError(400, f"{len(prompts)} prompts in one request; this server takes at most "
                             f"{st.s.max_concurrent + st.s.max_queue}", "prompt", "too_many_inputs")
+    check_n(st, body.n, len(prompts))
     ids_list = []
     for p in prompts:
         if not p.strip():
             raise ApiError(400, "'prompt' is empty: give some text", "prompt", "empty_prompt")
         ids_list.append(await st.encode(p, True))
-    for ids in ids_list:  # every check before any job starts
-        st.check_prompt(len(ids), "prompt")
-        st.resolve_max_tokens(body.max_tokens, len(ids))
-    jobs: list[Job] = []
-    try:
-        for ids in ids_list:
-            jobs.append(await start_job(request, ids, body, "prompt"))
-    except BaseException:
-        for j in jobs:
-            j.cancel()
-        raise
+    k = body.top_logprobs_k()
+    job = await start_job(request, ids_list, body, "prompt", n=body.n, logprobs=k)
     n_in = sum(map(len, ids_list))
-    note(request, tokens_in=n_in)
     head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": st.model_id,
             "system_fingerprint": "lmforge"}
     if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        shead, include_usage = stream_head(body, head, "text_completion")
+        offsets = [0] * len(job.reqs)  # characters of each choice's text so far, for text_offset
 
-        def chunk(text: str, finish: str | None = None) -> str:
-            return sse({**head, "object": "text_completion",
-                        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]})
+        def chunk(i: int, text: str, lps: list[TokenLogprob] | None = None, finish: str | None = None) -> str:
+            lp = None
+            if k is not None and lps is not None:
+                lp = st.logprobs.completion(lps, offsets[i])
+                offsets[i] += sum(len(t) for t in lp["tokens"])
+            return sse({**shead, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})
 
-        pieces = stream_job(request, jobs[0], n_in, head, include_usage, chunk, lambda r: chunk("", r), None)
+        pieces = stream_job(request, job, n_in, shead, include_usage, chunk, lambda i, r: chunk(i, "", finish=r), [])
         return StreamingResponse(pieces, media_type="text/event-stream", headers=SSE_HEADERS)
-    results = await collect(request, jobs)
-    n_out = sum(r[2] for r in results)
+    choices = await collect(request, job)
+    n_out = sum(c.tokens for c in choices)
     note(request, tokens_out=n_out)
     return {**head, "object": "text_completion",
-            "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
-                        for i, (t, r, _) in enumerate(results)],
-            "usage": usage(n_in, n_out), "timings": timings(jobs, n_in)}
+            "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                         "logprobs": st.logprobs.completion(c.logprobs) if k is not None else None}
+                        for i, c in enumerate(choices)],
+            "usage": usage(n_in, n_out), "timings": timings(job, n_in)}
 
 
 # ---- task endpoints (zero-shot prompts through the chat template, as the CLI verbs do) -----------------------
@@ -444,20 +501,21 @@ async def run_task(request: Request, body: TaskRequest, prompt: str, default_new
     ids = await st.chat_ids([{"role": "user", "content": prompt}])
     requested = body.max_tokens if body.max_tokens is not None else min(default_new, st.s.max_tokens,
                                                                         max(1, st.ctx - len(ids)))
-    job = await start_job(request, ids, body, "text", requested=requested)
-    [(text, reason, n)] = await collect(request, [job])
-    note(request, tokens_out=n)
-    return text.strip(), reason, {"usage": usage(len(ids), n), "timings": timings([job], len(ids))}
+    job = await start_job(request, [ids], body, "text", requested=requested)
+    [c] = await collect(request, job)
+    note(request, tokens_out=c.tokens)
+    return c.text.strip(), c.finish_reason, {"usage": usage(len(ids), c.tokens), "timings": timings(job, len(ids))}
 
 
 @router.post("/v1/summarize")
 async def summarize(request: Request):
+    from lmforge.tasks.grounding import check
     from lmforge.tasks.prompts import summarize_prompt
 
     body: SummarizeRequest = await read_body(request, SummarizeRequest)
     text, reason, extra = await run_task(request, body, summarize_prompt(body.text), 160)
     return {"object": "summary", "model": state(request).model_id, "summary": text, "finish_reason": reason,
-            **extra}
+            "unsupported": check(body.text, text, "summarize"), **extra}  # invented numbers/amounts/names
 
 
 @router.post("/v1/translate")
@@ -478,12 +536,13 @@ async def translate(request: Request):
 
 @router.post("/v1/answer")
 async def answer(request: Request):
+    from lmforge.tasks.grounding import check
     from lmforge.tasks.prompts import answer_prompt
 
     body: AnswerRequest = await read_body(request, AnswerRequest)
     text, reason, extra = await run_task(request, body, answer_prompt(body.context, body.question), 64)
     return {"object": "answer", "model": state(request).model_id, "answer": text, "finish_reason": reason,
-            **extra}
+            "unsupported": check(body.context, text, "answer"), **extra}  # not in the context
 
 
 # ---- embeddings and classification (second thread) ----------------------------------------------------------

@@ -2,12 +2,17 @@
 
 Bounds here are what the model code can run without failing: a value the decoder cannot use (a seed beyond
 64 bits, a temperature so small that logits overflow, NaN) is a 400 naming the field, never a 500.
+
+Nothing is silently ignored: a field no schema declares is a 400 naming it, and OpenAI parameters that lmforge
+does not implement (tools, response_format with a schema, logit_bias, ...) are a 400 that says so, unless their
+value asks for nothing (`tools: []`, `response_format: {"type": "text"}`); see NOT_IMPLEMENTED.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -17,16 +22,52 @@ from lmforge.serve.errors import ApiError, validation_error
 MAX_JSON_DEPTH = 32  # deepest nesting a request may have; real requests need about 6
 MIN_TEMPERATURE = 0.01  # below this, logits / temperature overflow float32: 0 means greedy
 SEED = Field(None, ge=-(1 << 63), le=(1 << 64) - 1)  # what torch.Generator.manual_seed accepts
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat's top_logprobs (completions allow 5; we allow 20 for both)
+MAX_N = 128  # choices per request in the schema; the server's max_concurrent bounds it further
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == [] or v == {}
+
+
+# top-level OpenAI parameters that no schema declares: accepted (and dropped) only when the value asks for nothing
+NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "user": (lambda v: True, ""),  # an end-user id for abuse monitoring: nothing to do
+    "safety_identifier": (lambda v: True, ""),
+    "prompt_cache_key": (lambda v: True, ""),  # a cache hint
+    "metadata": (lambda v: True, ""),  # tags for stored completions
+    "store": (lambda v: v in (None, False), "lmforge does not store completions"),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "lmforge has one service tier"),
+    "tools": (_empty, "lmforge does not implement tool calls"),
+    "functions": (_empty, "lmforge does not implement function calls"),
+    "tool_choice": (lambda v: v in (None, "none"), "lmforge does not implement tool calls"),
+    "function_call": (lambda v: v in (None, "none"), "lmforge does not implement function calls"),
+    "parallel_tool_calls": (lambda v: v is None or isinstance(v, bool), "lmforge does not implement tool calls"),
+    "response_format": (lambda v: v is None or v == {"type": "text"},
+                        "structured output (json_object, json_schema) is not implemented; only {\"type\": \"text\"}"),
+    "logit_bias": (_empty, "logit_bias is not implemented"),
+    "modalities": (lambda v: v in (None, ["text"]), "only text output is implemented"),
+    "audio": (lambda v: v is None, "audio output is not implemented"),
+    "prediction": (lambda v: v is None, "predicted outputs are not implemented"),
+    "reasoning_effort": (lambda v: v is None, "reasoning effort is not implemented"),
+    "verbosity": (lambda v: v is None, "verbosity is not implemented"),
+    "web_search_options": (lambda v: v is None, "web search is not implemented"),
+    "best_of": (lambda v: v in (None, 1), "best_of is not implemented (use n)"),
+}
 
 
 class RequestBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use (user, metadata, ...)
+    model_config = ConfigDict(extra="forbid")  # unknown fields are a 400 naming them (see NOT_IMPLEMENTED)
 
 
 def _temperature(v: float) -> float:
     if 0.0 < v < MIN_TEMPERATURE:
         raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE}")
     return v
+
+
+class StreamOptions(RequestBody):
+    include_usage: bool = False  # a last chunk with `usage` (and `usage: null` on the others)
 
 
 class SamplingFields(RequestBody):
@@ -42,11 +83,10 @@ class SamplingFields(RequestBody):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     stop: str | list[str] | None = None
-    seed: int | None = SEED
-    n: int = 1
+    seed: int | None = SEED  # with n > 1, the n choices are drawn together: the same seed gives the same n
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    logprobs: bool | int | None = None
+    stream_options: StreamOptions | None = None
 
     _check_temperature = field_validator("temperature")(_temperature)
 
@@ -61,16 +101,14 @@ class SamplingFields(RequestBody):
         return stops
 
     def unsupported(self) -> None:
-        """Fields OpenAI has and lmforge does not do: a 400 that says so, rather than silently ignoring them."""
-        if self.n != 1:
-            raise ApiError(400, "n must be 1 (send several requests; they are batched together)", "n",
-                           "unsupported_value")
+        """Values OpenAI has and lmforge does not do: a 400 that says so, rather than silently ignoring them."""
         if self.frequency_penalty or self.presence_penalty:
             raise ApiError(400, "frequency_penalty and presence_penalty are not supported; use repetition_penalty",
                            "frequency_penalty" if self.frequency_penalty else "presence_penalty",
                            "unsupported_value")
-        if self.logprobs:
-            raise ApiError(400, "logprobs are not supported", "logprobs", "unsupported_value")
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options",
+                           "invalid_value")
 
 
 class TextPart(RequestBody):
@@ -81,6 +119,7 @@ class TextPart(RequestBody):
 class ChatMessage(RequestBody):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+    name: str | None = None  # passed to the chat template (most templates do not use it)
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -89,12 +128,27 @@ class ChatMessage(RequestBody):
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+
+    def top_logprobs_k(self) -> int | None:
+        """None: no logprobs; k >= 0: each token's log-probability and its k most likely alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str]
     echo: bool = False
     suffix: str | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # completions: the number of alternatives
+
+    def top_logprobs_k(self) -> int | None:
+        return self.logprobs
 
 
 class EmbeddingRequest(RequestBody):
@@ -174,6 +228,24 @@ def _check_tree(data: Any) -> None:
             stack.extend((v, f"{path}.{i}" if path else str(i), depth + 1) for i, v in enumerate(obj))
 
 
+def _drop_no_ops(data: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """Undeclared top-level fields: a no-op value of a known OpenAI parameter is dropped, anything else is a
+    400 naming the field (an unimplemented parameter says so; an unknown one is called unknown)."""
+    declared = {f.alias or n for n, f in model.model_fields.items()} | set(model.model_fields)
+    out = {}
+    for key, value in data.items():
+        if key in declared:
+            out[key] = value
+            continue
+        if key not in NOT_IMPLEMENTED:
+            raise ApiError(400, f"unknown parameter '{key[:80]}' (not an lmforge or OpenAI field of this "
+                                "endpoint)", key[:80], "unknown_parameter")
+        accept, why = NOT_IMPLEMENTED[key]
+        if not accept(value):
+            raise ApiError(400, f"'{key}' is not supported: {why}", key, "unsupported_parameter")
+    return out
+
+
 def parse_request(raw: bytes, model: type[BaseModel]) -> Any:
     """JSON bytes -> a validated `model`, or an ApiError (400) that says what is wrong and where."""
     if not raw.strip():
@@ -191,6 +263,7 @@ def parse_request(raw: bytes, model: type[BaseModel]) -> Any:
     if not isinstance(data, dict):
         raise ApiError(400, f"request body must be a JSON object, got {type(data).__name__}", None, "invalid_json")
     _check_tree(data)
+    data = _drop_no_ops(data, model)
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -3,6 +3,10 @@
 summarize -> ROUGE-1/2/L (rouge-score); translate -> BLEU and chrF (sacrebleu); qa -> SQuAD exact match
 and F1 (official normalisation), extractive with a QA run dir or generative with an instruct model.
 Predictions go to a JSONL file beside the summary, so a score can always be traced to its outputs.
+Each output is checked against its source (tasks/grounding.py): `unsupported_rate` is the share of outputs
+with at least one number, amount, year, century or name (names not for translate) that the source lacks.
+With `shots` > 0 (summarize, translate) a base model sees a few-shot prompt (prompts.FewShot) whose examples
+come from `shots_file` and are never evaluated rows.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import DataError
+from lmforge.tasks.prompts import FewShot
 
 TASKS = ("summarize", "translate", "qa")
 
@@ -33,7 +38,9 @@ class EvalConfig:
     num_beams: int = 1
     output: str | None = None  # predictions JSONL (default: beside the summary in runs/)
     tail: bool = False  # take the last `limit` rows instead of the first (e.g. a held-out tail)
-    quantize: int | None = None
+    quantize: int | str | None = "auto"  # Generator.load's setting: a quantized GGUF decodes quantized
+    shots: int = 0  # > 0: few-shot prompt with this many examples from shots_file (summarize, translate)
+    shots_file: str | None = None
 
 
 def _lead_sentences(text: str, n: int = 3) -> str:
@@ -43,17 +50,19 @@ def _lead_sentences(text: str, n: int = 3) -> str:
     return " ".join(parts[:n])
 
 
-def _generate_all(gen, prompts: list[str], c: EvalConfig, log) -> list[str]:
-    """Batched, length-sorted generation through the chat template; shows progress."""
+def _generate_all(gen, prompts: list[str], c: EvalConfig, log, fewshot: FewShot | None = None) -> list[str]:
+    """Batched (c.batch_size prompts per call, left-padded), length-sorted generation: through the chat
+    template, or as plain text with the few-shot stop strings; a progress bar with an ETA on stderr."""
     from tqdm import tqdm
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
+    kw = dict(chat=False, stop_strings=fewshot.stop_strings) if fewshot else dict(chat=True)
     with tqdm(total=len(prompts), desc=f"eval {c.task}", unit="ex", disable=None) as bar:
         for s in range(0, len(order), c.batch_size):
             idx = order[s: s + c.batch_size]
-            texts = gen.generate([prompts[i] for i in idx], chat=True, truncate=True,
-                                 max_new_tokens=c.max_new_tokens, num_beams=c.num_beams)
+            texts = gen.generate([prompts[i] for i in idx], truncate=True, max_new_tokens=c.max_new_tokens,
+                                 num_beams=c.num_beams, **kw)
             for i, t in zip(idx, texts):
                 out[i] = t.strip()
             bar.update(len(idx))
@@ -64,37 +73,51 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
     from lmforge import metrics
     from lmforge.data.squad import read_jsonl_pairs, read_squad
     from lmforge.tasks import prompts as P
+    from lmforge.tasks.grounding import check
 
     if c.task not in TASKS:
         raise DataError(f"--task: unknown task {c.task!r} (one of {', '.join(TASKS)})")
+    if c.shots and c.task == "qa":
+        raise DataError("--shots: few-shot prompts exist for summarize and translate, not qa")
+    if c.shots and not c.shots_file:
+        raise DataError("--shots needs --shots-file FILE (JSONL with the same fields as --data)")
+    if c.shots_file and not c.shots:
+        raise DataError("--shots-file needs --shots K (the number of examples to show)")
+    fewshot: FewShot | None = None
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    src = c.src or "en"
     if c.task in ("summarize", "translate"):
         if c.task == "translate":
             if not c.to:
                 raise DataError("eval --task translate needs --to LANG")
             P.language_name(c.to, "--to")
-            src = c.src or "en"
             inp, tgt = c.input_field or src, c.target_field or c.to
         else:
             inp, tgt = c.input_field or "document", c.target_field or "summary"
         pairs = read_jsonl_pairs(c.data, inp, tgt)
         if c.limit:
             pairs = pairs[-c.limit:] if c.tail else pairs[: c.limit]
+        if c.shots:  # before the model loads: a bad shots file fails fast
+            fewshot = P.load_fewshot(c.shots_file, c.shots, c.task, inp, tgt, to=c.to, src=src,
+                                     exclude=[x for x, _ in pairs])
         if c.model == "lead-3" and c.task == "summarize":
             preds = [_lead_sentences(x) for x, _ in pairs]
         else:
             from lmforge.generate import Generator
 
             gen = Generator.load(c.model, quantize=c.quantize)
-            if c.task == "summarize":
+            if fewshot:
+                prompts = [fewshot.prompt(x) for x, _ in pairs]
+            elif c.task == "summarize":
                 prompts = [P.summarize_prompt(x) for x, _ in pairs]
             else:
                 prompts = [P.translate_prompt(x, c.to, c.src) for x, _ in pairs]
-            preds = _generate_all(gen, prompts, c, log)
+            preds = _generate_all(gen, prompts, c, log, fewshot)
         refs = [y for _, y in pairs]
         scores = metrics.rouge_scores(preds, refs) if c.task == "summarize" else metrics.bleu_chrf(preds, refs)
-        rows = [{"input": x, "reference": y, "prediction": p} for (x, y), p in zip(pairs, preds)]
+        rows = [{"input": x, "reference": y, "prediction": p, "unsupported": check(x, p, c.task)}
+                for (x, y), p in zip(pairs, preds)]
     else:
         examples = read_squad(c.data)
         if c.limit:
@@ -118,8 +141,8 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
             answers = _generate_all(gen, prompts, c, log)
             preds_by_id = {ex.id: a.split("\n")[0].strip().rstrip(".") for ex, a in zip(examples, answers)}
         scores = metrics.squad_scores(preds_by_id, examples)
-        rows = [{"id": ex.id, "question": ex.question, "answers": ex.answers, "prediction": preds_by_id[ex.id]}
-                for ex in examples]
+        rows = [{"id": ex.id, "question": ex.question, "answers": ex.answers, "prediction": preds_by_id[ex.id],
+                 "unsupported": check(ex.context, preds_by_id[ex.id], "qa")} for ex in examples]
     elapsed = time.perf_counter() - t0
     out = Path(c.output) if c.output else Path("runs") / f"eval-{c.task}-{Path(c.model).name}-{int(time.time())}" \
         / "predictions.jsonl"
@@ -129,13 +152,19 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     summary = {"task": c.task, "model": c.model, "data": c.data, "examples": len(rows),
                **{k: round(v, 2) if isinstance(v, float) else v for k, v in scores.items()},
+               "unsupported_rate": round(100.0 * sum(bool(r["unsupported"]) for r in rows) / max(len(rows), 1), 2),
                "elapsed_s": round(elapsed, 1), "predictions": str(out)}
+    if fewshot:
+        summary.update(shots=c.shots, shots_file=c.shots_file, shot_rows=list(fewshot.rows))
     out.with_name("summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    keys = [k for k in ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match", "f1") if k in s]
-    head = f"{'task':<10} {'examples':>8} " + " ".join(f"{k:>11}" for k in keys)
-    row = f"{s['task']:<10} {s['examples']:>8} " + " ".join(f"{s[k]:>11.2f}" for k in keys)
-    return f"{head}\n{row}\npredictions: {s['predictions']}  ({s['elapsed_s']}s)"
+    keys = [k for k in ("rouge1", "rouge2", "rougeL", "bleu", "chrf", "exact_match", "f1", "unsupported_rate")
+            if k in s]
+    label = {"unsupported_rate": "unsupported%"}  # outputs with a number/amount/name their source lacks
+    head = f"{'task':<10} {'examples':>8} " + " ".join(f"{label.get(k, k):>12}" for k in keys)
+    row = f"{s['task']:<10} {s['examples']:>8} " + " ".join(f"{s[k]:>12.2f}" for k in keys)
+    shots = f"  shots: {s['shots']} (rows {s['shot_rows']} of {s['shots_file']})" if s.get("shots") else ""
+    return f"{head}\n{row}\npredictions: {s['predictions']}  ({s['elapsed_s']}s){shots}"

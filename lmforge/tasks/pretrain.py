@@ -51,6 +51,7 @@ from lmforge.io import atomic_dir
 from lmforge.model.heads import CausalLM, lm_loss
 from lmforge.model.transformer import Transformer
 from lmforge.tasks.common import TaskRun, run_training, write_json
+from lmforge.train.precision import resolve_precision
 from lmforge.train.strategy import all_reduce_sum, choose_strategy, dist_info, is_fsdp, leader_first
 
 CONFIG_FILE = "pretrain_config.json"
@@ -323,7 +324,8 @@ def pretrain(c: PretrainConfig, tc, resume: bool = False, log: Callable[[str], N
     n_params = s.model.num_parameters()
     tokens_per_step = tc.batch_size * tc.grad_accum * info.world_size * T
     fpt = flops_per_token(cfg, T)
-    dtype = torch.bfloat16 if tc.bf16 else torch.float32
+    bf16 = resolve_precision(tc.precision, device).bf16  # what the Trainer will pick: MFU against its peak
+    dtype = torch.bfloat16 if bf16 else torch.float32
     per_rank_peak = c.peak_flops or peak_flops(device, dtype)
     total_peak = all_reduce_sum([per_rank_peak], device)[0]
     log(f"model: {cfg.family}, {n_params / 1e6:.2f}M parameters ({s.source}); context {T}; vocab {tok.vocab_size} "
@@ -356,7 +358,7 @@ def pretrain(c: PretrainConfig, tc, resume: bool = False, log: Callable[[str], N
         tok_s = statistics.median(rates) if rates else None
         return {"tokens_per_s": tok_s, "mfu": None if tok_s is None else tok_s * fpt / total_peak}
 
-    strategy = choose_strategy(fsdp=c.fsdp, fsdp_layers=list(model.backbone.blocks), bf16=tc.bf16)
+    strategy = choose_strategy(fsdp=c.fsdp, fsdp_layers=list(model.backbone.blocks), bf16=bf16)
     run = TaskRun("pretrain", saved_config, model, data, lm_loss, save_fn=export, eval_fn=eval_fn,
                   eval_metrics=EVAL_METRICS, marker=INFO_FILE, strategy=strategy, write_config=False,
                   summary={"parameters": n_params, "context_length": T,

@@ -1,10 +1,15 @@
-"""Zero-shot prompts for instruct models: summarize, translate, answer from a context.
+"""Zero-shot prompts for instruct models (summarize, translate, answer from a context), and few-shot prompts
+for base models (FewShot: K solved examples from a JSONL file before the input, plain text).
 
 Fine-tuned seq2seq models use the same prompt shapes (tasks/seq2seq.py), so a model fine-tuned with
 `lmforge finetune --task translate` answers `lmforge translate` with the prompt it was trained on.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 from lmforge.errors import GenerationError
 
@@ -51,3 +56,78 @@ def instruct_prompt(instruction: str) -> str:
 
 
 TASK_PROMPTS = {"summarize": summarize_prompt, "instruct": instruct_prompt}
+
+
+# ---- few-shot prompts for base models ----------------------------------------------------------------------
+FEWSHOT_HELP = """few-shot prompt (--shots K, for base models): plain text, no chat template, built as
+  <instruction>                         "Translate English to Spanish." ("Translate each text to Spanish."
+                                        without --from) or "Summarize each document in two or three sentences."
+  <blank line>
+  <In>: <input of shot 1>               In/Out: English:/Spanish: (translate; Text: without --from),
+  <Out>: <target of shot 1>             Document:/Summary: (summarize)
+  <blank line> ... K shots ...
+  <In>: <your text>
+  <Out>:
+The shots are the first K rows of --shots-file (JSONL with the task's input and target fields) whose input
+is not one of the inputs being processed (in `eval`: the evaluated rows, so --shots-file may be --data);
+each text is put on one line (runs of whitespace become one space) and the reply ends at a blank line or at
+the next "<In>:" line."""
+
+
+@dataclass(frozen=True)
+class FewShot:
+    """K solved examples shown before the input so that a base model (no instruction tuning) continues the
+    pattern; `prompt(text)` is the exact text the model sees, `stop_strings` end its reply."""
+
+    instruction: str
+    in_label: str
+    out_label: str
+    shots: tuple[tuple[str, str], ...]
+    rows: tuple[int, ...] = ()  # 1-based row numbers of the shots in their file (rows = non-blank lines)
+
+    def prompt(self, text: str) -> str:
+        blocks = [self.instruction]
+        blocks += [f"{self.in_label}: {one_line(x)}\n{self.out_label}: {one_line(y)}" for x, y in self.shots]
+        blocks.append(f"{self.in_label}: {one_line(text)}\n{self.out_label}:")
+        return "\n\n".join(blocks)
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return ["\n\n", f"\n{self.in_label}:"]
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def fewshot_labels(task: str, to: str | None = None, src: str | None = None) -> tuple[str, str, str]:
+    """(instruction, input label, output label) of a task's few-shot prompt."""
+    if task == "summarize":
+        return "Summarize each document in two or three sentences.", "Document", "Summary"
+    if task == "translate":
+        tgt = language_name(to or "", "--to")
+        if src:
+            s = language_name(src, "--from")
+            return f"Translate {s} to {tgt}.", s, tgt
+        return f"Translate each text to {tgt}.", "Text", tgt
+    raise GenerationError(f"--shots: few-shot prompts exist for summarize and translate, not {task!r}")
+
+
+def load_fewshot(path: str | Path, k: int, task: str, input_field: str, target_field: str, *,
+                 to: str | None = None, src: str | None = None, exclude: Iterable[str] = ()) -> FewShot:
+    """The first `k` rows of a JSONL shots file whose input is not in `exclude` (the evaluated inputs, so a
+    score never sees its own answers); a bad file fails in one line naming the file, line and field."""
+    from lmforge.data.squad import read_jsonl_pairs
+    from lmforge.errors import DataError
+
+    if k < 1:
+        raise DataError(f"--shots: must be at least 1, got {k}")
+    instruction, in_label, out_label = fewshot_labels(task, to, src)
+    pairs = read_jsonl_pairs(path, input_field, target_field)
+    banned = {one_line(x) for x in exclude}
+    picked = [(i + 1, x, y) for i, (x, y) in enumerate(pairs) if one_line(x) not in banned][:k]
+    if len(picked) < k:
+        left = f"{len(picked)} of its {len(pairs)} rows are" + (" not evaluated rows" if banned else "")
+        raise DataError(f"{path}: --shots {k} needs {k} rows but {left}")
+    return FewShot(instruction, in_label, out_label, tuple((x, y) for _, x, y in picked),
+                   tuple(i for i, _, _ in picked))

@@ -6,6 +6,7 @@ template when it has one, so a fine-tuned model answers `lmforge summarize/trans
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -156,13 +157,14 @@ def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
 
     @torch.no_grad()
     def eval_fn(m) -> dict[str, float]:
-        tot, n = 0.0, 0
-        order = sorted(range(len(eval_ex)), key=lambda i: len(eval_ex[i]))
+        tot: float | torch.Tensor = 0.0
+        n: int | torch.Tensor = 0
+        order = sorted(range(len(eval_ex)), key=lambda i: len(eval_ex[i]))  # length-sorted: little padding
         for s in range(0, len(order), 8):
             loss, k = lm_loss(m, col([eval_ex[i] for i in order[s: s + 8]]))
-            tot, n = tot + float(loss) * k, n + k
-        loss = tot / max(n, 1)
-        return {"eval_loss": loss, "perplexity": float(torch.tensor(loss).exp())}
+            tot, n = tot + loss.double() * k, n + k  # a tensor sum: one host sync per evaluation, not per batch
+        loss = float(tot) / max(float(n), 1.0)
+        return {"eval_loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
 
     meta = {"task": c.task, "to": c.to, "from": c.src, "base_model": c.model, "max_length": c.max_length}
 

@@ -1,15 +1,15 @@
 """One training loop for every task: the task brings a model, a loss, a batch source and an eval function.
 
 The loop knows nothing about tasks. It does gradient accumulation weighted by item counts, clipping,
-warmup + decay schedules, bf16 autocast, periodic eval with best-model keeping and early stopping,
-atomic checkpoints that resume bit-exactly (weights, optimizer, scheduler, every RNG, data position),
-a time budget, metrics.jsonl and a PNG of the curves. What differs between one process, DDP and FSDP is
-its Strategy's business (lmforge.train.strategy): the loop never asks which one it has. Rank 0 alone
-writes files and shows progress; a write that fails for an OS reason (full disk, read-only filesystem)
-stops every rank with one line that names what was kept and how to continue.
+warmup + decay schedules, bf16 autocast (precision auto | fp32 | bf16: lmforge.train.precision), periodic eval
+with best-model keeping and early stopping, atomic checkpoints that resume bit-exactly (weights, optimizer,
+scheduler, every RNG, data position), a time budget, metrics.jsonl and a PNG of the curves. What differs
+between one process, DDP and FSDP is its Strategy's business (lmforge.train.strategy): the loop never asks
+which one it has. Rank 0 alone writes files and shows progress; a write that fails for an OS reason (full
+disk, read-only filesystem) stops every rank with one line that names what was kept and how to continue.
 
 Run directory layout (config.output_dir):
-  trainer_config.json   the config of the (last) session
+  trainer_config.json   the config of the (last) session, with the precision it resolved to
   metrics.jsonl         one JSON record per log step, eval and end of session
   curves.png            train loss, lr and eval metrics against the step
   checkpoints/step-N/   resumable state (last `keep_checkpoints` kept), `checkpoints/latest` pointer
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ from lmforge.train.checkpoint import (
     storable,
 )
 from lmforge.train.plots import EVAL_PREFIX, plot_metrics, read_metrics
+from lmforge.train.precision import PRECISIONS, Precision, resolve_precision
 from lmforge.train.strategy import Strategy, choose_strategy, dist_info
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -96,7 +97,11 @@ class TrainConfig:
     best_mode: str | None = None  # max | min; None: min when the name contains loss/perplexity/ppl, else max
     early_stopping_patience: int | None = None  # evals without improvement of keep_best; None = off
     seed: int = 42
-    bf16: bool = False  # autocast to bfloat16 (CUDA or CPU); weights and optimizer stay float32
+    # auto: bf16 autocast where the device multiplies bf16 natively (CUDA with bf16, CPUs with avx512_bf16/AMX),
+    # else fp32; weights and optimizer stay float32. None: bf16 if `bf16` else fp32 (the Python default, the same
+    # numbers on every machine; the CLI defaults to auto). A run records what it resolved to, and resumes in it.
+    precision: Literal["auto", "fp32", "bf16"] | None = None
+    bf16: bool = False  # the older switch: True means precision bf16
     compile: bool = False  # torch.compile the model used for the training forward
     log_every: int = 10
     device: str = "auto"  # auto = cuda if available else cpu
@@ -111,6 +116,15 @@ class TrainConfig:
             return TrainingError(f"train config field {name!r}: {why}")
 
         self.adam_betas = tuple(self.adam_betas)  # type: ignore[assignment]
+        if self.precision is None:
+            self.precision = "bf16" if self.bf16 else "fp32"
+        elif self.precision not in PRECISIONS:
+            raise bad("precision", f"unsupported {self.precision!r} (expected one of {', '.join(PRECISIONS)})")
+        elif self.bf16 and self.precision == "fp32":
+            raise bad("bf16", "True conflicts with precision 'fp32' (bf16=True means precision 'bf16')")
+        elif self.bf16:
+            self.precision = "bf16"
+        self.bf16 = self.precision == "bf16"  # auto: False until a Trainer resolves it on its device
         if self.schedule not in SCHEDULES:
             raise bad("schedule", f"unsupported {self.schedule!r} (expected one of {', '.join(SCHEDULES)})")
         if self.max_steps is None and not self.epochs > 0:
@@ -183,6 +197,7 @@ class TrainResult:
     best_metric: float | None
     best_step: int | None
     elapsed_s: float  # training time over all sessions of the run
+    precision: str = "fp32"  # what the run computed in: fp32 | bf16
 
 
 @dataclass
@@ -384,9 +399,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-            if cfg.bf16 and not torch.cuda.is_bf16_supported():
-                raise TrainingError(
-                    f"train config field 'bf16': device {self.device} has no bfloat16 support")
+        self.precision: Precision = resolve_precision(cfg.precision or "fp32", self.device)  # a resumed run may
+        # replace it with the one it recorded (_restore)
         self.run_dir = Path(cfg.output_dir)
         fwd = self.strategy.setup(model, self.device)  # in place: moved (and sharded under FSDP)
         self.model = model  # the module itself: evaluated, and what the strategy saves and loads
@@ -401,7 +415,6 @@ class Trainer:
         """Run (or continue) training. resume=True: from the newest checkpoint of output_dir (TrainingError
         when there is none); resume="auto": resume if there is one, else start fresh; resume_from: a run
         dir or a checkpoints/step-N dir."""
-        cfg = self.config
         if resume not in (True, False, "auto"):
             raise TrainingError(f"train(resume={resume!r}): expected True, False or 'auto'")
         ckpt = None
@@ -416,8 +429,10 @@ class Trainer:
             clean_partial(self.run_dir / CHECKPOINTS)
             clean_partial(self.run_dir)
         state = self._fresh_start() if ckpt is None else self._restore(ckpt)
+        self._say(self.precision.describe())
         if self.is_main:
-            meta = {**cfg.to_dict(), "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+            meta = {**self._config_record(), "precision_reason": self.precision.reason,
+                    "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                     "batches_per_epoch": self.batches_per_epoch, "world_size": self.world_size}
             atomic_write(self.run_dir / "trainer_config.json", json.dumps(meta, indent=1) + "\n")
         self._barrier()
@@ -428,6 +443,11 @@ class Trainer:
         return self._loop(state)
 
     # ---- setup -------------------------------------------------------------------------------------
+    def _config_record(self) -> dict[str, Any]:
+        """The config as a run records it: precision resolved (auto -> fp32 or bf16), so that resuming, also
+        on another machine, computes in the precision the run started in."""
+        return {**self.config.to_dict(), "precision": self.precision.name, "bf16": self.precision.bf16}
+
     def _fresh_start(self) -> _State:
         if list_checkpoints(self.run_dir):
             if not self.config.overwrite:
@@ -459,7 +479,13 @@ class Trainer:
                       "the run will not be bit-identical")
             seed_everything(self.config.seed + self.rank + 1000 * state.step)
         saved = ck.state.get("config") or {}
-        changed = sorted(k for k, v in self.config.to_dict().items()
+        if self.config.precision == "auto":  # never flip precision silently: continue in the recorded one
+            recorded = saved.get("precision")
+            if recorded not in ("fp32", "bf16"):  # a run recorded before the precision field
+                recorded = "bf16" if saved.get("bf16") else "fp32"
+            self.precision = Precision(resolve_precision(recorded, self.device).name,
+                                       f"auto: recorded by the run being resumed ({ckpt.name})")
+        changed = sorted(k for k, v in self._config_record().items()
                          if k in saved and saved[k] != v and k not in _RESUME_FREE_FIELDS)
         if changed:
             self._say(f"{ckpt}: resuming with changed trainer config field(s) {changed}; "
@@ -537,7 +563,7 @@ class Trainer:
         return self._result(state, reason)
 
     def _train_step(self, window: list[Any], state: _State) -> None:
-        cfg, dev = self.config, self.device
+        dev = self.device
         model = self.train_model
         n_total = torch.zeros((), dtype=torch.float32, device=dev)
         samples = tokens = 0
@@ -546,13 +572,15 @@ class Trainer:
             samples, tokens = samples + s, tokens + t
             batch = to_device(batch, dev)
             with self.strategy.sync_context(i == len(window) - 1):
-                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.precision.bf16):
                     out = self.loss_fn(model, batch)
                 try:
                     loss, n = out
                 except (TypeError, ValueError):
                     raise TrainingError("loss_fn: must return (loss, n_items)") from None
-                n = torch.as_tensor(n, dtype=torch.float32, device=dev)
+                # a count the loss_fn computed on the device stays there; a Python number is used as it is
+                # (torch.as_tensor(n, device=cuda) would be a blocking host-to-device copy every micro-step)
+                n = n.to(dev, torch.float32) if isinstance(n, torch.Tensor) else float(n)
                 (loss.float() * n).backward()  # sum over items; divided by the window's item count below
             self._acc["loss"] += loss.detach().double() * n
             self._acc["items"] += n
@@ -589,7 +617,7 @@ class Trainer:
         loss = loss_sum / items if items else float("nan")
         if not math.isfinite(loss) and items:
             raise TrainingError(f"step {state.step}: training loss is {loss} (non-finite); lower lr, "
-                                "check the data or turn off bf16")
+                                "check the data or use precision fp32")
         dt = max(time.monotonic() - self._t_log - self._pause_s, 1e-9)  # training time only
         rec: dict[str, Any] = {
             "step": state.step, "epoch": round(self._epoch(state), 4), "loss": loss,
@@ -620,7 +648,7 @@ class Trainer:
         self.model.eval()
         try:
             with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
-                                                 enabled=cfg.bf16):
+                                                 enabled=self.precision.bf16):
                 raw = self.eval_fn(self.model)
         finally:
             self.model.train(was_training)
@@ -664,7 +692,7 @@ class Trainer:
         rng = self.strategy.all_gather_object(rng_state())
         model_sd = self.strategy.model_state_dict(self.model)  # collectives under FSDP: every rank
         optim_sd = self.strategy.optimizer_state_dict(self.model, self.optimizer)
-        payload = {**dataclasses.asdict(state), "config": self.config.to_dict(),
+        payload = {**dataclasses.asdict(state), "config": self._config_record(),
                    "total_steps": self.total_steps, "world_size": self.world_size}
         self._write_on_main(f"checkpoint step-{state.step}", lambda: save_checkpoint(
             self.run_dir, state.step, model_sd, optim_sd, self.scheduler.state_dict(), payload, rng=rng,
@@ -742,4 +770,4 @@ class Trainer:
         return TrainResult(run_dir=self.run_dir, step=state.step, total_steps=self.total_steps,
                            epoch=self._epoch(state), stopped=reason, train_loss=state.last_train_loss,
                            eval_metrics=dict(state.last_eval), best_metric=state.best_metric,
-                           best_step=state.best_step, elapsed_s=state.elapsed)
+                           best_step=state.best_step, elapsed_s=state.elapsed, precision=self.precision.name)

@@ -1,0 +1,80 @@
+"""Task generation for the Python API and the CLI: summarize, translate, answer, batched, each output checked.
+
+Each result carries `unsupported`: the numbers, amounts, years, centuries and names (not for translations)
+of the output that its source lacks (tasks/grounding.py), so a caller can flag a summary that turned pounds
+into dollars without reading it against the article. Prompts are the zero-shot ones of tasks/prompts.py
+(through the chat template), or a FewShot prompt (plain text, its stop strings) for base models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmforge.tasks import prompts as P
+from lmforge.tasks.grounding import check
+
+
+@dataclass
+class TaskOutput:
+    """One generated text and what in it its source does not support ([] = nothing found, not "correct")."""
+
+    text: str
+    unsupported: list[dict[str, str]] = field(default_factory=list)
+
+
+def run_prompts(gen, task: str, sources: list[str], prompts: list[str], *, fewshot: P.FewShot | None = None,
+                batch_size: int = 8, progress: bool = False, truncate: bool = False, **gen_kw) -> list[TaskOutput]:
+    """Decode `prompts` batch_size at a time (left-padded, longest first so the ETA is honest) and check each
+    output against its source. `progress`: a tqdm bar with an ETA on stderr."""
+    from tqdm import tqdm
+
+    if fewshot is not None:
+        gen_kw["stop_strings"] = [*(gen_kw.get("stop_strings") or []), *fewshot.stop_strings]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    texts: list[str] = [""] * len(prompts)
+    disable = None if progress else True  # None: tqdm shows the bar only on a terminal
+    with tqdm(total=len(prompts), desc=task, unit="text", disable=disable) as bar:
+        for s in range(0, len(order), batch_size):
+            idx = order[s: s + batch_size]
+            outs = gen.generate([prompts[i] for i in idx], chat=fewshot is None, truncate=truncate, **gen_kw)
+            for i, t in zip(idx, outs):
+                texts[i] = t.strip()
+            bar.update(len(idx))
+    return [TaskOutput(t, check(src, t, task)) for src, t in zip(sources, texts)]
+
+
+def _one_or_many(x: str | list[str]) -> tuple[list[str], bool]:
+    return ([x], True) if isinstance(x, str) else (list(x), False)
+
+
+def summarize(gen, text: str | list[str], *, fewshot: P.FewShot | None = None, **kw) -> TaskOutput | list[TaskOutput]:
+    """Summaries of one text (-> TaskOutput) or several (-> list, decoded in batches)."""
+    texts, single = _one_or_many(text)
+    ps = [fewshot.prompt(t) if fewshot else P.summarize_prompt(t) for t in texts]
+    kw.setdefault("max_new_tokens", 160)
+    kw.setdefault("no_repeat_ngram_size", 4)
+    out = run_prompts(gen, "summarize", texts, ps, fewshot=fewshot, **kw)
+    return out[0] if single else out
+
+
+def translate(gen, text: str | list[str], to: str, src: str | None = None, *, fewshot: P.FewShot | None = None,
+              **kw) -> TaskOutput | list[TaskOutput]:
+    """Translations into `to` (ISO 639-1 code); only numbers and amounts are checked (names change across
+    languages). max_new_tokens defaults to twice the longest input's tokens + 16."""
+    texts, single = _one_or_many(text)
+    P.language_name(to, "--to")
+    ps = [fewshot.prompt(t) if fewshot else P.translate_prompt(t, to, src) for t in texts]
+    kw.setdefault("max_new_tokens", 2 * max(len(gen.tokenizer.encode(t, add_special_tokens=False))
+                                            for t in texts) + 16)
+    kw.setdefault("no_repeat_ngram_size", 4)
+    out = run_prompts(gen, "translate", texts, ps, fewshot=fewshot, **kw)
+    return out[0] if single else out
+
+
+def answer(gen, context: str, question: str | list[str], **kw) -> TaskOutput | list[TaskOutput]:
+    """Answers to one question or several about one context, checked against the context."""
+    qs, single = _one_or_many(question)
+    kw.setdefault("max_new_tokens", 64)
+    kw.setdefault("no_repeat_ngram_size", 4)
+    out = run_prompts(gen, "answer", [context] * len(qs), [P.answer_prompt(context, q) for q in qs], **kw)
+    return out[0] if single else out
