@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="generations run together as one batch (default: 16)")
     s.add_argument("--max-queue", type=non_negative_int, default=64, metavar="N",
                    help="generations that may wait beyond those; more get 429 (default: 64)")
+    s.add_argument("--prefix-cache-mb", type=non_negative_int, default=256, metavar="MB",
+                   help="memory for keys/values of earlier prompts, reused by a chat's next turn (0: off; "
+                        "default: 256)")
     s.add_argument("--max-tokens", type=positive_int, default=1024, metavar="N",
                    help="largest max_tokens a request may ask for (default: 1024)")
     s.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
@@ -63,7 +66,8 @@ def build_app(a: argparse.Namespace):
     settings = ServeSettings(api_key=api_key, host=a.host, allowed_hosts=allowed, cors_origin=a.cors_origin,
                              max_concurrent=a.max_concurrent,
                              max_queue=a.max_queue, max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens,
-                             max_body_bytes=a.max_body_bytes, default_max_tokens=min(256, a.max_tokens))
+                             max_body_bytes=a.max_body_bytes, prefix_cache_mb=a.prefix_cache_mb,
+                             default_max_tokens=min(256, a.max_tokens))
     settings.validate()
     gen = load_generator(a.model, a.quantize)
     if a.max_prompt_tokens is not None and a.max_prompt_tokens >= gen.model.cfg.context_length:

@@ -176,6 +176,33 @@ class KVCache:
         self.k = [t.index_select(0, index) for t in self.k]
         self.v = [t.index_select(0, index) for t in self.v]
 
+    # -- continuous batching (serve/engine.py): rows are left-padded, so columns may be added or cut on the left
+    @classmethod
+    def from_tensors(cls, k: list[torch.Tensor], v: list[torch.Tensor], length: int) -> KVCache:
+        """A cache over existing (B, n_kv, max_len, hd) tensors of which the first `length` columns are filled."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len, cache.length = k, v, k[0].shape[2], length
+        return cache
+
+    def pad_left(self, n: int, max_len: int | None = None) -> None:
+        """Shift the stored columns right by n zero columns (to be masked out), into room for max_len columns."""
+        max_len = max(max_len or 0, self.length + n)
+        B, kv, _, hd = self.k[0].shape
+
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(B, kv, max_len, hd)
+            out[:, :, n: n + self.length] = t[:, :, : self.length]
+            return out
+
+        self.k, self.v = [moved(t) for t in self.k], [moved(t) for t in self.v]
+        self.length, self.max_len = self.length + n, max_len
+
+    def trim_left(self, n: int) -> None:
+        """Drop the first n columns (padding in every row); a view, no copy."""
+        self.k = [t[:, :, n:] for t in self.k]
+        self.v = [t[:, :, n:] for t in self.v]
+        self.length, self.max_len = self.length - n, self.max_len - n
+
 
 # ---- attention -----------------------------------------------------------------------------------
 class Attention(nn.Module):

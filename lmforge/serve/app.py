@@ -51,6 +51,7 @@ class ServeSettings:
     max_inputs: int = 256  # texts per /v1/embeddings or /v1/classify request
     batch_window_ms: float = 10.0  # a burst is over when no request came for this long (batching.Scheduler)
     batch_max_wait_ms: float = 100.0  # the longest an idle worker waits for a batch to fill
+    prefix_cache_mb: int = 256  # keys/values of earlier prompts kept for reuse by the next chat turn (0 = off)
     host: str = "127.0.0.1"  # the bound address: a Host header naming it is accepted, as are the localhost names
     allowed_hosts: list[str] = field(default_factory=list)  # more Host names ("*" any, ".example.com" a domain)
     cors_origin: str | None = None  # the one origin that gets CORS headers ("*" any); none by default
@@ -59,6 +60,8 @@ class ServeSettings:
         for name in ("max_concurrent", "max_tokens", "default_max_tokens", "max_body_bytes", "max_inputs"):
             if getattr(self, name) < 1:
                 raise LmforgeError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
+        if self.prefix_cache_mb < 0:
+            raise LmforgeError(f"serve: prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         if self.max_queue < 0:
             raise LmforgeError(f"serve: max_queue must be >= 0, got {self.max_queue}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:

@@ -1,24 +1,22 @@
-"""A scheduler that batches concurrent generation requests on one worker thread.
+"""A scheduler that runs concurrent generation requests as one continuous batch on one worker thread.
 
 Why a single worker thread: model work must stay off the event loop (so /health and new connections are
 answered during a long generation), and one thread owning the model means one forward at a time, which
 is what a CPU (or one GPU) does best anyway; concurrency comes from batching, not from threads.
 
-How requests are batched ("dynamic batching"): while the worker is busy, new requests wait in a FIFO
-queue. When it is free, it takes the oldest waiting request and every other waiting request that can
-share its batch (same group key, see `SamplingParams.group_key`, and the batch's longest prompt plus
-largest max_tokens still fit the context), up to `max_batch` rows, left-pads their prompts into one
-tensor and runs them together through `generate.stream_tokens`. Each row streams its own text, stops at
-its own stop strings / max_tokens, and a row whose client went away is dropped at the next step; the
-batch ends as soon as no row is left. Requests that arrive mid-batch wait for the next one (no
-continuous batching: `stream_tokens` owns a fixed-size KV cache, and joining rows mid-flight would mean
-rebuilding it; for short completions the wait is small, see docs/serving.md).
+Continuous batching (the default): while rows decode, new requests wait in a FIFO queue; before each decode
+step the worker admits every waiting request that fits (`max_batch` rows, `max_batch_tokens` positions),
+prefills each alone (reusing a cached prompt prefix when one matches, see serve/prefix_cache.py), gives it
+its first token and merges it into the running batch (serve/engine.py: left-padding whichever side is shorter).
+A row leaves the batch as soon as it ends: its stop string, EOS or max_tokens, or its client going away
+(`cancel`, seen at the next step). Each row has its own sampling parameters, stop strings, max_tokens and
+logprobs request; a seeded row has its own torch.Generator (choice j of a request with seed s uses
+`engine.row_seed(s, j)`), so the same seed gives the same texts whatever else the server is doing.
 
-Per-request sampling parameters: greedy requests all batch together whatever their max_tokens and stop
-strings (those are per row). Sampled requests batch only with requests that have identical
-temperature/top-k/top-p/min-p (those are per batch in stream_tokens). A request with a seed runs alone
-(its `n` choices are rows with one `group`, submitted together: they run as one batch of their own), so
-the same seed gives the same texts whatever else the server is doing.
+`Scheduler(continuous=False)` keeps the dynamic batching that came before: when the worker is free it takes
+the oldest waiting request and every waiting one that can share its batch (`SamplingParams.group_key`), waits
+briefly for a burst to gather (`window_s`, `max_wait_s`), and runs them through `generate.stream_tokens`;
+requests that arrive mid-batch wait for the whole batch.
 
 Log-probabilities (`SamplingParams.logprobs`) are those of the model's own distribution: log_softmax of the
 raw float32 logits at each step, before repetition penalty, temperature and top-k/top-p/min-p (as vLLM
@@ -38,6 +36,10 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.generate import TextStreamer
+from lmforge.model.layers import KVCache
+from lmforge.serve.engine import BatchDecoder, RowSampler, row_seed
+from lmforge.serve.prefix_cache import PrefixCache
 
 log = logging.getLogger("lmforge.serve")
 
@@ -67,7 +69,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
-    group: int | None = None  # seeded rows of one request (its n choices): they run as one batch of their own
+    group: int | None = None  # the rows of one request (its n choices): a seed gives each choice its own stream
 
     def group_key(self) -> tuple:
         """Requests with equal keys may share a batch (see the module docstring)."""
@@ -110,17 +112,29 @@ class GenRequest:
     finished: bool = False
     completion_tokens: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None  # its batch began (prefill)
+    started_at: float | None = None  # its prefill began (continuous) or its batch did (continuous=False)
     first_token_at: float | None = None  # for the speed figures the API reports ("timings")
     finished_at: float | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is still held back
+    choice: int = 0  # its index among the rows of its seeded group (set by submit_many): picks its generator seed
+
+
+@dataclass(eq=False)
+class _Row:
+    """A request decoding in the continuous batch: its sampler, its text streamer, the token to feed next."""
+
+    req: GenRequest
+    sampler: RowSampler
+    streamer: TextStreamer
+    next: int = 0
 
 
 class Scheduler:
     """Admission control (max_batch generating + max_queue waiting, beyond that Overloaded) and the worker."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, window_s: float = 0.01,
-                 max_wait_s: float = 0.1, max_batch_tokens: int = 1 << 17, metrics=None) -> None:
+                 max_wait_s: float = 0.1, max_batch_tokens: int = 1 << 17, metrics=None, continuous: bool = True,
+                 prefix_cache_bytes: int = 0) -> None:
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_concurrent must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer = model, tokenizer
@@ -135,8 +149,11 @@ class Scheduler:
         self._closed = False
         self._busy_s = 0.0  # EMA of batch wall time: the Retry-After estimate
         self._last_rows, self._last_batch_s = 1, 0.0  # the previous batch, for _gather
-        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "max_rows": 0}
+        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "max_rows": 0, "reused_tokens": 0}
         self.metrics = metrics  # optional observer: batch(rows), first_token(seconds) (serve/metrics.py)
+        self.continuous = continuous  # False: the dynamic batching of stream_tokens batches (no joining mid-batch)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and continuous else None
+        self._engine = BatchDecoder(model, self.prefix_cache)
 
     # ---- admission (any thread) ---------------------------------------------------------------------
     @property
@@ -146,6 +163,11 @@ class Scheduler:
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def batch_rows(self) -> int:
+        """Rows in the continuous batch's KV cache now (a left row is gone from it after the next step)."""
+        return self._engine.rows
 
     def submit(self, req: GenRequest) -> None:
         self.submit_many([req])
@@ -159,6 +181,11 @@ class Scheduler:
                 raise Overloaded(f"server busy: {len(self._running)} generations running and "
                                  f"{len(self._waiting)} queued (limits {self.max_batch} and {self.max_queue}); "
                                  "retry later", self.retry_after())
+            groups: dict[int, int] = {}
+            for r in reqs:  # the n choices of a seeded request: 0, 1, ... (each its own generator)
+                if r.params.seed is not None and r.params.group is not None:
+                    r.choice = groups.get(r.params.group, 0)
+                    groups[r.params.group] = r.choice + 1
             self._waiting.extend(reqs)
             self._cond.notify_all()
         self.start()
@@ -197,6 +224,151 @@ class Scheduler:
 
     # ---- worker --------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.continuous:
+            self._loop_continuous()
+        else:
+            self._loop_batches()
+
+    def _loop_continuous(self) -> None:
+        """Continuous batching: waiting requests join the running batch before each decode step."""
+        rows: list[_Row] = []
+        try:
+            while True:
+                with self._cond:
+                    while not self._waiting and not rows and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    joiners = self._admit(rows)
+                try:
+                    if joiners:
+                        if not rows:
+                            self.stats["batches"] += 1
+                        prefilled = [j for r in joiners if (j := self._prefill(r)) is not None]
+                        self._engine.join([(cache, row.req.prompt_ids) for row, cache in prefilled])
+                        rows += [row for row, _ in prefilled]
+                        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
+                        if self.metrics is not None:
+                            self.metrics.batch(len(rows))
+                    if rows:
+                        self._decode_step(rows)
+                except Exception as e:  # a failed step fails the running rows, never the worker
+                    log.exception("decode step of %d rows failed", len(rows))
+                    for row in rows:
+                        self._finish_error(row.req, e)
+                    rows.clear()
+                    self._engine.reset()
+        finally:
+            for row in rows:
+                self._finish_error(row.req, ShuttingDown("the server is shutting down"))
+            self._engine.reset()
+
+    def _admit(self, rows: list[_Row]) -> list[GenRequest]:
+        """Waiting requests (FIFO) that fit next to the running rows (max_batch rows, max_batch_tokens)."""
+        out: list[GenRequest] = []
+        span = max((len(x.req.prompt_ids) + x.req.params.max_tokens for x in rows), default=0)
+        while self._waiting and len(rows) + len(out) < self.max_batch:
+            r = self._waiting[0]
+            s = max(span, len(r.prompt_ids) + r.params.max_tokens)
+            if (rows or out) and (len(rows) + len(out) + 1) * s > self.max_batch_tokens:
+                break
+            self._waiting.popleft()
+            self._running.add(r)
+            out.append(r)
+            span = s
+        return out
+
+    @torch.inference_mode()
+    def _prefill(self, r: GenRequest) -> tuple[_Row, KVCache] | None:
+        """Prefill one request alone and give it its first token -> its row and cache, unless it already ended."""
+        if r.cancelled:
+            return None
+        p = r.params
+        try:
+            r.started_at = time.monotonic()
+            sampler = RowSampler(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                                 repetition_penalty=p.repetition_penalty,
+                                 seed=None if p.seed is None else row_seed(p.seed, r.choice),
+                                 prompt_ids=r.prompt_ids, vocab_size=self.model.cfg.vocab_size,
+                                 device=self._engine.device)
+            row = _Row(r, sampler, TextStreamer(self._decode, list(p.stop)))
+            cache, logits, reused = self._engine.prefill(r.prompt_ids)  # (1, V)
+            self.stats["reused_tokens"] += reused
+            logp = logits.log_softmax(-1) if p.logprobs is not None else None
+            tok = int(logits.argmax(-1)) if sampler.plain_greedy else sampler(logits)
+            self.stats["rows"] += 1
+            if self._deliver(row, tok, None if logp is None else logp[0]):
+                return row, cache
+            if self.prefix_cache is not None:
+                n = len(r.prompt_ids)
+                self.prefix_cache.store(r.prompt_ids, [t[0, :, :n] for t in cache.k], [t[0, :, :n] for t in cache.v])
+        except Exception as e:  # a failed prefill fails its request, never the batch
+            log.exception("prefill of a %d-token prompt failed", len(r.prompt_ids))
+            self._finish_error(r, e)
+        return None
+
+    @torch.inference_mode()
+    def _decode_step(self, rows: list[_Row]) -> None:
+        """One token for every running row; rows that end (or whose client left) leave the batch."""
+        gone = [b for b, row in enumerate(rows) if row.req.cancelled or row.req.finished]
+        self._drop(rows, gone, store=False)
+        if not rows:
+            return
+        logits = self._engine.step([row.next for row in rows])  # (B, V)
+        greedy = logits.argmax(-1).tolist() if any(row.sampler.plain_greedy for row in rows) else None
+        logp = logits.log_softmax(-1) if any(row.req.params.logprobs is not None for row in rows) else None
+        ended = []
+        for b, row in enumerate(rows):
+            if row.req.cancelled:
+                ended.append(b)
+                continue
+            tok = greedy[b] if row.sampler.plain_greedy else row.sampler(logits[b: b + 1])
+            if not self._deliver(row, tok, None if logp is None else logp[b]):
+                ended.append(b)
+        self._drop(rows, ended, store=True)
+
+    def _drop(self, rows: list[_Row], idx: list[int], store: bool) -> None:
+        if not idx:
+            return
+        if store and self.prefix_cache is not None:
+            for b in idx:
+                if not rows[b].req.cancelled:
+                    self.prefix_cache.store(*self._engine.row_kv(b))
+        self._engine.drop(idx)
+        for b in sorted(idx, reverse=True):
+            del rows[b]
+
+    def _deliver(self, row: _Row, tok: int, logp: torch.Tensor | None) -> bool:
+        """Hand one sampled token to its request (text, logprobs, the end); False when the row is done."""
+        r, streamer = row.req, row.streamer
+        if r.first_token_at is None:  # the first step (even an immediate EOS): time to first token
+            r.first_token_at = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.first_token(r.first_token_at - r.enqueued_at)
+        if tok in self.eos:
+            self._finish(r, streamer, "stop")
+            return False
+        r.completion_tokens += 1
+        self.stats["tokens"] += 1
+        k = r.params.logprobs
+        if k is not None and logp is not None:
+            top = logp.topk(min(k, logp.shape[-1])) if k > 0 else None
+            alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            r.pending_logprobs.append(TokenLogprob(tok, float(logp[tok]), alts))
+        piece = streamer.put(tok)
+        if piece:
+            self._emit(r, Event("text", piece, logprobs=self._take_logprobs(r)))
+        if streamer.stopped or r.completion_tokens >= r.params.max_tokens:
+            self._finish(r, streamer, "stop" if streamer.stopped else "length")
+            return False
+        row.next = tok
+        return True
+
+    def _decode(self, t: list[int]) -> str:
+        return self.tokenizer.decode(t, skip_special_tokens=True)
+
+    # ---- worker: dynamic batching (continuous=False; the scheduler before continuous batching) -----------
+    def _loop_batches(self) -> None:
         while True:
             with self._cond:
                 while not self._waiting and not self._closed:
@@ -276,7 +448,7 @@ class Scheduler:
 
     @torch.inference_mode()
     def _run(self, batch: list[GenRequest]) -> None:
-        from lmforge.generate import GenerationConfig, TextStreamer, stream_tokens
+        from lmforge.generate import GenerationConfig, stream_tokens
 
         p = batch[0].params
         gc = GenerationConfig(max_new_tokens=max(r.params.max_tokens for r in batch), temperature=p.temperature,
@@ -366,6 +538,9 @@ class Scheduler:
         if tail or r.pending_logprobs:  # held-back text, or tokens whose text a stop string cut away
             self._emit(r, Event("text", tail, logprobs=self._take_logprobs(r)))
         r.finished, r.finished_at = True, time.monotonic()
+        if self.continuous and r.started_at is not None:  # Retry-After: how long a row holds its slot
+            dt = r.finished_at - r.started_at
+            self._busy_s = dt if not self._busy_s else 0.8 * self._busy_s + 0.2 * dt
         self._emit(r, Event("done", finish_reason=reason, completion_tokens=r.completion_tokens))
         with self._cond:  # its slot is free as soon as its answer is complete
             self._running.discard(r)

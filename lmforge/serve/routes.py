@@ -60,7 +60,8 @@ class ServerState:
         self.metrics = Metrics()
         self.sched = Scheduler(generator.model, generator.tokenizer, max_batch=settings.max_concurrent,
                                max_queue=settings.max_queue, window_s=settings.batch_window_ms / 1000,
-                               max_wait_s=settings.batch_max_wait_ms / 1000, metrics=self.metrics)
+                               max_wait_s=settings.batch_max_wait_ms / 1000, metrics=self.metrics,
+                               prefix_cache_bytes=settings.prefix_cache_mb << 20)
         self.metrics.watch(self.sched)
         self.logprobs = LogprobFormatter(generator.tokenizer)
         self.aux = ThreadPoolExecutor(1, thread_name_prefix="lmforge-aux")  # embeddings, classification

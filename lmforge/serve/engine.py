@@ -1,0 +1,175 @@
+"""The continuous-batching decode engine: rows join and leave a running batch between decode steps.
+
+Why this works with the plain model API: the model runs left-padded batches exactly (position ids come from
+each row's own token count, padding columns are masked out). A joining prompt is prefilled alone (batch 1,
+its own cache, reusing a cached prefix when one matches), then its keys/values are merged into the running
+batch's cache by left-padding whichever side is shorter. A row that ends is dropped with index_select, and
+leading columns that became padding in every row are cut, so the cache is never wider than its longest row.
+
+Each row samples on its own (`RowSampler`): its temperature / top-k / top-p / min-p / repetition penalty, and
+its own torch.Generator when seeded, so a seeded row draws the same tokens whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.generate import GenerationConfig, apply_repetition_penalty, next_token
+from lmforge.model.layers import KVCache
+from lmforge.serve.prefix_cache import PrefixCache
+
+
+def row_seed(seed: int, index: int) -> int:
+    """Choice `index` of a seeded request: choice 0 uses the seed itself (as `lmforge generate --seed`)."""
+    return seed if index == 0 else hash((seed, index)) & ((1 << 63) - 1)
+
+
+class RowSampler:
+    """One row's logits processing and sampling: what stream_tokens does for a batch of one."""
+
+    def __init__(self, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None, prompt_ids: list[int] | None = None,
+                 vocab_size: int = 0, device=None) -> None:
+        self.gc = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                   repetition_penalty=repetition_penalty)
+        self.gen = torch.Generator(device=device or "cpu").manual_seed(seed) if seed is not None else None
+        self.seen = None  # (1, V) bool: tokens of the prompt and output, for the repetition penalty
+        if repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(prompt_ids or [], dtype=torch.long, device=device)] = True
+
+    @property
+    def plain_greedy(self) -> bool:
+        """argmax of the raw logits: the engine may take it from one batched argmax."""
+        return self.gc.temperature == 0.0 and self.seen is None
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits (1, V) raw float32 -> the next token id."""
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.gc.repetition_penalty)
+        tok = next_token(logits, self.gc, self.gen)  # (1,)
+        if self.seen is not None:
+            self.seen[0, tok] = True
+        return int(tok[0])
+
+
+class BatchDecoder:
+    """The running batch's KV cache, attention mask and positions; rows are addressed by index 0..rows-1."""
+
+    def __init__(self, model, prefix_cache: PrefixCache | None = None, headroom: int = 64) -> None:
+        self.model, self.prefix_cache, self.headroom = model, prefix_cache, headroom
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache: KVCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, max_len) 1 = real
+        self.pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (B, 1) position of the last fed token
+        self.n_real: list[int] = []  # real (non-padding) columns per row
+        self.tokens: list[list[int]] = []  # the tokens behind each row's real columns (for the prefix cache)
+
+    @property
+    def rows(self) -> int:
+        return len(self.n_real)
+
+    @property
+    def width(self) -> int:
+        return self.cache.length if self.cache is not None else 0
+
+    # ---- joining ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompt_ids: list[int]) -> tuple[KVCache, torch.Tensor, int]:
+        """Run one prompt alone -> (its cache, last logits (1, V) float32, tokens taken from the prefix cache)."""
+        n = len(prompt_ids)
+        cache = KVCache(self.model.cfg, 1, n, device=self.device, dtype=self.dtype)
+        hit = self.prefix_cache.lookup(prompt_ids) if self.prefix_cache is not None else None
+        m = 0
+        if hit is not None:
+            m, k, v = hit
+            for i in range(len(cache.k)):
+                cache.k[i][0, :, :m] = k[i]
+                cache.v[i][0, :, :m] = v[i]
+            cache.length = m
+        ids = torch.tensor([prompt_ids[m:]], dtype=torch.long, device=self.device)  # (1, n - m)
+        h = self.model(ids, cache=cache)  # (1, n - m, D); positions m.. and a causal mask over the reused columns
+        return cache, self.model.lm_logits(h[:, -1]).float(), m
+
+    def join(self, joiners: list[tuple[KVCache, list[int]]]) -> None:
+        """Append prefilled rows (batch-1 caches full of their prompts) after the running ones, in one copy."""
+        if not joiners:
+            return
+        old_w, B = self.width, self.rows
+        ns = [c.length for c, _ in joiners]
+        width = max([old_w, *ns])
+        max_len = width + self.headroom
+        ref = joiners[0][0].k[0]
+        n_kv, hd = ref.shape[1], ref.shape[3]
+        ks, vs = [], []
+        for i in range(len(joiners[0][0].k)):
+            for src, dst in (("k", ks), ("v", vs)):
+                t = ref.new_empty(B + len(joiners), n_kv, max_len, hd)  # columns past `width` are written first
+                if B:
+                    t[:B, :, : width - old_w] = 0  # padding must be finite: masked weights are 0, 0 * nan is not
+                    t[:B, :, width - old_w: width] = getattr(self.cache, src)[i][:, :, :old_w]
+                for j, ((c, _), n) in enumerate(zip(joiners, ns)):
+                    t[B + j, :, : width - n] = 0
+                    t[B + j, :, width - n: width] = getattr(c, src)[i][0, :, :n]
+                dst.append(t)
+        self.cache = KVCache.from_tensors(ks, vs, width)
+        mask = torch.ones(B + len(joiners), max_len, dtype=torch.long, device=self.device)
+        if B:
+            mask[:B, : width - old_w] = 0
+            mask[:B, width - old_w: width] = self.mask[:, :old_w]
+        for j, n in enumerate(ns):
+            mask[B + j, : width - n] = 0
+        self.mask = mask
+        self.pos = torch.cat([self.pos, torch.tensor([[n - 1] for n in ns], dtype=torch.long, device=self.device)])
+        self.n_real += ns
+        self.tokens += [list(ids) for _, ids in joiners]
+
+    # ---- decoding -----------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed one token per row -> next logits (B, V) float32."""
+        assert self.cache is not None and len(tokens) == self.rows
+        if self.cache.length == self.cache.max_len:  # out of room: grow (copies once per `headroom` steps)
+            grow = max(self.headroom, self.cache.max_len // 4)
+            self.cache.pad_left(0, self.cache.max_len + grow)
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, grow)], 1)
+        S = self.cache.length + 1
+        padded = any(n < self.cache.length for n in self.n_real)
+        self.pos = self.pos + 1
+        x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        h = self.model(x, self.mask[:, :S] if padded else None, position_ids=self.pos, cache=self.cache)
+        for b, t in enumerate(tokens):
+            self.n_real[b] += 1
+            self.tokens[b].append(t)
+        return self.model.lm_logits(h[:, -1]).float()  # (B, V)
+
+    # ---- leaving ------------------------------------------------------------------------------------------
+    def row_kv(self, b: int) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
+        """Row b's tokens and their keys/values per layer (n_kv, n, hd): views, valid until the next change."""
+        assert self.cache is not None
+        L, n = self.cache.length, self.n_real[b]
+        return (self.tokens[b], [t[b, :, L - n: L] for t in self.cache.k], [t[b, :, L - n: L] for t in self.cache.v])
+
+    def drop(self, rows: list[int]) -> None:
+        """Remove these rows; then cut leading columns that are padding in every remaining row."""
+        if not rows:
+            return
+        gone = set(rows)
+        keep = [b for b in range(self.rows) if b not in gone]
+        if not keep:
+            self.reset()
+            return
+        assert self.cache is not None
+        index = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self.cache.reorder(index)
+        self.mask, self.pos = self.mask.index_select(0, index), self.pos.index_select(0, index)
+        self.n_real = [self.n_real[b] for b in keep]
+        self.tokens = [self.tokens[b] for b in keep]
+        lead = self.cache.length - max(self.n_real)
+        if lead > 0:
+            self.cache.trim_left(lead)
+            self.mask = self.mask[:, lead:]

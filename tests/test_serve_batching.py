@@ -1,0 +1,283 @@
+"""Continuous batching and prefix reuse in the server's scheduler (issue 12 items 3-4), on a tiny random llama.
+
+References are computed with lmforge.generate on one prompt alone (the float32 path the CLI runs), so "same
+text" means that joining, leaving, left-padding and reused prefixes changed nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_hf_model
+
+pytest.importorskip("fastapi")
+from test_serve import _prompt, gate_forwards, tiny_tokenizer  # noqa: E402
+
+from lmforge.generate import GenerationConfig, Generator, TextStreamer, generate  # noqa: E402
+from lmforge.serve.batching import Event, GenRequest, SamplingParams, Scheduler  # noqa: E402
+from lmforge.serve.prefix_cache import PrefixCache  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory) -> Generator:
+    d: Path = tmp_path_factory.mktemp("serve-batching-llama")
+    tok = tiny_tokenizer()
+    make_hf_model("llama", vocab=tok.vocab_size).save_pretrained(d)
+    tok.save(d)
+    return Generator.load(d)
+
+
+class Collect:
+    """A request's emit(): gathers its text pieces, token ids (logprobs) and end."""
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.reason: str | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def __call__(self, ev: Event) -> None:
+        if ev.kind == "text":
+            self.pieces.append(ev.text)
+            for lp in ev.logprobs or []:
+                self.tokens.append(lp.token)
+                self.logprobs.append(lp.logprob)
+        else:
+            self.reason, self.error = ev.finish_reason, ev.error
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+
+def request(ids: list[int], **params) -> tuple[GenRequest, Collect]:
+    c = Collect()
+    params.setdefault("logprobs", 0)  # token ids come back with the text
+    return GenRequest(list(ids), SamplingParams(**params), c), c
+
+
+def wait(*cs: Collect, timeout: float = 60) -> None:
+    for c in cs:
+        assert c.done.wait(timeout), "a request did not finish"
+        assert c.error is None, c.error
+
+
+def alone(gen, ids: list[int], max_tokens: int, stop: tuple[str, ...] = (), eos: bool = True,
+          **sampling) -> tuple[str, str, list[int]]:
+    """(text, finish reason, token ids) of one prompt decoded alone by lmforge.generate."""
+    gc = GenerationConfig(max_new_tokens=max_tokens, stop_token_ids=None if eos else [], **sampling)
+    out = generate(gen.model, torch.tensor([ids]), gc=gc)[0]
+    st = TextStreamer(lambda t: gen.tokenizer.decode(t, skip_special_tokens=True), list(stop))
+    stops = set(gen.model.cfg.eos_ids) if eos else set()
+    text, toks = "", []
+    for t in out:
+        if t in stops:
+            return text + st.end(), "stop", toks
+        toks.append(t)
+        text += st.put(t)
+        if st.stopped:
+            return text, "stop", toks
+    return text + st.end(), "length", toks
+
+
+@pytest.fixture
+def sched(gen):
+    s = Scheduler(gen.model, gen.tokenizer, max_batch=8, max_queue=16, prefix_cache_bytes=0)
+    yield s
+    s.close()
+
+
+def ids_of(gen, i: int, repeat: int = 1) -> list[int]:
+    return gen.tokenizer.encode(" ".join([_prompt(i)] * repeat), add_special_tokens=False)
+
+
+# ---- continuous batching ---------------------------------------------------------------------------------------
+def test_staggered_requests_each_give_their_text_alone(gen, sched):
+    rows = []
+    for i in range(8):
+        ids = ids_of(gen, i, repeat=1 + i % 3)
+        m = 6 + 5 * i
+        full, _, _ = alone(gen, ids, m)
+        stop = (full[len(full) // 2: len(full) // 2 + 3],) if i % 2 and len(full) >= 6 else ()
+        rows.append((ids, m, stop, alone(gen, ids, m, stop)))
+    gate, hook = gate_forwards(gen.model, delay=0.004)  # slow steps so that arrivals land mid-batch
+    gate.set()
+    try:
+        reqs = []
+        for ids, m, stop, _ in rows:
+            reqs.append(request(ids, max_tokens=m, stop=stop))
+            sched.submit(reqs[-1][0])
+            time.sleep(0.03)
+        wait(*(c for _, c in reqs))
+    finally:
+        hook.remove()
+    for (ids, m, stop, (text, reason, toks)), (r, c) in zip(rows, reqs):
+        assert (c.text, c.reason, c.tokens) == (text, reason, toks), (ids, m, stop)
+        assert r.completion_tokens == len(toks)
+    assert any(o.first_token_at < r.started_at < o.finished_at for r, _ in reqs for o, _ in reqs), \
+        "no request joined a running batch"
+    t0 = time.monotonic()
+    while sched.batch_rows and time.monotonic() - t0 < 2:  # the last row leaves just after its "done" event
+        time.sleep(0.002)
+    assert sched.stats["max_rows"] >= 3 and sched.batch_rows == 0
+
+
+def test_a_request_joining_mid_batch_gets_its_first_token_before_the_batch_ends(gen, sched):
+    sched.eos = set()  # the random model may say EOS early: these rows run to max_tokens
+    gate, hook = gate_forwards(gen.model, delay=0.01)
+    gate.set()
+    try:
+        long_reqs = [request(ids_of(gen, i), max_tokens=80) for i in range(3)]
+        for r, _ in long_reqs:
+            sched.submit(r)
+        while min(r.completion_tokens for r, _ in long_reqs) < 5:
+            time.sleep(0.005)
+        ids = ids_of(gen, 10)
+        late, lc = request(ids, max_tokens=4)
+        sched.submit(late)
+        wait(lc)
+        assert all(r.finished_at is None for r, _ in long_reqs)  # the batch was still running ...
+        wait(*(c for _, c in long_reqs))
+    finally:
+        hook.remove()
+    assert late.first_token_at < min(r.finished_at for r, _ in long_reqs)  # ... and the late one was served
+    assert late.finished_at < min(r.finished_at for r, _ in long_reqs)
+    assert lc.text == alone(gen, ids, 4, eos=False)[0]
+    for i, (_, c) in enumerate(long_reqs):
+        assert c.text == alone(gen, ids_of(gen, i), 80, eos=False)[0] and c.reason == "length"
+
+
+def test_a_cancelled_row_leaves_the_batch(gen, sched):
+    sched.eos = set()
+    gate, hook = gate_forwards(gen.model, delay=0.01)
+    gate.set()
+    try:
+        reqs = [request(ids_of(gen, i), max_tokens=60) for i in range(3)]
+        for r, _ in reqs:
+            sched.submit(r)
+        while sched.batch_rows < 3 or min(r.completion_tokens for r, _ in reqs) < 3:
+            time.sleep(0.005)
+        gone = reqs[1][0]
+        sched.cancel(gone)
+        assert sched.running == 2  # the slot is free at once
+        t0 = time.monotonic()
+        while sched.batch_rows != 2 and time.monotonic() - t0 < 5:
+            time.sleep(0.002)
+        assert sched.batch_rows == 2  # the batch shrank at the next step
+        at_cancel = gone.completion_tokens
+        wait(reqs[0][1], reqs[2][1])
+    finally:
+        hook.remove()
+    assert gone.completion_tokens == at_cancel < 60 and not reqs[1][1].done.is_set()
+    for i in (0, 2):
+        assert reqs[i][1].text == alone(gen, ids_of(gen, i), 60, eos=False)[0]
+
+
+def test_n3_with_a_seed_is_reproducible_while_other_requests_run(gen, sched):
+    ids = ids_of(gen, 3, repeat=2)
+
+    def seeded(group: int) -> list[Collect]:
+        rs = [request(ids, max_tokens=12, temperature=1.0, seed=1234, group=group) for _ in range(3)]
+        sched.submit_many([r for r, _ in rs])
+        return [c for _, c in rs]
+
+    first = seeded(1)
+    wait(*first)
+    texts = [c.text for c in first]
+    assert len(set(texts)) > 1  # three draws, not one row three times
+    # choice 0 draws what lmforge.generate draws with that seed alone
+    assert texts[0] == alone(gen, ids, 12, temperature=1.0, seed=1234)[0]
+    gate, hook = gate_forwards(gen.model, delay=0.003)
+    gate.set()
+    try:
+        others = [request(ids_of(gen, i), max_tokens=30, temperature=0.9, top_k=20) for i in range(3)]
+        others += [request(ids_of(gen, i, 2), max_tokens=30, repetition_penalty=1.3) for i in range(2)]
+        for r, _ in others:
+            sched.submit(r)
+        time.sleep(0.05)
+        again = seeded(2)
+        wait(*again, *(c for _, c in others))
+    finally:
+        hook.remove()
+    assert [c.text for c in again] == texts
+    assert sched.stats["max_rows"] >= 4
+
+
+# ---- prefix reuse ----------------------------------------------------------------------------------------------
+def test_prefix_reuse_returns_the_same_tokens_as_no_reuse(gen):
+    turn1 = ids_of(gen, 5, repeat=6)[:60]
+    more = gen.tokenizer.encode(" the cat sat on the mat", add_special_tokens=False)
+    with_reuse = Scheduler(gen.model, gen.tokenizer, prefix_cache_bytes=1 << 20)
+    without = Scheduler(gen.model, gen.tokenizer, prefix_cache_bytes=0)
+    try:
+        r1, c1 = request(turn1, max_tokens=20)
+        with_reuse.submit(r1)
+        wait(c1)
+        turn2 = turn1 + c1.tokens + more  # the chat's next turn: the first one, its reply, a new message
+        got, ref = request(turn2, max_tokens=16), request(turn2, max_tokens=16)
+        with_reuse.submit(got[0])
+        without.submit(ref[0])
+        wait(got[1], ref[1])
+    finally:
+        with_reuse.close()
+        without.close()
+    assert with_reuse.stats["reused_tokens"] >= len(turn1)  # the whole first turn was not prefilled again
+    assert without.stats["reused_tokens"] == 0
+    assert got[1].tokens == ref[1].tokens and got[1].text == ref[1].text
+    assert got[1].tokens == alone(gen, turn2, 16)[2]
+    assert torch.allclose(torch.tensor(got[1].logprobs), torch.tensor(ref[1].logprobs), atol=1e-4)
+
+
+def test_prefix_cache_keeps_the_longest_and_evicts_the_least_recently_used():
+    def kv(n: int) -> list[torch.Tensor]:
+        return [torch.full((2, n, 4), float(n))]  # one layer, (n_kv, n, hd): 32 n bytes
+
+    pc = PrefixCache(budget_bytes=2 * 32 * 20 * 2, min_tokens=2)  # room for two 20-token entries (k and v)
+    a, b, c = list(range(20)), list(range(100, 120)), list(range(200, 220))
+    pc.store(a[:10], kv(10), kv(10))
+    pc.store(a, kv(20), kv(20))  # extends the first: replaces it
+    assert len(pc) == 1 and pc.used == 2 * 32 * 20
+    pc.store(b, kv(20), kv(20))
+    assert pc.lookup(a + [7])[0] == 20  # a is now the most recently used
+    pc.store(c, kv(20), kv(20))  # over budget: b goes
+    assert pc.lookup(b + [1]) is None and pc.lookup(c[:5] + [9])[0] == 5
+    m, k, _ = pc.lookup(a)  # all of a: one token is left to prefill
+    assert m == 19 and k[0].shape == (2, 19, 4)
+    assert PrefixCache(0).lookup(a) is None
+
+
+def test_prefix_cache_setting_reaches_the_scheduler(gen):
+    from lmforge.serve import ServeSettings, create_app
+
+    on = create_app(gen, settings=ServeSettings(prefix_cache_mb=8)).state.lmforge.sched
+    off = create_app(gen, settings=ServeSettings(prefix_cache_mb=0)).state.lmforge.sched
+    assert on.prefix_cache is not None and on.prefix_cache.budget == 8 << 20 and off.prefix_cache is None
+
+
+def test_the_dynamic_batching_path_still_gives_the_texts_alone(gen):
+    old = Scheduler(gen.model, gen.tokenizer, continuous=False, window_s=0.005)
+    try:
+        rows = [(ids_of(gen, i, 1 + i % 2), 5 + 3 * i) for i in range(4)]
+        reqs = [request(ids, max_tokens=m) for ids, m in rows]
+        old.submit_many([r for r, _ in reqs])
+        wait(*(c for _, c in reqs))
+    finally:
+        old.close()
+    assert old.stats["batches"] == 1 and old.batch_rows == 0 and old.prefix_cache is None
+    for (ids, m), (_, c) in zip(rows, reqs):
+        assert (c.text, c.reason, c.tokens) == alone(gen, ids, m)
