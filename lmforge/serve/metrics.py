@@ -49,7 +49,8 @@ class Metrics:
         self.ttft = Histogram("lmforge_time_to_first_token_seconds", "Time from a generation entering the queue "
                               "to its first token (queue wait + prefill + one step)", buckets=LATENCY_BUCKETS,
                               registry=r)
-        self.batch_size = Histogram("lmforge_batch_size", "Rows decoding together, observed each time requests join the running batch",
+        self.batch_size = Histogram("lmforge_batch_size",
+                                    "Rows decoding together, observed each time requests join the running batch",
                                     buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge("lmforge_queue_depth", "Generations waiting for a batch", registry=r)
         self.running = Gauge("lmforge_running", "Generations decoding now (rows of the running batch)",
