@@ -41,7 +41,7 @@ MODEL_FLAGS: dict[str, dict] = {
     "max_eval_samples": dict(type=positive_int, help="validation rows"),
     **LORA_FLAGS,
 }
-TASK_DEFAULTS = {"max_train_samples": 8000}  # the ~5-minute budget on 2 CPU cores
+TASK_DEFAULTS = {"max_train_samples": 8000}  # the 2-3 minute budget on 2 CPU cores
 TRAIN_DEFAULTS = {"epochs": None, "batch_size": None, "lr": None, "warmup": 0.1, "eval_every": 100,
                   "save_every": 100, "keep_best": "accuracy"}
 TRAIN_HELPS = {"epochs": "passes over the data (default: 1; 5 for glove-6b-50d)",
@@ -113,7 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="fine-tune, evaluate and use text classifiers")
     csub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    s = csub.add_parser("train", help="fine-tune a classifier (defaults: minilm-l6 on tweets-sentiment, ~5 min)",
+    s = csub.add_parser("train", help="fine-tune a classifier (defaults: minilm-l6 on tweets-sentiment, 2-3 min)",
                         description="Fine-tune a pretrained model (or GloVe vectors) for text classification. "
                         "DATA is a built-in dataset (tweets-sentiment, bbc-news) or a CSV/TSV/JSONL file.")
     add_fields(s.add_argument_group("data"), ClassifyConfig, DATA_FLAGS)
