@@ -9,7 +9,7 @@ text without splitting a multi-byte character) live in TextStreamer, on top of t
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,12 +168,9 @@ class _Stepper:
 # ---- sampling / greedy -----------------------------------------------------------------------------
 @torch.inference_mode()
 def stream_tokens(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  gc: GenerationConfig | None = None, on_logits: Callable[[torch.Tensor], None] | None = None
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  gc: GenerationConfig | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), finished (B,) bool) per step. A row that hit a stop id yields that id once,
-    then is marked finished (later values in that row are padding to ignore). `on_logits`, if given, sees each
-    step's raw float32 logits (B, V) before penalties and sampling, just before that step's tokens are yielded
-    (the server's logprobs)."""
+    then is marked finished (later values in that row are padding to ignore)."""
     gc = gc or GenerationConfig()
     _check(model, input_ids, gc)
     if gc.num_beams > 1:
@@ -194,8 +191,6 @@ def stream_tokens(model: Transformer, input_ids: torch.Tensor, attention_mask: t
     out = input_ids.new_empty(B, 0)  # (B, i): the output so far, for no_repeat_ngram_size
     logits = stepper.prefill(input_ids)
     for i in range(gc.max_new_tokens):
-        if on_logits is not None:
-            on_logits(logits)
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, gc.repetition_penalty)
         if gc.no_repeat_ngram_size:

@@ -267,17 +267,3 @@ def test_prefix_cache_setting_reaches_the_scheduler(gen):
     on = create_app(gen, settings=ServeSettings(prefix_cache_mb=8)).state.lmforge.sched
     off = create_app(gen, settings=ServeSettings(prefix_cache_mb=0)).state.lmforge.sched
     assert on.prefix_cache is not None and on.prefix_cache.budget == 8 << 20 and off.prefix_cache is None
-
-
-def test_the_dynamic_batching_path_still_gives_the_texts_alone(gen):
-    old = Scheduler(gen.model, gen.tokenizer, continuous=False, window_s=0.005)
-    try:
-        rows = [(ids_of(gen, i, 1 + i % 2), 5 + 3 * i) for i in range(4)]
-        reqs = [request(ids, max_tokens=m) for ids, m in rows]
-        old.submit_many([r for r, _ in reqs])
-        wait(*(c for _, c in reqs))
-    finally:
-        old.close()
-    assert old.stats["batches"] == 1 and old.batch_rows == 0 and old.prefix_cache is None
-    for (ids, m), (_, c) in zip(rows, reqs):
-        assert (c.text, c.reason, c.tokens) == alone(gen, ids, m)

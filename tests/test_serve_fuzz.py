@@ -124,8 +124,7 @@ def fuzz_server(tmp_path_factory):
     head = SequenceClassifier(Generator.load(d).model, 2).eval()
     classifier = LoadedClassifier(head, gen.tokenizer, ["neg", "pos"], "transformer", 32)
     srv = start_server(gen, classifier=classifier,
-                       settings={"max_tokens": 4, "default_max_tokens": 4, "max_body_bytes": 200_000,
-                                 "batch_window_ms": 1.0})
+                       settings={"max_tokens": 4, "default_max_tokens": 4, "max_body_bytes": 200_000})
     yield srv
     srv.stop()
     torch.set_num_threads(n)

@@ -54,7 +54,7 @@ def gen(tiny_dir) -> Generator:
 
 @pytest.fixture(scope="module")
 def server(gen):
-    srv = start_server(gen, settings={"max_concurrent": 8, "batch_window_ms": 1.0})
+    srv = start_server(gen, settings={"max_concurrent": 8})
     yield srv
     srv.stop()
 
@@ -173,7 +173,7 @@ def test_logprobs_with_a_quantized_model_within_tolerance(tiny_dir):
         qgen.model = quantize_model(qgen.model, **DECODE_PRESETS[8])
     except Exception as e:  # noqa: BLE001 - the tiny shapes may not fit a preset's groups
         pytest.skip(f"int8 preset does not apply to the tiny model: {e}")
-    srv = start_server(qgen, settings={"batch_window_ms": 1.0})
+    srv = start_server(qgen)
     try:
         body = {"messages": CHAT, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 1}
         content = post(srv, "/v1/chat/completions", body).json()["choices"][0]["logprobs"]["content"]
@@ -334,7 +334,7 @@ def wait_for(url: str, keys: list[tuple], timeout: float = 5.0) -> dict:
 
 
 def test_metrics_parse_and_move(gen):
-    srv = start_server(gen, settings={"batch_window_ms": 1.0})
+    srv = start_server(gen)
     other = start_server(gen)  # a second app in the same process: its own registry, its own counts
     try:
         ep = ("endpoint", "/v1/chat/completions")

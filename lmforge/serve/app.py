@@ -49,8 +49,6 @@ class ServeSettings:
     max_prompt_tokens: int | None = None  # default: the model's context length - 1
     max_body_bytes: int = 1 << 20
     max_inputs: int = 256  # texts per /v1/embeddings or /v1/classify request
-    batch_window_ms: float = 10.0  # a burst is over when no request came for this long (batching.Scheduler)
-    batch_max_wait_ms: float = 100.0  # the longest an idle worker waits for a batch to fill
     prefix_cache_mb: int = 256  # keys/values of earlier prompts kept for reuse by the next chat turn (0 = off)
     host: str = "127.0.0.1"  # the bound address: a Host header naming it is accepted, as are the localhost names
     allowed_hosts: list[str] = field(default_factory=list)  # more Host names ("*" any, ".example.com" a domain)

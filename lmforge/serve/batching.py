@@ -4,7 +4,7 @@ Why a single worker thread: model work must stay off the event loop (so /health 
 answered during a long generation), and one thread owning the model means one forward at a time, which
 is what a CPU (or one GPU) does best anyway; concurrency comes from batching, not from threads.
 
-Continuous batching (the default): while rows decode, new requests wait in a FIFO queue; before each decode
+Continuous batching: while rows decode, new requests wait in a FIFO queue; before each decode
 step the worker admits every waiting request that fits (`max_batch` rows, `max_batch_tokens` positions),
 prefills each alone (reusing a cached prompt prefix when one matches, see serve/prefix_cache.py), gives it
 its first token and merges it into the running batch (serve/engine.py: left-padding whichever side is shorter).
@@ -12,11 +12,6 @@ A row leaves the batch as soon as it ends: its stop string, EOS or max_tokens, o
 (`cancel`, seen at the next step). Each row has its own sampling parameters, stop strings, max_tokens and
 logprobs request; a seeded row has its own torch.Generator (choice j of a request with seed s uses
 `engine.row_seed(s, j)`), so the same seed gives the same texts whatever else the server is doing.
-
-`Scheduler(continuous=False)` keeps the dynamic batching that came before: when the worker is free it takes
-the oldest waiting request and every waiting one that can share its batch (`SamplingParams.group_key`), waits
-briefly for a burst to gather (`window_s`, `max_wait_s`), and runs them through `generate.stream_tokens`;
-requests that arrive mid-batch wait for the whole batch.
 
 Log-probabilities (`SamplingParams.logprobs`) are those of the model's own distribution: log_softmax of the
 raw float32 logits at each step, before repetition penalty, temperature and top-k/top-p/min-p (as vLLM
@@ -71,14 +66,6 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
     group: int | None = None  # the rows of one request (its n choices): a seed gives each choice its own stream
 
-    def group_key(self) -> tuple:
-        """Requests with equal keys may share a batch (see the module docstring)."""
-        if self.temperature == 0.0:
-            return ("greedy", self.repetition_penalty)
-        if self.seed is not None:
-            return ("seeded", self.group if self.group is not None else id(self))  # runs alone, reproducibly
-        return ("sample", self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
-
 
 @dataclass
 class TokenLogprob:
@@ -112,7 +99,7 @@ class GenRequest:
     finished: bool = False
     completion_tokens: int = 0
     enqueued_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None  # its prefill began (continuous) or its batch did (continuous=False)
+    started_at: float | None = None  # its prefill began
     first_token_at: float | None = None  # for the speed figures the API reports ("timings")
     finished_at: float | None = None
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is still held back
@@ -132,13 +119,12 @@ class _Row:
 class Scheduler:
     """Admission control (max_batch generating + max_queue waiting, beyond that Overloaded) and the worker."""
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, window_s: float = 0.01,
-                 max_wait_s: float = 0.1, max_batch_tokens: int = 1 << 17, metrics=None, continuous: bool = True,
-                 prefix_cache_bytes: int = 0) -> None:
+    def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, max_batch_tokens: int = 1 << 17,
+                 metrics=None, prefix_cache_bytes: int = 0) -> None:
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_concurrent must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.max_queue, self.window_s, self.max_wait_s = max_batch, max_queue, window_s, max_wait_s
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.max_batch_tokens = max_batch_tokens  # rows x (prompt + new) positions: bounds the KV cache size
         self.context_length = model.cfg.context_length
         self.eos = set(model.cfg.eos_ids)
@@ -148,11 +134,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._busy_s = 0.0  # EMA of batch wall time: the Retry-After estimate
-        self._last_rows, self._last_batch_s = 1, 0.0  # the previous batch, for _gather
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "max_rows": 0, "reused_tokens": 0}
         self.metrics = metrics  # optional observer: batch(rows), first_token(seconds) (serve/metrics.py)
-        self.continuous = continuous  # False: the dynamic batching of stream_tokens batches (no joining mid-batch)
-        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 and continuous else None
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self._engine = BatchDecoder(model, self.prefix_cache)
 
     # ---- admission (any thread) ---------------------------------------------------------------------
@@ -224,12 +208,6 @@ class Scheduler:
 
     # ---- worker --------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        if self.continuous:
-            self._loop_continuous()
-        else:
-            self._loop_batches()
-
-    def _loop_continuous(self) -> None:
         """Continuous batching: waiting requests join the running batch before each decode step."""
         rows: list[_Row] = []
         try:
@@ -367,158 +345,6 @@ class Scheduler:
     def _decode(self, t: list[int]) -> str:
         return self.tokenizer.decode(t, skip_special_tokens=True)
 
-    # ---- worker: dynamic batching (continuous=False; the scheduler before continuous batching) -----------
-    def _loop_batches(self) -> None:
-        while True:
-            with self._cond:
-                while not self._waiting and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-            g0 = time.monotonic()
-            self._gather()
-            with self._cond:
-                batch = self._pick()
-                self._running.update(batch)
-                left = len(self._waiting)
-            if not batch:
-                continue
-            log.debug("batch of %d rows after %.0f ms gathering; %d left waiting", len(batch),
-                      (time.monotonic() - g0) * 1000, left)
-            t0 = time.perf_counter()
-            try:
-                self._run(batch)
-            except Exception as e:  # a failed batch fails its requests, never the worker
-                log.exception("generation batch of %d failed", len(batch))
-                for r in batch:
-                    self._finish_error(r, e)
-            finally:
-                dt = time.perf_counter() - t0
-                self._busy_s = dt if not self._busy_s else 0.8 * self._busy_s + 0.2 * dt
-                self._last_rows, self._last_batch_s = len(batch), dt
-                with self._cond:
-                    self._running.difference_update(batch)
-
-    def _gather(self) -> None:
-        """Wait briefly so that requests arriving together share one batch (the worker is idle meanwhile).
-
-        Requests of a burst reach the scheduler spread out (each is parsed and tokenized first), so wait
-        until none has arrived for `window_s`, up to `max_wait_s` in all. After a batch of R rows its clients
-        tend to come back together, but a row that ended early (EOS) comes back first: without waiting it
-        would start a batch of one and the others would queue behind it. So while fewer than R wait, keep
-        waiting up to 10% of the last batch's time (within max_wait_s); at low load R is 1 and only the
-        quiet window (a few ms) is spent.
-        """
-        start = time.monotonic()
-        target = min(self._last_rows, self.max_batch)
-        stragglers = min(self.max_wait_s, 0.1 * self._last_batch_s)
-        while not self._closed:
-            with self._cond:
-                n = len(self._waiting)
-                newest = self._waiting[-1].enqueued_at if n else start
-            now = time.monotonic()
-            if n == 0 or n >= self.max_batch or now - start >= self.max_wait_s:
-                return
-            if now - newest >= self.window_s and (n >= target or now - start >= stragglers):
-                return
-            time.sleep(0.002)
-
-    def _pick(self) -> list[GenRequest]:
-        """The oldest waiting request and the waiting ones that can share its batch (FIFO order)."""
-        if not self._waiting:
-            return []
-        key = self._waiting[0].params.group_key()
-        seeded = key[0] == "seeded"  # one request's rows: never split by the token budget (max_batch bounds it)
-        rows: list[GenRequest] = []
-        longest = most_new = 0
-        for r in self._waiting:
-            if len(rows) == self.max_batch:
-                break
-            if r.params.group_key() != key:
-                continue
-            t, n = max(longest, len(r.prompt_ids)), max(most_new, r.params.max_tokens)
-            too_big = (len(rows) + 1) * (t + n) > self.max_batch_tokens and not seeded
-            if rows and (t + n > self.context_length or too_big):
-                continue
-            rows.append(r)
-            longest, most_new = t, n
-        for r in rows:
-            self._waiting.remove(r)
-        return rows
-
-    @torch.inference_mode()
-    def _run(self, batch: list[GenRequest]) -> None:
-        from lmforge.generate import GenerationConfig, stream_tokens
-
-        p = batch[0].params
-        gc = GenerationConfig(max_new_tokens=max(r.params.max_tokens for r in batch), temperature=p.temperature,
-                              top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
-                              repetition_penalty=p.repetition_penalty, seed=p.seed)
-        T = max(len(r.prompt_ids) for r in batch)
-        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        dev = next(self.model.parameters()).device
-        ids = torch.tensor([[pad] * (T - len(r.prompt_ids)) + r.prompt_ids for r in batch], device=dev)
-        mask = torch.tensor([[0] * (T - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch], device=dev)
-
-        def decode(t: list[int]) -> str:
-            return self.tokenizer.decode(t, skip_special_tokens=True)
-
-        streamers = [TextStreamer(decode, list(r.params.stop)) for r in batch]
-        live = [not r.cancelled for r in batch]
-        now = time.monotonic()
-        for r in batch:
-            r.started_at = now
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(batch)
-        self.stats["max_rows"] = max(self.stats["max_rows"], len(batch))
-        if self.metrics is not None:
-            self.metrics.batch(len(batch))
-        want = [r.params.logprobs for r in batch]
-        lp = _LogprobTap(max((k for k in want if k is not None), default=-1))
-        steps = stream_tokens(self.model, ids, mask, gc, on_logits=lp if lp.k >= 0 else None)
-        try:
-            for tok, done in steps:
-                toks, dn = tok.tolist(), done.tolist()
-                chosen, top = lp.take(tok)
-                for b, r in enumerate(batch):
-                    if not live[b]:
-                        continue
-                    if r.cancelled:
-                        live[b] = False
-                        continue
-                    t = toks[b]
-                    if r.first_token_at is None:  # the first step (even an immediate EOS): time to first token
-                        r.first_token_at = time.monotonic()
-                        if self.metrics is not None:
-                            self.metrics.first_token(r.first_token_at - r.enqueued_at)
-                    if dn[b] or t in self.eos:
-                        live[b] = False
-                        self._finish(r, streamers[b], "stop")
-                        continue
-                    r.completion_tokens += 1
-                    self.stats["tokens"] += 1
-                    if want[b] is not None:
-                        r.pending_logprobs.append(TokenLogprob(t, chosen[b], list(zip(*top[b]))[: want[b]]))
-                    piece = streamers[b].put(t)
-                    if piece:
-                        self._emit(r, Event("text", piece, logprobs=self._take_logprobs(r)))
-                    if streamers[b].stopped or r.completion_tokens >= r.params.max_tokens:
-                        live[b] = False
-                        self._finish(r, streamers[b], "stop" if streamers[b].stopped else "length")
-                if not any(live):
-                    break
-                if self._closed:  # shutting down: end the open rows now rather than finish the batch
-                    for b, r in enumerate(batch):
-                        if live[b]:
-                            live[b] = False
-                            self._finish_error(r, ShuttingDown("the server is shutting down"))
-                    break
-        finally:
-            steps.close()
-        for b, r in enumerate(batch):  # the batch hit its own length limit: rows still open end here
-            if live[b] and not r.cancelled:
-                self._finish(r, streamers[b], "length")
-
     # ---- results ---------------------------------------------------------------------------------------
     def _emit(self, r: GenRequest, ev: Event) -> None:
         try:
@@ -538,7 +364,7 @@ class Scheduler:
         if tail or r.pending_logprobs:  # held-back text, or tokens whose text a stop string cut away
             self._emit(r, Event("text", tail, logprobs=self._take_logprobs(r)))
         r.finished, r.finished_at = True, time.monotonic()
-        if self.continuous and r.started_at is not None:  # Retry-After: how long a row holds its slot
+        if r.started_at is not None:  # Retry-After: how long a row holds its slot
             dt = r.finished_at - r.started_at
             self._busy_s = dt if not self._busy_s else 0.8 * self._busy_s + 0.2 * dt
         self._emit(r, Event("done", finish_reason=reason, completion_tokens=r.completion_tokens))
@@ -550,26 +376,3 @@ class Scheduler:
             return
         r.finished = True
         self._emit(r, Event("error", error=e, completion_tokens=r.completion_tokens))
-
-
-class _LogprobTap:
-    """stream_tokens' on_logits hook: keeps each step's log_softmax so the chosen token's value can be read."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k  # most alternatives any row asked for; -1: nobody asked
-        self.logp: torch.Tensor | None = None
-        self.top: tuple[list, list] | None = None
-
-    def __call__(self, logits: torch.Tensor) -> None:
-        self.logp = logits.float().log_softmax(-1)  # (B, V)
-        if self.k > 0:
-            v, i = self.logp.topk(min(self.k, self.logp.shape[-1]), dim=-1)  # (B, k)
-            self.top = (i.tolist(), v.tolist())
-
-    def take(self, tok: torch.Tensor) -> tuple[list[float], list[tuple[list, list]]]:
-        """-> (chosen token's log-probability per row, (top ids, top log-probabilities) per row)."""
-        if self.logp is None:
-            return [], []
-        chosen = self.logp.gather(1, tok[:, None]).squeeze(1).tolist()  # (B,)
-        ids, vals = self.top if self.top is not None else ([[]] * len(chosen), [[]] * len(chosen))
-        return chosen, list(zip(ids, vals))

@@ -59,8 +59,7 @@ class ServerState:
         self.max_prompt = min(settings.max_prompt_tokens or self.ctx - 1, self.ctx - 1)
         self.metrics = Metrics()
         self.sched = Scheduler(generator.model, generator.tokenizer, max_batch=settings.max_concurrent,
-                               max_queue=settings.max_queue, window_s=settings.batch_window_ms / 1000,
-                               max_wait_s=settings.batch_max_wait_ms / 1000, metrics=self.metrics,
+                               max_queue=settings.max_queue, metrics=self.metrics,
                                prefix_cache_bytes=settings.prefix_cache_mb << 20)
         self.metrics.watch(self.sched)
         self.logprobs = LogprobFormatter(generator.tokenizer)
