@@ -56,3 +56,31 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
         make_hf_model(fam).save_pretrained(d)
         out[fam] = d
     return out
+
+
+# ---- the tiny llama the serve tests share (test_serve, test_serve_openai, test_serve_batching) -------------
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine 2 OpenMP threads are 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    from test_serve import tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("serve-llama")
+    tok = tiny_tokenizer()
+    make_hf_model("llama", vocab=tok.vocab_size).save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_dir):
+    from lmforge.generate import Generator
+
+    return Generator.load(tiny_dir)

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_hf_model
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -51,27 +50,7 @@ def _prompt(i: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine 2 OpenMP threads are 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("serve-llama")
-    tok = tiny_tokenizer()
-    make_hf_model("llama", vocab=tok.vocab_size).save_pretrained(d)
-    tok.save(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_dir) -> Generator:
-    return Generator.load(tiny_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny_dir and gen: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

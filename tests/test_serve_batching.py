@@ -8,35 +8,18 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_hf_model
 
 pytest.importorskip("fastapi")
-from test_serve import _prompt, gate_forwards, tiny_tokenizer  # noqa: E402
+from test_serve import _prompt, gate_forwards  # noqa: E402
 
-from lmforge.generate import GenerationConfig, Generator, TextStreamer, generate  # noqa: E402
+from lmforge.generate import GenerationConfig, TextStreamer, generate  # noqa: E402
 from lmforge.serve.batching import Event, GenRequest, SamplingParams, Scheduler  # noqa: E402
 from lmforge.serve.prefix_cache import PrefixCache  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def gen(tmp_path_factory) -> Generator:
-    d: Path = tmp_path_factory.mktemp("serve-batching-llama")
-    tok = tiny_tokenizer()
-    make_hf_model("llama", vocab=tok.vocab_size).save_pretrained(d)
-    tok.save(d)
-    return Generator.load(d)
+pytestmark = pytest.mark.usefixtures("one_thread")  # gen: tests/conftest.py
 
 
 class Collect:

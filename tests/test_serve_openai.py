@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_hf_model
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -22,7 +21,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 prom_parser = pytest.importorskip("prometheus_client.parser")
 
-from test_serve import start_server, tiny_tokenizer  # noqa: E402
+from test_serve import start_server  # noqa: E402
 
 from lmforge.generate import GenerationConfig, Generator, generate  # noqa: E402
 
@@ -30,26 +29,7 @@ CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "
 TOL = 1e-4  # float32 server path vs one float32 forward of the whole sequence (KV cache vs none)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("serve-openai-llama")
-    tok = tiny_tokenizer()
-    make_hf_model("llama", vocab=tok.vocab_size).save_pretrained(d)
-    tok.save(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def gen(tiny_dir) -> Generator:
-    return Generator.load(tiny_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny_dir and gen: tests/conftest.py
 
 
 @pytest.fixture(scope="module")
