@@ -1,17 +1,19 @@
 """Task quality on ../shared/data: extractive QA, summarization, English->Spanish translation.
 
     python benchmarks/tasks.py [--data ../shared/data] [--scale quick|full] [--steps qa,sum,mt]
-                               [--out benchmarks/results/tasks.json]
+                               [--out benchmarks/results/tasks[_full].json]
 
 Every number comes from an `lmforge` command that this script runs and records, so each row can be
 reproduced by hand:
   qa   minilm-l6 fine-tuned on nyt_v1.0.json (SQuADShifts NYT), evaluated on new_wiki_v1.0.json: EM / F1.
-  sum  wikilingua_en_1k.jsonl: ROUGE-1/2/L of the lead-3 baseline and of zero-shot smollm2-135m-instruct and
-       gemma3-270m on the last N documents; then a short LoRA fine-tune of SmolLM2 on the first documents.
-  mt   bible_ot_en_es.jsonl, the last 500 pairs (or N with --scale quick): BLEU / chrF zero-shot, then after a
-       short LoRA fine-tune of SmolLM2 on earlier pairs.
-`--scale quick` uses small limits that finish in well under an hour on 2 CPU cores; `full` uses the sizes the
-issue names (hours on this machine).
+  sum  wikilingua_en_1k.jsonl: ROUGE-1/2/L of the lead-3 baseline, of zero-shot smollm2-135m-instruct, and of a
+       fine-tune on the other documents, all on the last N documents.
+  mt   bible_ot_en_es.jsonl, the last 500 pairs (or N with --scale quick): BLEU / chrF zero-shot (3-shot for the
+       base model), then after a fine-tune on all earlier pairs.
+`--scale quick` uses small limits and short SmolLM2 LoRA runs that finish in well under an hour on 2 CPU cores.
+`--scale full` runs the measured recipes, i.e. the commands' defaults (`qa train`, `finetune --task summarize`,
+`finetune --task translate`; docs/qa.md, docs/summarization.md, docs/translation.md), on the sizes the issue
+names, and draws each run's validation curve against training minutes into benchmarks/results/tasks_curves.png.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -32,8 +35,8 @@ from benchmarks.common import RESULTS_DIR, format_table, machine_info, write_jso
 SCALES = {  # quick: the LoRA fine-tunes are sized to ~10 minutes each on 2 CPU cores (SmolLM2 at ~1.5 s per 1k tokens)
     "quick": {"qa_train": 5000, "qa_eval": 300, "sum_eval": 30, "sum_train": 300, "sum_ft_steps": 40,
               "mt_eval": 60, "mt_train": 600, "mt_ft_steps": 80},
-    "full": {"qa_train": 0, "qa_eval": 0, "sum_eval": 100, "sum_train": 900, "sum_ft_steps": 1000,
-             "mt_eval": 500, "mt_train": 5000, "mt_ft_steps": 1000},
+    "full": {"qa_train": 0, "qa_eval": 0, "sum_eval": 100, "sum_train": 0, "sum_ft_steps": 0,
+             "mt_eval": 500, "mt_train": 0, "mt_ft_steps": 800},  # 0: all rows / the recipe's schedule
 }
 
 
@@ -67,14 +70,135 @@ def run(cmd: list[str], log: list[dict]) -> dict:
         return {}
 
 
+def _tail_split(f: Path, n: int, out: Path) -> Path:
+    """All rows of a JSONL file but the last n (the evaluation rows) -> out: training never sees them."""
+    lines = [x for x in f.read_text(encoding="utf-8").split("\n") if x.strip()]  # not splitlines(): U+2028
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines[:-n]) + "\n", encoding="utf-8")
+    return out
+
+
+def _curve(run_dir: Path, metric: str) -> list[tuple[float, float]]:
+    """(training minutes, validation metric) from a run's metrics.jsonl."""
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    pts = []
+    for line in f.read_text().split("\n"):
+        r = json.loads(line) if line.strip() else {}
+        if "eval_" + metric in r:
+            pts.append((r["elapsed"] / 60, r["eval_" + metric]))
+    return pts
+
+
+def plot_curves(curves: dict[str, dict], path: Path) -> None:
+    """One panel per task: the validation metric against training minutes, the held-out score as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
+    for ax, (task, c) in zip(axes[0], curves.items()):
+        if c["points"]:
+            xs, ys = zip(*c["points"])
+            ax.plot(xs, ys, marker="o", label=f"validation {c['metric']}")
+        ax.set_xlabel("training minutes")
+        ax.set_ylabel(c["metric"])
+        ax.set_title(task)
+        if c.get("final") is not None and c["points"]:
+            ax2 = ax.twinx()
+            ax2.plot([c["points"][-1][0]], [c["final"]], "r*", markersize=12, label=f"held-out {c['final_name']}")
+            ax2.set_ylabel(f"held-out {c['final_name']}", color="r")
+            ax2.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def run_full(steps: list[str], data: Path, runs: Path, lm: list[str], rows: list[dict], log: list[dict],
+             save: Callable[[], None], curves: dict[str, dict]) -> None:
+    """The measured recipes: each fine-tune is the command with no recipe flag, then its held-out score."""
+    if "qa" in steps:
+        run_dir = runs / "qa-recipe"
+        run([*lm, "qa", "train", "--data", str(data / "qa/nyt_v1.0.json"), "--output", str(run_dir),
+             "--overwrite", "--no-progress"], log)
+        cmd = log[-1]
+        r = run([*lm, "eval", "--task", "qa", "--model", str(run_dir / "best"), "--data",
+                 str(data / "qa/new_wiki_v1.0.json"), "--json", "--predictions", str(runs / "qa-recipe-eval/p.jsonl")],
+                log)
+        rows.append({"task": "qa (new_wiki)", "model": "minilm-l6, `qa train` recipe on all of nyt",
+                     "minutes": round(cmd["seconds"] / 60, 1), "precision": _precision(run_dir),
+                     "examples": r.get("examples"), "EM": r.get("exact_match"), "F1": r.get("f1"),
+                     "command": cmd["command"], "error": r.get("error")})
+        curves["qa: minilm-l6 on nyt"] = {"metric": "f1", "points": _curve(run_dir, "f1"), "final": r.get("f1"),
+                                          "final_name": "new_wiki F1"}
+        save()
+    if "sum" in steps:
+        f = data / "summarization/wikilingua_en_1k.jsonl"
+        n = 100
+        train_f = _tail_split(f, n, runs / "sum-train.jsonl")
+        for model in ("lead-3", "smollm2-135m-instruct"):
+            r = run([*lm, "eval", "--task", "summarize", "--model", model, "--data", str(f), "--limit", str(n),
+                     "--tail", "--json", "--predictions", str(runs / f"sum-{model}/p.jsonl")], log)
+            rows.append({"task": "summarize", "model": model + ("" if model == "lead-3" else " zero-shot"),
+                         "examples": r.get("examples"), "ROUGE-1": r.get("rouge1"), "ROUGE-2": r.get("rouge2"),
+                         "ROUGE-L": r.get("rougeL"), "error": r.get("error")})
+        ft = runs / "sum-recipe"
+        run([*lm, "finetune", "--task", "summarize", "--data", str(train_f), "--input-field", "document",
+             "--target-field", "summary", "--output", str(ft), "--overwrite", "--no-progress"], log)
+        cmd = log[-1]
+        r = run([*lm, "eval", "--task", "summarize", "--model", str(ft / "best"), "--data", str(f), "--limit",
+                 str(n), "--tail", "--json", "--predictions", str(runs / "sum-recipe-eval/p.jsonl")], log)
+        rows.append({"task": "summarize", "model": "`finetune --task summarize` recipe", "examples": r.get("examples"),
+                     "minutes": round(cmd["seconds"] / 60, 1), "precision": _precision(ft),
+                     "ROUGE-1": r.get("rouge1"), "ROUGE-2": r.get("rouge2"), "ROUGE-L": r.get("rougeL"),
+                     "command": cmd["command"], "error": r.get("error")})
+        curves["summarize: WikiLingua"] = {"metric": "eval_loss", "points": _curve(ft, "eval_loss"),
+                                           "final": r.get("rougeL"), "final_name": "ROUGE-L"}
+        save()
+    if "mt" in steps:
+        f = data / "translation/bible_ot_en_es.jsonl"
+        n = 500
+        train_f = _tail_split(f, n, runs / "mt-train.jsonl")
+        r = run([*lm, "eval", "--task", "translate", "--from", "en", "--to", "es", "--model", "gemma3-270m",
+                 "--data", str(f), "--limit", str(n), "--tail", "--shots", "3", "--shots-file", str(train_f),
+                 "--json", "--max-new-tokens", "128", "--predictions", str(runs / "mt-gemma-3shot/p.jsonl")], log)
+        rows.append({"task": "translate en-es", "model": "gemma3-270m 3-shot (no training)",
+                     "examples": r.get("examples"), "BLEU": r.get("bleu"), "chrF": r.get("chrf"),
+                     "error": r.get("error")})
+        ft = runs / "mt-recipe"
+        run([*lm, "finetune", "--task", "translate", "--from", "en", "--to", "es", "--data", str(train_f),
+             "--input-field", "en", "--target-field", "es", "--max-steps", str(SCALES["full"]["mt_ft_steps"]),
+             "--eval-every", "200", "--save-every", "200", "--output", str(ft), "--overwrite", "--no-progress"], log)
+        cmd = log[-1]
+        r = run([*lm, "eval", "--task", "translate", "--from", "en", "--to", "es", "--model", str(ft / "best"),
+                 "--data", str(f), "--limit", str(n), "--tail", "--json", "--max-new-tokens", "128",
+                 "--predictions", str(runs / "mt-recipe-eval/p.jsonl")], log)
+        rows.append({"task": "translate en-es", "model": "`finetune --task translate` recipe",
+                     "examples": r.get("examples"), "minutes": round(cmd["seconds"] / 60, 1),
+                     "precision": _precision(ft), "BLEU": r.get("bleu"), "chrF": r.get("chrf"),
+                     "command": cmd["command"], "error": r.get("error")})
+        curves["translate: bible en-es"] = {"metric": "eval_loss", "points": _curve(ft, "eval_loss"),
+                                            "final": r.get("chrf"), "final_name": "chrF"}
+        save()
+
+
+def _precision(run_dir: Path) -> str | None:
+    f = run_dir / "trainer_config.json"
+    return json.loads(f.read_text()).get("precision") if f.is_file() else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     ap.add_argument("--scale", choices=list(SCALES), default="quick")
     ap.add_argument("--steps", default="qa,sum,mt")
     ap.add_argument("--runs", default="runs/bench-tasks")
-    ap.add_argument("--out", default=str(RESULTS_DIR / "tasks.json"))
+    ap.add_argument("--out", default=None, help="default: results/tasks.json (quick), tasks_full.json (full)")
     a = ap.parse_args()
+    a.out = a.out or str(RESULTS_DIR / ("tasks_full.json" if a.scale == "full" else "tasks.json"))
     data, runs, s = Path(a.data), Path(a.runs), SCALES[a.scale]
     if not data.is_dir():
         sys.exit(f"{data}: no such directory (this benchmark needs ../shared/data)")
@@ -92,6 +216,10 @@ def main() -> None:
     def save() -> None:  # after every task, so an interrupted run keeps what it measured
         write_json(a.out, {"machine": machine_info(), "scale": a.scale, "limits": s, "rows": rows, "commands": log})
 
+    curves: dict[str, dict] = {}
+    if a.scale == "full":
+        run_full(steps, data, runs, lm, rows, log, save, curves)
+        steps = []  # the quick steps below are skipped
     if "qa" in steps:
         run_dir = runs / "qa-minilm"
         train = [*lm, "qa", "train", "--data", str(data / "qa/nyt_v1.0.json"), "--output", str(run_dir), "--overwrite",
@@ -125,7 +253,8 @@ def main() -> None:
         train_f.write_text("\n".join(lines[: min(s["sum_train"], len(lines) - n)]) + "\n", encoding="utf-8")
         ft = runs / "sum-ft"
         run([*lm, "finetune", "--task", "summarize", "--data", str(train_f), "--input-field", "document",
-             "--target-field", "summary", "--lora", "--lora-targets", "q,k,v,o", "--max-length", "512",
+             "--target-field", "summary", "--model", "smollm2-135m-instruct", "--lora",
+             "--lora-targets", "q,k,v,o", "--max-length", "512",
              "--max-target-length", "96", "--max-steps", str(s["sum_ft_steps"]), "--batch-size", "4", "--lr", "3e-4",
              "--output", str(ft), "--overwrite", "--no-progress", "--eval-every", "0", "--save-every", "0"], log)
         r = run([*lm, "eval", "--task", "summarize", "--model", str(ft), "--data", f, "--limit", str(n), "--tail",
@@ -150,7 +279,8 @@ def main() -> None:
         train_f.write_text("\n".join(lines[: s["mt_train"]]) + "\n", encoding="utf-8")
         ft = runs / "mt-ft"
         run([*lm, "finetune", "--task", "translate", "--from", "en", "--to", "es", "--data", str(train_f),
-             "--input-field", "en", "--target-field", "es", "--lora", "--lora-targets", "q,k,v,o", "--max-length",
+             "--input-field", "en", "--target-field", "es", "--model", "smollm2-135m-instruct", "--lora",
+             "--lora-targets", "q,k,v,o", "--lora-rank", "8", "--lora-alpha", "16", "--max-length",
              "256", "--max-steps", str(s["mt_ft_steps"]), "--batch-size", "8", "--lr", "3e-4", "--output", str(ft),
              "--overwrite", "--no-progress", "--eval-every", "0", "--save-every", "0"], log)
         r = run([*lm, "eval", "--task", "translate", "--from", "en", "--to", "es", "--model", str(ft), "--data", f,
@@ -160,7 +290,12 @@ def main() -> None:
                      "examples": r.get("examples"), "BLEU": r.get("bleu"), "chrF": r.get("chrf"),
                      "error": r.get("error")})
 
-    cols = [("task", "task"), ("model", "model"), ("examples", "n"), ("EM", "EM"), ("F1", "F1"),
+    if curves:
+        png = Path(a.out).with_name("tasks_curves.png")
+        plot_curves(curves, png)
+        print(f"curves: {png}")
+    cols = [("task", "task"), ("model", "model"), ("minutes", "train min"), ("precision", "precision"),
+            ("examples", "n"), ("EM", "EM"), ("F1", "F1"),
             ("ROUGE-1", "R-1"), ("ROUGE-2", "R-2"), ("ROUGE-L", "R-L"), ("BLEU", "BLEU"), ("chrF", "chrF"),
             ("error", "error")]
     print(format_table(rows, cols))

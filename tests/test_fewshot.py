@@ -182,3 +182,29 @@ def test_fewshot_eval_and_verb_on_a_real_model(tiny_base, tmp_path, capsys):
     text.write_text(ROWS[2][0])
     assert main(["translate", "--model", str(tiny_base), "--to", "es", "--from", "en", "--shots", "2",
                  "--shots-file", str(data), "--max-new-tokens", "6", "--truncate", str(text)]) == 0
+
+
+def test_sentence_budget_in_the_summarize_prompt(tmp_path, monkeypatch, capsys):
+    from lmforge.errors import GenerationError
+    from lmforge.tasks.prompts import summarize_prompt
+
+    assert summarize_prompt(" Text. ").startswith("Summarize the following text in two or three sentences.\n\nText.")
+    assert "in one sentence." in summarize_prompt("x", 1)
+    assert "in at most four sentences." in summarize_prompt("x", 4)
+    assert "in at most 12 sentences." in summarize_prompt("x", 12)
+    with pytest.raises(GenerationError, match="--sentences"):
+        summarize_prompt("x", 0)
+    # eval prompts a fine-tuned run dir with the budget it was trained with, unless --sentences says otherwise
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "finetune.json").write_text(json.dumps({"task": "summarize", "sentences": 5}))
+    data = tmp_path / "docs.jsonl"
+    data.write_text(json.dumps({"document": "A long text.", "summary": "Short."}) + "\n")
+    fake = RecordingGen()
+    monkeypatch.setattr("lmforge.generate.Generator.load", lambda *a, **k: fake)
+    args = ["eval", "--task", "summarize", "--model", str(run), "--data", str(data), "--json",
+            "--predictions", str(tmp_path / "p.jsonl")]
+    assert main(args) == 0 and main(args + ["--sentences", "2"]) == 0
+    capsys.readouterr()
+    (trained, _), (told, _) = fake.calls
+    assert "in at most five sentences." in trained[0] and "in at most two sentences." in told[0]

@@ -158,3 +158,38 @@ def test_finetune_hands_the_trainer_lengths_for_bucketing(tiny_lm, tmp_path, mon
              log=lambda *_: None)
     (run,) = runs
     assert run.lengths == [len(e) for e in run.train_data] and len(set(run.lengths)) > 1
+
+
+def test_finetune_task_recipes_are_the_defaults_and_flags_override_them(tmp_path, monkeypatch):
+    """`finetune --task translate|summarize` with no flags runs the task's measured recipe (RECIPES); each
+    flag given wins over its part of the recipe; --task instruct keeps the generic defaults."""
+    from lmforge.tasks.seq2seq import RECIPES
+
+    seen: list = []
+    monkeypatch.setattr("lmforge.tasks.seq2seq.finetune",
+                        lambda c, tc, **kw: seen.append((c, tc)) or {"run_dir": "r", "steps": 0, "stopped": "x",
+                                                                   "elapsed_s": 0, "validation": {}})
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"input": "a", "target": "b"}\n')
+    base = ["finetune", "--data", str(data), "--output", str(tmp_path / "run")]
+    assert main(base + ["--task", "translate", "--to", "es"]) == 0
+    c, tc = seen[-1]
+    r = RECIPES["translate"]
+    assert (c.model, c.lora, c.lora_rank, c.lora_targets, c.max_length) == (
+        r["model"], True, r["lora_rank"], r["lora_targets"], r["max_length"])
+    assert (tc.lr, tc.batch_size, tc.max_steps) == (r["lr"], r["batch_size"], r["max_steps"])
+    assert main(base + ["--task", "translate", "--to", "es", "--epochs", "2", "--overwrite"]) == 0
+    assert (seen[-1][1].epochs, seen[-1][1].max_steps) == (2.0, None)  # --epochs replaces the step budget
+    assert main(base + ["--task", "translate", "--to", "es", "--no-lora", "--lr", "1e-5", "--model", "m",
+                        "--overwrite"]) == 0
+    c, tc = seen[-1]
+    assert (c.model, c.lora, tc.lr, tc.batch_size) == ("m", False, 1e-5, r["batch_size"])
+    assert main(base + ["--task", "instruct", "--overwrite"]) == 0
+    c, tc = seen[-1]
+    assert (c.model, c.lora, tc.lr, tc.batch_size, c.max_length) == ("smollm2-135m-instruct", False, 3e-5, 4, 512)
+    assert main(base + ["--task", "instruct", "--lora", "--overwrite"]) == 0
+    assert seen[-1][1].lr == 2e-4
+    assert main(base + ["--task", "summarize", "--overwrite"]) == 0
+    c, tc = seen[-1]
+    s = RECIPES["summarize"]
+    assert (c.model, c.lora, tc.lr, c.max_length) == (s["model"], bool(s.get("lora")), s["lr"], s["max_length"])

@@ -35,15 +35,30 @@ FINETUNE_FLAGS: dict[str, dict] = {
     "target_field": dict(help="JSONL field with the target text"),
     "to": dict(help="translate: target language code"),
     "src": dict(flag="--from", help="translate: source language code"),
+    "sentences": dict(type=positive_int, metavar="N", help="summarize: the sentence budget the prompt states "
+                      "(default: \"two or three\"); eval and summarize reuse it for the fine-tuned model"),
     "max_length": dict(type=positive_int, help="prompt + target tokens"),
     "max_target_length": dict(type=positive_int, help="target tokens"),
     "max_train_samples": dict(type=positive_int, help="subsample the training pairs"),
     "max_eval_samples": dict(type=positive_int, help="validation pairs"),
     **LORA_FLAGS,
+    "lora": dict(action=argparse.BooleanOptionalAction,
+                 help="train low-rank adapters on a frozen model (--no-lora: full fine-tuning)"),
 }
-TRAIN_DEFAULTS = {"epochs": 1.0, "batch_size": 4, "lr": None, "warmup": 0.05, "eval_every": 100,
+TRAIN_DEFAULTS = {"epochs": None, "batch_size": None, "lr": None, "warmup": 0.05, "eval_every": 100,
                   "save_every": 100, "keep_best": "eval_loss"}
-TRAIN_HELPS = {"lr": "peak learning rate (default: 3e-5; 2e-4 with --lora)"}
+# Flags left at None on the command line take the task's recipe (tasks/seq2seq.py RECIPES), then these.
+GENERIC = {"model": DEFAULT_LM, "lora": False, "lora_rank": 8, "lora_alpha": 16.0, "lora_targets": "q,v",
+           "max_length": 512, "max_target_length": 256, "epochs": 1.0, "batch_size": 4}
+RECIPE_HELP = """With no flags, --task translate and --task summarize run the measured recipes (see docs/translation.md
+and docs/summarization.md); any flag given overrides its part of the recipe:
+  translate  gemma3-270m, LoRA r32 (alpha 16) on all linear layers, lr 5e-4, batch 16, max length 256,
+             800 steps (--epochs replaces the step budget)
+  summarize  smollm2-135m-instruct, full fine-tuning, lr 1e-4, batch 8, 1 epoch, max length 640
+Otherwise: smollm2-135m-instruct, full fine-tuning at lr 3e-5 (2e-4 with --lora), batch 4, 1 epoch."""
+TRAIN_HELPS = {"lr": "peak learning rate (default: the task's recipe; else 3e-5, 2e-4 with --lora)",
+               "epochs": "passes over the training data, fractions allowed (default: the task's recipe, else 1)",
+               "batch_size": "examples per device per micro-batch (default: the task's recipe, else 4)"}
 EVAL_HELP = """Score a model on a task:
   summarize  ROUGE on JSONL rows with fields "document" (input) and "summary" (reference);
              other names with --input-field / --target-field
@@ -58,6 +73,20 @@ century or capitalised name (names not for translate) that the source does not c
 """
 
 
+def apply_recipe(a: argparse.Namespace) -> dict:
+    """Fill the task flags left at None from the task's recipe, then the generic defaults; return the recipe's
+    training settings (for train_config's `late`), so that every flag the user gave wins."""
+    from lmforge.tasks.seq2seq import RECIPES
+
+    recipe = dict(RECIPES.get(a.task, {}))
+    if a.epochs is not None:  # --epochs given: it replaces the recipe's step budget
+        recipe.pop("max_steps", None)
+    for name, generic in GENERIC.items():
+        if getattr(a, name, None) is None:
+            setattr(a, name, recipe.get(name, generic))
+    return {k: v for k, v in recipe.items() if k not in FINETUNE_FLAGS and k not in GENERIC}
+
+
 def cmd_finetune(a: argparse.Namespace) -> int:
     from lmforge.tasks.seq2seq import EVAL_METRICS, FinetuneConfig, finetune
 
@@ -69,10 +98,11 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     else:
         if not a.data:
             raise LmforgeError("finetune: --data FILE is required (JSON lines with input and target fields)")
+        recipe = apply_recipe(a)
         c = FinetuneConfig(**pick(a, FINETUNE_FLAGS))
         out = run_dir(a, f"finetune-{c.task}", c.model)
         prepare_run(a, out)
-        tc = train_config(a, out, {"lr": 2e-4 if c.lora else 3e-5})
+        tc = train_config(a, out, {"lr": 2e-4 if c.lora else 3e-5, **recipe})
     s = finetune(c, tc, resume=bool(a.resume), log=log)
     v = s["validation"]
     if main_rank:
@@ -90,7 +120,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     c = EvalConfig(task=a.task, model=a.model, data=a.data, limit=a.limit, input_field=a.input_field,
                    target_field=a.target_field, to=a.to, src=a.src, batch_size=a.batch_size,
                    max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, output=out, tail=a.tail,
-                   quantize=a.quantize, shots=a.shots or 0, shots_file=a.shots_file)
+                   quantize=a.quantize, shots=a.shots or 0, shots_file=a.shots_file, sentences=a.sentences)
     s = evaluate_task(c, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(s, indent=1) if a.json else format_summary(s))
     return 0
@@ -102,8 +132,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("finetune", help="fine-tune a decoder on JSONL input/target pairs (prompt masked from loss)",
                        description="Sequence-to-sequence fine-tuning of a decoder: summarization, translation or "
                        "instructions. Loss on target tokens only; full or LoRA. The run dir loads in `generate`, "
-                       "the task verbs and transformers.")
-    add_fields(s, FinetuneConfig, FINETUNE_FLAGS, {"model": DEFAULT_LM})
+                       "the task verbs and transformers.", epilog=RECIPE_HELP)
+    add_fields(s, FinetuneConfig, FINETUNE_FLAGS, {k: None for k in GENERIC if k in FINETUNE_FLAGS},
+               {"model": "decoder to fine-tune (default: the task's recipe, else smollm2-135m-instruct)"})
     add_train_flags(s, TRAIN_DEFAULTS, TRAIN_HELPS)
     s.set_defaults(func=cmd_finetune)
 
@@ -127,6 +158,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="JSONL with the same fields as --data; rows evaluated in this run are never shown")
     s.add_argument("--batch-size", type=positive_int, default=8, help="prompts decoded together (left-padded)")
     s.add_argument("--max-new-tokens", type=positive_int, default=128)
+    s.add_argument("--sentences", type=positive_int, default=None, metavar="N",
+                   help="summarize: sentence budget stated in the prompt (default: the one a fine-tuned model was "
+                   "trained with, else \"two or three\")")
     s.add_argument("--num-beams", type=positive_int, default=1)
     s.add_argument("--quantize", choices=["auto", "none", "8", "4"], default="auto",
                    help="auto: a quantized GGUF decodes on its int4/int8 path, other models in float; none: float; "

@@ -41,6 +41,7 @@ class EvalConfig:
     quantize: int | str | None = "auto"  # Generator.load's setting: a quantized GGUF decodes quantized
     shots: int = 0  # > 0: few-shot prompt with this many examples from shots_file (summarize, translate)
     shots_file: str | None = None
+    sentences: int | None = None  # summarize: the prompt's sentence budget (None: what the model was trained with)
 
 
 def _lead_sentences(text: str, n: int = 3) -> str:
@@ -110,7 +111,10 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
             if fewshot:
                 prompts = [fewshot.prompt(x) for x, _ in pairs]
             elif c.task == "summarize":
-                prompts = [P.summarize_prompt(x) for x, _ in pairs]
+                from lmforge.tasks.seq2seq import trained_sentences
+
+                budget = c.sentences if c.sentences is not None else trained_sentences(c.model)
+                prompts = [P.summarize_prompt(x, budget) for x, _ in pairs]
             else:
                 prompts = [P.translate_prompt(x, c.to, c.src) for x, _ in pairs]
             preds = _generate_all(gen, prompts, c, log, fewshot)

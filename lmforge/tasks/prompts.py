@@ -36,8 +36,19 @@ def language_name(code: str, field: str = "--to") -> str:
                           f"en, es, fr, de; known: {', '.join(sorted(LANGUAGES))})")
 
 
-def summarize_prompt(text: str) -> str:
-    return f"Summarize the following text in two or three sentences.\n\n{text.strip()}"
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def summarize_prompt(text: str, sentences: int | None = None) -> str:
+    """The summarize instruction; `sentences` is the length budget it states (None: "two or three")."""
+    if sentences is None:
+        budget = "two or three sentences"
+    elif sentences < 1:
+        raise GenerationError(f"--sentences must be at least 1, got {sentences}")
+    else:
+        word = NUMBER_WORDS[sentences - 1] if sentences <= len(NUMBER_WORDS) else str(sentences)
+        budget = "one sentence" if sentences == 1 else f"at most {word} sentences"
+    return f"Summarize the following text in {budget}.\n\n{text.strip()}"
 
 
 def translate_prompt(text: str, to: str, src: str | None = None) -> str:

@@ -19,9 +19,10 @@ from lmforge.tasks.prompts import summarize_prompt, translate_prompt
 TASKS = ("summarize", "translate", "instruct")
 
 
-def task_prompt(task: str, text: str, to: str | None = None, src: str | None = None) -> str:
+def task_prompt(task: str, text: str, to: str | None = None, src: str | None = None,
+                sentences: int | None = None) -> str:
     if task == "summarize":
-        return summarize_prompt(text)
+        return summarize_prompt(text, sentences)
     if task == "translate":
         if not to:
             raise DataError("--task translate needs --to LANG (the target language)")
@@ -36,6 +37,21 @@ def render_prompt(tokenizer, prompt: str) -> tuple[str, bool]:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True), False
     return prompt + "\n\nResponse:", True
+
+
+def trained_sentences(model: str) -> int | None:
+    """The summarize sentence budget a fine-tuned run dir was trained with (its finetune.json), else None:
+    the task verbs and eval then prompt it as it was trained unless told otherwise."""
+    import json
+    from pathlib import Path
+
+    f = Path(model) / "finetune.json"
+    if not f.is_file():
+        return None
+    try:
+        return json.loads(f.read_text(encoding="utf-8")).get("sentences")
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -87,6 +103,16 @@ def collate(examples: list[Seq2SeqExample], pad_id: int) -> dict[str, torch.Tens
 # ---- fine-tuning ---------------------------------------------------------------------------------------
 EVAL_METRICS = ("eval_loss", "perplexity")
 
+# The measured recipes (docs/translation.md, docs/summarization.md): what `lmforge finetune --task T` runs for
+# every flag the user does not give. Keys are FinetuneConfig and TrainConfig fields. `instruct` has none.
+RECIPES: dict[str, dict[str, object]] = {
+    "translate": {"model": "gemma3-270m", "lora": True, "lora_rank": 32, "lora_alpha": 16.0,
+                  "lora_targets": "all-linear", "lr": 5e-4, "batch_size": 16, "max_length": 256,
+                  "max_target_length": 128, "max_steps": 800},  # a budget: 12,800 pairs, about an hour on 2 cores
+    "summarize": {"model": "smollm2-135m-instruct", "lr": 1e-4, "batch_size": 8, "epochs": 1.0,
+                  "max_length": 640, "max_target_length": 128},
+}
+
 
 @dataclass
 class FinetuneConfig(LoraArgs):
@@ -98,6 +124,7 @@ class FinetuneConfig(LoraArgs):
     target_field: str = "target"
     to: str | None = None  # translate: target language code
     src: str | None = None  # translate: source language code
+    sentences: int | None = None  # summarize: the sentence budget the prompt states (None: "two or three")
     max_length: int = 512
     max_target_length: int | None = 256
     max_train_samples: int | None = None
@@ -106,7 +133,8 @@ class FinetuneConfig(LoraArgs):
 
 
 def _examples(c: FinetuneConfig, tok, pairs: list[tuple[str, str]]) -> list[Seq2SeqExample]:
-    return [build_example(tok, task_prompt(c.task, x, c.to, c.src), y, c.max_length, c.max_target_length)
+    return [build_example(tok, task_prompt(c.task, x, c.to, c.src, c.sentences), y, c.max_length,
+                          c.max_target_length)
             for x, y in pairs]
 
 
@@ -123,7 +151,7 @@ def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
 
     if c.task not in TASKS:
         raise DataError(f"--task: unknown task {c.task!r} (one of {', '.join(TASKS)})")
-    task_prompt(c.task, "x", c.to, c.src)  # validates --to/--from before anything heavy
+    task_prompt(c.task, "x", c.to, c.src, c.sentences)  # validates --to/--from before anything heavy
     if resume:
         check_resumable(Path(tc.output_dir))
     pairs = read_jsonl_pairs(c.data, c.input_field, c.target_field, skip_empty=True)
@@ -166,7 +194,8 @@ def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
         loss = float(tot) / max(float(n), 1.0)
         return {"eval_loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
 
-    meta = {"task": c.task, "to": c.to, "from": c.src, "base_model": c.model, "max_length": c.max_length}
+    meta = {"task": c.task, "to": c.to, "from": c.src, "base_model": c.model, "max_length": c.max_length,
+            "sentences": c.sentences}
 
     def save_fn(m, d: Path, _sd) -> None:
         export_model(m, d, tok, c, c.model)

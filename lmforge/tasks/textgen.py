@@ -47,10 +47,12 @@ def _one_or_many(x: str | list[str]) -> tuple[list[str], bool]:
     return ([x], True) if isinstance(x, str) else (list(x), False)
 
 
-def summarize(gen, text: str | list[str], *, fewshot: P.FewShot | None = None, **kw) -> TaskOutput | list[TaskOutput]:
-    """Summaries of one text (-> TaskOutput) or several (-> list, decoded in batches)."""
+def summarize(gen, text: str | list[str], *, fewshot: P.FewShot | None = None, sentences: int | None = None,
+              **kw) -> TaskOutput | list[TaskOutput]:
+    """Summaries of one text (-> TaskOutput) or several (-> list, decoded in batches); `sentences` is the
+    length budget the prompt states."""
     texts, single = _one_or_many(text)
-    ps = [fewshot.prompt(t) if fewshot else P.summarize_prompt(t) for t in texts]
+    ps = [fewshot.prompt(t) if fewshot else P.summarize_prompt(t, sentences) for t in texts]
     kw.setdefault("max_new_tokens", 160)
     kw.setdefault("no_repeat_ngram_size", 4)
     out = run_prompts(gen, "summarize", texts, ps, fewshot=fewshot, **kw)
