@@ -170,12 +170,15 @@ PROMPTS = [
 # activations and bf16 scales in the int4/int8 kernels, and the int8 per-channel head (with the int8 embedding
 # rows sharing its integers) requantized from the file's Q8_0 token embeddings. Each is a near-tie: at the first
 # differing step, the float32 model's logit gap between its own token and the default path's token is below
-# MAX_MARGIN (measured on this machine: 0.005 to 0.34; a gap of 0.4 is a probability ratio of 1.5).
+# MAX_MARGIN (measured: 0.005 to 0.34; a gap of 0.4 is a probability ratio of 1.5). The bf16 kernels round
+# differently on different CPUs (AVX-512 bf16 on an AMD EPYC, AMX on an Intel Xeon), so which near-ties flip
+# depends on the CPU: the list is the union of both machines' differences, each marked where it is CPU-specific.
 EXPLAINED: dict[int, str] = {
-    0: "step 17; only with the int8 embedding and bf16 activations together (gap 0.34)",
+    0: "step 17; only with the int8 embedding and bf16 activations together (gap 0.34; 0.20 on AMX)",
     1: "step 6; the int8 head alone changes it (gap 0.04)",
+    2: "AMX CPUs only: step 0, the first token after the newline is a near-tie (gap 0.07)",
     3: "step 3; bf16 activations alone change it (gap 0.04)",
-    4: "step 21; bf16 activations (gap 0.007)",
+    4: "AVX-512 bf16 (AMD EPYC) only: step 21; bf16 activations (gap 0.007)",
     6: "step 0; the first token is a near-tie that the int8 head or bf16 activations each flip (gap 0.005)",
     7: "step 11; the int8 head or bf16 activations (gap 0.03)",
 }
