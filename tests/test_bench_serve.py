@@ -1,0 +1,71 @@
+"""benchmarks/serve.py's pure parts: the seeded workload every server gets, percentiles, ratios, issue 12's targets.
+
+No server starts here: the end-to-end run is `python benchmarks/serve.py --clients 1,2 --requests 2
+--max-tokens-range 8,16`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.serve import _pct, add_ratios, check_targets, prompt, workload
+
+
+def test_workload_is_seeded_and_in_range():
+    a = workload(16, 3, (16, 256), 2.0, seed=0)
+    assert a == workload(16, 3, (16, 256), 2.0, seed=0)  # every server gets the same list
+    assert a != workload(16, 3, (16, 256), 2.0, seed=1)
+    assert len(a) == 16 and all(len(p.prompts) == len(p.max_tokens) == 3 for p in a)
+    toks = [m for p in a for m in p.max_tokens]
+    assert all(16 <= m <= 256 for m in toks) and len(set(toks)) > 10  # drawn, not one value
+    assert all(0.0 <= p.delay_s <= 2.0 for p in a) and len({p.delay_s for p in a}) == 16  # staggered
+    assert workload(1, 2, (8, 16), 2.0, seed=0)[0].delay_s == 0.0  # one client: no wait before the level
+
+
+def test_prompts_are_distinct_at_the_largest_level():
+    plans = workload(32, 4, (16, 256), 2.0, seed=0)
+    texts = [t for p in plans for t in p.prompts]
+    assert len(set(texts)) == 128
+    assert prompt(0) != prompt(100) and prompt(100) != prompt(200)
+
+
+def test_percentile_interpolates_unsorted_input():
+    xs = [float(x) for x in range(100, 0, -1)]
+    assert _pct(xs, 50) == pytest.approx(50.5)
+    assert _pct(xs, 99) == pytest.approx(99.01)
+    assert _pct([3.0], 99) == 3.0 and _pct([], 50) is None
+
+
+def _row(impl: str, clients: int, tps: float, ttft99: float, texts: dict | None = None) -> dict:
+    return {"impl": impl, "clients": clients, "tokens_per_s": tps, "ttft_p99_s": ttft99, "texts": texts or {}}
+
+
+def test_ratios_and_same_text():
+    rows = [_row("lmforge", 4, 120.0, 0.5, {"a": "x", "b": "y"}), _row("llama-server", 4, 100.0, 0.6),
+            _row("llama-cpp-python", 4, 40.0, 3.0), _row("transformers", 4, 10.0, 9.0, {"a": "x", "b": "z"}),
+            {"impl": "llama-server", "skipped": "no binary"}]
+    add_ratios(rows)
+    assert rows[0]["x_llama_server"] == pytest.approx(1.2)
+    assert rows[0]["x_llama_cpp_python"] == pytest.approx(3.0)
+    assert rows[0]["same_text"] == "1/2"
+    assert rows[1]["x_llama_server"] == pytest.approx(1.0)
+
+
+def test_targets_pass_and_fail_where_the_issue_says():
+    rows = [_row("lmforge", 1, 85.0, 0.1), _row("llama-server", 1, 100.0, 0.1),
+            _row("lmforge", 16, 110.0, 0.9), _row("llama-server", 16, 100.0, 0.5),
+            _row("llama-cpp-python", 16, 50.0, 20.0)]
+
+    def target(clients: int, words: str) -> dict:
+        (t,) = [t for t in check_targets(rows) if t["clients"] == clients and words in t["target"]]
+        return t
+
+    assert len(check_targets(rows)) == 4  # three at 16 clients, one at 1
+    assert target(1, "within 10%")["ratio"] == pytest.approx(0.85) and not target(1, "within 10%")["met"]
+    assert target(16, "1.0x llama-server")["ratio"] == pytest.approx(1.1) and target(16, "1.0x llama-server")["met"]
+    assert target(16, "first token")["ratio"] == pytest.approx(1.8) and not target(16, "first token")["met"]
+    assert target(16, "llama-cpp-python")["ratio"] == pytest.approx(2.2) and target(16, "llama-cpp-python")["met"]
+    rows[2]["ttft_p99_s"] = 0.4  # now ahead of llama-server's first token
+    assert target(16, "first token")["met"]
+    rows[0]["tokens_per_s"] = 95.0
+    assert target(1, "within 10%")["met"]
