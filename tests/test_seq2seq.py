@@ -184,6 +184,8 @@ def test_finetune_task_recipes_are_the_defaults_and_flags_override_them(tmp_path
                         "--overwrite"]) == 0
     c, tc = seen[-1]
     assert (c.model, c.lora, tc.lr, tc.batch_size) == ("m", False, 1e-5, r["batch_size"])
+    assert main(base + ["--task", "translate", "--to", "es", "--no-lora", "--overwrite"]) == 0
+    assert seen[-1][1].lr == 3e-5  # the recipe's LoRA lr is not used for full fine-tuning
     assert main(base + ["--task", "instruct", "--overwrite"]) == 0
     c, tc = seen[-1]
     assert (c.model, c.lora, tc.lr, tc.batch_size, c.max_length) == ("smollm2-135m-instruct", False, 3e-5, 4, 512)

@@ -36,7 +36,7 @@ FINETUNE_FLAGS: dict[str, dict] = {
     "to": dict(help="translate: target language code"),
     "src": dict(flag="--from", help="translate: source language code"),
     "sentences": dict(type=positive_int, metavar="N", help="summarize: the sentence budget the prompt states "
-                      "(default: \"two or three\"); eval and summarize reuse it for the fine-tuned model"),
+                      "(default: \"two or three\"); eval reuses it for the fine-tuned model"),
     "max_length": dict(type=positive_int, help="prompt + target tokens"),
     "max_target_length": dict(type=positive_int, help="target tokens"),
     "max_train_samples": dict(type=positive_int, help="subsample the training pairs"),
@@ -84,6 +84,8 @@ def apply_recipe(a: argparse.Namespace) -> dict:
     for name, generic in GENERIC.items():
         if getattr(a, name, None) is None:
             setattr(a, name, recipe.get(name, generic))
+    if bool(a.lora) != bool(recipe.get("lora", False)):  # --lora / --no-lora against the recipe: its lr is not for
+        recipe.pop("lr", None)                            # the other mode (3e-5 full, 2e-4 LoRA then apply)
     return {k: v for k, v in recipe.items() if k not in FINETUNE_FLAGS and k not in GENERIC}
 
 
