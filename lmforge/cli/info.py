@@ -30,6 +30,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         "stored_dtype": ck.quantization or cfg.dtype,
         "loaded_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "decode_path": decode_path(ck),
+        "decode_step": decode_step(model),
         "format": ck.format,
         "file_size": ck.file_size,
         "path": str(ck.path),
@@ -59,6 +60,15 @@ def decode_path(ck) -> str:
 
         return gguf_decode_path(ck.path)
     return str(next(ck.model.parameters()).dtype).removeprefix("torch.")
+
+
+def decode_step(model) -> str:
+    """The per-token step `generate` runs with the default --compile-decode auto (eager, or compiled and when)."""
+    if not model.cfg.causal:
+        return "none (an encoder does not decode)"
+    from lmforge.generate import describe_decode_step
+
+    return describe_decode_step(model)
 
 
 def cmd_embed(a: argparse.Namespace) -> int:

@@ -204,6 +204,22 @@ class KVCache:
         self.length, self.max_len = self.length - n, self.max_len - n
 
 
+class StaticKV:
+    """A KVCache seen by one static-shape decode step (generate's compiled step): `update` writes the new
+    column at `col`, a (1,) long tensor rather than a Python int, and returns the whole preallocated
+    (B, n_kv, max_len, hd) tensors, so every step has the same shapes and torch.compile traces it once.
+    Columns not yet written (zeros) or padding are removed by the step's mask; `length` is not touched."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], col: torch.Tensor) -> None:
+        self.k, self.v, self.col = k, v, col  # a KVCache's per-layer tensors; col: (1,) long
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (B, n_kv, 1, hd) -> every column: (B, n_kv, max_len, hd)
+        self.k[layer].index_copy_(2, self.col, k)
+        self.v[layer].index_copy_(2, self.col, v)
+        return self.k[layer], self.v[layer]
+
+
 # ---- attention -----------------------------------------------------------------------------------
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
@@ -223,7 +239,7 @@ class Attention(nn.Module):
         self.causal = cfg.causal  # False for bidirectional encoders (bert)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | StaticKV | None) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, D)
         q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)

@@ -14,7 +14,12 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
-from lmforge.model.layers import Attention, Embeddings, KVCache, Rotary, make_mlp, make_norm
+from lmforge.model.layers import Attention, Embeddings, KVCache, Rotary, StaticKV, make_mlp, make_norm
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool attention mask (True = may attend) as the 0 / -inf one SDPA would build from it."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 class Block(nn.Module):
@@ -30,7 +35,8 @@ class Block(nn.Module):
             self.post_norm2 = make_norm(cfg)  # on the MLP output, before the residual
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None, cache: KVCache | StaticKV | None
+                ) -> torch.Tensor:
         # x: (B, T, D)
         if self.placement == "pre":
             x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))
@@ -142,6 +148,45 @@ class Transformer(nn.Module):
             if hidden is not None:
                 hidden[-1] = x  # HF convention: the last hidden state is after the final norm
         return (x, hidden) if output_hidden_states else x
+
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                    cache: StaticKV) -> torch.Tensor:
+        """One decode step with static shapes: tokens (B, 1), their positions (B, 1), valid (B, L) bool over the
+        cache's L columns (True = a real token, the one written at `cache.col` included) -> float32 logits (B, V).
+
+        The math of `forward` on one new token with a cache, then `lm_logits`; only the attention covers all L
+        columns with a mask instead of the first `length` (exact: masked scores are -inf, weight 0), and no Python
+        value depends on the step, so one trace serves every step of every generation of the same (B, L).
+        Causal models only (the caller checks `cfg.causal`); the context-length check is the caller's.
+        """
+        return self.lm_logits(self.decode_hidden(tokens, positions, valid, cache)).float()  # (B, V)
+
+    def decode_hidden(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                      cache: StaticKV) -> torch.Tensor:
+        """`decode_step` up to the final norm: (B, D). The part generate compiles; the LM head (one matmul,
+        nothing to fuse) runs outside, so a head dynamo cannot trace (lmforge.quant's int8 kernel checks the
+        operand's address) does not break the graph."""
+        cfg = self.cfg
+        x = self.embed(tokens, positions)  # (B, 1, D)
+        rope = rope_local = None
+        if cfg.position == "rotary":
+            rope = self.rope.cos_sin(positions, x.dtype)
+            rope_local = self.rope_local.cos_sin(positions, x.dtype) if self.rope_local is not None else rope
+        mask = valid[:, None, None, :]  # (B, 1, 1, L)
+        mask_local = mask
+        if cfg.sliding_window and cfg.layer_types is not None and "sliding" in cfg.layer_types:
+            k_idx = torch.arange(valid.shape[1], device=valid.device)  # (L,)
+            mask_local = mask & (cache.col - k_idx < cfg.sliding_window)  # (B, 1, 1, L), as _masks' `local`
+        if cfg.attn_softcap is None:  # SDPA turns a bool mask into a 0/-inf one in every layer: do it once
+            same = mask_local is mask
+            mask = additive_mask(mask, x.dtype)
+            mask_local = mask if same else additive_mask(mask_local, x.dtype)
+        for i, block in enumerate(self.blocks):
+            sliding = cfg.is_sliding(i)
+            x = block(x, rope_local if sliding else rope, mask_local if sliding else mask, cache)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x[:, -1]  # (B, D)
 
     def _masks(self, attention_mask: torch.Tensor | None, B: int, T: int, past: int, device):
         """Boolean (B, 1, T, S) masks, True = may attend; None when SDPA's own causal path is exact."""
