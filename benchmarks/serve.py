@@ -302,6 +302,24 @@ class Server:
 
 # ---- load generator (parent) ------------------------------------------------------------------------------
 async def one_request(ac, text: str, max_tokens: int) -> dict:
+    """One streamed request. A connection the server closed before answering (a keep-alive connection it timed
+    out, as llama-server's HTTP library does after 5 s idle) is retried once on a fresh one; any other transport
+    failure is recorded as this request's error, not raised, so one bad request cannot lose a level's results."""
+    import httpx
+
+    for attempt in (0, 1):
+        try:
+            return await _one_request(ac, text, max_tokens)
+        except (httpx.RemoteProtocolError, httpx.ConnectError) as e:
+            stale = isinstance(e, httpx.ConnectError) or "without sending a response" in str(e)
+            if attempt or not stale:
+                return {"error": f"{type(e).__name__}: {e}"}
+        except httpx.HTTPError as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+    raise AssertionError("unreachable")
+
+
+async def _one_request(ac, text: str, max_tokens: int) -> dict:
     body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -332,7 +350,8 @@ async def run_level(url: str, plans: list[ClientPlan], ping: str = "/health") ->
     import httpx
 
     n = len(plans)
-    limits = httpx.Limits(max_connections=n + 2, max_keepalive_connections=n + 2)
+    # idle connections expire before llama-server's 5 s keep-alive timeout closes them under us
+    limits = httpx.Limits(max_connections=n + 2, max_keepalive_connections=n + 2, keepalive_expiry=3.0)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as ac:
         async def client(plan: ClientPlan) -> list[dict]:
             await asyncio.sleep(plan.delay_s)
@@ -441,7 +460,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 
 COLUMNS = [("clients", "clients"), ("impl", "server"), ("slots", "slots"), ("requests", "requests"),
-           ("completion_tokens", "tokens"), ("at_max", "at max"), ("tokens_per_s", "tokens/s"),
+           ("errors", "errors"), ("completion_tokens", "tokens"), ("at_max", "at max"), ("tokens_per_s", "tokens/s"),
            ("x_llama_server", "x llama-server"), ("x_llama_cpp_python", "x llama-cpp-python"),
            ("p50_s", "p50 latency s"), ("p99_s", "p99 latency s"), ("ttft_p50_s", "p50 TTFT s"),
            ("ttft_p99_s", "p99 TTFT s"), ("same_text", "same text as transformers")]

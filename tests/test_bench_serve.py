@@ -6,6 +6,9 @@ No server starts here: the end-to-end run is `python benchmarks/serve.py --clien
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
 from benchmarks.serve import _pct, add_ratios, check_targets, prompt, workload
@@ -69,3 +72,39 @@ def test_targets_pass_and_fail_where_the_issue_says():
     assert target(16, "first token")["met"]
     rows[0]["tokens_per_s"] = 95.0
     assert target(1, "within 10%")["met"]
+
+
+def _sse(*pieces: str) -> bytes:
+    chunks = [{"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]} for p in pieces]
+    chunks.append({"choices": [], "usage": {"completion_tokens": len(pieces)}})
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+def test_a_stale_connection_is_retried_once_and_other_failures_are_recorded():
+    import httpx
+
+    from benchmarks.serve import one_request
+
+    calls = []
+
+    def handler(script):
+        def h(request):
+            calls.append(request.url.path)
+            step = script[min(len(calls), len(script)) - 1]
+            if isinstance(step, Exception):
+                raise step
+            return httpx.Response(200, content=step, headers={"content-type": "text/event-stream"})
+        return h
+
+    async def go(script):
+        calls.clear()
+        async with httpx.AsyncClient(base_url="http://x", transport=httpx.MockTransport(handler(script))) as ac:
+            return await one_request(ac, "hi", 8)
+
+    stale = httpx.RemoteProtocolError("Server disconnected without sending a response.")
+    r = asyncio.run(go([stale, _sse("a", "b")]))  # closed keep-alive connection, then a fresh one answers
+    assert r["text"] == "ab" and r["completion_tokens"] == 2 and len(calls) == 2
+    r = asyncio.run(go([stale, stale]))  # twice: recorded, not raised
+    assert r["error"].startswith("RemoteProtocolError") and len(calls) == 2
+    r = asyncio.run(go([httpx.ReadTimeout("slow")]))  # not a stale connection: no retry
+    assert r["error"].startswith("ReadTimeout") and len(calls) == 1
