@@ -187,3 +187,23 @@ def machine_info() -> dict[str, Any]:
         except (ImportError, AttributeError):  # not installed: leave it out
             continue
     return info
+
+
+def measured_peaks(threads: int, seconds: float = 1.0) -> dict[str, float]:
+    """This machine's own ceilings at `threads` threads, measured now (quoted beside every result): the best
+    2048^3 matmul in float32 and bfloat16 (GFLOP/s) and the best copy of a 256 MiB tensor (GB/s, bytes read +
+    written). Run it in a worker or before any timed work: it sets torch's thread count."""
+    import torch
+
+    from lmforge.flops import measure_matmul_flops
+
+    set_threads(threads)
+    out = {f"matmul_{n}_gflops": round(measure_matmul_flops("cpu", dt, seconds=seconds) / 1e9, 1)
+           for n, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    src = torch.ones(64 * 2**20)  # 256 MiB of float32
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch
+    best = min(time_fn(lambda: dst.copy_(src), iters=5, warmup=1))
+    out["copy_gb_s"] = round(2 * src.numel() * 4 / best / 1e9, 1)
+    out["threads"] = threads
+    return out

@@ -13,6 +13,8 @@ llama.cpp (llama-cpp-python) runs the Q4_1 file itself with 2 threads. Prompts a
 English text, different per row, so a batch needs no padding. Every row decodes exactly `new_tokens` tokens
 (no stop token). Each implementation runs in its own subprocess.
   ttft_s      time to the first new token (prompt prefill + one step)
+  prefill_tok_s  prompt tokens prefilled before the first token / ttft_s (all rows of a batched prefill; llama.cpp's
+                 first row); run --batches 1 --prompt-tokens 512 --new-tokens 16 for issue 12's 512-token figure
   tok_s       new tokens per second over the whole generation, all rows together (batch * new / total time)
   decode_tok_s  the same after the first token (steady-state decoding)
 llama-cpp-python has no batched generation in its Python API: its batch-8 figure runs the 8 prompts one
@@ -34,6 +36,7 @@ from benchmarks.common import (
     RESULTS_DIR,
     format_table,
     machine_info,
+    measured_peaks,
     peak_rss_mb,
     report,
     run_worker,
@@ -46,7 +49,9 @@ TEXT = (Path(__file__).resolve().parent.parent / "examples" / "article.txt")
 
 
 def _prompts(tok, batch: int, n: int) -> list[list[int]]:
-    ids = tok.encode(TEXT.read_text() * 4, add_special_tokens=False)
+    """batch different n-token slices of the article (repeated as often as n needs)."""
+    one = tok.encode(TEXT.read_text(), add_special_tokens=False)
+    ids = one * (1 + (n + 7 * batch) // len(one))
     return [ids[i * 7: i * 7 + n] for i in range(batch)]
 
 
@@ -91,7 +96,7 @@ def worker_lmforge(batch: int, new: int, n_prompt: int, threads: int, bits: int 
     res = [run() for _ in range(reps)]
     name = "lmforge-compiled" if compiled else "lmforge-default" if default else \
         f"lmforge{'-int' + str(bits) if bits else ''}"
-    r = _result(name, batch, new, res)
+    r = _result(name, batch, new, res, n_prompt)
     if compiled:
         r.update(warmup_s=round(warm, 1), decode_step=opts.path)
     return r
@@ -120,7 +125,7 @@ def worker_transformers(batch: int, new: int, n_prompt: int, threads: int, reps:
 
     gen(4)  # warm-up
     res = [(gen(1), gen(new)) for _ in range(reps)]
-    return _result("transformers", batch, new, res)
+    return _result("transformers", batch, new, res, n_prompt)
 
 
 def worker_llamacpp(batch: int, new: int, n_prompt: int, threads: int, reps: int) -> dict:
@@ -129,8 +134,8 @@ def worker_llamacpp(batch: int, new: int, n_prompt: int, threads: int, reps: int
     from lmforge.tokenizer import Tokenizer
 
     p = _gguf()
-    llm = llama_cpp.Llama(model_path=str(p), n_threads=threads, n_threads_batch=threads, n_ctx=512, n_batch=512,
-                          verbose=False)
+    llm = llama_cpp.Llama(model_path=str(p), n_threads=threads, n_threads_batch=threads,
+                          n_ctx=max(512, n_prompt + new + 8), n_batch=512, verbose=False)
     prompts = _prompts(Tokenizer.from_gguf(p), batch, n_prompt)
 
     def one(prompt: list[int]) -> tuple[float, float]:
@@ -150,16 +155,21 @@ def worker_llamacpp(batch: int, new: int, n_prompt: int, threads: int, reps: int
     for _ in range(reps):
         parts = [one(pr) for pr in prompts]  # sequential: no batched API
         res.append((parts[0][0], sum(t for _, t in parts)))
-    r = _result("llama.cpp", batch, new, res)
+    r = _result("llama.cpp", batch, new, res, n_prompt, rows_prefilled=1)
     if batch > 1:
         r["note"] = "rows run one after another"
     return r
 
 
-def _result(impl: str, batch: int, new: int, res: list[tuple[float, float]]) -> dict:
+def _result(impl: str, batch: int, new: int, res: list[tuple[float, float]], n_prompt: int,
+            rows_prefilled: int | None = None) -> dict:
     ttft = statistics.median(f for f, _ in res)
     total = statistics.median(t for _, t in res)
+    # prefill_tok_s: prompt tokens prefilled before the first token (every row of a batched prefill; the first
+    # row alone where rows run one after another) over the time to that token (prefill and one step)
+    rows = batch if rows_prefilled is None else rows_prefilled
     return {"impl": impl, "batch": batch, "new_tokens": new, "ttft_s": round(ttft, 3), "total_s": round(total, 2),
+            "prefill_tok_s": round(rows * n_prompt / ttft, 1),
             "tok_s": round(batch * new / total, 1),
             "decode_tok_s": round(batch * (new - 1) / max(total - ttft, 1e-9), 1), "peak_mb": round(peak_rss_mb()),
             "reps": len(res)}
@@ -172,7 +182,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--impls", default="lmforge,lmforge-int8,lmforge-int4,transformers,llama.cpp")
+    ap.add_argument("--impls", default="lmforge-default,lmforge-compiled,lmforge,transformers,llama.cpp")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode of lmforge-compiled (default: DecodeOptions' choice, 'default' on CPU); "
                          "e.g. max-autotune-no-cudagraphs")
@@ -205,15 +215,20 @@ def main() -> None:
             rows.append(r)
             print(r, file=sys.stderr, flush=True)
         ref = next((r for r in rows if r["batch"] == b and r["impl"] == "transformers" and "tok_s" in r), None)
+        lcpp = next((r for r in rows if r["batch"] == b and r["impl"] == "llama.cpp" and "tok_s" in r), None)
         for r in rows:
             if r["batch"] == b and ref and "tok_s" in r:
                 r["vs_transformers"] = round(r["tok_s"] / ref["tok_s"], 2)
+            if r["batch"] == b and lcpp and "tok_s" in r:
+                r["vs_llamacpp"] = round(r["tok_s"] / lcpp["tok_s"], 2)
     cols = [("impl", "impl"), ("batch", "batch"), ("tok_s", "tokens/s"), ("decode_tok_s", "decode tok/s"),
-            ("ttft_s", "TTFT s"), ("vs_transformers", "vs transformers"), ("peak_mb", "peak MB"),
+            ("ttft_s", "TTFT s"), ("prefill_tok_s", "prefill tok/s"), ("vs_transformers", "vs transformers"),
+            ("vs_llamacpp", "vs llama.cpp"), ("peak_mb", "peak MB"),
             ("warmup_s", "warm-up s (compile)"),
             ("note", "note"), ("error", "error")]
     print(format_table(rows, cols))
-    write_json(a.out, {"machine": machine_info(), "model": MODEL, "new_tokens": a.new_tokens,
+    machine = {**machine_info(), "peaks": measured_peaks(a.threads)}  # after the workers: nothing else runs
+    write_json(a.out, {"machine": machine, "model": MODEL, "new_tokens": a.new_tokens,
                        "prompt_tokens": a.prompt_tokens, "threads": a.threads, "rows": rows})
     print(f"wrote {a.out}", file=sys.stderr)
 

@@ -60,7 +60,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks.common` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, format_table, load_average, machine_info, thread_env, write_json
+from benchmarks.common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    format_table,
+    load_average,
+    machine_info,
+    measured_peaks,
+    thread_env,
+    write_json,
+)
 
 IMPLS = ("lmforge", "llama-server", "llama-cpp-python", "transformers")
 PY_SERVERS = ("lmforge", "transformers")  # started as `python serve.py --server NAME`
@@ -503,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     impls = [i.strip() for i in a.impls.split(",") if i.strip()]
     started = time.time()
     machine = machine_info()
+    machine["peaks"] = measured_peaks(a.threads)  # this machine's matmul and copy ceilings, at the servers' threads
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-serve-") as tmp:
         for impl in impls:

@@ -621,16 +621,16 @@ class Tokenizer:
     def from_gguf(cls, path_or_reader) -> Tokenizer:
         """Build from a GGUF file's tokenizer metadata (`tokenizer.ggml.model` "gpt2" or "llama").
 
-        Pass a `gguf.GGUFReader` to reuse one already open (reading a large file takes seconds).
+        Pass a `GGUFFile` (lmforge.gguf_file) or a `gguf.GGUFReader` to reuse one already open.
         """
-        import gguf
+        from lmforge.gguf_file import GGUFFile
 
         if isinstance(path_or_reader, (str, Path)):
             name = str(path_or_reader)
             if not Path(name).is_file():
                 raise TokenizerError(f"{name}: file not found")
             try:
-                reader = gguf.GGUFReader(name)
+                reader = GGUFFile(name)  # lazy metadata: no object per token until the tokens are read
             except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
                 raise TokenizerError(f"{name}: not a readable GGUF file ({_one_line(e)})") from None
         else:

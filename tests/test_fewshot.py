@@ -208,3 +208,20 @@ def test_sentence_budget_in_the_summarize_prompt(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     (trained, _), (told, _) = fake.calls
     assert "in at most five sentences." in trained[0] and "in at most two sentences." in told[0]
+
+
+def test_summarize_verb_states_the_sentence_budget(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "finetune.json").write_text(json.dumps({"task": "summarize", "sentences": 4}))
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A long text about many things.")
+    fake = RecordingGen()
+    monkeypatch.setattr("lmforge.generate.Generator.load", lambda *a, **k: fake)
+    assert main(["summarize", "--model", str(run), str(doc)]) == 0  # the budget it was trained with
+    assert main(["summarize", "--model", str(run), "--sentences", "1", str(doc)]) == 0  # told otherwise
+    assert main(["summarize", str(doc)]) == 0  # a model without finetune.json: "two or three"
+    capsys.readouterr()
+    (trained, _), (told, _), (plain, _) = fake.calls
+    assert "in at most four sentences." in trained[0] and "in one sentence." in told[0]
+    assert "in two or three sentences." in plain[0]

@@ -184,6 +184,9 @@ def test_task_endpoints_match_generator(server, gen):
     text = "the cat sat on the mat under the tree"
     r = httpx.post(server.url + "/v1/summarize", json={"text": text, "max_tokens": 10}, timeout=60).json()
     assert r["summary"] == gen.generate(summarize_prompt(text), chat=True, max_new_tokens=10).strip()
+    r = httpx.post(server.url + "/v1/summarize", json={"text": text, "max_tokens": 10, "sentences": 1},
+                   timeout=60).json()
+    assert r["summary"] == gen.generate(summarize_prompt(text, 1), chat=True, max_new_tokens=10).strip()
     r = httpx.post(server.url + "/v1/translate", json={"text": text, "to": "es", "from": "en", "max_tokens": 10},
                    timeout=60).json()
     assert r["translation"] == gen.generate(translate_prompt(text, "es", "en"), chat=True, max_new_tokens=10).strip()

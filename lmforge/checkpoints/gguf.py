@@ -17,7 +17,6 @@ where transformers' GGUF loader assumes something else, the comment says so.
 from __future__ import annotations
 
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,8 +155,8 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, tensors: boo
 
 # ---- opening and metadata ------------------------------------------------------------------------
 def _open(path: Path):
-    """GGUFReader with our errors: missing -> ModelNotFoundError, not GGUF/truncated -> CheckpointError."""
-    from gguf import GGUFReader
+    """The file's GGUFFile with our errors: missing -> ModelNotFoundError, not GGUF/truncated -> CheckpointError."""
+    from lmforge.gguf_file import GGUFFile, GGUFFormatError
 
     if not path.exists():
         raise ModelNotFoundError(f"{path}: GGUF file not found")
@@ -168,17 +167,11 @@ def _open(path: Path):
     if magic != b"GGUF":
         raise CheckpointError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
-        reader = GGUFReader(path, "r")
-    except (ValueError, IndexError, KeyError, OverflowError, struct.error, UnicodeDecodeError, OSError) as e:
-        msg = (str(e).splitlines()[0] if str(e) else type(e).__name__)[:120]
+        return GGUFFile(path)
+    except (GGUFFormatError, OSError) as e:
+        msg = (str(e).splitlines()[0] if str(e) else type(e).__name__)[:160]
         raise CheckpointError(f"{path}: unreadable GGUF file, truncated or corrupt "
-                              f"({path.stat().st_size} bytes; {type(e).__name__}: {msg})") from None
-    size = path.stat().st_size
-    for t in reader.tensors:  # the reader maps lazily: a tensor past the end only fails when used
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise CheckpointError(f"{path}: GGUF file is truncated (tensor {t.name!r} extends past the end "
-                                  f"of the file at {size} bytes)")
-    return reader
+                              f"({path.stat().st_size} bytes; {msg})") from None
 
 
 def _value(f) -> Any:
@@ -205,7 +198,7 @@ def _get(reader, key: str, src: str) -> Any:
 
 def _array_len(reader, key: str) -> int | None:
     f = reader.fields.get(key)
-    return None if f is None else len(f.data)
+    return None if f is None else f.count
 
 
 def _metadata(reader) -> dict[str, Any]:
@@ -216,8 +209,8 @@ def _metadata(reader) -> dict[str, Any]:
     for key, f in reader.fields.items():
         if key.startswith("GGUF."):
             continue  # file-format header (version, counts), not model metadata
-        if f.types and f.types[0] == GGUFValueType.ARRAY and len(f.data) > _SMALL_ARRAY:
-            out[key] = f"<array of {len(f.data)} {f.types[-1].name}>"
+        if f.types and f.types[0] == GGUFValueType.ARRAY and f.count > _SMALL_ARRAY:
+            out[key] = f"<array of {f.count} {f.types[-1].name}>"
         else:
             out[key] = _value(f)
     return out

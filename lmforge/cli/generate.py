@@ -130,7 +130,11 @@ def cmd_summarize(a: argparse.Namespace) -> int:
     kw = gen_kwargs(a)
     shots = fewshot_from_flags(a, "summarize", texts)
     gen = load_generator(a.model, a.quantize, a.dtype)
-    prompts = [shots.prompt(t) if shots else summarize_prompt(t) for t in texts]
+    if a.sentences is None:  # a fine-tuned run dir is prompted with the budget it was trained with
+        from lmforge.tasks.seq2seq import trained_sentences
+
+        a.sentences = trained_sentences(a.model)
+    prompts = [shots.prompt(t) if shots else summarize_prompt(t, a.sentences) for t in texts]
     run_task_verb(gen, a, "summarize", texts, prompts, labels, kw, shots)
     return 0
 
@@ -218,6 +222,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("file", nargs="*", metavar="FILE|-", help="several files are decoded in batches")
     add_gen_flags(s, SUMMARIZE_DEFAULTS)
     add_task_flags(s, "document,summary")
+    s.add_argument("--sentences", type=positive_int, default=None, metavar="N",
+                   help="sentence budget stated in the prompt (default: the one a fine-tuned model was trained "
+                   "with, else \"two or three\"; not used with --shots)")
     s.set_defaults(func=cmd_summarize)
 
     s = sub.add_parser("translate", help="translate text files (or stdin) with an instruct model, or a base model "

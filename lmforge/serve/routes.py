@@ -69,6 +69,10 @@ class ServerState:
         self.started = time.time()
         self.model_id = settings.model_name or short_name(getattr(generator, "name", "") or "lmforge")
         self.gen_names = {self.model_id, getattr(generator, "name", "") or self.model_id}
+        from lmforge.tasks.seq2seq import trained_sentences  # a fine-tuned run dir: the budget it learned
+
+        name = getattr(generator, "name", "") or ""
+        self.trained_sentences = trained_sentences(name) if name else None
         if embedder is not None:
             self.emb_id = settings.embedder_name or short_name(embedder.name)
             self.emb_names = {self.emb_id, embedder.name}
@@ -513,7 +517,8 @@ async def summarize(request: Request):
     from lmforge.tasks.prompts import summarize_prompt
 
     body: SummarizeRequest = await read_body(request, SummarizeRequest)
-    text, reason, extra = await run_task(request, body, summarize_prompt(body.text), 160)
+    sentences = body.sentences if body.sentences is not None else state(request).trained_sentences
+    text, reason, extra = await run_task(request, body, summarize_prompt(body.text, sentences), 160)
     return {"object": "summary", "model": state(request).model_id, "summary": text, "finish_reason": reason,
             "unsupported": check(body.text, text, "summarize"), **extra}  # invented numbers/amounts/names
 

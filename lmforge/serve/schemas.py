@@ -178,6 +178,7 @@ class TaskRequest(RequestBody):
 
 class SummarizeRequest(TaskRequest):
     text: str = Field(min_length=1)
+    sentences: int | None = Field(None, ge=1, le=100)  # the prompt's budget (None: the trained one, or "two or three")
 
 
 class TranslateRequest(TaskRequest):

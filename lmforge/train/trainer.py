@@ -572,7 +572,9 @@ class Trainer:
             samples, tokens = samples + s, tokens + t
             batch = to_device(batch, dev)
             with self.strategy.sync_context(i == len(window) - 1):
-                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.precision.bf16):
+                # record_function marks regions for benchmarks/step_profile.py (free while no profiler runs)
+                with torch.profiler.record_function("train.forward"), \
+                        torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=self.precision.bf16):
                     out = self.loss_fn(model, batch)
                 try:
                     loss, n = out
@@ -581,7 +583,8 @@ class Trainer:
                 # a count the loss_fn computed on the device stays there; a Python number is used as it is
                 # (torch.as_tensor(n, device=cuda) would be a blocking host-to-device copy every micro-step)
                 n = n.to(dev, torch.float32) if isinstance(n, torch.Tensor) else float(n)
-                (loss.float() * n).backward()  # sum over items; divided by the window's item count below
+                with torch.profiler.record_function("train.backward"):
+                    (loss.float() * n).backward()  # sum over items; divided by the window's item count below
             self._acc["loss"] += loss.detach().double() * n
             self._acc["items"] += n
             n_total += n
@@ -591,13 +594,14 @@ class Trainer:
 
     def _optimizer_step(self, state: _State, grad_scale: torch.Tensor | float, samples: int, tokens: int) -> None:
         """Scale the summed gradients to a per-item mean, clip, step optimizer and schedule, and count."""
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, grad_scale)
-        gn = self.strategy.clip_grad_norm(self._params, self.config.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with torch.profiler.record_function("train.optimizer"):
+            grads = [p.grad for p in self._params if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, grad_scale)
+            gn = self.strategy.clip_grad_norm(self._params, self.config.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self._acc["grad_norm"] += gn.detach().double()
         state.acc_samples += samples
         state.acc_tokens += tokens
