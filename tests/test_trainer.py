@@ -254,6 +254,21 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
     assert next(model.parameters()).dtype == torch.float32
 
 
+def test_free_heap_pages_go_back_every_trim_every_steps(tmp_path, monkeypatch):
+    import platform
+
+    import lmforge.train.trainer as T
+
+    if platform.libc_ver()[0] == "glibc":
+        assert T.release_free_memory() is True  # the real malloc_trim is found and runs
+    calls = []
+    monkeypatch.setattr(T, "TRIM_EVERY", 3)
+    monkeypatch.setattr(T, "release_free_memory", lambda: calls.append(1) or True)
+    cfg = TrainConfig(output_dir=tmp_path, max_steps=7, batch_size=8, lr=1e-3, progress=False)
+    Trainer(tiny_model(0), cfg, toy_data(32, 0), cls_loss).train()
+    assert len(calls) == 2  # after steps 3 and 6
+
+
 # ---- resume --------------------------------------------------------------------------------------
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     script = _script(tmp_path)
