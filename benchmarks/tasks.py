@@ -206,17 +206,19 @@ def main() -> None:
     steps = a.steps.split(",")
     rows: list[dict] = []
     log: list[dict] = []
+    curves: dict[str, dict] = {}  # panel title ("qa: ...", "summarize: ...") -> validation curve and final score
     out = Path(a.out)
     if out.is_file() and set(steps) != set(STEP_TASKS):  # a partial rerun keeps the other steps' results
         old = json.loads(out.read_text())
         rows = [r for r in old.get("rows", []) if not any(r["task"].startswith(STEP_TASKS[k]) for k in steps)]
         keep = [STEP_TASKS[k] for k in STEP_TASKS if k not in steps]
         log = [c for c in old.get("commands", []) if any(_command_task(c["command"]) == t for t in keep)]
+        curves = {k: c for k, c in old.get("curves", {}).items() if k.split(":")[0] in keep}
 
     def save() -> None:  # after every task, so an interrupted run keeps what it measured
-        write_json(a.out, {"machine": machine_info(), "scale": a.scale, "limits": s, "rows": rows, "commands": log})
+        write_json(a.out, {"machine": machine_info(), "scale": a.scale, "limits": s, "rows": rows, "commands": log,
+                           "curves": curves})
 
-    curves: dict[str, dict] = {}
     if a.scale == "full":
         run_full(steps, data, runs, lm, rows, log, save, curves)
         steps = []  # the quick steps below are skipped
