@@ -52,7 +52,7 @@ class Field:
     def contents(self) -> Any:
         f = self._file
         if f is None:
-            raise GGUFFormatError(f"field {self.name!r}: its file is closed")
+            raise GGUFFormatError(f"field {self.name!r}: not attached to a GGUFFile")
         if self.types[0] != GGUFValueType.ARRAY:
             return f._value(self.types[0], self.offset)[0]
         kind = self.types[-1]
