@@ -269,6 +269,18 @@ def test_free_heap_pages_go_back_every_trim_every_steps(tmp_path, monkeypatch):
     assert len(calls) == 2  # after steps 3 and 6
 
 
+def test_cpu_training_caps_onednn_primitive_cache_unless_the_environment_says(tmp_path, monkeypatch):
+    import lmforge.train.trainer as T
+
+    cfg = TrainConfig(output_dir=tmp_path, max_steps=1, batch_size=8, progress=False, device="cpu")
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    Trainer(tiny_model(0), cfg, toy_data(16, 0), cls_loss)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == T.ONEDNN_CACHE
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
+    Trainer(tiny_model(0), cfg, toy_data(16, 0), cls_loss)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"
+
+
 # ---- resume --------------------------------------------------------------------------------------
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     script = _script(tmp_path)

@@ -339,6 +339,10 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 TRIM_EVERY = 50  # optimizer steps between two release_free_memory() calls on CPU
+# oneDNN keeps up to 1,024 per-shape primitives (with their buffers) by default: batches of many lengths fill it
+# with gigabytes. 32 halved qa train's memory at no loss of speed (docs/benchmarks.md, "Memory growth"). It is
+# read when oneDNN creates its first primitive, so it is set before the first training step; the environment wins.
+ONEDNN_CACHE = "32"
 
 
 @functools.cache
@@ -358,7 +362,7 @@ def release_free_memory() -> bool:
     Why: batches of many different lengths leave glibc's heap fragmented, and a CPU training process grows by
     gigabytes over a run. A bf16-autocast toy loop with random lengths grew 4 MB per step without a trim and
     stayed flat with one every 50 steps (~4% more time); `qa train` reached 4.6 GB instead of 5.2 GB after 3
-    minutes. oneDNN's per-shape primitive cache is the other part (docs/benchmarks.md, "Memory growth")."""
+    minutes. oneDNN's per-shape primitive cache is the other part (ONEDNN_CACHE below)."""
     fn = _malloc_trim()
     if fn is None:
         return False
@@ -429,6 +433,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        else:
+            os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE)
         self.precision: Precision = resolve_precision(cfg.precision or "fp32", self.device)  # a resumed run may
         # replace it with the one it recorded (_restore)
         self.run_dir = Path(cfg.output_dir)
