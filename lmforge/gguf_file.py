@@ -15,6 +15,7 @@ the next multiple of `general.alignment` (default 32). A string is a u64 byte le
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,18 @@ class GGUFFile:
         self.tensors: list[Tensor] = []
         off = self._parse_header()
         self.data_offset = off
+
+    def release(self, t: Tensor) -> None:
+        """Drop the mapped pages of a tensor already converted from the resident set (they are read from the file
+        again if touched): a loader that converts tensor by tensor then never holds the whole file in RSS."""
+        mm = getattr(self.data, "_mmap", None)
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, t.data_offset + t.n_bytes - start)
+        except (OSError, ValueError):
+            pass  # advice only
 
     # ---- reading values ------------------------------------------------------------------------
     def _unpack(self, fmt: str, off: int) -> tuple:

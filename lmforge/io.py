@@ -10,6 +10,8 @@ they are renamed into place: saved models stay readable by others on a shared ma
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import shutil
 import tempfile
@@ -124,3 +126,30 @@ def clean_partial(parent: str | Path) -> list[Path]:
                         p.unlink()
                 removed.append(p)
     return removed
+
+
+# ---- memory ------------------------------------------------------------------------------------------
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None off glibc (macOS, musl, Windows)."""
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+def release_free_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim); False where there is no glibc.
+
+    Why: batches of many different lengths leave glibc's heap fragmented, and a CPU training process grows by
+    gigabytes over a run. A bf16-autocast toy loop with random lengths grew 4 MB per step without a trim and
+    stayed flat with one every 50 steps (~4% more time); `qa train` reached 4.6 GB instead of 5.2 GB after 3
+    minutes (oneDNN's per-shape primitive cache is the other part: train/trainer.py). Loading a GGUF file
+    leaves ~45 MB of freed conversion temporaries in the heap, handed back the same way."""
+    fn = _malloc_trim()
+    if fn is None:
+        return False
+    fn(0)
+    return True

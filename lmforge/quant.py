@@ -127,6 +127,65 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the layer ----------------------------------------------------------------------------------------
+def _kernel_operands(bits: int, group_size: int | None, qweight: torch.Tensor, scales: torch.Tensor,
+                     mins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The packed kernel's operands for these integers, or None where the kernel cannot run them (not on CPU,
+    a shape or build it refuses). int8: (qweight, bf16 scales); int4: (packed layout, bf16 scales+zeros)."""
+    N = qweight.shape[0]
+    K = qweight.shape[1] * (2 if bits == 4 else 1)
+    if qweight.device.type != "cpu":
+        return None
+    if bits == 8:
+        # K % 16: the bfloat16 kernel crashes (not raises) on other K in torch 2.13
+        if not (_HAS_INT8_KERNEL and scales.shape[1] == 1 and K % 16 == 0 and qweight.data_ptr() % 64 == 0):
+            return None
+    elif not (_HAS_INT4_KERNEL and group_size in _INT4_GROUPS and N % 16 == 0):
+        return None
+    with torch.no_grad():
+        if bits == 8:
+            ops = (qweight, scales.reshape(-1).to(torch.bfloat16).contiguous())
+        else:
+            q = unpack_nibbles(qweight).to(torch.int32).contiguous()  # (N, K)
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+            del q
+            # the kernel dequantizes w = (q - 8) * scale + zero, so zero = min + 8 * scale
+            zeros = mins + 8.0 * scales  # (N, G)
+            ops = (packed, torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous())
+        try:  # a build or shape the kernel refuses raises here once, not in the decode loop
+            probe = torch.zeros(1, K, dtype=torch.bfloat16)
+            if bits == 8:
+                torch._weight_int8pack_mm(probe, *ops)
+            else:
+                torch._weight_int4pack_mm_for_cpu(probe, ops[0], group_size, ops[1])
+        except RuntimeError:
+            return None
+    return ops
+
+
+def _kernel_mm(x: torch.Tensor, bits: int, K: int, N: int, group_size: int | None, w: torch.Tensor,
+               scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """x (..., K) -> (..., N) through the packed kernel, or None when POLICY sends these rows (or a gradient,
+    or a dtype the kernel lacks) to the dequantize path."""
+    if x.requires_grad or not (x.dtype is torch.float32 or x.dtype is torch.bfloat16):
+        return None
+    mode = POLICY.mode
+    M = x.numel() // K
+    if not ((mode != "dequant" and M <= (POLICY.max_m_int8 if bits == 8 else POLICY.max_m_int4))
+            or mode == "kernel"):
+        return None
+    xb = x.reshape(M, K).to(torch.bfloat16)  # the kernels' only vectorized dtype
+    if bits == 8:
+        if xb.data_ptr() % 64:  # an unaligned bfloat16 view (x was bf16 already) crashes it
+            xb = xb.clone()
+        y = torch._weight_int8pack_mm(xb, w, scales)
+    else:
+        y = torch._weight_int4pack_mm_for_cpu(xb, w, group_size, scales)
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.view(*x.shape[:-1], N)  # (a Size + tuple view costs 4 us more)
+
+
 class QuantLinear(nn.Module):
     """A bias-optional linear layer with int8 or int4 weights. State (persistent buffers):
     int8: `qweight` int8 (N, K), `scales` (N, G); int4: `qweight` uint8 (N, K/2) nibbles, `scales`,
@@ -224,22 +283,11 @@ class QuantLinear(nn.Module):
         if fast is None:
             self._prepare_kernel()
             fast = self._fast
-        if fast and not x.requires_grad and (x.dtype is torch.float32 or x.dtype is torch.bfloat16):
-            mode = POLICY.mode
-            M = x.numel() // self.in_features
-            if (mode != "dequant" and M <= (POLICY.max_m_int8 if self.bits == 8 else POLICY.max_m_int4)) \
-                    or mode == "kernel":
-                xb = x.reshape(M, self.in_features).to(torch.bfloat16)  # the kernels' only vectorized dtype
-                if self.bits == 8:
-                    if xb.data_ptr() % 64:  # an unaligned bfloat16 view (x was bf16 already) crashes it
-                        xb = xb.clone()
-                    y = torch._weight_int8pack_mm(xb, self._k_w, self._k_scales)
-                else:
-                    y = torch._weight_int4pack_mm_for_cpu(xb, self._k_packed, self.group_size, self._k_sz)
-                y = y.to(x.dtype)
-                if self.bias is not None:
-                    y = y + self.bias.to(y.dtype)
-                return y.view(*x.shape[:-1], self.out_features)  # (a Size + tuple view costs 4 us more)
+        if fast:
+            y = _kernel_mm(x, self.bits, self.in_features, self.out_features, self.group_size, self._k_w,
+                           self._k_scales, self.bias)
+            if y is not None:
+                return y
         lead = x.shape[:-1]
         y = self._dequant_mm(x.reshape(-1, self.in_features))  # (M, N)
         if self.bias is not None:
@@ -248,41 +296,15 @@ class QuantLinear(nn.Module):
 
     def _prepare_kernel(self) -> None:
         """Decide once whether the packed kernel can run this layer, build its operands, try it."""
-        self._fast = False
-        if self.qweight.device.type != "cpu":
-            return
-        if self.bits == 8:
-            # K % 16: the bfloat16 kernel crashes (not raises) on other K in torch 2.13
-            if not (_HAS_INT8_KERNEL and self.scales.shape[1] == 1 and self.in_features % 16 == 0):
-                return
-        else:
-            if not (_HAS_INT4_KERNEL and self.group_size in _INT4_GROUPS and self.out_features % 16 == 0):
-                return
-        with torch.no_grad():
-            if self.bits == 8:
-                if self.qweight.data_ptr() % 64 or not self.qweight.is_contiguous():
-                    # the int8 kernel segfaults on unaligned operands (e.g. tensors assigned straight from
-                    # a safetensors file): give it a fresh, 64-byte-aligned allocation
-                    self.qweight = self.qweight.contiguous().clone()
-                self._k_w = self.qweight  # a plain attribute: reading a buffer goes through __getattr__
-                self._k_scales = self.scales.reshape(-1).to(torch.bfloat16).contiguous()
-            else:
-                q = unpack_nibbles(self.qweight).to(torch.int32).contiguous()  # (N, K)
-                self._k_packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-                # the kernel dequantizes w = (q - 8) * scale + zero, so zero = min + 8 * scale
-                zeros = self.mins + 8.0 * self.scales  # (N, G)
-                self._k_sz = torch.stack((self.scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous()
-            try:  # a build or shape the kernel refuses raises here once, not in the decode loop
-                probe = torch.zeros(1, self.in_features, dtype=torch.bfloat16)
-                if self.bits == 8:
-                    torch._weight_int8pack_mm(probe, self.qweight, self._k_scales)
-                else:
-                    torch._weight_int4pack_mm_for_cpu(probe, self._k_packed, self.group_size, self._k_sz)
-            except RuntimeError:
-                self._drop_cache()
-                self._fast = False
-                return
-        self._fast = True
+        if self.bits == 8 and self.qweight.device.type == "cpu" and (
+                self.qweight.data_ptr() % 64 or not self.qweight.is_contiguous()):
+            # the int8 kernel segfaults on unaligned operands (e.g. tensors assigned straight from a
+            # safetensors file): give it a fresh, 64-byte-aligned allocation
+            self.qweight = self.qweight.contiguous().clone()
+        ops = _kernel_operands(self.bits, self.group_size, self.qweight, self.scales,
+                               self.mins if self.bits == 4 else None)
+        self._fast = ops is not None
+        self._k_w, self._k_scales = ops if ops is not None else (None, None)
 
     def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 8 and self.scales.shape[1] == 1:  # per-channel: scale the N outputs, not N*K weights
@@ -292,7 +314,8 @@ class QuantLinear(nn.Module):
     def _drop_cache(self) -> None:
         """Forget the kernel operands (after load_state_dict, .to(), ...): rebuilt on the next forward."""
         self._fast: bool | None = None
-        self._k_w = self._k_scales = self._k_packed = self._k_sz = None
+        self._k_w = self._k_scales = None  # int8: qweight, bf16 scales; int4: packed layout, bf16 scales+zeros
+        self._gen = getattr(self, "_gen", 0) + 1  # tells a FusedQuantLinear over this layer to rebuild
 
     def _apply(self, fn, recurse=True):
         self._drop_cache()
@@ -302,6 +325,88 @@ class QuantLinear(nn.Module):
         g = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
         return (f"in={self.in_features}, out={self.out_features}, int{self.bits}, {g}, "
                 f"bias={self.bias is not None}")
+
+
+class FusedQuantLinear(nn.Module):
+    """int4 QuantLinear layers that read the same input (q|k|v, gate|up), run as one kernel call per step:
+    3 and 2 calls become 1, which saves their per-call overhead, and the kernel is faster on the wider N.
+
+    Inference only, and stateless: the parts stay where they are (their owner's state dict does not change),
+    and the concatenated packed operands are a cache, rebuilt when a part's integers change. Rows the kernel
+    does not take (prefill above POLICY.max_m_int4, gradients) run each part's dequantize path, so the parts
+    never build packed copies of their own."""
+
+    def __init__(self, parts: Sequence[QuantLinear]) -> None:
+        super().__init__()
+        if not self.fusable(parts):
+            raise QuantError("FusedQuantLinear: the parts must be int4 QuantLinear layers of one input width, "
+                             "group size and dtype")
+        self.parts = tuple(parts)  # a plain tuple: not submodules, so not in the state dict twice
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self._key: tuple | None = None
+        self._fast = False
+        self._w = self._sz = self._bias = None
+
+    @staticmethod
+    def fusable(parts: Sequence[nn.Module]) -> bool:
+        p0 = parts[0]
+        return len(parts) > 1 and all(
+            isinstance(p, QuantLinear) and p.bits == 4 and p.in_features == p0.in_features
+            and p.group_size == p0.group_size and p.dtype == p0.dtype
+            and (p.bias is None) == (p0.bias is None) for p in parts)
+
+    def serves(self, *parts: nn.Module) -> bool:
+        """Whether this fuses exactly these modules (a part replaced since, e.g. by LoRA, turns it off)."""
+        return len(parts) == len(self.parts) and all(a is b for a, b in zip(parts, self.parts))
+
+    def _prepare(self, key: tuple) -> None:
+        ps = self.parts
+        with torch.no_grad():
+            ops = _kernel_operands(4, ps[0].group_size, torch.cat([p.qweight for p in ps]),
+                                   torch.cat([p.scales for p in ps]), torch.cat([p.mins for p in ps]))
+            self._bias = None if ps[0].bias is None else torch.cat([p.bias for p in ps])
+        self._fast = ops is not None
+        self._w, self._sz = ops if ops is not None else (None, None)
+        self._key = key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (..., K) -> (..., sum of the parts' N), the parts' outputs side by side
+        key = tuple(p._gen for p in self.parts)
+        if key != self._key:
+            self._prepare(key)
+        if self._fast:
+            y = _kernel_mm(x, 4, self.in_features, self.out_features, self.parts[0].group_size, self._w,
+                           self._sz, self._bias)
+            if y is not None:
+                return y
+        x2 = x.reshape(-1, self.in_features)
+        ys = [p._dequant_mm(x2) if p.bias is None else p._dequant_mm(x2) + p.bias.to(x2.dtype) for p in self.parts]
+        return torch.cat(ys, -1).reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        self._key = None  # moved or cast: rebuild from the parts
+        self._w = self._sz = self._bias = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"fuses {len(self.parts)} int4 layers: in={self.in_features}, out={self.out_features}"
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Give each attention whose q, k, v are int4 QuantLinear a fused `qkv`, and each gated MLP a fused `gate_up`
+    (FusedQuantLinear: one kernel call instead of 3 and 2 per decoded token). Returns how many were fused."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "qkv") and all(hasattr(m, a) for a in ("q", "k", "v")):
+            parts = (m.q, m.k, m.v)
+            m.qkv = FusedQuantLinear(parts) if FusedQuantLinear.fusable(parts) else None
+            n += m.qkv is not None
+        if hasattr(m, "gate_up") and all(hasattr(m, a) for a in ("gate", "up")):
+            parts = (m.gate, m.up)
+            m.gate_up = FusedQuantLinear(parts) if FusedQuantLinear.fusable(parts) else None
+            n += m.gate_up is not None
+    return n
 
 
 def _after_load(module: QuantLinear, incompatible_keys) -> None:
@@ -435,6 +540,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = Non
         model.embed.tok = QuantEmbedding.from_embedding(model.embed.tok)
     model.quant_spec = QuantSpec(bits, group_size, done, head, quantize_embedding,
                                  head_bits if head else None, head_group_size if head else None)
+    fuse_projections(model)
     return model
 
 
@@ -522,6 +628,7 @@ def build_quantized(cfg, state: dict[str, torch.Tensor], spec: QuantSpec, device
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers(device)  # rotary tables (non-persistent) were built on meta
     model.quant_spec = spec
+    fuse_projections(model)
     return model.eval()
 
 

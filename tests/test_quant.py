@@ -17,6 +17,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generate import greedy
 from lmforge.model.transformer import Transformer
 from lmforge.quant import (
+    FusedQuantLinear,
     QuantEmbedding,
     QuantError,
     QuantLinear,
@@ -155,6 +156,51 @@ def test_kernel_cache_is_rebuilt_after_load_and_to():
         a.to(torch.float32)
         assert a._fast is None
     assert set(a.state_dict()) == {"qweight", "scales", "mins"}  # kernel layouts are never saved
+
+
+def test_fused_projection_equals_its_parts():
+    """q|k|v as one kernel call: the same numbers as the three calls, on both paths, with and without bias."""
+    torch.manual_seed(5)
+    for bias in (False, True):
+        parts = [QuantLinear.from_weight(torch.randn(n, 64), torch.randn(n) if bias else None, 4, 32)
+                 for n in (64, 32, 32)]
+        fused = FusedQuantLinear(parts)
+        for x in (torch.randn(1, 1, 64), torch.randn(2, 300, 64)):  # decode rows (kernel), prefill (dequant)
+            with torch.no_grad():
+                want = torch.cat([p(x) for p in parts], -1)
+                got = fused(x)
+            assert got.shape == (*x.shape[:-1], 128)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert set(fused.state_dict()) == set()  # stateless: the parts keep the tensors
+    assert fused.serves(*parts) and not fused.serves(parts[0], parts[2], parts[1])
+    # new integers in a part: the fused operands are rebuilt
+    other = QuantLinear.from_weight(torch.randn(32, 64), torch.randn(32), 4, 32)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        parts[1].load_state_dict(other.state_dict())
+        torch.testing.assert_close(fused(x)[:, 64:96], other(x), rtol=0, atol=0)
+    with pytest.raises(QuantError):
+        FusedQuantLinear([parts[0], QuantLinear.from_weight(torch.randn(32, 64), None, 8)])  # int8: not fused
+
+
+def test_quantized_model_fuses_projections_and_keeps_its_state_dict():
+    m = tiny()
+    q = quantize_model(copy.deepcopy(m), bits=4, skip=(), head_bits=8)
+    keys = set(q.state_dict())
+    assert all(b.attn.qkv is not None and b.mlp.gate_up is not None for b in q.blocks)
+    assert not any(".qkv." in k or ".gate_up." in k for k in keys)
+    ids = torch.randint(3, VOCAB, (1, 12))
+    with torch.no_grad():
+        fused_logits = q.logits(ids)
+        ref = copy.deepcopy(q)
+        for b in ref.blocks:
+            b.attn.qkv = b.mlp.gate_up = None
+        torch.testing.assert_close(fused_logits, ref.logits(ids), rtol=1e-5, atol=1e-5)
+        # a part replaced (as LoRA would): the stale fusion is bypassed, not used
+        q.blocks[0].attn.q = QuantLinear.from_weight(torch.zeros(64, 64), None, 4, 32)
+        ref.blocks[0].attn.q = q.blocks[0].attn.q
+        torch.testing.assert_close(q.logits(ids), ref.logits(ids), rtol=1e-5, atol=1e-5)
+    assert quantize_model(copy.deepcopy(m), bits=8, skip=()).blocks[0].attn.qkv is None  # int8: per layer
 
 
 def test_bad_settings_raise():

@@ -11,6 +11,7 @@ from lmforge.checkpoints.hf import from_hf_state_dict, read_config, read_state_d
 from lmforge.checkpoints.registry import BUILTINS, resolve
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError, ConfigError, ModelNotFoundError
+from lmforge.io import release_free_memory
 from lmforge.model.transformer import Transformer
 
 __all__ = ["Loaded", "load", "load_full", "load_checkpoint", "as_dtype", "build_model", "save_pretrained", "save_hf",
@@ -94,6 +95,7 @@ def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32
         else:
             model = build_model(ck.cfg, ck.body, str(path), dtype, device)
         ck.body = {}  # the model holds the tensors now
+        release_free_memory()  # the conversion's freed temporaries, back to the OS
         tok = None
         if tokenizer:
             from lmforge.tokenizer import Tokenizer

@@ -147,6 +147,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, tensors: boo
         hf_tensors = {}
         for t in reader.tensors:  # dequantized one at a time, straight into its final tensor
             hf_tensors[_hf_name(arch, t.name, src)] = _convert(t, arch, cfg, dtype, src)
+            reader.release(t)
         ck.body, _heads = from_hf_state_dict(cfg, hf_tensors, src)
         del hf_tensors
         _check_complete(cfg, ck.body, arch, src)
@@ -460,6 +461,8 @@ def _read_quantized(reader, arch: str, cfg: ModelConfig, dtype: torch.dtype, src
             shapes[ours] = tuple(int(s) for s in reversed(t.shape))
         else:
             body[ours] = _convert(t, arch, cfg, dtype, src)
+        if t is not head_t:  # a separate float head is read again below
+            reader.release(t)
     _check_complete(cfg, {**body, **{k: torch.empty(s, device="meta") for k, s in shapes.items()}}, arch, src)
     if shared:
         body["quant_head.qweight"], body["quant_head.scales"] = body["embed.tok.qweight"], body["embed.tok.scales"]
@@ -484,13 +487,25 @@ def _int_state(t, bits: int, arch: str, cfg: ModelConfig, src: str, dense: torch
         return {"qweight": pack_nibbles(q), "scales": scales, "mins": mins}
     if dense is None and t.name == "token_embd.weight":  # dequantized a slice of rows at a time
         rows = _rows(t)
-        chunks = (quantize_int8(_dequantize_rows(t, rows[i: i + _CHUNK_ROWS], src))
-                  for i in range(0, rows.shape[0], _CHUNK_ROWS))
+        N = rows.shape[0]
+
+        def chunk(i: int) -> torch.Tensor:
+            return _dequantize_rows(t, rows[i: i + _CHUNK_ROWS], src)
     else:
         w = dense if dense is not None else _convert(t, arch, cfg, torch.float32, src)
-        chunks = (quantize_int8(w[i: i + _CHUNK_ROWS]) for i in range(0, w.shape[0], _CHUNK_ROWS))
-    qs, ss = zip(*chunks)
-    return {"qweight": torch.cat(qs), "scales": torch.cat(ss)}
+        N = w.shape[0]
+
+        def chunk(i: int) -> torch.Tensor:
+            return w[i: i + _CHUNK_ROWS]
+    # written into preallocated results: the chunks' temporaries reuse one region instead of fragmenting the heap
+    qweight, scales = None, None
+    for i in range(0, N, _CHUNK_ROWS):
+        q, sc = quantize_int8(chunk(i))
+        if qweight is None:
+            qweight = torch.empty(N, q.shape[1], dtype=q.dtype)
+            scales = torch.empty(N, sc.shape[1], dtype=sc.dtype)
+        qweight[i: i + len(q)], scales[i: i + len(q)] = q, sc
+    return {"qweight": qweight, "scales": scales}
 
 
 def int4_grid(t, src: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -536,7 +551,7 @@ def int4_grid(t, src: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             torch.from_numpy(np.ascontiguousarray(mins.reshape(N, nb))))
 
 
-_CHUNK_ROWS = 8192  # dequantize big tensors (the 262k-row Gemma embedding) in slices: bounded temporaries
+_CHUNK_ROWS = 1024  # dequantize big tensors (the 262k-row Gemma embedding) in slices: temporaries of a few MB
 
 
 def _rows(t) -> np.ndarray:

@@ -26,8 +26,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim) if offset == 0.0 else torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # F.rms_norm (one fused op) computes x * rsqrt(mean(x^2) + eps), as HF does, in float32 here
+        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         if self.offset:  # gemma multiplies in float32, then casts
             return (xf * (self.offset + self.weight.float())).type_as(x)
         return self.weight * xf.type_as(x)  # llama casts, then multiplies
@@ -92,18 +92,21 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(self.rot_dim, theta, scaling), persistent=False)
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # position_ids: (B, T) -> cos, sin: (B, 1, T, rot_dim), computed in float32 like HF
+        """position_ids: (B, T) -> cos, signed sin: (B, 1, T, rot_dim), computed in float32 like HF. The sin's
+        first half is negated, so that apply_rotary's rotate-half is a roll (the sign flip is exact)."""
         freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()  # (B, T, rot/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rot)
-        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+        sin = emb.sin()
+        sin[..., : self.rot_dim // 2].neg_()
+        return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, hd); cos/sin: (B, 1, T, rot)
+    # x: (B, H, T, hd); cos, signed sin (Rotary.cos_sin): (B, 1, T, rot). HF's rotate_half(x) = cat(-x2, x1)
+    # = roll(x, rot/2) * sign, and the sign is in `sin`: 4 ops instead of 6 (chunk, neg, cat) per call
     rot = cos.shape[-1]
     xr, xp = (x, None) if rot == x.shape[-1] else (x[..., :rot], x[..., rot:])
-    x1, x2 = xr.chunk(2, dim=-1)
-    out = xr * cos + torch.cat((-x2, x1), dim=-1) * sin
+    out = xr * cos + xr.roll(rot // 2, -1) * sin
     return out if xp is None else torch.cat((out, xp), dim=-1)
 
 
@@ -237,13 +240,25 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
         self.causal = cfg.causal  # False for bidirectional encoders (bert)
+        self.qkv: nn.Module | None = None  # q|k|v as one matmul at decode time (lmforge.quant.fuse_projections)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: KVCache | StaticKV | None) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, D)
-        q = self.q(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
-        v = self.v(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        H, KV = self.n_heads, self.n_kv
+        qkv = self.qkv
+        if qkv is not None and qkv.serves(self.q, self.k, self.v):
+            y = qkv(x).view(B, T, H + 2 * KV, self.hd).transpose(1, 2)  # (B, H+2KV, T, hd)
+            if self.q_norm is None and rope is not None:  # rotate q and k in one go
+                qk = apply_rotary(y[:, : H + KV], *rope)
+                q, k, v = qk[:, :H], qk[:, H:], y[:, H + KV:]
+                rope = None
+            else:
+                q, k, v = y.split((H, KV, KV), dim=1)
+        else:
+            q = self.q(x).view(B, T, H, self.hd).transpose(1, 2)  # (B, H, T, hd)
+            k = self.k(x).view(B, T, KV, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+            v = self.v(x).view(B, T, KV, self.hd).transpose(1, 2)  # (B, KV, T, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -298,8 +313,13 @@ class GatedMLP(nn.Module):
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.act = activation(cfg.activation)
+        self.gate_up: nn.Module | None = None  # gate|up as one matmul at decode time (quant.fuse_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up
+        if gu is not None and gu.serves(self.gate, self.up):
+            g, u = gu(x).chunk(2, dim=-1)  # (..., F) each
+            return self.down(self.act(g) * u)
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 

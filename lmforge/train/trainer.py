@@ -19,10 +19,8 @@ Run directory layout (config.output_dir):
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
-import functools
 import json
 import math
 import os
@@ -42,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmforge.errors import TrainingError
-from lmforge.io import atomic_dir, atomic_write, clean_partial
+from lmforge.io import atomic_dir, atomic_write, clean_partial, release_free_memory
 from lmforge.train.batching import DatasetBatches
 from lmforge.train.checkpoint import (
     CHECKPOINTS,
@@ -343,31 +341,6 @@ TRIM_EVERY = 50  # optimizer steps between two release_free_memory() calls on CP
 # with gigabytes. 32 halved qa train's memory at no loss of speed (docs/benchmarks.md, "Memory growth"). It is
 # read when oneDNN creates its first primitive, so it is set before the first training step; the environment wins.
 ONEDNN_CACHE = "32"
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None off glibc (macOS, musl, Windows)."""
-    try:
-        fn = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
-
-
-def release_free_memory() -> bool:
-    """Hand the heap's free pages back to the OS (glibc malloc_trim); False where there is no glibc.
-
-    Why: batches of many different lengths leave glibc's heap fragmented, and a CPU training process grows by
-    gigabytes over a run. A bf16-autocast toy loop with random lengths grew 4 MB per step without a trim and
-    stayed flat with one every 50 steps (~4% more time); `qa train` reached 4.6 GB instead of 5.2 GB after 3
-    minutes. oneDNN's per-shape primitive cache is the other part (ONEDNN_CACHE below)."""
-    fn = _malloc_trim()
-    if fn is None:
-        return False
-    fn(0)
-    return True
 
 
 def batch_counts(batch: Any) -> tuple[int, int]:
