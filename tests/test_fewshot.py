@@ -225,3 +225,24 @@ def test_summarize_verb_states_the_sentence_budget(tmp_path, monkeypatch, capsys
     (trained, _), (told, _), (plain, _) = fake.calls
     assert "in at most four sentences." in trained[0] and "in one sentence." in told[0]
     assert "in two or three sentences." in plain[0]
+
+
+def test_api_summarize_uses_the_trained_budget_like_the_cli(tmp_path):
+    """tasks.textgen.summarize asks sentence_budget, as the verb, eval and the server do."""
+    from lmforge.tasks.seq2seq import sentence_budget
+    from lmforge.tasks.textgen import summarize
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "finetune.json").write_text(json.dumps({"task": "summarize", "sentences": 4}))
+    assert sentence_budget(None, str(run)) == 4 and sentence_budget(1, str(run)) == 1
+    assert sentence_budget(None, str(tmp_path)) is None and sentence_budget(None, None) is None
+    fake = RecordingGen()
+    fake.name = str(run)
+    summarize(fake, "A long text about many things.")
+    summarize(fake, "A long text about many things.", sentences=1)
+    fake.name = "base"
+    summarize(fake, "A long text about many things.")
+    (trained, _), (told, _), (plain, _) = fake.calls
+    assert "in at most four sentences." in trained[0] and "in one sentence." in told[0]
+    assert "in two or three sentences." in plain[0]

@@ -130,10 +130,9 @@ def cmd_summarize(a: argparse.Namespace) -> int:
     kw = gen_kwargs(a)
     shots = fewshot_from_flags(a, "summarize", texts)
     gen = load_generator(a.model, a.quantize, a.dtype)
-    if a.sentences is None:  # a fine-tuned run dir is prompted with the budget it was trained with
-        from lmforge.tasks.seq2seq import trained_sentences
+    from lmforge.tasks.seq2seq import sentence_budget
 
-        a.sentences = trained_sentences(a.model)
+    a.sentences = sentence_budget(a.sentences, a.model)  # a fine-tuned run dir: the budget it was trained with
     prompts = [shots.prompt(t) if shots else summarize_prompt(t, a.sentences) for t in texts]
     run_task_verb(gen, a, "summarize", texts, prompts, labels, kw, shots)
     return 0

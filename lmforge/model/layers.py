@@ -170,9 +170,10 @@ class KVCache:
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise ConfigError(f"KV cache full: {end} tokens > max_len {self.max_len}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        ck, cv = self.k[layer], self.v[layer]
+        ck.narrow(2, start, end - start).copy_(k)  # narrow: one op where [:, :, a:b] is three
+        cv.narrow(2, start, end - start).copy_(v)
+        return ck.narrow(2, 0, end), cv.narrow(2, 0, end)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search)."""

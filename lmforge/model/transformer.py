@@ -35,17 +35,21 @@ class Block(nn.Module):
             self.post_norm2 = make_norm(cfg)  # on the MLP output, before the residual
         self.drop = nn.Dropout(cfg.dropout)
 
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        # the module call costs ~3 us even when it does nothing: 60 of them per decoded token
+        return self.drop(x) if self.training and self.drop.p else x
+
     def forward(self, x: torch.Tensor, rope, mask: torch.Tensor | None, cache: KVCache | StaticKV | None
                 ) -> torch.Tensor:
         # x: (B, T, D)
         if self.placement == "pre":
-            x = x + self.drop(self.attn(self.norm1(x), rope, mask, cache))
-            return x + self.drop(self.mlp(self.norm2(x)))
+            x = x + self._drop(self.attn(self.norm1(x), rope, mask, cache))
+            return x + self._drop(self.mlp(self.norm2(x)))
         if self.placement == "sandwich":
-            x = x + self.drop(self.post_norm1(self.attn(self.norm1(x), rope, mask, cache)))
-            return x + self.drop(self.post_norm2(self.mlp(self.norm2(x))))
-        x = self.norm1(x + self.drop(self.attn(x, rope, mask, cache)))
-        return self.norm2(x + self.drop(self.mlp(x)))
+            x = x + self._drop(self.post_norm1(self.attn(self.norm1(x), rope, mask, cache)))
+            return x + self._drop(self.post_norm2(self.mlp(self.norm2(x))))
+        x = self.norm1(x + self._drop(self.attn(x, rope, mask, cache)))
+        return self.norm2(x + self._drop(self.mlp(x)))
 
 
 class Transformer(nn.Module):

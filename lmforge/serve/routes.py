@@ -69,10 +69,7 @@ class ServerState:
         self.started = time.time()
         self.model_id = settings.model_name or short_name(getattr(generator, "name", "") or "lmforge")
         self.gen_names = {self.model_id, getattr(generator, "name", "") or self.model_id}
-        from lmforge.tasks.seq2seq import trained_sentences  # a fine-tuned run dir: the budget it learned
-
-        name = getattr(generator, "name", "") or ""
-        self.trained_sentences = trained_sentences(name) if name else None
+        self.gen_path = getattr(generator, "name", "") or None  # where it was loaded from (sentence_budget)
         if embedder is not None:
             self.emb_id = settings.embedder_name or short_name(embedder.name)
             self.emb_names = {self.emb_id, embedder.name}
@@ -515,9 +512,10 @@ async def run_task(request: Request, body: TaskRequest, prompt: str, default_new
 async def summarize(request: Request):
     from lmforge.tasks.grounding import check
     from lmforge.tasks.prompts import summarize_prompt
+    from lmforge.tasks.seq2seq import sentence_budget
 
     body: SummarizeRequest = await read_body(request, SummarizeRequest)
-    sentences = body.sentences if body.sentences is not None else state(request).trained_sentences
+    sentences = sentence_budget(body.sentences, state(request).gen_path)  # a fine-tuned run dir: its trained budget
     text, reason, extra = await run_task(request, body, summarize_prompt(body.text, sentences), 160)
     return {"object": "summary", "model": state(request).model_id, "summary": text, "finish_reason": reason,
             "unsupported": check(body.text, text, "summarize"), **extra}  # invented numbers/amounts/names

@@ -111,9 +111,9 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
             if fewshot:
                 prompts = [fewshot.prompt(x) for x, _ in pairs]
             elif c.task == "summarize":
-                from lmforge.tasks.seq2seq import trained_sentences
+                from lmforge.tasks.seq2seq import sentence_budget
 
-                budget = c.sentences if c.sentences is not None else trained_sentences(c.model)
+                budget = sentence_budget(c.sentences, c.model)
                 prompts = [P.summarize_prompt(x, budget) for x, _ in pairs]
             else:
                 prompts = [P.translate_prompt(x, c.to, c.src) for x, _ in pairs]

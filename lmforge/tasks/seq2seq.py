@@ -39,6 +39,15 @@ def render_prompt(tokenizer, prompt: str) -> tuple[str, bool]:
     return prompt + "\n\nResponse:", True
 
 
+def sentence_budget(sentences: int | None, model: str | None) -> int | None:
+    """The sentence budget a summarize prompt states: the one given, else the one a fine-tuned run dir was trained
+    with (trained_sentences), else None (no budget). The summarize verb, eval, the server's /v1/summarize and
+    tasks.textgen.summarize all ask here, so they prompt a model alike."""
+    if sentences is not None:
+        return sentences
+    return trained_sentences(str(model)) if model else None
+
+
 def trained_sentences(model: str) -> int | None:
     """The summarize sentence budget a fine-tuned run dir was trained with (its finetune.json), else None:
     the task verbs and eval then prompt it as it was trained unless told otherwise."""

@@ -50,8 +50,11 @@ def _one_or_many(x: str | list[str]) -> tuple[list[str], bool]:
 def summarize(gen, text: str | list[str], *, fewshot: P.FewShot | None = None, sentences: int | None = None,
               **kw) -> TaskOutput | list[TaskOutput]:
     """Summaries of one text (-> TaskOutput) or several (-> list, decoded in batches); `sentences` is the
-    length budget the prompt states."""
+    length budget the prompt states (default: the one a fine-tuned run dir was trained with, as in the CLI)."""
+    from lmforge.tasks.seq2seq import sentence_budget
+
     texts, single = _one_or_many(text)
+    sentences = sentence_budget(sentences, getattr(gen, "name", None))
     ps = [fewshot.prompt(t) if fewshot else P.summarize_prompt(t, sentences) for t in texts]
     kw.setdefault("max_new_tokens", 160)
     kw.setdefault("no_repeat_ngram_size", 4)
