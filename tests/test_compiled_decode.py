@@ -23,6 +23,7 @@ from lmforge.cli import build_parser, main
 from lmforge.errors import GenerationError
 from lmforge.generate import (
     AUTO_COMPILE_STEPS,
+    AUTO_TRACE_STEPS,
     CACHE_BUCKET,
     DecodeOptions,
     Generator,
@@ -165,26 +166,77 @@ def test_missing_compiler_is_reported(gen, monkeypatch, caplog):
         gen.generate("the cat", max_new_tokens=4, compile="on")
     assert gen.decode_step.startswith("eager (no C++ compiler")
     assert any("no C++ compiler" in r.getMessage() for r in caplog.records)
-    assert describe_decode_step(gen.model).startswith("eager (no C++ compiler")
+    assert describe_decode_step(gen.model, "on").startswith("eager (no C++ compiler")
+    auto = describe_decode_step(gen.model)  # tracing needs no compiler: auto still captures the step
+    assert auto.startswith("static, traced with torch.jit.trace") and "torch.compile" not in auto
 
 
-def test_auto_compiles_a_shape_once_it_has_enough_steps(tiny_dir, monkeypatch):
+def test_auto_traces_then_compiles_a_shape_once_it_has_enough_steps(tiny_dir, monkeypatch):
     identity_compile(monkeypatch)
+    monkeypatch.setattr(generate_mod, "AUTO_TRACE_STEPS", 12)
     monkeypatch.setattr(generate_mod, "AUTO_COMPILE_STEPS", 20)
+    kw = {"max_new_tokens": 9, "stop_token_ids": []}
+    want = Generator.load(tiny_dir).generate("the cat sat", compile="off", **kw)  # another model: its own counts
     g = Generator.load(tiny_dir)
     assert g.compile == "auto"
-    kw = {"max_new_tokens": 9, "stop_token_ids": []}
-    g.generate("the cat sat", **kw)  # 8 steps at this shape < 20
-    assert g.decode_step == "eager (auto: 8 steps at this shape < 20, too few to pay for a compile)"
-    g.generate("the cat sat", **kw)  # 8 done + 8 to come < 20
-    assert g.decode_step.startswith("eager (auto: 16 steps")
-    out = g.generate("the cat sat", **kw)  # 16 + 8 >= 20: compiled from now on, same tokens
+    assert g.generate("the cat sat", **kw) == want  # 8 steps at this shape < 12
+    assert g.decode_step == "eager (auto: 8 steps at this shape < 12, too few to pay for a capture)"
+    assert g.generate("the cat sat", **kw) == want  # 8 done + 8 to come >= 12: traced
+    assert g.decode_step.startswith("traced (torch.jit.trace")
+    assert g.generate("the cat sat", **kw) == want  # 16 + 8 >= 20: compiled from now on, same tokens
     assert g.decode_step.startswith("compiled")
-    assert out == g.generate("the cat sat", compile="off", **kw)
     g.generate(["the cat sat", "a dog"], max_new_tokens=21, stop_token_ids=[])  # a new shape (batch 2), but
     assert g.decode_step.startswith("compiled")  # one run long enough by itself
     g.generate(["the cat sat", "a dog", "the mat"], max_new_tokens=9, stop_token_ids=[])  # batch 3: too few
     assert g.decode_step.startswith("eager (auto: 8 steps")
+
+
+# ---- the traced step (torch.jit.trace) ---------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
+def test_traced_step_equals_static_step(hf_dirs, monkeypatch, family):
+    """The TorchScript graph computes exactly what the static step computes in Python (same ops, same order),
+    left-padded, past gemma3's sliding window; and greedy tokens equal the eager step's."""
+    model = load_checkpoint(hf_dirs[family], tokenizer=False).model
+    ids, mask = padded_batch(model.cfg.vocab_size)
+    n = 12
+    eager_tok, _ = greedy_steps(model, ids, mask, n, DecodeOptions("off"))
+    opts = DecodeOptions("trace")
+    got_tok, got = greedy_steps(model, ids, mask, n, opts)
+    assert opts.path == f"traced (torch.jit.trace, cpu, cache length {CACHE_BUCKET})"
+    identity_compile(monkeypatch)
+    static_tok, static = greedy_steps(model, ids, mask, n, DecodeOptions("on"))
+    assert torch.equal(got, static)  # bit for bit
+    assert torch.equal(got_tok, eager_tok)
+    assert len(generate_mod._STATE[model].traces) == 1
+    assert all(p.requires_grad for p in model.parameters())  # flags restored after tracing
+
+
+def test_trace_is_redone_when_the_weights_change(tiny_dir):
+    g = Generator.load(tiny_dir)
+    kw = {"max_new_tokens": 6, "stop_token_ids": [], "compile": "trace"}
+    before = g.generate("the cat sat", **kw)
+    with torch.no_grad():
+        g.model.blocks[0].mlp.down.weight.mul_(-3.0)  # in place: same tensor, new version
+    after = g.generate("the cat sat", **kw)
+    assert after == g.generate("the cat sat", max_new_tokens=6, stop_token_ids=[], compile="off")
+    assert after != before  # the change is visible through the trace, not hidden by a stale graph
+
+
+def test_trace_failure_falls_back_to_eager_and_says_why(tiny_dir, monkeypatch, caplog):
+    g = Generator.load(tiny_dir)
+    want = g.generate("the cat sat", max_new_tokens=8, compile="off")
+
+    def broken(*a, **k):
+        raise RuntimeError("tracer refused this op in this test")
+
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        assert g.generate("the cat sat", max_new_tokens=8, compile="trace") == want
+    assert g.decode_step == "eager (torch.jit.trace failed: RuntimeError: tracer refused this op in this test)"
+    assert any("torch.jit.trace failed" in r.getMessage() for r in caplog.records)
+    with caplog.at_level(logging.WARNING, logger="lmforge"):  # not retried, and said so again
+        assert g.generate("the cat sat", max_new_tokens=8, compile="trace") == want
+    assert g.decode_step.startswith("eager (an earlier trace failed: RuntimeError")
 
 
 def test_compile_choices_are_checked(gen):
@@ -222,9 +274,9 @@ def test_cli_compile_decode_flag(tiny_dir, capsys):
 def test_info_reports_the_decode_step(tiny_dir, capsys):
     assert main(["info", str(tiny_dir)]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("decode_step"))
-    want = "eager" if compiler_missing("cpu") else f"static, compiled with torch.compile once a shape has " \
-                                                   f"{AUTO_COMPILE_STEPS} steps"
-    assert want in line
+    assert f"static, traced with torch.jit.trace once a shape has {AUTO_TRACE_STEPS} steps to run" in line
+    if not compiler_missing("cpu"):
+        assert f"compiled with torch.compile once it has {AUTO_COMPILE_STEPS}" in line
 
 
 # ---- SmolLM2's default int4 path, compiled -------------------------------------------------------------

@@ -63,7 +63,7 @@ def decode_path(ck) -> str:
 
 
 def decode_step(model) -> str:
-    """The per-token step `generate` runs with the default --compile-decode auto (eager, or compiled and when)."""
+    """The per-token step `generate` runs with the default --compile-decode auto (eager, traced or compiled)."""
     if not model.cfg.causal:
         return "none (an encoder does not decode)"
     from lmforge.generate import describe_decode_step
