@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lmforge.checkpoints import as_dtype, load, load_checkpoint
 from lmforge.errors import GenerationError, TokenizerError
@@ -186,7 +187,14 @@ def static_step_unsupported(model: Transformer) -> str | None:
         return f"a {model.cfg.family} encoder (bidirectional attention)"
     if model.training:
         return "the model is in training mode (dropout)"
+    if hooked(model):
+        return "forward hooks are registered on the model (a captured step would skip them)"
     return None
+
+
+def hooked(model: nn.Module) -> bool:
+    """Whether the model itself has forward hooks (checked per step by the server, so only the top module)."""
+    return bool(model._forward_pre_hooks or model._forward_hooks)
 
 
 def compiler_missing(device: torch.device | str) -> str | None:
@@ -312,6 +320,37 @@ def _reason(e: BaseException) -> str:
     return f"{type(root).__name__}: {lines[0][:300]}" if lines else type(root).__name__
 
 
+def refresh_traces(model: Transformer) -> None:
+    """Forget the model's traces if its tensors changed since they were captured (they hold them as constants).
+    Called when a batch starts, not per step (it walks every parameter: ~2 ms for SmolLM2)."""
+    st = _STATE.setdefault(model, _ModelState())
+    weights = _weights_key(model)
+    if weights != st.weights:
+        st.traces.clear()
+        st.weights = weights
+
+
+def run_traced(model: Transformer, key: tuple, inputs: tuple) -> torch.Tensor | None:
+    """The static step through its torch.jit.trace for shape `key` (B, L, dtype, device): hidden states (B, D).
+    The trace is made on first use from `inputs` (tokens (B, 1), positions (B, 1), valid (B, L), col (1,), keys,
+    values), cached per model, shape and kernel mode. None when tracing failed for this model: the reason is in
+    `_STATE[model].trace_failed` and was logged, and the caller runs the eager step."""
+    st = _STATE.setdefault(model, _ModelState())
+    tkey = (key, POLICY.mode)
+    fn = st.traces.get(tkey)
+    if fn is None:
+        if st.trace_failed:
+            return None
+        try:
+            fn = st.traces[tkey] = _trace_step(model, inputs)
+        except Exception as e:  # noqa: BLE001 - an op the tracer refuses: report it, then decode eagerly
+            st.trace_failed = _reason(e)
+            _log.warning("decode step: torch.jit.trace failed, running the eager step: %s", st.trace_failed)
+            return None
+    with torch.jit.optimized_execution(False):  # the profiling executor's passes cost ~0.4 s, and gain ~3%
+        return fn(*inputs)  # (B, D)
+
+
 class _Stepper:
     """Owns the cache and mask of one batch; `step(tokens)` feeds one token per row, returns logits (B, V).
 
@@ -354,10 +393,7 @@ class _Stepper:
         self.col = torch.full((1,), T - 1, dtype=torch.long, device=dev)  # (1,): the last column written
         self.kv = StaticKV(self.cache.k, self.cache.v, self.col)
         if plan == "trace":
-            weights = _weights_key(self.model)
-            if weights != st.weights:  # new or changed tensors: traces of the old ones are stale
-                st.traces.clear()
-                st.weights = weights
+            refresh_traces(self.model)
             self.traced = True
             self.opts.path = f"traced (torch.jit.trace, {dev.type}, cache length {L})"
             return
@@ -426,20 +462,13 @@ class _Stepper:
         self.col += 1
         self.spos += 1
         self.valid.index_fill_(1, self.col, True)
-        st, tkey = self.state, (self.key, POLICY.mode)
-        inputs = (tokens[:, None], self.spos, self.valid, self.col, self.cache.k, self.cache.v)
-        fn = st.traces.get(tkey)
-        if fn is None:
-            try:
-                fn = st.traces[tkey] = _trace_step(self.model, inputs)
-            except Exception as e:  # noqa: BLE001 - an op the tracer refuses: report it, then decode eagerly
-                st.trace_failed = _reason(e)
-                self.opts.path = f"eager (torch.jit.trace failed: {st.trace_failed})"
-                _log.warning("decode step: torch.jit.trace failed, running the eager step: %s", st.trace_failed)
-                self.traced = False
-                return self._eager_step(tokens)
-        with torch.jit.optimized_execution(False):  # the profiling executor's passes cost ~0.4 s, and gain ~3%
-            h = fn(*inputs)  # (B, D)
+        st = self.state
+        h = run_traced(self.model, self.key, (tokens[:, None], self.spos, self.valid, self.col, self.cache.k,
+                                              self.cache.v))
+        if h is None:
+            self.opts.path = f"eager (torch.jit.trace failed: {st.trace_failed})"
+            self.traced = False
+            return self._eager_step(tokens)
         st.eager_steps[self.key] = st.eager_steps.get(self.key, 0) + 1  # uncompiled steps, for "auto"
         self.cache.length += 1  # kept in step, so that the eager step could take over
         return self.model.lm_logits(h).float()  # (B, V)

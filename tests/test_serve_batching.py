@@ -250,3 +250,42 @@ def test_prefix_cache_setting_reaches_the_scheduler(gen):
     on = create_app(gen, settings=ServeSettings(prefix_cache_mb=8)).state.lmforge.sched
     off = create_app(gen, settings=ServeSettings(prefix_cache_mb=0)).state.lmforge.sched
     assert on.prefix_cache is not None and on.prefix_cache.budget == 8 << 20 and off.prefix_cache is None
+
+
+def test_a_lone_row_runs_the_traced_step_with_the_same_text(gen):
+    """Batch-1 steps go through the traced static step (a bucketed cache, one trace per length); rows that share
+    the batch run eagerly; either way every request gives its text alone, also when the batch shrinks back to one
+    row (its cache is then re-bucketed)."""
+    s = Scheduler(gen.model, gen.tokenizer, max_batch=8, max_queue=16, compile="trace")
+    try:
+        ids = ids_of(gen, 1, repeat=2)
+        want = alone(gen, ids, 40, eos=False)
+        s.eos = set()
+        r, c = request(ids, max_tokens=40)
+        s.submit(r)
+        wait(c)
+        assert (c.text, c.reason, c.tokens) == want
+        assert s.decode_step.startswith("traced (torch.jit.trace, cpu, cache length 256)")
+        # a short and a long request together: two rows (eager), then the long one alone (traced again)
+        short, long_ = ids_of(gen, 2), ids_of(gen, 3, repeat=3)
+        wants = [alone(gen, short, 5, eos=False), alone(gen, long_, 60, eos=False)]
+        reqs = [request(short, max_tokens=5), request(long_, max_tokens=60)]
+        s.submit_many([r for r, _ in reqs])
+        wait(*(c for _, c in reqs))
+        for (_, c), w in zip(reqs, wants):
+            assert (c.text, c.reason, c.tokens) == w
+        assert s.stats["max_rows"] == 2 and s.decode_step.startswith("traced")
+    finally:
+        s.close()
+    off = Scheduler(gen.model, gen.tokenizer, compile="off")
+    auto = Scheduler(gen.model, gen.tokenizer)  # auto: 40 steps would not pay for a trace, but this one exists
+    try:
+        for sch, path in ((off, "eager"), (auto, "traced")):
+            sch.eos = set()
+            r, c = request(ids, max_tokens=40)
+            sch.submit(r)
+            wait(c)
+            assert (c.text, c.reason, c.tokens) == want and sch.decode_step.startswith(path)
+    finally:
+        off.close()
+        auto.close()

@@ -16,6 +16,8 @@ from lmforge.errors import LmforgeError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from lmforge.generate import AUTO_TRACE_STEPS
+
     s = sub.add_parser(
         "serve", help="serve a model over HTTP: OpenAI-compatible API, task endpoints and a chat page",
         description="Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, "
@@ -42,6 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="longest prompt in tokens (default: the model's context length)")
     s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, metavar="N",
                    help="largest request body (default: 1 MiB)")
+    s.add_argument("--compile-decode", choices=["auto", "trace", "off"], default="auto",
+                   help="the decode step of a batch of one row (a single client): trace = the static step traced "
+                        "with torch.jit.trace (~0.3 s once per cache length, then ~4 ms less per token on SmolLM2); "
+                        f"auto = trace a cache length once it has {AUTO_TRACE_STEPS} steps to run; off = eager. "
+                        "Batches of several rows run eagerly (their shape changes as rows join and leave)")
     s.add_argument("--quantize", choices=["auto", "none", "8", "4"], default="auto",
                    help="auto: a quantized GGUF decodes on its int4/int8 path; none: float32; 8|4: from floats")
     s.add_argument("--allowed-hosts", default="", metavar="HOST[,HOST...]",
@@ -70,6 +77,7 @@ def build_app(a: argparse.Namespace):
                              default_max_tokens=min(256, a.max_tokens))
     settings.validate()
     gen = load_generator(a.model, a.quantize)
+    gen.compile = getattr(a, "compile_decode", "auto")
     if a.max_prompt_tokens is not None and a.max_prompt_tokens >= gen.model.cfg.context_length:
         logging.getLogger("lmforge.serve").warning(
             "--max-prompt-tokens %d is not below the context length %d: prompts are bounded by the context",

@@ -120,7 +120,7 @@ class Scheduler:
     """Admission control (max_batch generating + max_queue waiting, beyond that Overloaded) and the worker."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, max_batch_tokens: int = 1 << 17,
-                 metrics=None, prefix_cache_bytes: int = 0) -> None:
+                 metrics=None, prefix_cache_bytes: int = 0, compile: str = "auto") -> None:
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_concurrent must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer = model, tokenizer
@@ -137,9 +137,14 @@ class Scheduler:
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "max_rows": 0, "reused_tokens": 0}
         self.metrics = metrics  # optional observer: batch(rows), first_token(seconds) (serve/metrics.py)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self._engine = BatchDecoder(model, self.prefix_cache)
+        self._engine = BatchDecoder(model, self.prefix_cache, compile=compile)  # compile: the batch-1 step
 
     # ---- admission (any thread) ---------------------------------------------------------------------
+    @property
+    def decode_step(self) -> str:
+        """The step batch-1 decoding ran last ("traced (...)" or "eager (why)"); batches of several rows: eager."""
+        return self._engine.path
+
     @property
     def running(self) -> int:
         return len(self._running)
@@ -292,7 +297,8 @@ class Scheduler:
         self._drop(rows, gone, store=False)
         if not rows:
             return
-        logits = self._engine.step([row.next for row in rows])  # (B, V)
+        steps_left = max(row.req.params.max_tokens - row.req.completion_tokens for row in rows)
+        logits = self._engine.step([row.next for row in rows], steps_left)  # (B, V)
         greedy = logits.argmax(-1).tolist() if any(row.sampler.plain_greedy for row in rows) else None
         logp = logits.log_softmax(-1) if any(row.req.params.logprobs is not None for row in rows) else None
         ended = []

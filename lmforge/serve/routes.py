@@ -60,7 +60,9 @@ class ServerState:
         self.metrics = Metrics()
         self.sched = Scheduler(generator.model, generator.tokenizer, max_batch=settings.max_concurrent,
                                max_queue=settings.max_queue, metrics=self.metrics,
-                               prefix_cache_bytes=settings.prefix_cache_mb << 20)
+                               prefix_cache_bytes=settings.prefix_cache_mb << 20,
+                               # the engine traces batch-1 steps; it has no inductor path, so "on" means "trace"
+                               compile={"on": "trace"}.get(generator.compile, generator.compile))
         self.metrics.watch(self.sched)
         self.logprobs = LogprobFormatter(generator.tokenizer)
         self.aux = ThreadPoolExecutor(1, thread_name_prefix="lmforge-aux")  # embeddings, classification
@@ -371,7 +373,8 @@ async def health(request: Request):
     return {"status": "ok", "model": st.model_id, "embedder": st.emb_id if st.emb is not None else None,
             "classifier": st.cls_id, "uptime_s": round(time.time() - st.started, 1),
             "generation": {"running": st.sched.running, "waiting": st.sched.waiting,
-                           "max_concurrent": st.s.max_concurrent, "max_queue": st.s.max_queue, **st.sched.stats},
+                           "max_concurrent": st.s.max_concurrent, "max_queue": st.s.max_queue, **st.sched.stats,
+                           "decode_step": st.sched.decode_step},  # what batch-1 steps ran last, and why
             "limits": {"max_tokens": st.s.max_tokens, "max_prompt_tokens": st.max_prompt, "context_length": st.ctx,
                        "max_body_bytes": st.s.max_body_bytes},
             "api_key_required": bool(st.s.api_key)}
