@@ -285,8 +285,9 @@ def bf16_ulp(x: float) -> float:
 
 
 @pytest.mark.slow
-def test_smollm2_compiled_default_path():
-    """The compiled step on SmolLM2's default path (int4 blocks, int8 head, both computing in bfloat16).
+@pytest.mark.parametrize("mode", ["on", pytest.param("trace", marks=pytest.mark.ci)])
+def test_smollm2_compiled_default_path(mode, monkeypatch):
+    """The compiled (or traced) step on SmolLM2's default path (int4 blocks, int8 head, both in bfloat16).
 
     Its logits are bfloat16 values (the int8 head's output), and a float32 sum that inductor reorders can move a
     bf16-rounded activation by one ulp, so compiled and eager logits agree to a few bf16 ulps (measured: <= 0.63
@@ -295,20 +296,27 @@ def test_smollm2_compiled_default_path():
     be such a tie; and the perplexity of the compiled step (teacher-forced, one token per step, 255 tokens of
     README.md) within 2% of float32's (docs/quantization.md's check) and within 1% of the eager step's. That
     noise raises a perplexity by itself (the expected NLL grows with the logits' variance): over the first 125
-    tokens of examples/article.txt we measured compiled 28.76, eager 28.59, float32 28.72.
+    tokens of examples/article.txt we measured compiled 28.76, eager 28.59, float32 28.72. The traced step runs the
+    static step's own ops in its own order, so it must equal that step computed in Python bit for bit, and the
+    same bounds against the eager step hold (it differs from it only by the masked attention's summation order).
     """
     if not SMOLLM2.is_file():
         pytest.skip(f"{SMOLLM2} not installed")
-    if why := compiler_missing("cpu"):
+    if mode == "on" and (why := compiler_missing("cpu")):
         pytest.skip(why)
     g = Generator.load(SMOLLM2)
     assert g.model.quant_spec.describe() == "int4 (from Q4_1 file)"
     ids = torch.tensor([g.tokenizer.encode("The capital of France is")])
     n = 24
     want_tok, want = greedy_steps(g.model, ids, None, n, DecodeOptions("off"))
-    opts = DecodeOptions("on")
+    opts = DecodeOptions(mode)
     got_tok, got = greedy_steps(g.model, ids, None, n, opts)
-    assert opts.path.startswith("compiled"), opts.path
+    assert opts.path.startswith("compiled" if mode == "on" else "traced"), opts.path
+    if mode == "trace":
+        with monkeypatch.context() as mp:
+            identity_compile(mp)
+            static_tok, static = greedy_steps(g.model, ids, None, n, DecodeOptions("on"))
+        assert torch.equal(got, static) and torch.equal(got_tok, static_tok)
     k = next((i for i in range(n) if got_tok[0, i] != want_tok[0, i]), n - 1)  # the same context up to k
     tol = 4 * bf16_ulp(float(want[0, : k + 1].abs().max()))
     assert float((got[0, : k + 1] - want[0, : k + 1]).abs().max()) <= tol
@@ -318,23 +326,23 @@ def test_smollm2_compiled_default_path():
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()  # English prose, some code
     tokens = g.tokenizer.encode(text, add_special_tokens=False)[:256]  # 1 + 255 steps: the cache length above
     assert len(tokens) == 256
-    ppl = {c: teacher_forced_ppl(g.model, tokens, c) for c in ("on", "off")}
+    ppl = {c: teacher_forced_ppl(g.model, tokens, c) for c in (mode, "off")}
     full = Generator.load(SMOLLM2, quantize="none").model
     with torch.inference_mode():
         logits = full.logits(torch.tensor([tokens]))[0, :-1].float()  # (255, V)
     f32 = math.exp(float(torch.nn.functional.cross_entropy(logits, torch.tensor(tokens[1:]))))
     parted = f"greedy tokens part at step {k}" if got_tok[0, k] != want_tok[0, k] else "greedy tokens equal"
-    print(f"{parted}; perplexity over {len(tokens) - 1} tokens: compiled {ppl['on']:.4f}, "
+    print(f"{parted}; perplexity over {len(tokens) - 1} tokens: {mode} {ppl[mode]:.4f}, "
           f"eager {ppl['off']:.4f}, float32 {f32:.4f}")
-    assert abs(ppl["on"] / ppl["off"] - 1) < 0.01
-    assert abs(ppl["on"] / f32 - 1) < 0.02
+    assert abs(ppl[mode] / ppl["off"] - 1) < 0.01
+    assert abs(ppl[mode] / f32 - 1) < 0.02
 
 
 def teacher_forced_ppl(model, tokens: list[int], compile: str) -> float:
     """exp(mean NLL) of tokens[1:], each predicted by one decode step fed the true previous token."""
     opts = DecodeOptions(compile)
     st = _Stepper(model, torch.tensor([tokens[:1]]), None, len(tokens) - 1, opts)
-    assert opts.path.startswith("compiled" if compile == "on" else "eager"), opts.path
+    assert opts.path.startswith({"on": "compiled", "trace": "traced"}.get(compile, "eager")), opts.path
     nll = 0.0
     with torch.inference_mode():
         logits = st.prefill(torch.tensor([tokens[:1]]))
