@@ -259,6 +259,24 @@ def _bucket(n: int) -> int:
     return -(-n // CACHE_BUCKET) * CACHE_BUCKET
 
 
+def cache_bucket(n: int) -> int:
+    """The static step's cache length for n positions: n rounded up to a multiple of CACHE_BUCKET."""
+    return _bucket(n)
+
+
+def has_trace(model: Transformer, key: tuple) -> bool:
+    """Whether the model's static step is already traced for shape `key` (B, L, dtype, device) and the current
+    kernel mode (then using it costs nothing more)."""
+    st = _STATE.get(model)
+    return st is not None and (key, POLICY.mode) in st.traces
+
+
+def trace_failure(model: Transformer) -> str | None:
+    """Why tracing the model's static step failed (it is then not retried), or None."""
+    st = _STATE.get(model)
+    return st.trace_failed if st is not None else None
+
+
 def _plan(model: Transformer, st: _ModelState, opts: DecodeOptions, key: tuple, new_steps: int) -> str:
     """"compile", "trace" or "eager": the step this batch runs; sets opts.path to what runs and why."""
     if opts.compile == "off":
@@ -289,7 +307,7 @@ def _plan(model: Transformer, st: _ModelState, opts: DecodeOptions, key: tuple, 
 
 def _weights_key(model: Transformer) -> tuple:
     """Identity and version of every parameter and buffer: a trace holds them as constants, so any change (a load,
-    a .to(), an in-place update) must retrace. ~0.1 ms for SmolLM2, once per generation call."""
+    a .to(), an in-place update) must retrace. ~2 ms for SmolLM2, once per generation call (not per step)."""
     return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers())), POLICY.mode
 
 
@@ -333,8 +351,8 @@ def refresh_traces(model: Transformer) -> None:
 def run_traced(model: Transformer, key: tuple, inputs: tuple) -> torch.Tensor | None:
     """The static step through its torch.jit.trace for shape `key` (B, L, dtype, device): hidden states (B, D).
     The trace is made on first use from `inputs` (tokens (B, 1), positions (B, 1), valid (B, L), col (1,), keys,
-    values), cached per model, shape and kernel mode. None when tracing failed for this model: the reason is in
-    `_STATE[model].trace_failed` and was logged, and the caller runs the eager step."""
+    values), cached per model, shape and kernel mode. None when tracing failed for this model: the reason is
+    `trace_failure(model)` and was logged, and the caller runs the eager step."""
     st = _STATE.setdefault(model, _ModelState())
     tkey = (key, POLICY.mode)
     fn = st.traces.get(tkey)

@@ -175,8 +175,8 @@ def _kernel_mm(x: torch.Tensor, bits: int, K: int, N: int, group_size: int | Non
         return None
     xb = x.reshape(M, K).to(torch.bfloat16)  # the kernels' only vectorized dtype
     if bits == 8:
-        if xb.data_ptr() % 64:  # an unaligned bfloat16 view (x was bf16 already) crashes it
-            xb = xb.clone()
+        if x.dtype is torch.bfloat16:  # `to` was a no-op: x may be an unaligned view, which crashes the kernel.
+            xb = xb.clone()  # Always copied (not only when unaligned), so that a traced step copies as well
         y = torch._weight_int8pack_mm(xb, w, scales)
     else:
         y = torch._weight_int4pack_mm_for_cpu(xb, w, group_size, scales)

@@ -162,12 +162,16 @@ class BatchDecoder:
         padded = any(n < self.cache.length for n in self.n_real)
         self.pos = self.pos + 1
         x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        static = self.rows == 1 and not padded and self.static_ok and not G.hooked(self.model)
-        h = self._static(x, steps_left) if static else None
+        h = None
+        if self.rows == 1 and not padded and self.static_ok:
+            if G.hooked(self.model):
+                self.path = "eager (forward hooks are registered on the model)"
+            else:
+                h = self._static(x, steps_left)
         if h is None:
             h = self.model(x, self.mask[:, :S] if padded else None, position_ids=self.pos, cache=self.cache)[:, -1]
             if self.rows == 1:
-                L = G._bucket(self.cache.max_len)
+                L = G.cache_bucket(self.cache.max_len)
                 self.eager_steps[L] = self.eager_steps.get(L, 0) + 1
         for b, t in enumerate(tokens):
             self.n_real[b] += 1
@@ -183,10 +187,11 @@ class BatchDecoder:
     def _static(self, x: torch.Tensor, steps_left: int) -> torch.Tensor | None:
         """One batch-1 step through the traced static step -> hidden (1, D); None: run the eager step instead."""
         c = self.cache
-        L = G._bucket(c.max_len)
+        L = G.cache_bucket(c.max_len)
         key = (1, L, self.dtype, self.device)
-        traced = (key, G.POLICY.mode) in G._STATE.setdefault(self.model, G._ModelState()).traces
-        if not traced and self.compile == "auto" and self.eager_steps.get(L, 0) + steps_left < G.AUTO_TRACE_STEPS:
+        n = self.eager_steps.get(L, 0) + steps_left
+        if self.compile == "auto" and not G.has_trace(self.model, key) and n < G.AUTO_TRACE_STEPS:
+            self.path = f"eager (auto: {n} steps at cache length {L} < {G.AUTO_TRACE_STEPS})"
             return None
         if c.max_len != L:
             self._resize(L)  # one copy of one row, then every step of this length reuses the trace
@@ -195,7 +200,7 @@ class BatchDecoder:
         h = G.run_traced(self.model, key, (x, self.pos, valid, col, c.k, c.v))
         if h is None:  # tracing failed (logged with its reason): eager from now on
             self.static_ok = False
-            self.path = f"eager (torch.jit.trace failed: {G._STATE[self.model].trace_failed})"
+            self.path = f"eager (torch.jit.trace failed: {G.trace_failure(self.model)})"
             return None
         if not self.path.startswith("traced"):
             log.info("decode step: batch-1 rows run the traced static step (cache length %d)", L)
