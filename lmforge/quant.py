@@ -10,9 +10,11 @@ Kernels (measured on this torch build, see docs/quantization.md):
   a float32 GEMV); its bfloat16 path is vectorized. So small-M calls run it in bfloat16 (activations and
   outputs rounded to bfloat16, ~0.3% relative error) and cast back.
 - int4, per group of 32..256 along K, asymmetric (scale and minimum per group, llama.cpp's Q4_1 grid):
-  `torch._weight_int4pack_mm_for_cpu` on a packed copy, again in bfloat16.
-- Anything else (large M = prefill and perplexity, grouped int8, gradients, shapes the kernels refuse):
-  dequantize to the activation dtype, then one dense matmul. Exact up to the weight rounding.
+  `torch._weight_int4pack_mm_for_cpu`, again in bfloat16. The kernel's packed layout (a permutation of
+  the nibbles) replaces the stored nibbles in memory, so the integers are held once; the state dict still
+  gives plain nibbles (`QuantLinear.nibbles`), and every row count runs the kernel.
+- Anything else (large M for int8 = prefill and perplexity, grouped int8, gradients, shapes the kernels
+  refuse): dequantize to the activation dtype, then one dense matmul. Exact up to the weight rounding.
 `kernel_mode(...)` forces one path (for tests and accuracy checks).
 
 Tied LM head: the embedding lookup keeps its float table (it reads only T rows per step) while the
@@ -126,11 +128,68 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack((p & 0xF, p >> 4), dim=-1).reshape(p.shape[0], -1)
 
 
+def _pack_rows(nibbles: torch.Tensor) -> torch.Tensor:
+    q = unpack_nibbles(nibbles).to(torch.int32).contiguous()  # (N, K)
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
+def _int4pack(nibbles: torch.Tensor) -> torch.Tensor:
+    """Our (N, K/2) nibbles -> the CPU int4 kernel's packed layout (N, K/2) uint8 (blocked, CPU-build specific).
+    256 rows at a time where the layout allows it: the int32 operand the conversion wants is 8x the nibbles,
+    and whole-matrix temporaries of that size left the heap fragmented (peak RSS +150 MB on some loads)."""
+    N, step = nibbles.shape[0], 256
+    block = _int4pack_row_block()
+    if block is None or N <= step or N % block or step % block:
+        return _pack_rows(nibbles)
+    out = torch.empty_like(nibbles)
+    for r in range(0, N, step):
+        out[r: r + step] = _pack_rows(nibbles[r: r + step])
+    return out
+
+
+@torch.no_grad()
+def _int4unpack(packed: torch.Tensor, K: int, group_size: int) -> torch.Tensor:
+    """The kernel's packed layout -> our (N, K/2) nibbles, exactly: the kernel itself multiplies slices of the
+    identity by the weights with scale 1 and zero 8, so each output is one integer q (0..15, exact in bf16)."""
+    N = packed.shape[0]
+    sz = torch.empty(K // group_size, N, 2, dtype=torch.bfloat16)
+    sz[..., 0], sz[..., 1] = 1.0, 8.0  # w = (q - 8) * 1 + 8 = q
+    q = torch.empty(N, K, dtype=torch.uint8)
+    eye = torch.eye(K, dtype=torch.bfloat16)
+    for k0 in range(0, K, 256):  # (c, K) identity rows -> (c, N) = q[:, k0:k0+c].T; bounded temporaries
+        q[:, k0:k0 + 256] = torch._weight_int4pack_mm_for_cpu(eye[k0:k0 + 256], packed, group_size, sz).t()
+    return pack_nibbles(q)
+
+
+_ROW_BLOCK: list[int | None] = []  # memo of _int4pack_row_block()
+
+
+def _int4pack_row_block() -> int | None:
+    """Rows per block of the packed layout on this CPU build: packing rows [a; b] gives [pack(a); pack(b)] when a
+    and b have a multiple of it rows, so fused q|k|v and gate|up can share one packed tensor with their parts.
+    None if no block size up to 256 behaves so (the parts then keep their own integers)."""
+    if not _ROW_BLOCK:
+        found = None
+        if _HAS_INT4_KERNEL:
+            g = torch.Generator().manual_seed(0)
+            for b in (16, 32, 64, 128, 256):
+                parts = [torch.randint(0, 256, (n, 32), dtype=torch.uint8, generator=g) for n in (b, 2 * b, b)]
+                try:
+                    if torch.equal(_pack_rows(torch.cat(parts)), torch.cat([_pack_rows(p) for p in parts])):
+                        found = b
+                        break
+                except RuntimeError:
+                    break
+        _ROW_BLOCK.append(found)
+    return _ROW_BLOCK[0]
+
+
 # ---- the layer ----------------------------------------------------------------------------------------
 def _kernel_operands(bits: int, group_size: int | None, qweight: torch.Tensor, scales: torch.Tensor,
-                     mins: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                     mins: torch.Tensor | None, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The packed kernel's operands for these integers, or None where the kernel cannot run them (not on CPU,
-    a shape or build it refuses). int8: (qweight, bf16 scales); int4: (packed layout, bf16 scales+zeros)."""
+    a shape or build it refuses). int8: (qweight, bf16 scales); int4: (packed layout, bf16 scales+zeros).
+    packed: the int4 qweight is already in the kernel's layout (else our nibbles)."""
     N = qweight.shape[0]
     K = qweight.shape[1] * (2 if bits == 4 else 1)
     if qweight.device.type != "cpu":
@@ -145,12 +204,10 @@ def _kernel_operands(bits: int, group_size: int | None, qweight: torch.Tensor, s
         if bits == 8:
             ops = (qweight, scales.reshape(-1).to(torch.bfloat16).contiguous())
         else:
-            q = unpack_nibbles(qweight).to(torch.int32).contiguous()  # (N, K)
-            packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-            del q
             # the kernel dequantizes w = (q - 8) * scale + zero, so zero = min + 8 * scale
             zeros = mins + 8.0 * scales  # (N, G)
-            ops = (packed, torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous())
+            ops = (qweight if packed else _int4pack(qweight),
+                   torch.stack((scales.t(), zeros.t()), dim=-1).to(torch.bfloat16).contiguous())
         try:  # a build or shape the kernel refuses raises here once, not in the decode loop
             probe = torch.zeros(1, K, dtype=torch.bfloat16)
             if bits == 8:
@@ -163,14 +220,15 @@ def _kernel_operands(bits: int, group_size: int | None, qweight: torch.Tensor, s
 
 
 def _kernel_mm(x: torch.Tensor, bits: int, K: int, N: int, group_size: int | None, w: torch.Tensor,
-               scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+               scales: torch.Tensor, bias: torch.Tensor | None, any_rows: bool = False) -> torch.Tensor | None:
     """x (..., K) -> (..., N) through the packed kernel, or None when POLICY sends these rows (or a gradient,
-    or a dtype the kernel lacks) to the dequantize path."""
+    or a dtype the kernel lacks) to the dequantize path. any_rows: ignore POLICY's row limit (the integers
+    exist only in the kernel's layout, so dequantizing would first have to unpack them)."""
     if x.requires_grad or not (x.dtype is torch.float32 or x.dtype is torch.bfloat16):
         return None
     mode = POLICY.mode
     M = x.numel() // K
-    if not ((mode != "dequant" and M <= (POLICY.max_m_int8 if bits == 8 else POLICY.max_m_int4))
+    if not ((mode != "dequant" and (any_rows or M <= (POLICY.max_m_int8 if bits == 8 else POLICY.max_m_int4)))
             or mode == "kernel"):
         return None
     xb = x.reshape(M, K).to(torch.bfloat16)  # the kernels' only vectorized dtype
@@ -214,6 +272,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, G, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
+        self._packed = False  # int4: qweight holds the kernel's packed layout instead of our nibbles
         self._drop_cache()  # kernel operands: plain attributes (not state), built on the first forward
         self.register_load_state_dict_post_hook(_after_load)
 
@@ -264,8 +323,25 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             q = self.qweight.reshape(N, G, K // G).to(dtype)
             return (q * self.scales[..., None].to(dtype)).reshape(N, K)
-        q = unpack_nibbles(self.qweight).reshape(N, G, K // G).to(dtype)
+        q = unpack_nibbles(self.nibbles()).reshape(N, G, K // G).to(dtype)
         return (q * self.scales[..., None].to(dtype) + self.mins[..., None].to(dtype)).reshape(N, K)
+
+    def nibbles(self) -> torch.Tensor:
+        """int4: the integers as our portable (N, K/2) nibbles (unpacked from the kernel's layout if need be);
+        int8: qweight."""
+        if self._packed:
+            return _int4unpack(self.qweight, self.in_features, self.group_size)
+        return self.qweight
+
+    def _unpack(self) -> None:
+        """Back from the kernel's layout to nibbles (before a move or cast: the layout is this CPU build's)."""
+        if self._packed:
+            self.qweight, self._packed = self.nibbles(), False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._packed:  # the saved format is always nibbles
+            destination[prefix + "qweight"] = self.nibbles()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -285,7 +361,7 @@ class QuantLinear(nn.Module):
             fast = self._fast
         if fast:
             y = _kernel_mm(x, self.bits, self.in_features, self.out_features, self.group_size, self._k_w,
-                           self._k_scales, self.bias)
+                           self._k_scales, self.bias, self._packed)
             if y is not None:
                 return y
         lead = x.shape[:-1]
@@ -302,9 +378,11 @@ class QuantLinear(nn.Module):
             # safetensors file): give it a fresh, 64-byte-aligned allocation
             self.qweight = self.qweight.contiguous().clone()
         ops = _kernel_operands(self.bits, self.group_size, self.qweight, self.scales,
-                               self.mins if self.bits == 4 else None)
+                               self.mins if self.bits == 4 else None, self._packed)
         self._fast = ops is not None
         self._k_w, self._k_scales = ops if ops is not None else (None, None)
+        if ops is not None and self.bits == 4 and not self._packed:  # hold the integers once, in that layout
+            self.qweight, self._packed = ops[0], True
 
     def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 8 and self.scales.shape[1] == 1:  # per-channel: scale the N outputs, not N*K weights
@@ -318,6 +396,7 @@ class QuantLinear(nn.Module):
         self._gen = getattr(self, "_gen", 0) + 1  # tells a FusedQuantLinear over this layer to rebuild
 
     def _apply(self, fn, recurse=True):
+        self._unpack()
         self._drop_cache()
         return super()._apply(fn, recurse)
 
@@ -363,12 +442,20 @@ class FusedQuantLinear(nn.Module):
     def _prepare(self, key: tuple) -> None:
         ps = self.parts
         with torch.no_grad():
-            ops = _kernel_operands(4, ps[0].group_size, torch.cat([p.qweight for p in ps]),
+            ops = _kernel_operands(4, ps[0].group_size, torch.cat([p.nibbles() for p in ps]),
                                    torch.cat([p.scales for p in ps]), torch.cat([p.mins for p in ps]))
             self._bias = None if ps[0].bias is None else torch.cat([p.bias for p in ps])
         self._fast = ops is not None
         self._w, self._sz = ops if ops is not None else (None, None)
         self._key = key
+        block = _int4pack_row_block() if ops is not None else None
+        if block and all(p.out_features % block == 0 for p in ps):
+            # the packed rows of each part are its own packed layout: the parts keep views, not copies
+            r = 0
+            for p in ps:
+                p.qweight, p._packed = self._w[r: r + p.out_features], True
+                p._fast, p._k_w, p._k_scales = None, None, None  # (not _drop_cache: the integers did not change)
+                r += p.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., K) -> (..., sum of the parts' N), the parts' outputs side by side
@@ -377,7 +464,7 @@ class FusedQuantLinear(nn.Module):
             self._prepare(key)
         if self._fast:
             y = _kernel_mm(x, 4, self.in_features, self.out_features, self.parts[0].group_size, self._w,
-                           self._sz, self._bias)
+                           self._sz, self._bias, any_rows=True)
             if y is not None:
                 return y
         x2 = x.reshape(-1, self.in_features)
@@ -410,7 +497,30 @@ def fuse_projections(model: nn.Module) -> int:
 
 
 def _after_load(module: QuantLinear, incompatible_keys) -> None:
+    module._packed = False  # loaded (copied or assigned) nibbles
     module._drop_cache()  # new integers: the packed kernel copy must be rebuilt
+
+
+def prepare_kernels(model: nn.Module) -> None:
+    """Build every kernel layout now (fused layers first, so their parts share the fused integers), rather than
+    in the first forward, and hand the temporaries back to the OS: a loaded model then holds its integers once
+    and the first token allocates nothing large."""
+    from lmforge.io import release_free_memory
+
+    served: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, FusedQuantLinear):
+            key = tuple(p._gen for p in m.parts)
+            if key != m._key:
+                m._prepare(key)
+                # the parts' nibbles just freed sit in heap holes the next layer does not reuse: without this,
+                # each of SmolLM2's 60 fused layers raised peak RSS by ~1 MB
+                release_free_memory()
+            served.update(id(p) for p in m.parts)
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and id(m) not in served and m._fast is None:
+            m._prepare_kernel()
+            release_free_memory()
 
 
 class QuantEmbedding(nn.Module):
@@ -541,6 +651,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = Non
     model.quant_spec = QuantSpec(bits, group_size, done, head, quantize_embedding,
                                  head_bits if head else None, head_group_size if head else None)
     fuse_projections(model)
+    prepare_kernels(model)
     return model
 
 
@@ -603,7 +714,8 @@ def load_quantized(path: str | Path, device: str = "cpu") -> nn.Module:
 def build_quantized(cfg, state: dict[str, torch.Tensor], spec: QuantSpec, device: str | torch.device = "cpu"
                     ) -> nn.Module:
     """A Transformer whose layers named by `spec` are QuantLinear, built on the meta device and then given the
-    tensors of `state` (a quantized state dict: integers, scales, float norms...), so nothing is copied."""
+    tensors of `state` (a quantized state dict: integers, scales, float norms...), so nothing is copied.
+    `state` is consumed (emptied)."""
     from lmforge.model.transformer import Transformer
 
     # float dtype of the model (norms, embeddings); scales and mins are always float32
@@ -626,9 +738,11 @@ def build_quantized(cfg, state: dict[str, torch.Tensor], spec: QuantSpec, device
         e = model.embed.tok
         model.embed.tok = QuantEmbedding(e.num_embeddings, e.embedding_dim, dtype=fdtype, device="meta")
     model.load_state_dict(state, strict=True, assign=True)
+    state.clear()  # consumed: prepare_kernels replaces the int4 nibbles, which this dict would keep alive
     model.init_buffers(device)  # rotary tables (non-persistent) were built on meta
     model.quant_spec = spec
     fuse_projections(model)
+    prepare_kernels(model)
     return model.eval()
 
 

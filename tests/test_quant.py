@@ -203,6 +203,65 @@ def test_quantized_model_fuses_projections_and_keeps_its_state_dict():
     assert quantize_model(copy.deepcopy(m), bits=8, skip=()).blocks[0].attn.qkv is None  # int8: per layer
 
 
+needs_int4_kernel = pytest.mark.skipif(not quant._HAS_INT4_KERNEL, reason="this torch build has no CPU int4 kernel")
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("N,K,group", [(64, 64, 32), (192, 576, 32), (1536, 576, 32), (576, 1536, 64), (48, 256, 256)])
+def test_int4_kernel_layout_unpacks_exactly(N, K, group):
+    q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
+    assert torch.equal(quant._int4unpack(quant._int4pack(q), K, group), q)
+
+
+@needs_int4_kernel
+def test_int4_integers_are_held_once_in_the_kernel_layout_and_saved_as_nibbles():
+    m = tiny()
+    q = quantize_model(copy.deepcopy(m), bits=4, skip=(), head_bits=8)
+    sd = q.state_dict()
+    for name, mod in q.named_modules():
+        if isinstance(mod, QuantLinear) and mod.bits == 4:
+            want = pack_nibbles(quantize_int4(m.get_submodule(name).weight.detach(), 32)[0])
+            assert mod._packed  # no second copy of the integers next to the packed layout
+            assert torch.equal(sd[f"{name}.qweight"], want)  # the state dict keeps the portable nibbles
+    if quant._int4pack_row_block():  # the parts of a fused layer are views of its packed tensor
+        for b in q.blocks:
+            fused_ptr = b.mlp.gate_up._w.untyped_storage().data_ptr()
+            assert all(p.qweight.untyped_storage().data_ptr() == fused_ptr for p in (b.mlp.gate, b.mlp.up))
+    ids = torch.randint(3, VOCAB, (1, 12))
+    with torch.no_grad():
+        before = q.logits(ids)
+        with kernel_mode("dequant"):  # the exact path unpacks the integers first
+            exact = q.logits(ids)
+        lin = q.blocks[0].attn.o
+        q.to(torch.float32)  # a move or cast goes back to nibbles (the layout is this CPU build's)
+        assert not lin._packed and torch.equal(lin.qweight, sd["blocks.0.attn.o.qweight"])
+        torch.testing.assert_close(q.logits(ids), before, rtol=0, atol=0)
+        with kernel_mode("dequant"):
+            torch.testing.assert_close(q.logits(ids), exact, rtol=1e-6, atol=1e-6)
+        fresh = quantize_model(copy.deepcopy(m), bits=4, skip=(), head_bits=8)
+        fresh.load_state_dict(sd)  # nibbles copied into packed tensors (and fused views): rebuilt from them
+        torch.testing.assert_close(fresh.logits(ids), before, rtol=0, atol=0)
+
+
+def test_a_model_built_on_meta_does_not_import_dynamo():
+    """Building the shell that loaded weights are assigned to must not run nn.init on meta tensors, which
+    imports torch._dynamo (seconds, and ~70 MB of resident memory)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from lmforge.config import ModelConfig\n"
+            "from lmforge.model.transformer import Transformer\n"
+            "cfg = ModelConfig(family='llama', vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64)\n"
+            "with torch.device('meta'):\n"
+            "    Transformer(cfg)\n"
+            "assert Transformer(cfg).embed.tok.weight.std() > 0.01\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 def test_bad_settings_raise():
     with pytest.raises(QuantError):
         QuantLinear(64, 32, bits=3)

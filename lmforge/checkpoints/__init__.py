@@ -87,20 +87,30 @@ def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32
     if path.is_file() and (path.suffix == ".gguf" or _is_gguf(path)):
         from lmforge.checkpoints.gguf import read_gguf
 
-        ck = read_gguf(path, dtype=dtype, quantized=quantized)
-        if ck.quant_spec is not None:
-            from lmforge.quant import build_quantized
-
-            model = build_quantized(ck.cfg, {k: v.to(device) for k, v in ck.body.items()}, ck.quant_spec, device)
-        else:
-            model = build_model(ck.cfg, ck.body, str(path), dtype, device)
-        ck.body = {}  # the model holds the tensors now
-        release_free_memory()  # the conversion's freed temporaries, back to the OS
-        tok = None
+        # The tokenizer first: its build's transient (~40 MB of token lists for SmolLM2) is then freed before the
+        # weights arrive instead of adding to their peak. A file the tokenizer cannot read is reported by
+        # read_gguf (a CheckpointError naming the cause) before the tokenizer's own error.
+        tok, tok_error = None, None
         if tokenizer:
             from lmforge.tokenizer import Tokenizer
 
-            tok = Tokenizer.from_gguf(path)
+            try:
+                tok = Tokenizer.from_gguf(path)
+            except Exception as e:  # noqa: BLE001 -- re-raised below once the weights have been checked
+                tok_error = e
+            release_free_memory()
+        ck = read_gguf(path, dtype=dtype, quantized=quantized)
+        if tok_error is not None:
+            raise tok_error
+        body, ck.body = ck.body, {}  # the model holds the tensors now: no second reference may keep them alive
+        if ck.quant_spec is not None:
+            from lmforge.quant import build_quantized
+
+            model = build_quantized(ck.cfg, {k: body.pop(k).to(device) for k in list(body)}, ck.quant_spec, device)
+        else:
+            model = build_model(ck.cfg, body, str(path), dtype, device)
+        del body
+        release_free_memory()  # the conversion's freed temporaries, back to the OS
         return Loaded(model, tok, ck.cfg, path, source, "gguf", path.stat().st_size,
                       quantization=getattr(ck, "file_type", None))
     if path.is_file():

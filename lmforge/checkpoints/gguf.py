@@ -461,7 +461,7 @@ def _read_quantized(reader, arch: str, cfg: ModelConfig, dtype: torch.dtype, src
             shapes[ours] = tuple(int(s) for s in reversed(t.shape))
         else:
             body[ours] = _convert(t, arch, cfg, dtype, src)
-        if t is not head_t:  # a separate float head is read again below
+        if t is not head_t or shared:  # a separate int8 head is read again below
             reader.release(t)
     _check_complete(cfg, {**body, **{k: torch.empty(s, device="meta") for k, s in shapes.items()}}, arch, src)
     if shared:

@@ -113,6 +113,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # ---- embeddings ----------------------------------------------------------------------------------
+def _table(n: int, dim: int) -> nn.Embedding:
+    """An nn.Embedding left uninitialised: Transformer._init_weights fills every table, and a model built on the
+    meta device (to receive loaded weights) must not run normal_, which there imports torch._dynamo (~3 s and
+    ~70 MB of resident memory for nothing)."""
+    return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
+
+
 class Embeddings(nn.Module):
     """Token ids -> vectors: token embedding (times `embed_scale`), plus learned or sinusoidal positions and
     token types where the family has them, then bert's LayerNorm and dropout. Rotary positions are applied
@@ -121,13 +128,13 @@ class Embeddings(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.tok = _table(cfg.vocab_size, cfg.d_model)
         if cfg.position == "learned":
-            self.pos = nn.Embedding(cfg.context_length, cfg.d_model)
+            self.pos = _table(cfg.context_length, cfg.d_model)
         if cfg.position == "sinusoidal":
             self.register_buffer("sin_table", torch.empty(0), persistent=False)
         if cfg.type_vocab_size:
-            self.seg = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+            self.seg = _table(cfg.type_vocab_size, cfg.d_model)
         if cfg.embed_norm:
             self.norm = make_norm(cfg)
         self.drop = nn.Dropout(cfg.dropout)

@@ -71,7 +71,8 @@ class Transformer(nn.Module):
         self.quant_head: nn.Module | None = None
         self.pooler = nn.Linear(d, d) if cfg.pooler else None
         self.init_buffers()
-        self.apply(self._init_weights)
+        if not self.embed.tok.weight.is_meta:  # a meta model is a shell for loaded weights; and normal_ on meta
+            self.apply(self._init_weights)  # imports torch._dynamo (~3 s, ~70 MB) for nothing
 
     def init_buffers(self, device=None) -> None:
         """(Re)compute the non-persistent buffers: needed after building on the meta device."""
