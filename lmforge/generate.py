@@ -26,6 +26,7 @@ from torch import nn
 
 from lmforge.checkpoints import as_dtype, load, load_checkpoint
 from lmforge.errors import GenerationError, TokenizerError
+from lmforge.io import release_free_memory
 from lmforge.model.layers import KVCache, StaticKV
 from lmforge.model.transformer import Transformer
 from lmforge.quant import DECODE_PRESETS, POLICY, decode_quantize, quantize_model
@@ -361,6 +362,7 @@ def run_traced(model: Transformer, key: tuple, inputs: tuple) -> torch.Tensor | 
             return None
         try:
             fn = st.traces[tkey] = _trace_step(model, inputs)
+            release_free_memory()  # the recording's temporaries (~14 MiB for SmolLM2), back to the OS
         except Exception as e:  # noqa: BLE001 - an op the tracer refuses: report it, then decode eagerly
             st.trace_failed = _reason(e)
             _log.warning("decode step: torch.jit.trace failed, running the eager step: %s", st.trace_failed)
