@@ -85,8 +85,13 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
-    """Yield a temp dir beside `final`; on success its files are fsynced and it replaces `final`."""
+def atomic_dir(final: str | Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a temp dir beside `final`; on success its files are fsynced and it replaces `final`.
+
+    keep_existing: for content-addressed caches, where two processes may build the same entry at once.
+    The first to finish wins; a later one finding `final` in place discards its copy instead of replacing
+    a directory the other process may be reading.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{final.name}-", dir=final.parent))
@@ -97,10 +102,25 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             if p.is_file():
                 fsync_path(p)
         fsync_path(tmp)
-        replace_dir(tmp, final)
+        if keep_existing:
+            _publish_once(tmp, final)
+        else:
+            replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish_once(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final` unless another writer got there first (then `tmp` is deleted)."""
+    try:
+        os.replace(tmp, final)  # fails (ENOTEMPTY/EEXIST) when `final` is a non-empty directory
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    fsync_path(final.parent)
 
 
 def clean_partial(parent: str | Path) -> list[Path]:

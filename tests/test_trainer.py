@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from lmforge.config import ModelConfig
 from lmforge.errors import TrainingError
-from lmforge.io import clean_partial
+from lmforge.io import atomic_dir, clean_partial
 from lmforge.model.heads import SequenceClassifier
 from lmforge.model.transformer import Transformer
 from lmforge.train import (
@@ -618,3 +618,17 @@ def test_dir_replaced_halfway_is_restored(tmp_path):
     clean_partial(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert (tmp_path / "best" / "model.safetensors").read_text() == "old"
+
+
+def test_cache_dir_built_twice_at_once_keeps_the_first(tmp_path):
+    # two runs train the same cached tokenizer: the second to finish finds the first's copy in place
+    # (a CI failure: os.replace onto the non-empty dir raised "directory not empty" and ended the run)
+    final = tmp_path / "key"
+    with atomic_dir(final, keep_existing=True) as tmp:
+        (tmp / "tokenizer.json").write_text("ours")
+        final.mkdir()
+        (final / "tokenizer.json").write_text("theirs")  # the other process finished first
+    assert [p.name for p in tmp_path.iterdir()] == ["key"] and (final / "tokenizer.json").read_text() == "theirs"
+    with atomic_dir(final) as tmp:  # the default replaces (checkpoints, best/)
+        (tmp / "tokenizer.json").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["key"] and (final / "tokenizer.json").read_text() == "new"

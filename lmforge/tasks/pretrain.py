@@ -158,7 +158,7 @@ def _trained_tokenizer(files: list[Path], vocab_size: int, min_frequency: int, r
         return Tokenizer.from_dir(d)
     t0 = time.perf_counter()
     tok = train_tokenizer(files, vocab_size, [ENDOFTEXT], min_frequency)
-    with atomic_dir(d) as tmp:
+    with atomic_dir(d, keep_existing=True) as tmp:  # a concurrent run may train the same one
         tok.save(tmp)
     log(f"tokenizer: trained byte-level BPE, {tok.vocab_size} tokens, on {len(files)} file(s) in "
         f"{time.perf_counter() - t0:.1f}s -> {d}")
