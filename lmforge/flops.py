@@ -26,14 +26,9 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
-from lmforge.io import atomic_write
+from lmforge.io import atomic_write, cache_root
 
 PEAK_FILE = "peak_flops.json"
-
-
-def cache_root() -> Path:
-    """Where lmforge caches derived data (token files, trained tokenizers, measured peaks)."""
-    return Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")
 
 
 # ---- model FLOPs -----------------------------------------------------------------------------------

@@ -173,3 +173,8 @@ def release_free_memory() -> bool:
         return False
     fn(0)
     return True
+
+
+def cache_root() -> Path:
+    """Where lmforge caches derived data (token files, trained tokenizers, measured peaks)."""
+    return Path(os.environ.get("LMFORGE_CACHE") or Path.home() / ".cache" / "lmforge")

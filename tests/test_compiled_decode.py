@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import lmforge.generate as generate_mod
+from lmforge import cpu_kernels
 from lmforge.checkpoints import load_checkpoint
 from lmforge.cli import build_parser, main
 from lmforge.errors import GenerationError
@@ -287,7 +288,8 @@ def bf16_ulp(x: float) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["on", pytest.param("trace", marks=pytest.mark.ci)])
 def test_smollm2_compiled_default_path(mode, monkeypatch):
-    """The compiled (or traced) step on SmolLM2's default path (int4 blocks, int8 head, both in bfloat16).
+    """The compiled (or traced) step on SmolLM2's default path (int4 blocks, int8 head; activations rounded to
+    bfloat16 by torch's kernels, or to int8 blocks by lmforge's AVX2 kernels, with twice the tolerance below).
 
     Its logits are bfloat16 values (the int8 head's output), and a float32 sum that inductor reorders can move a
     bf16-rounded activation by one ulp, so compiled and eager logits agree to a few bf16 ulps (measured: <= 0.63
@@ -318,7 +320,10 @@ def test_smollm2_compiled_default_path(mode, monkeypatch):
             static_tok, static = greedy_steps(g.model, ids, None, n, DecodeOptions("on"))
         assert torch.equal(got, static) and torch.equal(got_tok, static_tok)
     k = next((i for i in range(n) if got_tok[0, i] != want_tok[0, i]), n - 1)  # the same context up to k
-    tol = 4 * bf16_ulp(float(want[0, : k + 1].abs().max()))
+    # lmforge's AVX2 kernels round activations to int8 per block of 32 instead of to bf16: a reordered float32 sum
+    # can move an activation across a rounding step of 1/127 of its block's max, twice a bf16 ulp (2^-8); measured
+    # there: 1.19 at |logit| ~37
+    tol = 4 * bf16_ulp(float(want[0, : k + 1].abs().max())) * (2 if cpu_kernels.available() else 1)
     assert float((got[0, : k + 1] - want[0, : k + 1]).abs().max()) <= tol
     if got_tok[0, k] != want_tok[0, k]:
         assert float(want[0, k, want_tok[0, k]] - want[0, k, got_tok[0, k]]) <= tol, k

@@ -18,6 +18,7 @@ from conftest import make_hf_model
 from test_export import byte_level_tokenizer
 
 import lmforge.cli.generate as cli_generate
+from lmforge import cpu_kernels, quant
 from lmforge.checkpoints import load_checkpoint
 from lmforge.cli import build_parser, main
 from lmforge.generate import Generator
@@ -150,7 +151,12 @@ def test_info_says_which_path(files, capsys):
     assert lines and lines[0].split(None, 1)[1] == "int4 (from Q4_0 file)"
     for key, want in (("q8_0", "int8 (from Q8_0 file)"), ("f32", "float32"), ("hf", "float32")):
         assert main(["info", str(files[key]), "--json"]) == 0
-        assert json.loads(capsys.readouterr().out)["decode_path"] == want
+        info = json.loads(capsys.readouterr().out)
+        assert info["decode_path"] == want
+        # which kernels: lmforge's where its AVX2 kernels are in use, else torch's (said with the reason)
+        assert info["decode_kernels"] == ("torch's float32 matmul" if want == "float32" else quant.kernel_backend())
+    own = cpu_kernels.available()
+    assert quant.kernel_backend().startswith("lmforge AVX2" if own else "torch packed")
 
 
 # ---- SmolLM2: the default path against float32 ----------------------------------------------------------
@@ -170,15 +176,16 @@ PROMPTS = [
 # activations and bf16 scales in the int4/int8 kernels, and the int8 per-channel head (with the int8 embedding
 # rows sharing its integers) requantized from the file's Q8_0 token embeddings. Each is a near-tie: at the first
 # differing step, the float32 model's logit gap between its own token and the default path's token is below
-# MAX_MARGIN (measured: 0.005 to 0.34; a gap of 0.4 is a probability ratio of 1.5). The bf16 kernels round
-# differently on different CPUs (AVX-512 bf16 on an AMD EPYC, AMX on an Intel Xeon), so which near-ties flip
-# depends on the CPU: the list is the union of both machines' differences, each marked where it is CPU-specific.
+# MAX_MARGIN (measured: 0.005 to 0.34; a gap of 0.4 is a probability ratio of 1.5). The kernels round
+# differently on different CPUs (bf16 with AVX-512 on an AMD EPYC, AMX on an Intel Xeon; int8 blocks of 32 with
+# lmforge's own kernels on an AVX2-only EPYC), so which near-ties flip depends on the CPU: the list is the union of
+# the three machines' differences, each marked where it is CPU-specific.
 EXPLAINED: dict[int, str] = {
-    0: "step 17; only with the int8 embedding and bf16 activations together (gap 0.34; 0.20 on AMX)",
+    0: "step 17; the int8 embedding and rounded activations together (gap 0.34; 0.20 on AMX; 0.06 AVX2 kernels)",
     1: "step 6; the int8 head alone changes it (gap 0.04)",
-    2: "AMX CPUs only: step 0, the first token after the newline is a near-tie (gap 0.07)",
-    3: "step 3; bf16 activations alone change it (gap 0.04)",
-    4: "AVX-512 bf16 (AMD EPYC) only: step 21; bf16 activations (gap 0.007)",
+    2: "AMX and AVX2-only CPUs: step 0, the first token after the newline is a near-tie (gap 0.07)",
+    3: "step 3; bf16 activations alone change it (gap 0.04); not on AVX2-only CPUs",
+    4: "AVX-512 bf16 (AMD EPYC) and AVX2 int8 blocks: step 21; rounded activations (gap 0.007)",
     6: "step 0; the first token is a near-tie that the int8 head or bf16 activations each flip (gap 0.005)",
     7: "step 11; the int8 head or bf16 activations (gap 0.03)",
 }

@@ -35,6 +35,12 @@ from lmforge.quant import (
 VOCAB = 128  # multiples of 16 everywhere, so the int8 and int4 kernels take every layer
 
 
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """Tests of torch's packed kernels: lmforge's own AVX2 kernels (tests/test_cpu_kernels.py) switched off."""
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "off")
+
+
 def tiny(tie: bool = True, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
     cfg = ModelConfig(family="llama", vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -100,7 +106,7 @@ def test_pack_unpack_nibbles():
 
 
 @pytest.mark.parametrize("bits,N,K", [(8, 24, 40), (4, 24, 64)])
-def test_shapes_the_kernels_refuse_fall_back(bits, N, K):
+def test_shapes_the_kernels_refuse_fall_back(bits, N, K, torch_kernels):
     """int8 kernel: K % 16 != 0 (it would crash); int4 kernel: N % 16 != 0. Both take the dequant path."""
     torch.manual_seed(3)
     w = torch.randn(N, K)
@@ -112,7 +118,7 @@ def test_shapes_the_kernels_refuse_fall_back(bits, N, K):
     assert rel(y, x @ w.t()) < (1e-2 if bits == 8 else 0.15)
 
 
-def test_unaligned_operands_do_not_crash_the_int8_kernel():
+def test_unaligned_operands_do_not_crash_the_int8_kernel(torch_kernels):
     """torch 2.13's int8 kernel segfaults on unaligned tensors: weights assigned from a file, bf16 views."""
     torch.manual_seed(5)
     w = torch.randn(64, 128)
@@ -127,7 +133,7 @@ def test_unaligned_operands_do_not_crash_the_int8_kernel():
     assert ql._fast is True and rel(y, x.float() @ w.t()) < 2e-2
 
 
-def test_no_kernel_available(monkeypatch):
+def test_no_kernel_available(monkeypatch, torch_kernels):
     monkeypatch.setattr(quant, "_HAS_INT8_KERNEL", False)
     ql = QuantLinear.from_weight(torch.randn(32, 64), None, 8)
     x = torch.randn(1, 64)
@@ -214,7 +220,7 @@ def test_int4_kernel_layout_unpacks_exactly(N, K, group):
 
 
 @needs_int4_kernel
-def test_int4_integers_are_held_once_in_the_kernel_layout_and_saved_as_nibbles():
+def test_int4_integers_are_held_once_in_the_kernel_layout_and_saved_as_nibbles(torch_kernels):
     m = tiny()
     q = quantize_model(copy.deepcopy(m), bits=4, skip=(), head_bits=8)
     sd = q.state_dict()

@@ -30,6 +30,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         "stored_dtype": ck.quantization or cfg.dtype,
         "loaded_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "decode_path": decode_path(ck),
+        "decode_kernels": decode_kernels(decode_path(ck)),
         "decode_step": decode_step(model),
         "format": ck.format,
         "file_size": ck.file_size,
@@ -60,6 +61,15 @@ def decode_path(ck) -> str:
 
         return gguf_decode_path(ck.path)
     return str(next(ck.model.parameters()).dtype).removeprefix("torch.")
+
+
+def decode_kernels(path: str) -> str:
+    """Which matmul kernels an int path runs on this machine (lmforge's AVX2 ones, or torch's packed ones)."""
+    if not path.startswith("int"):
+        return f"torch's {path} matmul"
+    from lmforge.quant import kernel_backend
+
+    return kernel_backend()
 
 
 def decode_step(model) -> str:

@@ -46,8 +46,8 @@ from lmforge.data.tokens import (
     fingerprint_files,
 )
 from lmforge.errors import ConfigError, DataError, TokenizerError, TrainingError
-from lmforge.flops import cache_root, flops_per_token, peak_flops
-from lmforge.io import atomic_dir
+from lmforge.flops import flops_per_token, peak_flops
+from lmforge.io import atomic_dir, cache_root
 from lmforge.model.heads import CausalLM, lm_loss
 from lmforge.model.transformer import Transformer
 from lmforge.tasks.common import TaskRun, run_training, write_json

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.cpu_kernels import cpu_flags
 from lmforge.errors import TrainingError
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -36,23 +37,9 @@ class Precision:
 
 
 def cpu_has_native_bf16() -> str | None:
-    """The CPU flag that gives native bf16 matmul (amx_bf16, avx512_bf16), or None.
-
-    Linux: the flags of /proc/cpuinfo; elsewhere (or when it cannot be read) torch's cpuinfo capabilities.
-    """
-    try:
-        text = CPUINFO.read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return next((f for f in CPU_BF16_FLAGS if f in flags), None)
-    try:  # no /proc/cpuinfo flags line: torch >= 2.8 reports the same bits from cpuinfo
-        caps = torch.cpu.get_capabilities()  # type: ignore[attr-defined]
-    except (AttributeError, RuntimeError):
-        return None
-    return next((f for f in CPU_BF16_FLAGS if caps.get(f)), None)
+    """The CPU flag that gives native bf16 matmul (amx_bf16, avx512_bf16), or None."""
+    flags = cpu_flags(CPUINFO)
+    return next((f for f in CPU_BF16_FLAGS if f in flags), None)
 
 
 def cuda_has_bf16(device: torch.device) -> bool:

@@ -1,0 +1,153 @@
+"""lmforge's own CPU matmul kernels (csrc/qmm_avx2.cpp): int4/int8 weights times int8 activation blocks.
+
+Why they exist: on CPUs without AVX-512 torch's packed int4/int8 kernels convert every weight to float and
+multiply with FMA, which made batch-1 decoding 0.66x llama.cpp there (docs/benchmarks.md). These kernels do
+what llama.cpp does on such CPUs: quantize the activations to int8 per block of 32 and take integer dot
+products. They read lmforge's own storage (nibbles, scales, mins), so no second copy of the weights exists.
+
+The C++ is compiled once per machine with the system's C++ compiler (about 10 s) into the cache, then loaded
+with torch.ops.load_library. Policy (env LMFORGE_CPU_KERNELS): "auto" (default) uses them where torch's CPU
+capability is AVX2 (where they were measured faster), "on" wherever the CPU has AVX2 and FMA, "off" never.
+A failed build is reported once and the torch kernels run instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import ConfigError
+from lmforge.io import atomic_write, cache_root
+
+SOURCE = Path(__file__).parent / "csrc" / "qmm_avx2.cpp"
+POLICIES = ("auto", "on", "off")
+_log = logging.getLogger("lmforge")
+_failure: str | None = None  # why the kernels are not in use, once decided
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """This CPU's x86 feature flags. Linux: the flags line of /proc/cpuinfo; elsewhere (or when it cannot be
+    read) the capabilities torch's cpuinfo reports (torch >= 2.8), else none."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    try:
+        caps = torch.cpu.get_capabilities()  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        return frozenset()
+    return frozenset(f for f, on in caps.items() if on)
+
+
+@functools.cache
+def _has_avx2_fma() -> bool:
+    return {"avx2", "fma"} <= cpu_flags()
+
+
+def policy() -> str:
+    p = os.environ.get("LMFORGE_CPU_KERNELS", "auto").strip().lower() or "auto"
+    if p not in POLICIES:
+        raise ConfigError(f"LMFORGE_CPU_KERNELS={p!r} is not one of {' | '.join(POLICIES)}")
+    return p
+
+
+def _wanted() -> str | None:
+    """None when the policy asks for the kernels on this CPU, else why not."""
+    p = policy()
+    if p == "off":
+        return "LMFORGE_CPU_KERNELS=off"
+    if not _has_avx2_fma():
+        return "the CPU lacks AVX2/FMA"
+    if p == "auto" and torch.backends.cpu.get_cpu_capability() != "AVX2":
+        return f"torch's own kernels are used on {torch.backends.cpu.get_cpu_capability()} CPUs"
+    return None
+
+
+def _build_dir() -> Path:
+    """One directory per (source, torch build, compiler flags): a change of any rebuilds."""
+    h = hashlib.sha256(SOURCE.read_bytes())
+    h.update(f"{torch.__version__}|{torch._C._GLIBCXX_USE_CXX11_ABI}|{' '.join(_FLAGS)}".encode())
+    return cache_root() / "kernels" / f"qmm_avx2-{h.hexdigest()[:16]}"
+
+
+# -ffp-contract=off: the dense path dequantizes as q * scale + min with two roundings, as lmforge's Python does
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+
+
+def _compile(out: Path) -> None:
+    from torch.utils import cpp_extension
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    cmd = [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+           *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", str(out),
+           *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise RuntimeError(f"{Path(cxx).name} failed (exit {r.returncode}): {last[:300]}")
+
+
+def available() -> bool:
+    """Whether torch.ops.lmforge.q4_mm / q8_mm are to be used here: the policy wants them and they are built
+    (once per machine) and loaded (once per process). Read when a layer prepares its kernel, not per call."""
+    global _failure
+    _failure = _wanted() or _load()
+    return _failure is None
+
+
+@functools.cache
+def _load() -> str | None:
+    """Build (if not cached) and load the kernels; None on success, else why not (reported once)."""
+    d = _build_dir()
+    so = d / "qmm_avx2.so"
+    try:
+        if not so.is_file():
+            d.mkdir(parents=True, exist_ok=True)
+            print("lmforge: compiling the AVX2 int8-activation kernels for this machine (once, ~10 s)",
+                  file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(dir=d) as tmp:
+                built = Path(tmp) / "qmm_avx2.so"
+                _compile(built)
+                atomic_write(so, built.read_bytes())
+        torch.ops.load_library(str(so))
+        _register_fake()
+    except Exception as e:  # noqa: BLE001 - any build or load failure: report it, use torch's kernels
+        why = f"{type(e).__name__}: {e}"
+        _log.warning("lmforge AVX2 kernels unavailable, using torch's: %s", why)
+        return why
+    return None
+
+
+def failure() -> str | None:
+    """Why `available()` said no (None if it said yes or was not asked)."""
+    return _failure
+
+
+def _register_fake() -> None:
+    """Shape-only versions, so torch.compile can trace through the ops."""
+    if getattr(_register_fake, "done", False):
+        return
+
+    @torch.library.register_fake("lmforge::q4_mm")
+    def _q4(x, nibbles, scales, mins, int_rows):
+        return x.new_empty(x.shape[0], sum(w.shape[0] for w in nibbles))
+
+    @torch.library.register_fake("lmforge::q8_mm")
+    def _q8(x, qweight, scales, int_rows):
+        return x.new_empty(x.shape[0], qweight.shape[0])
+
+    _register_fake.done = True

@@ -1,0 +1,136 @@
+"""lmforge's own AVX2 kernels (lmforge/csrc/qmm_avx2.cpp): the integer products equal an emulation of what they
+compute (x rounded to int8 per block of 32, times the exact weights), the dense path (many rows) equals float32,
+layers hand them their own tensors (no copy), and the policy switch works. Skipped where the CPU lacks AVX2/FMA
+or no C++ compiler builds them (the reason is printed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge import cpu_kernels
+from lmforge.errors import ConfigError
+from lmforge.quant import (
+    FusedQuantLinear,
+    QuantLinear,
+    kernel_mode,
+    pack_nibbles,
+    quantize_int4,
+    quantize_int8,
+)
+
+
+@pytest.fixture
+def own(monkeypatch):
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "on")
+    if not cpu_kernels.available():
+        pytest.skip(f"lmforge's AVX2 kernels are not available here: {cpu_kernels.failure()}")
+
+
+def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) rounded as the kernels round it: per block of 32, to int8 steps of max|block| / 127."""
+    M, K = x.shape
+    xb = x.double().reshape(M, K // 32, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(xb / torch.where(d > 0, d, 1)) * d).reshape(M, K)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+def int4_layer(N: int, K: int, group: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q, s, lo = quantize_int4(torch.randn(N, K, generator=g), group)
+    w = (q.double().reshape(N, K // group, group) * s.double()[..., None] + lo.double()[..., None]).reshape(N, K)
+    return pack_nibbles(q), s, lo, w
+
+
+@pytest.mark.parametrize("M,N,K,group", [(1, 1536, 576, 32), (3, 576, 1536, 32), (5, 98, 128, 64),
+                                         (8, 203, 64, 32), (2, 37, 256, 128), (1, 3, 32, 32)])
+def test_int4_products_equal_the_emulation(own, M, N, K, group):
+    nib, s, lo, w = int4_layer(N, K, group)
+    x = torch.randn(M, K)
+    y = torch.ops.lmforge.q4_mm(x, [nib], [s], [lo], 32)
+    assert y.shape == (M, N) and y.dtype is torch.float32
+    assert rel(y, int8_blocks(x) @ w.t()) < 1e-5  # float32 accumulation of the exact integer products
+    assert rel(y, x.double() @ w.t()) < 0.02  # and the int8 rounding of x is a small error
+
+
+def test_int4_parts_in_one_call_equal_the_concatenation(own):
+    parts = [int4_layer(n, 576, 32, seed=n) for n in (576, 193, 191)]  # q|k|v-like, row counts not multiples of 4
+    x = torch.randn(2, 576)
+    y = torch.ops.lmforge.q4_mm(x, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], 32)
+    want = torch.cat([torch.ops.lmforge.q4_mm(x, [p[0]], [p[1]], [p[2]], 32) for p in parts], 1)
+    assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 4099, 576), (4, 1000, 64), (7, 13, 96)])
+def test_int8_products_equal_the_emulation(own, M, N, K):
+    q, s = quantize_int8(torch.randn(N, K))
+    x = torch.randn(M, K)
+    y = torch.ops.lmforge.q8_mm(x, q, s.reshape(-1).contiguous(), 32)
+    w = q.double() * s.double()
+    assert rel(y, int8_blocks(x) @ w.t()) < 1e-5
+    assert rel(y, x.double() @ w.t()) < 0.02
+
+
+def test_many_rows_take_the_exact_dense_path(own):
+    """Above int_rows (a prefill) the weights are dequantized a chunk at a time and x stays float32."""
+    nib, s, lo, w = int4_layer(600, 128, 64)  # 600 rows: three chunks of the dense path
+    x = torch.randn(40, 128)
+    torch.testing.assert_close(torch.ops.lmforge.q4_mm(x, [nib], [s], [lo], 32), x @ w.float().t(),
+                               rtol=1e-5, atol=1e-5)
+    q, sc = quantize_int8(torch.randn(300, 64))
+    torch.testing.assert_close(torch.ops.lmforge.q8_mm(x[:, :64].contiguous(), q, sc.reshape(-1).contiguous(), 8),
+                               x[:, :64] @ (q.float() * sc).t(), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_operands_raise(own):
+    nib, s, lo, _ = int4_layer(8, 64, 32)
+    with pytest.raises(RuntimeError, match="columns"):
+        torch.ops.lmforge.q4_mm(torch.randn(1, 32), [nib], [s], [lo], 32)
+    with pytest.raises(RuntimeError, match="group size"):  # 3 groups of ~21 columns
+        torch.ops.lmforge.q4_mm(torch.randn(1, 64), [nib], [torch.ones(8, 3)], [torch.zeros(8, 3)], 32)
+
+
+def test_layers_run_them_on_their_own_tensors(own):
+    torch.manual_seed(0)
+    parts = [QuantLinear.from_weight(torch.randn(n, 64), torch.randn(n), 4, 32) for n in (64, 32, 32)]
+    fused = FusedQuantLinear(parts)
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        y = fused(x)
+        assert fused._own and all(a is p.qweight for a, p in zip(fused._w, parts))  # no fused copy
+        one = torch.cat([p(x) for p in parts], -1)
+        assert all(p._own and p._k_w[0] is p.qweight for p in parts)
+        torch.testing.assert_close(y, one, rtol=0, atol=0)
+        with kernel_mode("dequant"):
+            exact = fused(x)
+    assert rel(y, exact) < 0.02
+    head = QuantLinear.from_weight(torch.randn(100, 64), None, 8)
+    with torch.no_grad():
+        y8 = head(x)
+    assert head._own and head._k_w is head.qweight and rel(y8, x @ head.dequantize().t()) < 0.02
+
+
+def test_layers_they_do_not_take_fall_back(own):
+    """Group size 96 (not 32 * 2^k) and K = 48 (not a multiple of 32): the other paths run, correctly."""
+    for K, group in ((192, 96), (48, 48)):
+        lin = QuantLinear.from_weight(torch.randn(16, K), None, 4, group)
+        x = torch.randn(1, K)
+        with torch.no_grad():
+            y = lin(x)
+        assert not lin._own and rel(y, x @ lin.dequantize().t()) < 0.02
+
+
+def test_policy(monkeypatch):
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "off")
+    assert not cpu_kernels.available() and "off" in cpu_kernels.failure()
+    lin = QuantLinear.from_weight(torch.randn(32, 64), None, 4, 32)
+    with torch.no_grad():
+        lin(torch.randn(1, 64))
+    assert not lin._own
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "sometimes")
+    with pytest.raises(ConfigError, match="LMFORGE_CPU_KERNELS"):
+        cpu_kernels.available()
