@@ -267,8 +267,8 @@ def _own_mm(x: torch.Tensor, bits: int, K: int, N: int, w, s, bias: torch.Tensor
     mode = POLICY.mode
     if x.requires_grad or mode == "dequant":
         return None
-    # Python ints, also under torch.jit.trace (whose step has static shapes): size arithmetic recorded in the
-    # traced graph cost ~10 nodes per call, ~1 ms per SmolLM2 step
+    # Python ints, also under torch.jit.trace (whose step has static shapes): recorded size arithmetic was ~15
+    # graph nodes per call (SmolLM2's traced step: 7,469 nodes with it, 5,669 without)
     lead = [int(d) for d in x.shape[:-1]]
     rows = math.prod(lead) if mode == "kernel" else POLICY.max_m_own  # "kernel": integer products for any M
     x2 = x.reshape(-1, K)

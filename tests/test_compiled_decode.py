@@ -247,6 +247,10 @@ def test_compile_choices_are_checked(gen):
         gen.generate("the cat", max_new_tokens=2, compile="always")
     with pytest.raises(GenerationError):
         Generator(gen.model, gen.tokenizer, compile="maybe")
+    from lmforge.serve.engine import BatchDecoder
+
+    with pytest.raises(GenerationError, match="BatchDecoder compile: 'on'"):  # the server's step: no torch.compile
+        BatchDecoder(gen.model, compile="on")
 
 
 def test_beam_search_and_encoders_stay_eager(hf_dirs, gen):

@@ -22,6 +22,7 @@ import logging
 import torch
 
 from lmforge import generate as G
+from lmforge.errors import GenerationError
 from lmforge.generate import GenerationConfig, apply_repetition_penalty, next_token
 from lmforge.model.layers import KVCache
 from lmforge.serve.prefix_cache import PrefixCache
@@ -74,7 +75,7 @@ class BatchDecoder:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         if compile not in ("auto", "trace", "off"):
-            raise ValueError(f"compile: {compile!r} is not one of auto | trace | off")
+            raise GenerationError(f"BatchDecoder compile: {compile!r} is not one of auto | trace | off")
         self.compile = compile
         why = G.static_step_unsupported(model)
         self.static_ok = compile != "off" and why is None
