@@ -91,6 +91,9 @@ inline void q4_tile(const uint8_t* w, const float* sc, const float* mn, int64_t 
       const __m256i raw = _mm256_broadcastsi128_si256(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * (K / 2) + b * 16)));
       const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(raw, sh), m4);
+      // the same block 4 tiles ahead (rows are consecutive): measured ~1 ms less per SmolLM2 token, whose 80 MiB
+      // of weights stream from memory; a prefetch never faults, also past the end of the matrix
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4 * RT) * (K / 2) + b * 16), _MM_HINT_T0);
       const float d = sc[r * G + (b >> shift)];
       for (int m = 0; m < MT; ++m) {
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv[m]), ones);  // 8 int32 partial sums
@@ -125,6 +128,7 @@ inline void q8_tile(const int8_t* w, const float* scale, const int8_t* xq, const
     for (int r = 0; r < RT; ++r) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + b * QB));
       const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w|: maddubs needs one unsigned operand
+      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4 * RT) * K + b * QB), _MM_HINT_T0);  // as in q4_tile
       for (int m = 0; m < MT; ++m) {
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[m], wv)), ones);
         acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), xd[m], acc[r][m]);
