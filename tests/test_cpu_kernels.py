@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmforge import cpu_kernels
 from lmforge.errors import ConfigError
@@ -134,3 +135,21 @@ def test_policy(monkeypatch):
     monkeypatch.setenv("LMFORGE_CPU_KERNELS", "sometimes")
     with pytest.raises(ConfigError, match="LMFORGE_CPU_KERNELS"):
         cpu_kernels.available()
+
+
+def test_rms_norm_op_equals_torch_and_serves_inference_only(own, monkeypatch):
+    from lmforge.model.layers import RMSNorm
+
+    x, w = torch.randn(2, 3, 576), torch.randn(576)
+    torch.testing.assert_close(torch.ops.lmforge.rms_norm(x, w, 1e-5), F.rms_norm(x, (576,), w, 1e-5),
+                               rtol=1e-5, atol=1e-5)
+    norm = RMSNorm(576, 1e-5)
+    calls = []
+    real = torch.ops.lmforge.rms_norm
+    monkeypatch.setattr(torch.ops.lmforge, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y = norm(x)
+    assert calls and torch.allclose(y, F.rms_norm(x, (576,), norm.weight, 1e-5), atol=1e-5)
+    calls.clear()
+    norm(x).sum().backward()  # grad mode (training, or any call outside no_grad): torch's op, which has a backward
+    assert not calls and norm.weight.grad is not None

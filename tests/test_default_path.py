@@ -181,13 +181,14 @@ PROMPTS = [
 # lmforge's own kernels on an AVX2-only EPYC), so which near-ties flip depends on the CPU: the list is the union of
 # the three machines' differences, each marked where it is CPU-specific.
 EXPLAINED: dict[int, str] = {
-    0: "step 17; the int8 embedding and rounded activations together (gap 0.34; 0.20 on AMX; 0.06 AVX2 kernels)",
+    0: "step 17; the int8 embedding and rounded activations together (gap 0.34; 0.20 on AMX; AVX2: step 5, 0.22)",
     1: "step 6; the int8 head alone changes it (gap 0.04)",
-    2: "AMX and AVX2-only CPUs: step 0, the first token after the newline is a near-tie (gap 0.07)",
+    2: "AMX CPUs (and AVX2 ones with torch's RMSNorm): step 0, the first token after the newline (gap 0.07)",
     3: "step 3; bf16 activations alone change it (gap 0.04); not on AVX2-only CPUs",
-    4: "AVX-512 bf16 (AMD EPYC) and AVX2 int8 blocks: step 21; rounded activations (gap 0.007)",
+    4: "AVX-512 bf16 (AMD EPYC) and AVX2 int8 blocks: step 21; rounded activations (gap 0.007; AVX2 0.07)",
+    5: "AVX2-only CPUs: step 9; int8 activation blocks (gap 0.19)",
     6: "step 0; the first token is a near-tie that the int8 head or bf16 activations each flip (gap 0.005)",
-    7: "step 11; the int8 head or bf16 activations (gap 0.03)",
+    7: "step 11; the int8 head or bf16 activations (gap 0.03); AVX2 int8 blocks: step 12 (gap 0.34)",
 }
 MAX_MARGIN = 0.4
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge import cpu_kernels
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
 
@@ -27,6 +28,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.offset and x.dtype is torch.float32 and self.weight.dtype is torch.float32:
+            # inference (grad mode off, so the result never depends on requires_grad flags) where lmforge's CPU
+            # kernels run, outside torch.compile (which fuses the op itself): one pass, ~5x faster for one token
+            if (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                    and cpu_kernels.available()):
+                return torch.ops.lmforge.rms_norm(x.contiguous(), self.weight, self.eps)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one op, bit for bit the lines below
         # F.rms_norm (one fused op) computes x * rsqrt(mean(x^2) + eps), as HF does, in float32 here
         xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
