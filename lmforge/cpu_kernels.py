@@ -1,9 +1,11 @@
-"""lmforge's own CPU matmul kernels (csrc/qmm_avx2.cpp): int4/int8 weights times int8 activation blocks.
+"""lmforge's own CPU kernels (csrc/qmm_avx2.cpp): int4/int8 weights times int8 activation blocks, and a
+one-pass RMSNorm for decode steps.
 
 Why they exist: on CPUs without AVX-512 torch's packed int4/int8 kernels convert every weight to float and
-multiply with FMA, which made batch-1 decoding 0.66x llama.cpp there (docs/benchmarks.md). These kernels do
-what llama.cpp does on such CPUs: quantize the activations to int8 per block of 32 and take integer dot
-products. They read lmforge's own storage (nibbles, scales, mins), so no second copy of the weights exists.
+multiply with FMA, which made batch-1 decoding 0.45-0.66x llama.cpp there (docs/benchmarks.md; 0.79x with
+these). These kernels do what llama.cpp does on such CPUs: quantize the activations to int8 per block of 32 and
+take integer dot products. They read lmforge's own storage (nibbles, scales, mins), so no second copy of the
+weights exists.
 
 The C++ is compiled once per machine with the system's C++ compiler (about 10 s) into the cache, then loaded
 with torch.ops.load_library. Policy (env LMFORGE_CPU_KERNELS): "auto" (default) uses them where torch's CPU
