@@ -54,6 +54,11 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 
 
 @functools.cache
+def _capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()  # AVX2, AVX512, ... (fixed for the process)
+
+
+@functools.cache
 def _has_avx2_fma() -> bool:
     return {"avx2", "fma"} <= cpu_flags()
 
@@ -72,8 +77,8 @@ def _wanted() -> str | None:
         return "LMFORGE_CPU_KERNELS=off"
     if not _has_avx2_fma():
         return "the CPU lacks AVX2/FMA"
-    if p == "auto" and torch.backends.cpu.get_cpu_capability() != "AVX2":
-        return f"torch's own kernels are used on {torch.backends.cpu.get_cpu_capability()} CPUs"
+    if p == "auto" and _capability() != "AVX2":
+        return f"torch's own kernels are used on {_capability()} CPUs"
     return None
 
 

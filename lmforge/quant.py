@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge import cpu_kernels
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write
 from lmforge.model.heads import IGNORE, lm_head_loss
@@ -227,25 +228,17 @@ def _kernel_operands(bits: int, group_size: int | None, qweight: torch.Tensor, s
 
 def kernel_backend() -> str:
     """Which kernels the quantized layers run on this machine (what `lmforge info` prints)."""
-    from lmforge import cpu_kernels
-
     if cpu_kernels.available():
         return "lmforge AVX2 kernels (int8 activation blocks, integer dot products)"
     cap = torch.backends.cpu.get_cpu_capability()
     return f"torch packed int4/int8 kernels, bf16 activations (CPU capability {cap}; {cpu_kernels.failure()})"
 
 
-def _own_kernels() -> bool:
-    from lmforge import cpu_kernels
-
-    return cpu_kernels.available()
-
-
 def _own_operands(bits: int, group_size: int | None, qweight: torch.Tensor, scales: torch.Tensor,
                   mins: torch.Tensor | None) -> tuple | None:
-    """Operands of lmforge's AVX2 kernels: the layer's own tensors (no copy where they are float32 and
-    contiguous already), or None where those kernels are not in use or do not take this layer."""
-    if qweight.device.type != "cpu" or not _own_kernels():
+    """Operands of lmforge's AVX2 kernels (the caller checked they are in use): the layer's own tensors (no copy
+    where they are float32 and contiguous already), or None where those kernels do not take this layer."""
+    if qweight.device.type != "cpu":
         return None
     K = qweight.shape[1] * (2 if bits == 4 else 1)
     if K % 32:
@@ -440,7 +433,7 @@ class QuantLinear(nn.Module):
     def _prepare_kernel(self) -> None:
         """Decide once whether lmforge's or torch's packed kernel can run this layer, build its operands."""
         own = None
-        if _own_kernels():  # they read nibbles: a layer packed for torch's kernel is unpacked first
+        if cpu_kernels.available():  # they read nibbles: a layer packed for torch's kernel is unpacked first
             self._unpack()
             own = _own_operands(self.bits, self.group_size, self.qweight, self.scales,
                                 self.mins if self.bits == 4 else None)
@@ -519,7 +512,7 @@ class FusedQuantLinear(nn.Module):
     def _prepare(self, key: tuple) -> None:
         ps = self.parts
         own = []
-        if _own_kernels():
+        if cpu_kernels.available():
             for p in ps:
                 p._unpack()
             own = [_own_operands(4, p.group_size, p.qweight, p.scales, p.mins) for p in ps]
