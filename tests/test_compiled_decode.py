@@ -85,8 +85,13 @@ def test_static_step_equals_eager_step(hf_dirs, monkeypatch, family):
     n = 12  # > gemma3's sliding window of 5: the local mask matters
     want_tok, want = greedy_steps(model, ids, mask, n, DecodeOptions("off"))
     opts = DecodeOptions("on")
+    calls = []
+    if cpu_kernels.available():  # the static step's attention is then one op (no qk-norm: llama, gpt2)
+        real = torch.ops.lmforge.decode_attn
+        monkeypatch.setattr(torch.ops.lmforge, "decode_attn", lambda *a: calls.append(1) or real(*a))
     got_tok, got = greedy_steps(model, ids, mask, n, opts)
     assert opts.path.startswith("compiled") and f"cache length {CACHE_BUCKET}" in opts.path
+    assert len(calls) == (0 if family == "gemma3" or not cpu_kernels.available() else (n - 1) * model.cfg.n_layers)
     assert torch.equal(got_tok, want_tok)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # eager float32 both: summation order only
 
@@ -343,7 +348,10 @@ def test_smollm2_compiled_default_path(mode, monkeypatch):
     parted = f"greedy tokens part at step {k}" if got_tok[0, k] != want_tok[0, k] else "greedy tokens equal"
     print(f"{parted}; perplexity over {len(tokens) - 1} tokens: {mode} {ppl[mode]:.4f}, "
           f"eager {ppl['off']:.4f}, float32 {f32:.4f}")
-    assert abs(ppl[mode] / ppl["off"] - 1) < 0.01
+    # int8 activation blocks make these 255 tokens' perplexity chaotic in float rounding: reordering only the
+    # float sums of lmforge's int4 kernel (pairs of blocks) moved eager 78.41 -> 78.89 and compiled 78.25 -> 77.55
+    # (1.7% apart), while 20,480 tokens of docs/quantization.md's check moved 37.30 -> 37.27 (float32 37.13)
+    assert abs(ppl[mode] / ppl["off"] - 1) < (0.02 if cpu_kernels.available() else 0.01)
     assert abs(ppl[mode] / f32 - 1) < 0.02
 
 

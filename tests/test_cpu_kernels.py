@@ -48,7 +48,8 @@ def int4_layer(N: int, K: int, group: int, seed: int = 0):
 
 
 @pytest.mark.parametrize("M,N,K,group", [(1, 1536, 576, 32), (3, 576, 1536, 32), (5, 98, 128, 64),
-                                         (8, 203, 64, 32), (2, 37, 256, 128), (1, 3, 32, 32)])
+                                         (8, 203, 64, 32), (2, 37, 256, 128), (1, 3, 32, 32),
+                                         (2, 50, 96, 32), (1, 7, 160, 32)])  # odd block counts: a last unpaired block
 def test_int4_products_equal_the_emulation(own, M, N, K, group):
     nib, s, lo, w = int4_layer(N, K, group)
     x = torch.randn(M, K)
@@ -153,3 +154,58 @@ def test_rms_norm_op_equals_torch_and_serves_inference_only(own, monkeypatch):
     calls.clear()
     norm(x).sum().backward()  # grad mode (training, or any call outside no_grad): torch's op, which has a backward
     assert not calls and norm.weight.grad is not None
+
+
+# ---- decode attention ------------------------------------------------------------------------------------
+def attention_by_torch(q, k, v, cos, sin, kc, vc, col, mask, H, KV, hd, scale):
+    """What Attention.forward computes for one token with a StaticKV, from torch ops: rotary, index_copy_, SDPA."""
+    from lmforge.model.layers import apply_rotary
+
+    B = q.shape[0]
+    q, k, v = (t.reshape(B, n, 1, hd) for t, n in ((q, H), (k, KV), (v, KV)))
+    if cos is not None:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    kc.index_copy_(2, col, k)
+    vc.index_copy_(2, col, v)
+    y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, scale=scale, enable_gqa=H != KV)
+    return y.reshape(B, H * hd)
+
+
+@pytest.mark.parametrize("B,H,KV,hd,L,rot", [(1, 9, 3, 64, 256, 64), (2, 4, 4, 32, 40, 32), (3, 8, 2, 16, 9, 8),
+                                             (2, 4, 1, 64, 300, None)])
+def test_decode_attention_equals_rotary_cache_write_and_sdpa(own, B, H, KV, hd, L, rot):
+    """One op for rotary + the cache write + attention over the allowed columns; rows with different padding,
+    partial rotary (rot < hd) and none; the caches it writes equal index_copy_'s."""
+    from lmforge.model.layers import Rotary
+
+    g = torch.Generator().manual_seed(B * L)
+    kc, vc = torch.randn(B, KV, L, hd, generator=g), torch.randn(B, KV, L, hd, generator=g)
+    q, k, v = (torch.randn(B, n * hd, generator=g) for n in (H, KV, KV))
+    col = torch.tensor([L - 3])
+    cos = sin = None
+    if rot is not None:
+        cos, sin = Rotary(hd, 10000.0, fraction=rot / hd).cos_sin(torch.full((B, 1), L - 3), torch.float32)
+    allowed = torch.zeros(B, 1, 1, L, dtype=torch.bool)
+    allowed[..., : L - 2] = True
+    allowed[-1, ..., : B] = False  # the last row is left-padded
+    mask = torch.zeros(B, 1, 1, L).masked_fill(~allowed, float("-inf"))
+    scale = hd ** -0.5
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = attention_by_torch(q, k, v, cos, sin, kc, vc, col, mask, H, KV, hd, scale)
+    got = torch.ops.lmforge.decode_attn(q, k, v, cos, sin, kc2, vc2, col, mask, scale)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc2, kc, rtol=1e-6, atol=1e-6)
+    assert torch.equal(vc2, vc)
+
+
+def test_decode_attention_bad_operands_raise(own):
+    kc = vc = torch.zeros(1, 2, 8, 16)
+    q, k = torch.zeros(1, 64), torch.zeros(1, 32)
+    mask = torch.zeros(1, 1, 1, 8)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.lmforge.decode_attn(q, k, k, None, None, kc, vc, torch.tensor([8]), mask, 0.25)
+    with pytest.raises(RuntimeError, match="mask"):
+        torch.ops.lmforge.decode_attn(q, k, k, None, None, kc, vc, torch.tensor([0]), torch.zeros(1, 7), 0.25)
+    with pytest.raises(RuntimeError, match="hd a multiple of 8"):
+        torch.ops.lmforge.decode_attn(q, k, k, None, None, torch.zeros(1, 2, 8, 12), torch.zeros(1, 2, 8, 12),
+                                      torch.tensor([0]), mask, 0.25)

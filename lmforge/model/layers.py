@@ -262,6 +262,8 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None, cache: KVCache | StaticKV | None) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, D)
         H, KV = self.n_heads, self.n_kv
+        if isinstance(cache, StaticKV) and self._one_pass(x, rope, mask, cache):
+            return self._decode_one_pass(x, rope, mask, cache)
         qkv = self.qkv
         if qkv is not None and qkv.serves(self.q, self.k, self.v):
             y = qkv(x).view(B, T, H + 2 * KV, self.hd).transpose(1, 2)  # (B, H+2KV, T, hd)
@@ -290,6 +292,30 @@ class Attention(nn.Module):
                 is_causal=is_causal, scale=self.scale, enable_gqa=self.n_kv != self.n_heads,
             )  # (B, H, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    def _one_pass(self, x: torch.Tensor, rope, mask: torch.Tensor | None, cache: StaticKV) -> bool:
+        """Whether lmforge's CPU kernels can run this static decode step's attention as one op: one float32
+        token per row, grad-free, outside torch.compile (which fuses the ops itself), no qk-norm or soft-cap."""
+        return (x.shape[1] == 1 and x.device.type == "cpu" and x.dtype is torch.float32
+                and mask is not None and mask.dtype is torch.float32 and self.hd % 8 == 0
+                and self.q_norm is None and self.softcap is None and not torch.is_grad_enabled()
+                and cache.k[self.layer].dtype is torch.float32 and not torch.compiler.is_compiling()
+                and cpu_kernels.available())
+
+    def _decode_one_pass(self, x: torch.Tensor, rope, mask: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+        """torch.ops.lmforge.decode_attn: rotary on q and k, k and v written into the cache at `cache.col`,
+        attention over the columns `mask` allows (the rest skipped); ~20 ops per layer become one."""
+        B, H, KV, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
+        qkv = self.qkv
+        if qkv is not None and qkv.serves(self.q, self.k, self.v):
+            q, k, v = qkv(x).view(B, (H + 2 * KV) * hd).split((H * hd, KV * hd, KV * hd), dim=1)
+        else:
+            q, k, v = self.q(x).view(B, H * hd), self.k(x).view(B, KV * hd), self.v(x).view(B, KV * hd)
+        cos, sin = rope if rope is not None else (None, None)
+        scale = self.scale if self.scale is not None else hd ** -0.5
+        y = torch.ops.lmforge.decode_attn(q, k, v, cos, sin, cache.k[self.layer], cache.v[self.layer], cache.col,
+                                          mask, scale)  # (B, H*hd)
+        return self.o(y.view(B, 1, H * hd))
 
     def _softcapped(self, q, k, v, mask):
         """Explicit attention for tanh logit soft-capping (SDPA cannot express it)."""
