@@ -59,8 +59,8 @@ def _capability() -> str:
 
 
 @functools.cache
-def _has_avx2_fma() -> bool:
-    return {"avx2", "fma"} <= cpu_flags()
+def _has_isa() -> bool:
+    return {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
 def policy() -> str:
@@ -75,8 +75,8 @@ def _wanted() -> str | None:
     p = policy()
     if p == "off":
         return "LMFORGE_CPU_KERNELS=off"
-    if not _has_avx2_fma():
-        return "the CPU lacks AVX2/FMA"
+    if not _has_isa():
+        return "the CPU lacks AVX2, FMA or F16C"
     if p == "auto" and _capability() != "AVX2":
         return f"torch's own kernels are used on {_capability()} CPUs"
     return None
@@ -90,7 +90,7 @@ def _build_dir() -> Path:
 
 
 # -ffp-contract=off: the dense path dequantizes as q * scale + min with two roundings, as lmforge's Python does
-_FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+_FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 
 
 def _compile(out: Path) -> None:

@@ -250,6 +250,8 @@ def _own_operands(bits: int, group_size: int | None, qweight: torch.Tensor, scal
     blocks = (group_size or 0) // 32
     if group_size is None or group_size % 32 or blocks & (blocks - 1):
         return None
+    if scales.dtype is torch.float16 and mins.dtype is torch.float16:  # QuantLinear._compact_scales
+        return qweight.contiguous(), (scales.contiguous(), mins.contiguous())
     return qweight.contiguous(), (scales.float().contiguous(), mins.float().contiguous())
 
 
@@ -395,10 +397,33 @@ class QuantLinear(nn.Module):
         if self._packed:
             self.qweight, self._packed = self.nibbles(), False
 
+    def _compact_scales(self) -> None:
+        """int4 on lmforge's AVX2 kernels: hold scales and mins as float16 where every value is exactly a float16
+        (a GGUF's Q4_0 / Q4_1 blocks): the kernel then streams 0.625 instead of 0.75 bytes per weight. Nothing
+        changes value; saving, loading and torch's kernels see float32 (`_widen_scales`)."""
+        if self.bits != 4 or self.scales.dtype is not torch.float32 or self.mins.dtype is not torch.float32:
+            return
+        s16, m16 = self.scales.half(), self.mins.half()
+        if torch.equal(s16.float(), self.scales) and torch.equal(m16.float(), self.mins):
+            self.scales, self.mins = s16, m16
+            self._fast = self._k_w = self._k_scales = None  # operands built on the old tensors (not _gen: same values)
+
+    def _widen_scales(self) -> None:
+        if self.bits == 4 and self.scales.dtype is torch.float16:
+            self.scales, self.mins = self.scales.float(), self.mins.float()
+            self._fast = self._k_w = self._k_scales = None
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self._packed:  # the saved format is always nibbles
             destination[prefix + "qweight"] = self.nibbles()
+        if self.bits == 4 and self.scales.dtype is torch.float16:  # ... and float32 scales (exact: see above)
+            destination[prefix + "scales"] = self.scales.float()
+            destination[prefix + "mins"] = self.mins.float()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._widen_scales()  # loaded values are copied into float32 buffers, never rounded to float16
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -435,12 +460,14 @@ class QuantLinear(nn.Module):
         own = None
         if cpu_kernels.available():  # they read nibbles: a layer packed for torch's kernel is unpacked first
             self._unpack()
+            self._compact_scales()
             own = _own_operands(self.bits, self.group_size, self.qweight, self.scales,
                                 self.mins if self.bits == 4 else None)
         if own is not None:
             self._fast, self._own = True, True
             self._k_w, self._k_scales = ([own[0]], ([own[1][0]], [own[1][1]])) if self.bits == 4 else own
             return
+        self._widen_scales()
         if self.bits == 8 and self.qweight.device.type == "cpu" and (
                 self.qweight.data_ptr() % 64 or not self.qweight.is_contiguous()):
             # the int8 kernel segfaults on unaligned operands (e.g. tensors assigned straight from a
@@ -467,6 +494,7 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         self._unpack()
+        self._widen_scales()
         self._drop_cache()
         return super()._apply(fn, recurse)
 
@@ -515,6 +543,11 @@ class FusedQuantLinear(nn.Module):
         if cpu_kernels.available():
             for p in ps:
                 p._unpack()
+            for p in ps:
+                p._compact_scales()
+            if any(p.scales.dtype is not torch.float16 for p in ps):  # one scale type for the kernel's list
+                for p in ps:
+                    p._widen_scales()
             own = [_own_operands(4, p.group_size, p.qweight, p.scales, p.mins) for p in ps]
         if own and all(o is not None for o in own):  # lmforge's kernel takes the parts as a list: nothing is copied
             self._fast = self._own = True
@@ -524,6 +557,8 @@ class FusedQuantLinear(nn.Module):
             self._key = key
             return
         self._own = False
+        for p in ps:
+            p._widen_scales()
         with torch.no_grad():
             ops = _kernel_operands(4, ps[0].group_size, torch.cat([p.nibbles() for p in ps]),
                                    torch.cat([p.scales for p in ps]), torch.cat([p.mins for p in ps]))

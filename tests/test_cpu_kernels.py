@@ -209,3 +209,46 @@ def test_decode_attention_bad_operands_raise(own):
     with pytest.raises(RuntimeError, match="hd a multiple of 8"):
         torch.ops.lmforge.decode_attn(q, k, k, None, None, torch.zeros(1, 2, 8, 12), torch.zeros(1, 2, 8, 12),
                                       torch.tensor([0]), mask, 0.25)
+
+
+# ---- float16 scales where they are exact -------------------------------------------------------------------
+def q4_1_layer(N: int, K: int, seed: int = 0) -> QuantLinear:
+    """An int4 layer on a grid whose scales and mins are float16 values, as a GGUF's Q4_1 blocks."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    s = (torch.rand(N, K // 32, generator=g) * 0.1).half().float()
+    lo = (-torch.rand(N, K // 32, generator=g)).half().float()
+    return QuantLinear.from_int4(q, s, lo)
+
+
+def test_exact_float16_scales_are_held_as_float16_and_change_nothing(own):
+    lin, ref = q4_1_layer(64, 128), q4_1_layer(64, 128)
+    x = torch.randn(1, 128)
+    nib, s, lo = ref.qweight, ref.scales.clone(), ref.mins.clone()
+    with torch.no_grad():
+        y = lin(x)
+    assert lin._own and lin.scales.dtype is torch.float16 and lin.mins.dtype is torch.float16
+    assert torch.equal(y, torch.ops.lmforge.q4_mm(x, [nib], [s], [lo], 32))  # the float32 operands, bit for bit
+    assert lin.nbytes() == 64 * 64 + 2 * 64 * 4 * 2  # nibbles + float16 scales and mins
+    sd = lin.state_dict()  # the saved format stays float32
+    assert sd["scales"].dtype is torch.float32 and torch.equal(sd["scales"], s) and torch.equal(sd["mins"], lo)
+    other = QuantLinear.from_weight(torch.randn(64, 128), None, 4, 32)  # scales that are not float16 values
+    lin.load_state_dict(other.state_dict())
+    assert lin.scales.dtype is torch.float32 and torch.equal(lin.scales, other.scales)  # loaded unrounded
+    with torch.no_grad():
+        assert torch.equal(lin(x), other(x)) and lin.scales.dtype is torch.float32
+
+
+def test_fused_parts_share_one_scale_type(own):
+    exact, inexact = q4_1_layer(32, 64, 1), QuantLinear.from_weight(torch.randn(32, 64), None, 4, 32)
+    fused = FusedQuantLinear([exact, inexact])
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        y = fused(x)
+    assert fused._own and exact.scales.dtype is torch.float32 and inexact.scales.dtype is torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(y, torch.cat([exact(x), inexact(x)], -1), rtol=0, atol=0)
+    both = FusedQuantLinear([q4_1_layer(32, 64, 2), q4_1_layer(16, 64, 3)])
+    with torch.no_grad():
+        both(x)
+    assert all(p.scales.dtype is torch.float16 for p in both.parts)

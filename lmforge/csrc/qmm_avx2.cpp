@@ -7,7 +7,8 @@
 // product is one vpmaddubsw + vpmaddwd: 32 multiply-adds on integers, then one float FMA per block.
 //
 // Operands are lmforge's own storage formats, so no second copy of the weights is needed:
-//   q4_mm: nibbles uint8 (N, K/2), low nibble = even column; scales, mins float32 (N, G), w = q * scale + min
+//   q4_mm: nibbles uint8 (N, K/2), low nibble = even column; scales, mins float32 or float16 (N, G),
+//          w = q * scale + min
 //          with groups of g = K / G columns, g = 32 * 2^k; a list of such layers, outputs side by side.
 //   q8_mm: qweight int8 (N, K) in [-127, 127]; scales float32 (N, 1), w = q * scale.
 // Both take x float32 (M, K) and return float32 (M, N). Registered as torch.ops.lmforge.q4_mm / q8_mm, so a
@@ -26,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -78,6 +80,31 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// Scales and mins come as float32, or as float16 where every value is exactly a float16 (a GGUF's Q4_0 / Q4_1
+// blocks): 4 bytes per group of weights instead of 8, so an int4 weight of a group of 32 streams 0.625 bytes
+// instead of 0.75 (the matrices of a decode step are read from memory once per token).
+inline float ld(const float* p) { return *p; }
+inline float ld(const uint16_t* p) { return _cvtsh_ss(*p); }
+// [p[0] x 4 | p[1] x 4]: the scales of a pair of blocks, as the pair's int32 lanes are laid out
+inline __m256 ld_pair(const float* p) { return _mm256_set_m128(_mm_set1_ps(p[1]), _mm_set1_ps(p[0])); }
+inline __m256 ld_pair(const uint16_t* p) {
+  int32_t two;
+  std::memcpy(&two, p, 4);
+  const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128(two));  // [p0, p1, 0, 0]
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+inline float dot_g(const float* a, const float* b, int64_t n) { return dot(a, b, n); }
+inline float dot_g(const uint16_t* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))),
+                          _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += _cvtsh_ss(a[i]) * b[i];
+  return s;
+}
+
 // A tile of the product: RT consecutive int4 weight rows (row stride K/2 bytes, scales/mins stride G) against
 // MT rows of x. For weight row r and x row m:
 //   y[m][r] = sum_b scale_{r, b >> shift} * sx_mb * (q_rb . xq_mb) + sum_g min_rg * xsum_mg
@@ -85,8 +112,8 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // loaded once for the RT rows, each weight block decoded once for the MT rows. Blocks go two at a time: one
 // load, two vpmaddubsw, one vpmaddwd, one conversion and one FMA per pair (measured 15-30% less time per layer
 // in cache than one block at a time, which needs a broadcast, a variable shift and each of those per block).
-template <int RT, int MT>
-inline void q4_tile(const uint8_t* w, const float* sc, const float* mn, int64_t G, int shift, const int8_t* xq,
+template <int RT, int MT, typename ST>
+inline void q4_tile(const uint8_t* w, const ST* sc, const ST* mn, int64_t G, int shift, const int8_t* xq,
                     const float* sx, const float* xg, int64_t K, float* y, int64_t ystride) {
   const int64_t nb = K / QB;
   const __m256i m4 = _mm256_set1_epi8(0x0F);
@@ -111,8 +138,7 @@ inline void q4_tile(const uint8_t* w, const float* sc, const float* mn, int64_t 
       _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4 * RT) * (K / 2) + b * 16), _MM_HINT_T0);
       const __m256i lo = _mm256_and_si256(raw, m4);
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-      const __m256 d = shift ? _mm256_set1_ps(sc[r * G + (b >> shift)])
-                             : _mm256_set_m128(_mm_set1_ps(sc[r * G + b + 1]), _mm_set1_ps(sc[r * G + b]));
+      const __m256 d = shift ? _mm256_set1_ps(ld(sc + r * G + (b >> shift))) : ld_pair(sc + r * G + b);
       for (int m = 0; m < MT; ++m) {
         const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]), _mm256_maddubs_epi16(hi, xhi[m]));
         const __m256i p = _mm256_madd_epi16(s16, ones);  // |.| <= 4 * 15 * 127: no overflow in int16
@@ -131,7 +157,7 @@ inline void q4_tile(const uint8_t* w, const float* sc, const float* mn, int64_t 
       const __m256i raw = _mm256_broadcastsi128_si256(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + r * (K / 2) + b * 16)));
       const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(raw, sh), m4);
-      const float d = sc[r * G + (b >> shift)];
+      const float d = ld(sc + r * G + (b >> shift));
       for (int m = 0; m < MT; ++m) {
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv[m]), ones);
         acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[m]), acc[r][m]);
@@ -139,7 +165,7 @@ inline void q4_tile(const uint8_t* w, const float* sc, const float* mn, int64_t 
     }
   }
   for (int r = 0; r < RT; ++r)
-    for (int m = 0; m < MT; ++m) y[m * ystride + r] = hsum(acc[r][m]) + dot(mn + r * G, xg + m * G, G);
+    for (int m = 0; m < MT; ++m) y[m * ystride + r] = hsum(acc[r][m]) + dot_g(mn + r * G, xg + m * G, G);
 }
 
 // The same for int8 weight rows (row stride K) with one scale per row: y[m][r] = scale_r * sum_b sx_mb * (q_rb . xq_mb).
@@ -241,19 +267,20 @@ at::Tensor q4_mm(const at::Tensor& x, at::TensorList nib, at::TensorList scales,
   const int64_t G = scales[0].size(1), nb = K / QB;
   std::vector<int64_t> rows;
   std::vector<const uint8_t*> W;
-  std::vector<const float*> S, Z;
+  std::vector<const void*> S, Z;
+  const bool half = scales[0].scalar_type() == at::kHalf;
+  const auto st = half ? at::kHalf : at::kFloat;
   for (size_t i = 0; i < nib.size(); ++i) {
     const at::Tensor &w = nib[i], &sc = scales[i], &mn = mins[i];
     TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && w.size(1) * 2 == K,
                 "q4_mm: nibbles must be contiguous uint8 (N, K/2) of one K");
-    TORCH_CHECK(sc.scalar_type() == at::kFloat && mn.scalar_type() == at::kFloat && sc.is_contiguous() &&
-                    mn.is_contiguous() && sc.sizes() == mn.sizes() && sc.dim() == 2 && sc.size(0) == w.size(0) &&
-                    sc.size(1) == G,
-                "q4_mm: scales and mins must be contiguous float32 (N, G), one G for all parts");
+    TORCH_CHECK(sc.scalar_type() == st && mn.scalar_type() == st && sc.is_contiguous() && mn.is_contiguous() &&
+                    sc.sizes() == mn.sizes() && sc.dim() == 2 && sc.size(0) == w.size(0) && sc.size(1) == G,
+                "q4_mm: scales and mins must be contiguous (N, G), all float32 or all float16, one G for all parts");
     rows.push_back(w.size(0));
     W.push_back(w.data_ptr<uint8_t>());
-    S.push_back(sc.data_ptr<float>());
-    Z.push_back(mn.data_ptr<float>());
+    S.push_back(sc.data_ptr());
+    Z.push_back(mn.data_ptr());
   }
   const int64_t per_group = G > 0 && K % G == 0 ? (K / G) / QB : 0;
   TORCH_CHECK(per_group > 0 && (per_group & (per_group - 1)) == 0 && (K / G) % QB == 0, "q4_mm: group size ",
@@ -263,50 +290,55 @@ at::Tensor q4_mm(const at::Tensor& x, at::TensorList nib, at::TensorList scales,
   int64_t N = 0;
   for (int64_t r : rows) N += r;
   at::Tensor y = at::empty({M, N}, x.options());
-  if (M > int_rows) {
-    int64_t col = 0;
-    for (size_t i = 0; i < nib.size(); ++i) {
-      const uint8_t* w = W[i];
-      const float *sc = S[i], *mn = Z[i];
-      dense_part(x, rows[i], K, col, y, [&](int64_t r, float* out) {
-        const int64_t gs = K / G;  // columns per group
-        for (int64_t g = 0; g < G; ++g) {
-          const float d = sc[r * G + g], z = mn[r * G + g];
-          const uint8_t* src = w + r * (K / 2) + g * (gs / 2);
-          float* o = out + g * gs;
-          for (int64_t k = 0; k < gs / 2; ++k) {
-            o[2 * k] = static_cast<float>(src[k] & 15) * d + z;
-            o[2 * k + 1] = static_cast<float>(src[k] >> 4) * d + z;
+  auto run = [&](auto tag) {  // the rest for scale type ST
+    using ST = decltype(tag);
+    if (M > int_rows) {
+      int64_t col = 0;
+      for (size_t i = 0; i < nib.size(); ++i) {
+        const uint8_t* w = W[i];
+        const ST *sc = static_cast<const ST*>(S[i]), *mn = static_cast<const ST*>(Z[i]);
+        dense_part(x, rows[i], K, col, y, [&](int64_t r, float* out) {
+          const int64_t gs = K / G;  // columns per group
+          for (int64_t g = 0; g < G; ++g) {
+            const float d = ld(sc + r * G + g), z = ld(mn + r * G + g);
+            const uint8_t* src = w + r * (K / 2) + g * (gs / 2);
+            float* o = out + g * gs;
+            for (int64_t k = 0; k < gs / 2; ++k) {
+              o[2 * k] = static_cast<float>(src[k] & 15) * d + z;
+              o[2 * k + 1] = static_cast<float>(src[k] >> 4) * d + z;
+            }
           }
-        }
-      });
-      col += rows[i];
-    }
-    return y;
-  }
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> sx(M * nb), xs(M * nb), xg(M * G, 0.f);
-  quantize_rows(x.data_ptr<float>(), M, K, true, xq.data(), sx.data(), xs.data());
-  for (int64_t m = 0; m < M; ++m)  // block sums -> group sums (the min term is per group)
-    for (int64_t b = 0; b < nb; ++b) xg[m * G + (b >> shift)] += xs[m * nb + b];
-  float* Y = y.data_ptr<float>();
-  over_tiles(tiles_of(rows), M, [&](const Tile& t, int64_t m0, int64_t mt) {
-    const uint8_t* w = W[t.part] + t.row * (K / 2);
-    const float *sc = S[t.part] + t.row * G, *mn = Z[t.part] + t.row * G;
-    const int8_t* q = xq.data() + m0 * K;
-    const float *a = sx.data() + m0 * nb, *g = xg.data() + m0 * G;
-    float* out = Y + m0 * N + t.n;
-    if (t.rows == RT) {
-      if (mt == 2) q4_tile<RT, 2>(w, sc, mn, G, shift, q, a, g, K, out, N);
-      else q4_tile<RT, 1>(w, sc, mn, G, shift, q, a, g, K, out, N);
-    } else {
-      for (int64_t r = 0; r < t.rows; ++r) {
-        const uint8_t* wr = w + r * (K / 2);
-        if (mt == 2) q4_tile<1, 2>(wr, sc + r * G, mn + r * G, G, shift, q, a, g, K, out + r, N);
-        else q4_tile<1, 1>(wr, sc + r * G, mn + r * G, G, shift, q, a, g, K, out + r, N);
+        });
+        col += rows[i];
       }
+      return;
     }
-  });
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> sx(M * nb), xs(M * nb), xg(M * G, 0.f);
+    quantize_rows(x.data_ptr<float>(), M, K, true, xq.data(), sx.data(), xs.data());
+    for (int64_t m = 0; m < M; ++m)  // block sums -> group sums (the min term is per group)
+      for (int64_t b = 0; b < nb; ++b) xg[m * G + (b >> shift)] += xs[m * nb + b];
+    float* Y = y.data_ptr<float>();
+    over_tiles(tiles_of(rows), M, [&](const Tile& t, int64_t m0, int64_t mt) {
+      const uint8_t* w = W[t.part] + t.row * (K / 2);
+      const ST *sc = static_cast<const ST*>(S[t.part]) + t.row * G, *mn = static_cast<const ST*>(Z[t.part]) + t.row * G;
+      const int8_t* q = xq.data() + m0 * K;
+      const float *a = sx.data() + m0 * nb, *g = xg.data() + m0 * G;
+      float* out = Y + m0 * N + t.n;
+      if (t.rows == RT) {
+        if (mt == 2) q4_tile<RT, 2>(w, sc, mn, G, shift, q, a, g, K, out, N);
+        else q4_tile<RT, 1>(w, sc, mn, G, shift, q, a, g, K, out, N);
+      } else {
+        for (int64_t r = 0; r < t.rows; ++r) {
+          const uint8_t* wr = w + r * (K / 2);
+          if (mt == 2) q4_tile<1, 2>(wr, sc + r * G, mn + r * G, G, shift, q, a, g, K, out + r, N);
+          else q4_tile<1, 1>(wr, sc + r * G, mn + r * G, G, shift, q, a, g, K, out + r, N);
+        }
+      }
+    });
+  };
+  if (half) run(uint16_t{});
+  else run(float{});
   return y;
 }
 
