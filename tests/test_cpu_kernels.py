@@ -252,3 +252,22 @@ def test_fused_parts_share_one_scale_type(own):
     with torch.no_grad():
         both(x)
     assert all(p.scales.dtype is torch.float16 for p in both.parts)
+
+
+def test_silu_mul_equals_torch(own):
+    gu = torch.cat([torch.randn(2, 3, 37) * 6, torch.tensor([-100.0, -20.0, 0.0, 20.0, 100.0]).expand(2, 3, 5)], -1)
+    gu = torch.cat([gu, torch.randn(2, 3, 42)], -1)  # (2, 3, 84): gate 42 (8-wide and a tail), up 42
+    g, u = gu.chunk(2, -1)
+    torch.testing.assert_close(torch.ops.lmforge.silu_mul(gu), F.silu(g) * u, rtol=2e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="even last dimension"):
+        torch.ops.lmforge.silu_mul(torch.zeros(2, 5))
+
+
+def test_products_keep_the_leading_dimensions(own):
+    nib, s, lo, w = int4_layer(40, 64, 32)
+    x = torch.randn(2, 3, 64)
+    y = torch.ops.lmforge.q4_mm(x, [nib], [s], [lo], 32)
+    assert y.shape == (2, 3, 40) and torch.equal(y.reshape(6, 40), torch.ops.lmforge.q4_mm(x.reshape(6, 64), [nib],
+                                                                                            [s], [lo], 32))
+    q, sc = quantize_int8(torch.randn(24, 64))
+    assert torch.ops.lmforge.q8_mm(x, q, sc.reshape(-1).contiguous(), 32).shape == (2, 3, 24)

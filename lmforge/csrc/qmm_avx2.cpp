@@ -11,7 +11,7 @@
 //          w = q * scale + min
 //          with groups of g = K / G columns, g = 32 * 2^k; a list of such layers, outputs side by side.
 //   q8_mm: qweight int8 (N, K) in [-127, 127]; scales float32 (N, 1), w = q * scale.
-// Both take x float32 (M, K) and return float32 (M, N). Registered as torch.ops.lmforge.q4_mm / q8_mm, so a
+// Both take x float32 (..., K) and return float32 (..., N). Registered as torch.ops.lmforge.q4_mm / q8_mm, so a
 // torch.jit.trace of the decode step records them. Above `int_rows` rows of x (prefill) the integer products
 // lose to a float GEMM: the weights are then dequantized a chunk of rows at a time (exactly, as lmforge's
 // Python dequantize) and multiplied by torch's float32 matmul, with no whole-matrix float copy.
@@ -232,11 +232,20 @@ void over_tiles(const std::vector<Tile>& tiles, int64_t M, Fn fn) {
   });
 }
 
-void check_x(const at::Tensor& x, int64_t K, const char* op) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), op,
-              ": x must be a contiguous float32 (M, K) CPU tensor");
-  TORCH_CHECK(x.size(1) == K, op, ": x has ", x.size(1), " columns, the weight ", K);
+// x (..., K) -> the (M, K) view the kernels work on; y is built (M, N) and handed back as (..., N), so that a
+// traced decode step records no reshape around each call.
+at::Tensor rows_of(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 2 && x.is_contiguous(), op,
+              ": x must be a contiguous float32 (..., K) CPU tensor");
+  TORCH_CHECK(x.size(-1) == K, op, ": x has ", x.size(-1), " columns, the weight ", K);
   TORCH_CHECK(K % QB == 0, op, ": K = ", K, " is not a multiple of 32");
+  return x.view({-1, K});
+}
+
+at::Tensor shaped(const at::Tensor& y, const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(y.size(1));
+  return y.view(shape);
 }
 
 constexpr int64_t CHUNK = 256;  // weight rows dequantized at a time by the dense path (<= 1.5 MB of floats)
@@ -258,12 +267,13 @@ void dense_part(const at::Tensor& x, int64_t rows, int64_t K, int64_t col, at::T
 
 // x (M, K) times the concatenation of the int4 layers in `nib` (each (N_i, K/2)): y (M, sum N_i). A list, so
 // that q|k|v or gate|up run as one call (x quantized once, one parallel pass) with no fused copy of weights.
-at::Tensor q4_mm(const at::Tensor& x, at::TensorList nib, at::TensorList scales, at::TensorList mins,
+at::Tensor q4_mm(const at::Tensor& x_in, at::TensorList nib, at::TensorList scales, at::TensorList mins,
                  int64_t int_rows) {
   TORCH_CHECK(!nib.empty() && nib.size() == scales.size() && nib.size() == mins.size(),
               "q4_mm: give as many scales and mins tensors as weights");
-  const int64_t K = nib[0].size(1) * 2, M = x.size(0);
-  check_x(x, K, "q4_mm");
+  const int64_t K = nib[0].size(1) * 2;
+  const at::Tensor x = rows_of(x_in, K, "q4_mm");
+  const int64_t M = x.size(0);
   const int64_t G = scales[0].size(1), nb = K / QB;
   std::vector<int64_t> rows;
   std::vector<const uint8_t*> W;
@@ -339,12 +349,13 @@ at::Tensor q4_mm(const at::Tensor& x, at::TensorList nib, at::TensorList scales,
   };
   if (half) run(uint16_t{});
   else run(float{});
-  return y;
+  return shaped(y, x_in);
 }
 
-at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& scales, int64_t int_rows) {
-  const int64_t N = w8.size(0), K = w8.size(1), M = x.size(0);
-  check_x(x, K, "q8_mm");
+at::Tensor q8_mm(const at::Tensor& x_in, const at::Tensor& w8, const at::Tensor& scales, int64_t int_rows) {
+  const int64_t N = w8.size(0), K = w8.size(1);
+  const at::Tensor x = rows_of(x_in, K, "q8_mm");
+  const int64_t M = x.size(0);
   TORCH_CHECK(w8.scalar_type() == at::kChar && w8.is_contiguous(), "q8_mm: the weight must be contiguous int8");
   TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N && scales.is_contiguous(),
               "q8_mm: scales must be contiguous float32 with one value per row (per-channel)");
@@ -356,7 +367,7 @@ at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& sc
     dense_part(x, N, K, 0, y, [&](int64_t r, float* out) {
       for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(W[r * K + k]) * S[r];
     });
-    return y;
+    return shaped(y, x_in);
   }
   std::vector<int8_t> xq(M * K);
   std::vector<float> sx(M * nb), xs(M * nb);
@@ -377,7 +388,7 @@ at::Tensor q8_mm(const at::Tensor& x, const at::Tensor& w8, const at::Tensor& sc
       }
     }
   });
-  return y;
+  return shaped(y, x_in);
 }
 
 // ---- RMSNorm for decode steps ---------------------------------------------------------------------------
@@ -587,12 +598,43 @@ at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return y;
 }
 
+// ---- a gated MLP's activation ----------------------------------------------------------------------------
+// gu (..., 2F), gate | up side by side (a fused gate|up projection) -> silu(gate) * up (..., F) in one pass,
+// instead of chunk, silu and mul (three ops, two intermediate tensors) per layer of a decode step.
+at::Tensor silu_mul(const at::Tensor& gu) {
+  TORCH_CHECK(gu.device().is_cpu() && gu.scalar_type() == at::kFloat && gu.is_contiguous() && gu.dim() >= 1 &&
+                  gu.size(-1) % 2 == 0,
+              "silu_mul: gu must be a contiguous float32 CPU tensor with an even last dimension");
+  const int64_t F = gu.size(-1) / 2, R = F > 0 ? gu.numel() / (2 * F) : 0;
+  std::vector<int64_t> shape(gu.sizes().begin(), gu.sizes().end() - 1);
+  shape.push_back(F);
+  at::Tensor y = at::empty(shape, gu.options());
+  const float* X = gu.data_ptr<float>();
+  float* Y = y.data_ptr<float>();
+  const __m256 one = _mm256_set1_ps(1.f), sign = _mm256_set1_ps(-0.f);
+  for (int64_t r = 0; r < R; ++r) {
+    const float *g = X + r * 2 * F, *u = g + F;
+    float* o = Y + r * F;
+    int64_t i = 0;
+    for (; i + 8 <= F; i += 8) {  // sigmoid(g) = 1 / (1 + e^-g) for g >= 0, e^g / (1 + e^g) below: e^-|g| <= 1
+      const __m256 gv = _mm256_loadu_ps(g + i);
+      const __m256 e = exp_neg(_mm256_or_ps(gv, sign));  // e^-|g|
+      const __m256 inv = _mm256_div_ps(one, _mm256_add_ps(one, e));
+      const __m256 sig = _mm256_blendv_ps(inv, _mm256_mul_ps(e, inv), gv);  // sign bit of g picks e / (1 + e)
+      _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < F; ++i) o[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  }
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmforge, m) {
   m.def("q4_mm(Tensor x, Tensor[] nibbles, Tensor[] scales, Tensor[] mins, int int_rows) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor qweight, Tensor scales, int int_rows) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("decode_attn(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, Tensor(a!) kc, Tensor(b!) vc, Tensor col, Tensor mask, float scale) -> Tensor");
 }
 
@@ -600,5 +642,6 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("q4_mm", &q4_mm);
   m.impl("q8_mm", &q8_mm);
   m.impl("rms_norm", &rms_norm);
+  m.impl("silu_mul", &silu_mul);
   m.impl("decode_attn", &decode_attn);
 }

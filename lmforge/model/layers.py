@@ -17,6 +17,14 @@ from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
 
 
+def one_pass_ok(x: torch.Tensor) -> bool:
+    """Whether lmforge's CPU ops (rms_norm, decode_attn, silu_mul) may replace a few torch ops here: float32 on
+    CPU, grad mode off (inference: the ops have no backward), outside torch.compile (which fuses the torch ops
+    itself), and the kernels in use on this machine (lmforge.cpu_kernels)."""
+    return (x.device.type == "cpu" and x.dtype is torch.float32 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and cpu_kernels.available())
+
+
 # ---- norms ---------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32. `offset=1` is Gemma's convention (weight stored as w-1)."""
@@ -28,10 +36,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.offset and x.dtype is torch.float32 and self.weight.dtype is torch.float32:
-            # inference (grad mode off, so the result never depends on requires_grad flags) where lmforge's CPU
-            # kernels run, outside torch.compile (which fuses the op itself): one pass, ~5x faster for one token
-            if (x.device.type == "cpu" and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                    and cpu_kernels.available()):
+            if one_pass_ok(x):  # one pass, ~5x faster for one token
                 return torch.ops.lmforge.rms_norm(x.contiguous(), self.weight, self.eps)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one op, bit for bit the lines below
         # F.rms_norm (one fused op) computes x * rsqrt(mean(x^2) + eps), as HF does, in float32 here
@@ -294,13 +299,11 @@ class Attention(nn.Module):
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
     def _one_pass(self, x: torch.Tensor, rope, mask: torch.Tensor | None, cache: StaticKV) -> bool:
-        """Whether lmforge's CPU kernels can run this static decode step's attention as one op: one float32
-        token per row, grad-free, outside torch.compile (which fuses the ops itself), no qk-norm or soft-cap."""
-        return (x.shape[1] == 1 and x.device.type == "cpu" and x.dtype is torch.float32
-                and mask is not None and mask.dtype is torch.float32 and self.hd % 8 == 0
-                and self.q_norm is None and self.softcap is None and not torch.is_grad_enabled()
-                and cache.k[self.layer].dtype is torch.float32 and not torch.compiler.is_compiling()
-                and cpu_kernels.available())
+        """Whether lmforge's CPU kernels can run this static decode step's attention as one op: one token per
+        row, no qk-norm or soft-cap, and `one_pass_ok`."""
+        return (x.shape[1] == 1 and mask is not None and mask.dtype is torch.float32 and self.hd % 8 == 0
+                and self.q_norm is None and self.softcap is None and cache.k[self.layer].dtype is torch.float32
+                and one_pass_ok(x))
 
     def _decode_one_pass(self, x: torch.Tensor, rope, mask: torch.Tensor, cache: StaticKV) -> torch.Tensor:
         """torch.ops.lmforge.decode_attn: rotary on q and k, k and v written into the cache at `cache.col`,
@@ -360,7 +363,10 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gu = self.gate_up
         if gu is not None and gu.serves(self.gate, self.up):
-            g, u = gu(x).chunk(2, dim=-1)  # (..., F) each
+            h = gu(x)  # (..., 2F)
+            if self.act is F.silu and one_pass_ok(h) and h.is_contiguous():
+                return self.down(torch.ops.lmforge.silu_mul(h))  # chunk, silu, mul in one pass
+            g, u = h.chunk(2, dim=-1)  # (..., F) each
             return self.down(self.act(g) * u)
         return self.down(self.act(self.gate(x)) * self.up(x))
 
