@@ -313,7 +313,7 @@ class Attention(nn.Module):
         if qkv is not None and qkv.serves(self.q, self.k, self.v):
             q, k, v = qkv(x).view(B, (H + 2 * KV) * hd).split((H * hd, KV * hd, KV * hd), dim=1)
         else:
-            q, k, v = self.q(x).view(B, H * hd), self.k(x).view(B, KV * hd), self.v(x).view(B, KV * hd)
+            q, k, v = self.q(x).reshape(B, H * hd), self.k(x).reshape(B, KV * hd), self.v(x).reshape(B, KV * hd)
         cos, sin = rope if rope is not None else (None, None)
         scale = self.scale if self.scale is not None else hd ** -0.5
         y = torch.ops.lmforge.decode_attn(q, k, v, cos, sin, cache.k[self.layer], cache.v[self.layer], cache.col,
