@@ -154,9 +154,8 @@ def squad_normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def _f1(pred: str, gold: str) -> float:
-    pred_tokens = squad_normalize(pred).split()
-    gold_tokens = squad_normalize(gold).split()
+def token_f1(pred_tokens: Sequence[str], gold_tokens: Sequence[str]) -> float:
+    """SQuAD's F1 of two already normalized token lists (``squad_normalize(text).split()``)."""
     common = Counter(pred_tokens) & Counter(gold_tokens)
     same = sum(common.values())
     if same == 0:
@@ -164,6 +163,10 @@ def _f1(pred: str, gold: str) -> float:
     precision = same / len(pred_tokens)
     recall = same / len(gold_tokens)
     return 2 * precision * recall / (precision + recall)
+
+
+def _f1(pred: str, gold: str) -> float:
+    return token_f1(squad_normalize(pred).split(), squad_normalize(gold).split())
 
 
 def _golds(golds: Sequence[str] | str) -> list[str]:

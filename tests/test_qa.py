@@ -13,6 +13,7 @@ from conftest import make_hf_model
 
 from lmforge import cli
 from lmforge.data.squad import SquadExample
+from lmforge.errors import ConfigError
 from lmforge.tasks.qa import (
     QAConfig,
     answer,
@@ -219,6 +220,51 @@ def test_postprocessing_compares_windows_and_trims_space():
     assert (best["answer"], best["start"], best["end"]) == ("four", 14, 18)
 
 
+def test_expected_f1_selection_pools_overlapping_spans():
+    """Four near-equal spans: "york" is the most probable alone, "new york city" overlaps the most mass."""
+    from lmforge.metrics import squad_f1
+
+    ctx = "new york city"
+    ex = SquadExample("q", "where ?", ctx, ["new york"], [0])
+    f = _feature(0, 2, [(0, 3), (4, 8), (9, 13)])
+    s = np.array([0, 0, 1.2, 1.3, -30, 0])  # starts: new, york (city: never)
+    e = np.array([0, 0, -30, 1.0, 0.9, 0])  # ends: york, city (new: never)
+    top = best_answers([ex], [f], [s], [e], selection="max")[0]
+    mbr = best_answers([ex], [f], [s], [e], selection="expected-f1")[0]
+    assert (top["answer"], top["logit"]) == ("york", 2.3)
+    assert (mbr["answer"], mbr["start"], mbr["end"], mbr["logit"]) == ("new york city", 0, 13, 2.1)
+    # the pick really has the highest expected F1 under the four candidates' softmax probabilities
+    spans = {"york": 2.3, "new york": 2.2, "york city": 2.2, "new york city": 2.1}
+    p = dict(zip(spans, np.exp(list(spans.values())) / np.exp(list(spans.values())).sum()))
+    expected = {a: sum(q * squad_f1(a, b) for b, q in p.items()) for a in spans}
+    assert max(expected, key=expected.get) == "new york city"
+    assert abs(mbr["score"] - p["new york city"]) < 1e-6
+    # one dominant span: both selections agree
+    s2 = np.array([0, 0, -5, 9.0, -30, 0])
+    e2 = np.array([0, 0, -30, 9.0, -5, 0])
+    assert best_answers([ex], [f], [s2], [e2], selection="expected-f1")[0]["answer"] == "york"
+    with pytest.raises(ConfigError, match="answer selection"):
+        best_answers([ex], [f], [s], [e], selection="mbr")
+
+
+def test_dropout_is_on_embeddings_and_residuals_not_attention(bert_dir):
+    from lmforge.model.layers import Attention
+    from lmforge.tasks.qa import build_model
+
+    model, _ = build_model(QAConfig(model=str(bert_dir), dropout=0.1, **WINDOW))
+    drops = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops and all(p == 0.1 for p in drops)
+    assert all(m.dropout == 0.0 for m in model.modules() if isinstance(m, Attention))
+    assert model.backbone.cfg.dropout == 0.1  # the saved config says what the run trained with
+    x = torch.randint(5, 50, (2, 12))
+    model.train()
+    assert not torch.equal(model(x)[0], model(x)[0])  # active while training
+    model.eval()
+    assert torch.equal(model(x)[0], model(x)[0])
+    with pytest.raises(ConfigError, match="--dropout"):
+        build_model(QAConfig(model=str(bert_dir), dropout=1.0, **WINDOW))
+
+
 # ---- training, loading, transformers ----------------------------------------------------------------------
 def test_training_raises_f1(run, bert_dir, data):
     from lmforge.checkpoints import load_checkpoint
@@ -294,11 +340,15 @@ def test_cli_train(qa_cli, bert_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert qa_cli(["qa", "train", "--model", str(bert_dir), "--data", str(f), "--max-length", "48",
                    "--doc-stride", "16", "--max-question-length", "8", "--max-steps", "3", "--batch-size", "8",
-                   "--eval-every", "0", "--output", str(out), "--no-progress"]) == 0
+                   "--eval-every", "0", "--output", str(out), "--no-progress", "--dropout", "0.1",
+                   "--answer-selection", "expected-f1"]) == 0
     assert "validation exact match" in capsys.readouterr().out
     s = json.loads((out / "summary.json").read_text())
     assert s["steps"] == 3 and 0 < s["data"]["eval_examples"] < 60
-    assert json.loads((out / "qa.json").read_text())["doc_stride"] == 16
+    info = json.loads((out / "qa.json").read_text())
+    assert info["doc_stride"] == 16 and info["answer_selection"] == "expected-f1"
+    assert load_qa(out).answer_selection == "expected-f1"  # eval and predict use the run's own selection
+    assert json.loads((out / "config.json").read_text())["hidden_dropout_prob"] == 0.1
     assert json.loads((out / "qa_config.json").read_text())["max_question_length"] == 8
 
 
@@ -312,6 +362,9 @@ def test_cli_eval_predict(qa_cli, run, data, tmp_path, capsys):
     rows = [json.loads(x) for x in pred.read_text().splitlines()]
     assert len(rows) == 30 and {"id", "question", "answers", "prediction", "exact_match", "f1"} <= set(rows[0])
     assert json.loads((pred.parent / "summary.json").read_text())["f1"] == rep["f1"]
+    assert qa_cli(["qa", "eval", "--model", out, "--data", str(data["eval"]), "--limit", "30", "--json",
+                   "--predictions", str(pred), "--answer-selection", "expected-f1"]) == 0
+    assert json.loads(capsys.readouterr().out)["f1"] >= 80
     assert qa_cli(["qa", "eval", "--model", out, "--data", str(data["eval"]), "--limit", "5"]) == 0
     assert "exact match" in capsys.readouterr().out
     default = Path(out) / "eval-eval" / "predictions.jsonl"

@@ -34,6 +34,10 @@ QA_FLAGS: dict[str, dict] = {
     "max_question_length": dict(type=positive_int, help="longer questions are cut to this many tokens"),
     "max_answer_length": dict(type=positive_int, help="longest answer in tokens"),
     "n_best": dict(type=positive_int, help="start/end candidates per window"),
+    "answer_selection": dict(choices=("max", "expected-f1"), help="answer the most probable span, or the span "
+                             "with the highest expected F1 against the n-best candidates (saved for eval/predict)"),
+    "dropout": dict(type=float, help="dropout on embeddings and residual branches while training (attention "
+                    "dropout stays 0: on CPU it leaves the fast SDPA kernel)"),
     "max_train_samples": dict(type=positive_int, help="subsample the training questions"),
     "max_eval_samples": dict(type=positive_int, help="validation questions"),
 }
@@ -79,6 +83,8 @@ def cmd_qa_eval(a: argparse.Namespace) -> int:
     if a.limit:
         examples = examples[: a.limit]
     lq = load_qa(a.model)
+    if a.answer_selection:
+        lq.answer_selection = a.answer_selection
     rep = evaluate(lq, examples, a.batch_size, with_predictions=True)
     rows = rep.pop("predictions")
     out = Path(a.predictions) if a.predictions else Path(a.model) / f"eval-{Path(a.data).stem}" / "predictions.jsonl"
@@ -108,6 +114,8 @@ def cmd_qa_predict(a: argparse.Namespace) -> int:
     if not questions:
         raise LmforgeError("qa predict: no question given (pass QUESTION arguments)")
     lq = load_qa(a.model)
+    if a.answer_selection:
+        lq.answer_selection = a.answer_selection
     for r in answer(lq, context, questions, a.batch_size):
         print(json.dumps(r, ensure_ascii=False))
     return 0
@@ -135,6 +143,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--batch-size", type=positive_int, default=64)
     s.add_argument("--predictions", default=None, metavar="FILE", help="predictions JSONL (default: "
                    "RUN_DIR/eval-<data>/predictions.jsonl); the summary JSON goes beside it")
+    s.add_argument("--answer-selection", choices=("max", "expected-f1"), default=None,
+                   help="how the answer span is picked (default: the run's own, from its qa.json)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_qa_eval)
 
@@ -143,5 +153,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", required=True, metavar="RUN_DIR")
     s.add_argument("--context", required=True, metavar="FILE", help="text file the answers come from (- = stdin)")
     s.add_argument("question", nargs="+", metavar="QUESTION")
+    s.add_argument("--answer-selection", choices=("max", "expected-f1"), default=None,
+                   help="how the answer span is picked (default: the run's own, from its qa.json)")
     s.add_argument("--batch-size", type=positive_int, default=64)
     s.set_defaults(func=cmd_qa_predict)

@@ -49,7 +49,7 @@ from lmforge.errors import ConfigError, DataError, TokenizerError, TrainingError
 from lmforge.flops import flops_per_token, peak_flops
 from lmforge.io import atomic_dir, cache_root
 from lmforge.model.heads import CausalLM, lm_loss
-from lmforge.model.transformer import Transformer
+from lmforge.model.transformer import Transformer, set_dropout
 from lmforge.tasks.common import TaskRun, run_training, write_json
 from lmforge.train.precision import resolve_precision
 from lmforge.train.strategy import all_reduce_sum, choose_strategy, dist_info, is_fsdp, leader_first
@@ -198,16 +198,6 @@ def resolve_model_config(name: str | None, vocab_size: int | None = None) -> Mod
             raise ConfigError(f"--vocab-size must be >= 1, got {vocab_size}")
         cfg.vocab_size = vocab_size
     return cfg
-
-
-def set_dropout(model: nn.Module, p: float) -> None:
-    """Change the dropout of an already built Transformer (a pretrained model keeps its own otherwise)."""
-    model.cfg.dropout = p
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
-        elif hasattr(m, "dropout") and isinstance(m.dropout, float):
-            m.dropout = p
 
 
 # ---- the run -------------------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ class QAConfig:
     max_question_length: int = 64  # longer questions are cut to this many tokens
     max_answer_length: int = 30  # tokens; longer predicted spans are discarded
     n_best: int = 20  # start and end candidates per window
+    answer_selection: str = "max"  # or "expected-f1" (best_answers); saved in qa.json for eval and predict
+    dropout: float = 0.0  # on embeddings and residual branches while training; attention dropout stays 0
     max_train_samples: int | None = None  # questions
     max_eval_samples: int | None = 1000
 
@@ -301,15 +303,49 @@ def span_logits(model: nn.Module, feats: list[dict[str, Any]], collate,
 
 
 # ---- post-processing ---------------------------------------------------------------------------------------
+SELECTIONS = ("max", "expected-f1")
+
+
+def _trimmed(context: str, a: int, b: int) -> tuple[int, int]:
+    """Character span [a, b) without its outer whitespace."""
+    raw = context[a:b]
+    a += len(raw) - len(raw.lstrip())
+    b -= len(raw) - len(raw.rstrip())
+    return a, max(a, b)
+
+
+def _expected_f1_pick(texts: Sequence[str], probs: np.ndarray) -> int:
+    """Index of the candidate whose expected SQuAD F1 against the candidate distribution is highest.
+
+    Minimum-Bayes-risk choice: the answer the model's own probabilities say scores best on the metric. A
+    long span that overlaps most of the probability mass can beat the single most likely short span, and
+    several windows' copies of one answer pool their mass. Ties keep the more probable candidate.
+    """
+    from lmforge.metrics import squad_normalize, token_f1
+
+    toks = [squad_normalize(t).split() for t in texts]
+    k = len(toks)
+    f1 = np.zeros((k, k))  # (k, k), symmetric; an empty answer scores 0 even against itself, as in SQuAD v1.1
+    for i in range(k):
+        for j in range(i, k):
+            f1[i, j] = f1[j, i] = (1.0 if toks[i] else 0.0) if toks[i] == toks[j] else token_f1(toks[i], toks[j])
+    return int(np.argmax(f1 @ probs))  # first maximum = most probable among equals (cands are sorted)
+
+
 def best_answers(examples: Sequence[SquadExample], feats: list[dict[str, Any]], starts: Sequence[np.ndarray],
-                 ends: Sequence[np.ndarray], n_best: int = 20, max_answer_length: int = 30) -> list[dict[str, Any]]:
+                 ends: Sequence[np.ndarray], n_best: int = 20, max_answer_length: int = 30,
+                 selection: str = "max") -> list[dict[str, Any]]:
     """The best span of each example over all its windows -> {answer, score, start, end, logit}.
 
     In each window the `n_best` highest start and end logits over the context tokens are paired; spans with
-    end < start or longer than `max_answer_length` tokens are discarded; the highest start + end logit wins
-    and its tokens' offsets give the context substring (outer whitespace trimmed). score: the winner's softmax
-    probability among the n-best candidates of the example; start/end: character offsets (end exclusive).
+    end < start or longer than `max_answer_length` tokens are discarded; the `n_best` spans with the highest
+    start + end logit over all windows are the candidates, with softmax probabilities over them. selection
+    "max" answers the most probable candidate; "expected-f1" the one with the highest expected F1 against the
+    others (`_expected_f1_pick`). The span's offsets give the context substring (outer whitespace trimmed).
+    score: the chosen candidate's probability; start/end: character offsets (end exclusive).
     """
+    if selection not in SELECTIONS:
+        raise ConfigError(f"answer selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     by_example: dict[int, list[int]] = defaultdict(list)
     for fi, f in enumerate(feats):
         by_example[f["example"]].append(fi)
@@ -337,13 +373,11 @@ def best_answers(examples: Sequence[SquadExample], feats: list[dict[str, Any]], 
         logits = np.array([c[0] for c in cands])
         probs = np.exp(logits - logits.max())
         probs /= probs.sum()
-        logit, a, b = cands[0]
-        raw = ex.context[a:b]
-        a += len(raw) - len(raw.lstrip())
-        b -= len(raw) - len(raw.rstrip())
-        b = max(a, b)
-        out.append({"answer": ex.context[a:b], "score": round(float(probs[0]), 6), "start": a, "end": b,
-                    "logit": round(logit, 4)})
+        spans = [_trimmed(ex.context, a, b) for _, a, b in cands]
+        i = 0 if selection == "max" else _expected_f1_pick([ex.context[a:b] for a, b in spans], probs)
+        a, b = spans[i]
+        out.append({"answer": ex.context[a:b], "score": round(float(probs[i]), 6), "start": a, "end": b,
+                    "logit": round(cands[i][0], 4)})
     return out
 
 
@@ -352,6 +386,7 @@ def build_model(c: QAConfig):
     """-> (SpanHead, tokenizer): the pretrained encoder with a new qa_outputs layer."""
     from lmforge.checkpoints import load_checkpoint
     from lmforge.model.heads import SpanHead
+    from lmforge.model.transformer import set_dropout
 
     ck = load_checkpoint(c.model)
     if ck.cfg.family != "bert":
@@ -364,7 +399,10 @@ def build_model(c: QAConfig):
                           f"{ck.cfg.context_length} ({c.model})")
     if ck.tokenizer.pad_id is None:
         raise ConfigError(f"{c.model}: tokenizer has neither a pad nor an eos token to pad batches with")
+    if not 0.0 <= c.dropout < 1.0:
+        raise ConfigError(f"--dropout must be in [0, 1), got {c.dropout}")
     model = SpanHead(ck.model)
+    set_dropout(model, c.dropout, attention=False)
     nn.init.normal_(model.qa_outputs.weight, std=0.02)
     nn.init.zeros_(model.qa_outputs.bias)
     model.train()
@@ -372,7 +410,7 @@ def build_model(c: QAConfig):
 
 
 def _run_info(settings: dict[str, Any], base_model: str) -> dict[str, Any]:
-    keys = ("max_length", "doc_stride", "max_question_length", "max_answer_length", "n_best")
+    keys = ("max_length", "doc_stride", "max_question_length", "max_answer_length", "n_best", "answer_selection")
     return {**{k: settings[k] for k in keys}, "base_model": base_model}
 
 
@@ -428,7 +466,7 @@ def train(c: QAConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
         starts, ends = span_logits(m, eval_feats, collate)
-        preds = best_answers(eval_ex, eval_feats, starts, ends, c.n_best, c.max_answer_length)
+        preds = best_answers(eval_ex, eval_feats, starts, ends, c.n_best, c.max_answer_length, c.answer_selection)
         sc = squad_scores({ex.id: p["answer"] for ex, p in zip(eval_ex, preds)}, eval_ex)
         return {"exact_match": sc["exact_match"], "f1": sc["f1"], "eval_loss": _feature_loss(eval_feats, starts, ends)}
 
@@ -452,6 +490,7 @@ class LoadedQA:
     max_question_length: int = 64
     max_answer_length: int = 30
     n_best: int = 20
+    answer_selection: str = "max"
     info: dict = field(default_factory=dict)
     template: PairTemplate | None = None
 
@@ -485,18 +524,26 @@ def load_qa(run_dir: str | Path, device: str = "cpu") -> LoadedQA:
     settings = {k: int(info.get(k, getattr(defaults, k)))
                 for k in ("max_length", "doc_stride", "max_question_length", "max_answer_length", "n_best")}
     settings["max_length"] = min(settings["max_length"], ck.cfg.context_length)
+    settings["answer_selection"] = str(info.get("answer_selection", "max"))  # runs saved before it existed: max
+    if settings["answer_selection"] not in SELECTIONS:
+        raise CheckpointError(f"{p / RUN_INFO}: answer_selection must be one of {', '.join(SELECTIONS)}, got "
+                              f"{settings['answer_selection']!r}")
     return LoadedQA(model.eval().to(device), ck.tokenizer, **settings, info=info,
                     template=pair_template(ck.tokenizer))
 
 
-def predict_examples(lq: LoadedQA, examples: Sequence[SquadExample], batch_size: int = 64) -> list[dict[str, Any]]:
-    """The best answer of each example, in order: {answer, score, start, end, logit}."""
+def predict_examples(lq: LoadedQA, examples: Sequence[SquadExample], batch_size: int = 64,
+                     selection: str | None = None) -> list[dict[str, Any]]:
+    """The best answer of each example, in order: {answer, score, start, end, logit}.
+
+    selection: "max" or "expected-f1" (best_answers); None = the run's own (qa.json)."""
     if not examples:
         return []
     feats = make_features(lq.tokenizer, examples, lq.max_length, lq.doc_stride, lq.max_question_length,
                           labels=False, template=lq.template)
     starts, ends = span_logits(lq.model, feats, make_collate(lq.tokenizer.pad_id), batch_size)
-    return best_answers(examples, feats, starts, ends, lq.n_best, lq.max_answer_length)
+    return best_answers(examples, feats, starts, ends, lq.n_best, lq.max_answer_length,
+                        selection or lq.answer_selection)
 
 
 def answer(lq: LoadedQA, context: str, questions: Sequence[str], batch_size: int = 64) -> list[dict[str, Any]]:
