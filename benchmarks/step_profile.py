@@ -9,6 +9,8 @@ no profiler, then `--steps` more run under torch.profiler (CPU activities, no sh
 stopped. The Trainer marks its regions with record_function (train.forward: the loss function under autocast;
 train.backward; train.optimizer: gradient scaling, clipping, AdamW, schedule, zero_grad). Reported per verb:
   step ms        median wall time of a timed (unprofiled) optimizer step
+  tokens/step    mean real (unpadded) tokens in a timed step's batches; tokens/s: their sum over the timed steps'
+                 wall time, the figure to compare with a whole run's tokens_per_s (metrics.jsonl)
   forward/backward/optimizer %   each region's share of the profiled steps' wall time
   other %        the rest of the profiled step (batch to device, loss bookkeeping, Python)
   between ms     median wall time from one step's end to the next one's start: fetching and collating the batch,
@@ -78,7 +80,7 @@ def worker(verb: str, warmup: int, steps: int, threads: int) -> dict:
     if data is not None and not data.is_file():
         return {"verb": verb, "skipped": f"no {data}"}
     orig = T.Trainer._train_step
-    rec: dict = {"walls": [], "gaps": [], "n": 0, "end": None, "prof": None, "info": {}}
+    rec: dict = {"walls": [], "gaps": [], "tokens": [], "padded": [], "n": 0, "end": None, "prof": None, "info": {}}
 
     def step(self, window, state) -> None:
         n = rec["n"]
@@ -93,6 +95,9 @@ def worker(verb: str, warmup: int, steps: int, threads: int) -> dict:
         rec["end"] = time.perf_counter()
         if warmup <= n < warmup + steps:
             rec["walls"].append(rec["end"] - t0)
+            rec["tokens"].append(sum(T.batch_counts(b)[1] for b in window))
+            rec["padded"].append(sum(b["input_ids"].numel() for b in window
+                                     if isinstance(b, dict) and "input_ids" in b))
         if n == 0:
             s, t = T.batch_counts(window[0])
             rec["info"] = {"precision": self.precision.name, "batch_size": self.config.batch_size,
@@ -121,6 +126,9 @@ def worker(verb: str, warmup: int, steps: int, threads: int) -> dict:
                  key=lambda e: -e.self_cpu_time_total)[:8]
     return {"verb": verb, "command": "lmforge " + " ".join(argv), **rec["info"],
             "step_ms": round(statistics.median(rec["walls"]) * 1e3, 1),
+            "timed_tokens_per_step": round(statistics.mean(rec["tokens"])),
+            "timed_padded_tokens_per_step": round(statistics.mean(rec["padded"])) if any(rec["padded"]) else None,
+            "real_tokens_per_s": round(sum(rec["tokens"]) / sum(rec["walls"]), 1),
             "profiled_step_ms": round(wall_ms, 1), **shares,
             "other": round(100 - sum(v or 0 for v in shares.values()), 1),
             "between_ms": round(statistics.median(rec["gaps"]) * 1e3, 1),
@@ -154,6 +162,7 @@ def main() -> None:
         r["top"] = ", ".join(f"{o['op']} {o['self_ms_per_step']}" for o in r.get("top_ops", [])[:3])
         rows.append(r)
     cols = [("verb", "verb"), ("precision", "precision"), ("batch_size", "batch"), ("step_ms", "step ms"),
+            ("timed_tokens_per_step", "tokens/step"), ("real_tokens_per_s", "tokens/s"),
             ("forward", "forward %"), ("backward", "backward %"), ("optimizer", "optimizer %"), ("other", "other %"),
             ("between_ms", "between ms"), ("top", "top ops (self ms/step)"), ("skipped", "skipped"),
             ("error", "error")]
