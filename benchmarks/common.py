@@ -165,16 +165,9 @@ def machine_info() -> dict[str, Any]:
     """What a reader needs to compare numbers across machines: CPU, cores, flags, memory, versions."""
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu_count": os.cpu_count(), "load_average": load_average()}
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        for line in cpuinfo.splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines() if ln.startswith("flags")), [])
-        info["simd"] = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    except OSError:
-        pass
+    from lmforge.cpu_kernels import cpu_identity
+
+    info.update(cpu_identity())  # model name, family / model numbers (one name covers CPUs 2.4x apart), SIMD
     try:
         mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
                       if ln.startswith("MemTotal"))

@@ -53,6 +53,31 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     return frozenset(f for f, on in caps.items() if on)
 
 
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
+    """Which CPU this is, as runs and benchmarks record it: the model name, and the family / model numbers
+    that tell apart CPUs sharing a name (a first-generation "AMD EPYC", family 23 model 1, has half the FMA
+    width of later ones: a 2.4x lower float32 matmul peak), plus the SIMD flags that choose kernels."""
+    out: dict[str, object] = {}
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, val = (part.strip() for part in line.partition(":"))
+        if key == "model name" and "cpu" not in out:
+            out["cpu"] = val
+        elif key in ("cpu family", "model") and f"cpu_{key.split()[-1]}" not in out and val.isdigit():
+            out[f"cpu_{key.split()[-1]}"] = int(val)
+        elif not line.strip() and out:  # the first processor's block is enough
+            break
+    flags = cpu_flags(cpuinfo)
+    out["simd"] = [f for f in SIMD_FLAGS if f in flags]
+    return out
+
+
 @functools.cache
 def _capability() -> str:
     return torch.backends.cpu.get_cpu_capability()  # AVX2, AVX512, ... (fixed for the process)

@@ -54,6 +54,19 @@ def test_cpu_flags_fall_back_to_torch_capabilities(tmp_path, monkeypatch):
     assert P.cpu_has_native_bf16() is None
 
 
+def test_cpu_identity_tells_apart_cpus_of_one_name(tmp_path):
+    from lmforge.cpu_kernels import cpu_identity
+
+    info = tmp_path / "cpuinfo"
+    block = ("processor\t: {n}\nvendor_id\t: AuthenticAMD\ncpu family\t: {fam}\nmodel\t\t: {model}\n"
+             "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 fma f16c\n\n")
+    info.write_text(block.format(n=0, fam=23, model=1) + block.format(n=1, fam=25, model=17))
+    assert cpu_identity(info) == {"cpu_family": 23, "cpu_model": 1, "cpu": "AMD EPYC",
+                                  "simd": ["avx2", "fma", "f16c"]}  # the first processor's block
+    other = cpu_identity(tmp_path / "missing")  # not Linux: no name or numbers, the flags torch reports
+    assert "cpu" not in other and "cpu_family" not in other and isinstance(other["simd"], list)
+
+
 @pytest.mark.parametrize("flag", ["avx512_bf16", "amx_bf16", None])
 def test_auto_picks_bf16_exactly_when_the_cpu_has_it(monkeypatch, flag):
     fake_cpu(monkeypatch, flag)
@@ -138,6 +151,7 @@ def test_trainer_prints_records_and_applies_the_choice(tmp_path, monkeypatch, ca
     assert line in err
     rec = json.loads((tmp_path / "run" / "trainer_config.json").read_text())
     assert rec["precision"] == want and rec["bf16"] == bool(flag) and rec["precision_reason"].startswith("auto")
+    assert rec["host"]["threads"] == 1 and rec["host"]["world_size"] == 1 and isinstance(rec["host"]["simd"], list)
 
 
 def test_resume_with_auto_keeps_the_recorded_precision(tmp_path, monkeypatch, capsys):

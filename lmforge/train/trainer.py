@@ -9,7 +9,8 @@ which one it has. Rank 0 alone writes files and shows progress; a write that fai
 disk, read-only filesystem) stops every rank with one line that names what was kept and how to continue.
 
 Run directory layout (config.output_dir):
-  trainer_config.json   the config of the (last) session, with the precision it resolved to
+  trainer_config.json   the config of the (last) session, with the precision it resolved to and the host
+                        it ran on (CPU model, family/model numbers, SIMD flags, threads; or the GPU)
   metrics.jsonl         one JSON record per log step, eval and end of session
   curves.png            train loss, lr and eval metrics against the step
   checkpoints/step-N/   resumable state (last `keep_checkpoints` kept), `checkpoints/latest` pointer
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from lmforge.cpu_kernels import cpu_identity
 from lmforge.errors import TrainingError
 from lmforge.io import atomic_dir, atomic_write, clean_partial, release_free_memory
 from lmforge.train.batching import DatasetBatches
@@ -442,7 +444,8 @@ class Trainer:
         if self.is_main:
             meta = {**self._config_record(), "precision_reason": self.precision.reason,
                     "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                    "batches_per_epoch": self.batches_per_epoch, "world_size": self.world_size}
+                    "batches_per_epoch": self.batches_per_epoch, "world_size": self.world_size,
+                    "host": self._host_record()}
             atomic_write(self.run_dir / "trainer_config.json", json.dumps(meta, indent=1) + "\n")
         self._barrier()
         if state.step >= self.total_steps or state.stopped == "early_stopping":
@@ -452,6 +455,13 @@ class Trainer:
         return self._loop(state)
 
     # ---- setup -------------------------------------------------------------------------------------
+    def _host_record(self) -> dict[str, Any]:
+        """What this session ran on (trainer_config.json): step times only compare on the same hardware, and
+        shared hosts of one name differ (docs/benchmarks.md: 3.6 against 1.8 s per QA step)."""
+        if self.device.type == "cuda":
+            return {"device": torch.cuda.get_device_name(self.device), "world_size": self.world_size}
+        return {**cpu_identity(), "threads": torch.get_num_threads(), "world_size": self.world_size}
+
     def _config_record(self) -> dict[str, Any]:
         """The config as a run records it: precision resolved (auto -> fp32 or bf16), so that resuming, also
         on another machine, computes in the precision the run started in."""
