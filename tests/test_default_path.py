@@ -157,6 +157,8 @@ def test_info_says_which_path(files, capsys):
         assert info["decode_kernels"] == ("torch's float32 matmul" if want == "float32" else quant.kernel_backend())
     own = cpu_kernels.available()
     assert quant.kernel_backend().startswith("lmforge AVX2" if own else "torch packed")
+    assert info["host"].endswith(f", {torch.get_num_threads()} threads")  # the CPU the paths were chosen for
+    assert all(f in info["host"] for f in cpu_kernels.cpu_identity()["simd"])
 
 
 # ---- SmolLM2: the default path against float32 ----------------------------------------------------------

@@ -32,6 +32,7 @@ def cmd_info(a: argparse.Namespace) -> int:
         "decode_path": decode_path(ck),
         "decode_kernels": decode_kernels(decode_path(ck)),
         "decode_step": decode_step(model),
+        "host": host(),
         "format": ck.format,
         "file_size": ck.file_size,
         "path": str(ck.path),
@@ -70,6 +71,18 @@ def decode_kernels(path: str) -> str:
     from lmforge.quant import kernel_backend
 
     return kernel_backend()
+
+
+def host() -> str:
+    """The CPU the paths above were chosen for: its name alone can cover CPUs 2.4x apart (docs/benchmarks.md)."""
+    import torch
+
+    from lmforge.cpu_kernels import cpu_identity
+
+    c = cpu_identity()
+    fam = f" (family {c['cpu_family']} model {c['cpu_model']})" if "cpu_family" in c and "cpu_model" in c else ""
+    simd = " ".join(c["simd"]) or "no AVX2"  # type: ignore[arg-type]
+    return f"{c.get('cpu', 'unknown CPU')}{fam}, {simd}, {torch.get_num_threads()} threads"
 
 
 def decode_step(model) -> str:
