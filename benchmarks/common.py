@@ -182,6 +182,19 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def matmul_peak(dtype: Any, seconds: float = 1.0) -> float:
+    """The best CPU matmul FLOP/s in `dtype`: 2048^3, but bf16 at 512^3 where the CPU has no native bf16 (emulated
+    at ~0.2 GFLOP/s, a 2048^3 one takes ~90 s; the small one says as much in under a second)."""
+    import torch
+
+    from lmforge.flops import measure_matmul_flops
+    from lmforge.train.precision import cpu_has_native_bf16
+
+    if dtype is torch.bfloat16 and cpu_has_native_bf16() is None:
+        return measure_matmul_flops("cpu", dtype, size=512, seconds=0.0)
+    return measure_matmul_flops("cpu", dtype, seconds=seconds)
+
+
 def measured_peaks(threads: int, seconds: float = 1.0) -> dict[str, float]:
     """This machine's own ceilings at `threads` threads, measured now (quoted beside every result): the best
     2048^3 matmul in float32 and bfloat16 (GFLOP/s; 512^3 for bf16 where the CPU emulates it) and the best copy
@@ -189,15 +202,9 @@ def measured_peaks(threads: int, seconds: float = 1.0) -> dict[str, float]:
     torch's thread count."""
     import torch
 
-    from lmforge.flops import measure_matmul_flops
-    from lmforge.train.precision import cpu_has_native_bf16
-
     set_threads(threads)
-    out = {"matmul_fp32_gflops": round(measure_matmul_flops("cpu", torch.float32, seconds=seconds) / 1e9, 1)}
-    # Without native bf16 a 2048^3 bf16 matmul is emulated at ~0.2 GFLOP/s (90 s each): a 512^3 one says as much.
-    native = cpu_has_native_bf16() is not None
-    out["matmul_bf16_gflops"] = round(measure_matmul_flops("cpu", torch.bfloat16, size=None if native else 512,
-                                                           seconds=seconds if native else 0.0) / 1e9, 1)
+    out = {f"matmul_{n}_gflops": round(matmul_peak(dt, seconds) / 1e9, 1)
+           for n, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     src = torch.ones(64 * 2**20)  # 256 MiB of float32
     dst = torch.empty_like(src)
     dst.copy_(src)  # first touch

@@ -59,6 +59,7 @@ from benchmarks.common import (
     RESULTS_DIR,
     format_table,
     machine_info,
+    matmul_peak,
     peak_rss_mb,
     report,
     reset_peak_rss,
@@ -432,13 +433,8 @@ def worker_transformers_qa(s: dict[str, Any]) -> dict[str, Any]:
 def worker_peak(seconds: float) -> dict[str, Any]:
     import torch
 
-    from lmforge.flops import measure_matmul_flops
-    from lmforge.train.precision import cpu_has_native_bf16
-
-    native = cpu_has_native_bf16() is not None  # emulated bf16 is ~0.2 GFLOP/s: 512^3 says so without 90 s each
-    return {"impl": "peak", "peak_fp32": measure_matmul_flops("cpu", torch.float32, seconds=seconds),
-            "peak_bf16": measure_matmul_flops("cpu", torch.bfloat16, size=None if native else 512,
-                                              seconds=seconds if native else 0.0)}
+    return {"impl": "peak", **{f"peak_{n}": matmul_peak(dt, seconds)
+                               for n, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}}
 
 
 WORKERS = {("lmforge", "finetune"): worker_lmforge_finetune, ("transformers", "finetune"): worker_transformers_finetune,

@@ -54,6 +54,7 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
 
 
 SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+_NUMBERS = {"cpu family": "cpu_family", "model": "cpu_model"}  # /proc/cpuinfo key -> record key
 
 
 def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
@@ -69,8 +70,8 @@ def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
         key, _, val = (part.strip() for part in line.partition(":"))
         if key == "model name" and "cpu" not in out:
             out["cpu"] = val
-        elif key in ("cpu family", "model") and f"cpu_{key.split()[-1]}" not in out and val.isdigit():
-            out[f"cpu_{key.split()[-1]}"] = int(val)
+        elif key in _NUMBERS and _NUMBERS[key] not in out and val.isdigit():
+            out[_NUMBERS[key]] = int(val)
         elif not line.strip() and out:  # the first processor's block is enough
             break
     flags = cpu_flags(cpuinfo)
