@@ -12,17 +12,20 @@ import torch
 from conftest import make_hf_model
 
 from lmforge import cli
-from lmforge.data.squad import SquadExample
-from lmforge.errors import ConfigError
+from lmforge.data.squad import SquadExample, read_squad
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.tasks.qa import (
     QAConfig,
     answer,
     best_answers,
     evaluate,
     load_qa,
+    load_qa_ensemble,
     make_collate,
     make_features,
     pair_template,
+    predict_examples,
+    span_logits,
     split_by_article,
     train,
 )
@@ -293,6 +296,33 @@ def test_answer_api(run):
     assert r["answer"] == "victor" and ctx[r["start"]: r["end"]] == "victor" and 0 < r["score"] <= 1
 
 
+def test_ensemble_averages_member_logits_and_rejects_other_windows(run, bert_dir, data, tmp_path):
+    """Two runs answer from the mean of their span logits; a run with other windows is refused by name."""
+    other = tmp_path / "other"
+    c = QAConfig(model=str(bert_dir), data=str(data["train"]), eval_data=str(data["eval"]), **WINDOW)
+    tc = TrainConfig(output_dir=other, max_steps=8, batch_size=16, lr=3e-3, warmup=0, eval_every=0,
+                     keep_best=None, progress=False, plot=False, seed=1)
+    train(c, tc, log=lambda *_: None)
+    a, b = load_qa(run["run_dir"]), load_qa(other)
+    ens = load_qa_ensemble([run["run_dir"], other])
+    assert len(ens.members) == 1
+    exs = read_squad(data["eval"])[:6]
+    feats = make_features(a.tokenizer, exs, **WINDOW, labels=False, template=a.template)
+    collate = make_collate(a.tokenizer.pad_id)
+    (sa, ea), (sb, eb) = span_logits(a.model, feats, collate), span_logits(b.model, feats, collate)
+    assert not np.allclose(sa[0], sb[0])  # the members really differ
+    mean = best_answers(exs, feats, [(x + y) / 2 for x, y in zip(sa, sb)], [(x + y) / 2 for x, y in zip(ea, eb)],
+                        ens.n_best, ens.max_answer_length, ens.answer_selection)
+    assert predict_examples(ens, exs) == mean
+    bad = tmp_path / "bad"
+    c2 = QAConfig(model=str(bert_dir), data=str(data["train"]), eval_data=str(data["eval"]), max_length=40,
+                  doc_stride=16, max_question_length=8)
+    train(c2, TrainConfig(output_dir=bad, max_steps=1, batch_size=16, eval_every=0, keep_best=None,
+                          progress=False, plot=False), log=lambda *_: None)
+    with pytest.raises(CheckpointError, match="max_length 40 differs"):
+        load_qa_ensemble([run["run_dir"], bad])
+
+
 def test_transformers_loads_the_run_dir_with_equal_logits(run, data):
     from lmforge.data.squad import read_squad
 
@@ -364,7 +394,12 @@ def test_cli_eval_predict(qa_cli, run, data, tmp_path, capsys):
     assert json.loads((pred.parent / "summary.json").read_text())["f1"] == rep["f1"]
     assert qa_cli(["qa", "eval", "--model", out, "--data", str(data["eval"]), "--limit", "30", "--json",
                    "--predictions", str(pred), "--answer-selection", "expected-f1"]) == 0
-    assert json.loads(capsys.readouterr().out)["f1"] >= 80
+    f1 = json.loads(capsys.readouterr().out)["f1"]
+    assert f1 >= 80
+    assert qa_cli(["qa", "eval", "--model", out, out, "--data", str(data["eval"]), "--limit", "30", "--json",
+                   "--predictions", str(pred), "--answer-selection", "expected-f1"]) == 0
+    rep = json.loads(capsys.readouterr().out)  # a run ensembled with itself answers as the run alone
+    assert rep["f1"] == f1 and rep["model"] == [out, out]
     assert qa_cli(["qa", "eval", "--model", out, "--data", str(data["eval"]), "--limit", "5"]) == 0
     assert "exact match" in capsys.readouterr().out
     default = Path(out) / "eval-eval" / "predictions.jsonl"

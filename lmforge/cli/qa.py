@@ -34,8 +34,8 @@ QA_FLAGS: dict[str, dict] = {
     "max_question_length": dict(type=positive_int, help="longer questions are cut to this many tokens"),
     "max_answer_length": dict(type=positive_int, help="longest answer in tokens"),
     "n_best": dict(type=positive_int, help="start/end candidates per window"),
-    "answer_selection": dict(choices=("max", "expected-f1"), help="answer the most probable span, or the span "
-                             "with the highest expected F1 against the n-best candidates (saved for eval/predict)"),
+    "answer_selection": dict(choices=("max", "expected-f1"), help="answer the span with the highest expected F1 "
+                             "against the n-best candidates, or the most probable one (saved for eval/predict)"),
     "dropout": dict(type=float, help="dropout on embeddings and residual branches while training (attention "
                     "dropout stays 0: on CPU it leaves the fast SDPA kernel)"),
     "max_train_samples": dict(type=positive_int, help="subsample the training questions"),
@@ -77,23 +77,24 @@ def _summary_path(pred: Path) -> Path:
 
 def cmd_qa_eval(a: argparse.Namespace) -> int:
     from lmforge.data.squad import read_squad
-    from lmforge.tasks.qa import evaluate, load_qa
+    from lmforge.tasks.qa import evaluate, load_qa_ensemble
 
     examples = read_squad(a.data)  # bad data fails before the model loads
     if a.limit:
         examples = examples[: a.limit]
-    lq = load_qa(a.model)
+    lq = load_qa_ensemble(a.model)
     if a.answer_selection:
         lq.answer_selection = a.answer_selection
     rep = evaluate(lq, examples, a.batch_size, with_predictions=True)
     rows = rep.pop("predictions")
-    out = Path(a.predictions) if a.predictions else Path(a.model) / f"eval-{Path(a.data).stem}" / "predictions.jsonl"
+    out = (Path(a.predictions) if a.predictions
+           else Path(a.model[0]) / f"eval-{Path(a.data).stem}" / "predictions.jsonl")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        summary = {"model": str(a.model), "data": str(a.data), **rep,
+        summary = {"model": a.model[0] if len(a.model) == 1 else a.model, "data": str(a.data), **rep,
                    "exact_match": round(rep["exact_match"], 2), "f1": round(rep["f1"], 2), "predictions": str(out)}
         _summary_path(out).write_text(json.dumps(summary, indent=1) + "\n")
     except OSError as e:
@@ -107,18 +108,22 @@ def cmd_qa_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_qa_predict(a: argparse.Namespace) -> int:
-    from lmforge.tasks.qa import answer, load_qa
+    from lmforge.tasks.qa import answer, load_qa_ensemble
 
     context = read_input(a.context, "context")  # a missing file fails before the model loads
     questions = [q for q in a.question if q.strip()]
     if not questions:
         raise LmforgeError("qa predict: no question given (pass QUESTION arguments)")
-    lq = load_qa(a.model)
+    lq = load_qa_ensemble(a.model)
     if a.answer_selection:
         lq.answer_selection = a.answer_selection
     for r in answer(lq, context, questions, a.batch_size):
         print(json.dumps(r, ensure_ascii=False))
     return 0
+
+
+ENSEMBLE_HELP = ("a qa run dir; several answer as one ensemble (their span logits averaged; same tokenizer and "
+                 "windows)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -137,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_qa_train)
 
     s = qsub.add_parser("eval", help="exact match and F1 on a SQuAD JSON file; predictions JSONL")
-    s.add_argument("--model", required=True, metavar="RUN_DIR")
+    s.add_argument("--model", required=True, nargs="+", metavar="RUN_DIR", help=ENSEMBLE_HELP)
     s.add_argument("--data", required=True, help="SQuAD JSON file")
     s.add_argument("--limit", type=positive_int, default=None, help="first N questions")
     s.add_argument("--batch-size", type=positive_int, default=64)
@@ -150,7 +155,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = qsub.add_parser("predict", help="answer questions from a context file: JSON lines with answer, score, "
                         "start, end")
-    s.add_argument("--model", required=True, metavar="RUN_DIR")
+    s.add_argument("--model", required=True, nargs="+", metavar="RUN_DIR", help=ENSEMBLE_HELP)
     s.add_argument("--context", required=True, metavar="FILE", help="text file the answers come from (- = stdin)")
     s.add_argument("question", nargs="+", metavar="QUESTION")
     s.add_argument("--answer-selection", choices=("max", "expected-f1"), default=None,
