@@ -52,7 +52,7 @@ class QAConfig:
     max_answer_length: int = 30  # tokens; longer predicted spans are discarded
     n_best: int = 20  # start and end candidates per window
     # "expected-f1" or "max" (best_answers); saved in qa.json for eval and predict. expected-f1 scored higher out
-    # of domain (Amazon and Reddit questions) with two models and no lower in domain (docs/qa.md)
+    # of domain (Amazon and Reddit questions) with two models, 0.2 lower in domain (docs/qa.md)
     answer_selection: str = "expected-f1"
     dropout: float = 0.0  # on embeddings and residual branches while training; attention dropout stays 0
     max_train_samples: int | None = None  # questions
