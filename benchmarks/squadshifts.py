@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             sdist = Path(tmp) / "bigbench-1.0.0.tar.gz"
             print(f"downloading {SDIST} (358 MB)", file=sys.stderr)
-            download(SDIST, sdist)
+            try:
+                download(SDIST, sdist)
+            except OSError as e:  # no network, proxy refusal, disk full
+                raise SystemExit(f"error: {SDIST}: cannot download ({e})") from None
             with tarfile.open(sdist) as tar:
                 for d in DOMAINS:
                     src = tar.extractfile(MEMBER_DIR + d)

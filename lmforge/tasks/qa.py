@@ -571,13 +571,10 @@ def predict_examples(lq: LoadedQA, examples: Sequence[SquadExample], batch_size:
                           labels=False, template=lq.template)
     collate = make_collate(lq.tokenizer.pad_id)
     starts, ends = span_logits(lq.model, feats, collate, batch_size)
-    for m in lq.members:  # an ensemble: the mean of the members' logits
-        s2, e2 = span_logits(m, feats, collate, batch_size)
-        starts = [a + b for a, b in zip(starts, s2)]
-        ends = [a + b for a, b in zip(ends, e2)]
-    if lq.members:
-        k = 1 + len(lq.members)
-        starts, ends = [a / k for a in starts], [a / k for a in ends]
+    if lq.members:  # an ensemble answers from the mean of its models' logits, feature by feature
+        runs = [(starts, ends)] + [span_logits(m, feats, collate, batch_size) for m in lq.members]
+        starts = [np.mean(f, axis=0) for f in zip(*(r[0] for r in runs))]
+        ends = [np.mean(f, axis=0) for f in zip(*(r[1] for r in runs))]
     return best_answers(examples, feats, starts, ends, lq.n_best, lq.max_answer_length,
                         selection or lq.answer_selection)
 
