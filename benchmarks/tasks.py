@@ -31,6 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS_DIR, format_table, machine_info, write_json
+from lmforge.train.plots import eval_key
 
 SCALES = {  # quick: the LoRA fine-tunes are sized to ~10 minutes each on 2 CPU cores (SmolLM2 at ~1.5 s per 1k tokens)
     "quick": {"qa_train": 5000, "qa_eval": 300, "sum_eval": 30, "sum_train": 300, "sum_ft_steps": 40,
@@ -45,7 +46,7 @@ STEP_TASKS = {"qa": "qa", "sum": "summarize", "mt": "translate"}  # --steps name
 
 def _command_task(command: str) -> str:
     """Which step a recorded command belongs to (for keeping a partial rerun's other commands)."""
-    for t, keys in (("qa", ("qa train", "--task qa")), ("summarize", ("summarize", "sum-")),
+    for t, keys in (("qa", ("qa train", "qa eval", "--task qa")), ("summarize", ("summarize", "sum-")),
                     ("translate", ("translate", "mt-"))):
         if any(k in command for k in keys):
             return t
@@ -86,8 +87,9 @@ def _curve(run_dir: Path, metric: str) -> list[tuple[float, float]]:
     pts = []
     for line in f.read_text().split("\n"):
         r = json.loads(line) if line.strip() else {}
-        if "eval_" + metric in r:
-            pts.append((r["elapsed"] / 60, r["eval_" + metric]))
+        key = next((k for k in (eval_key(metric), "eval_" + metric) if k in r), None)  # the second: runs
+        if key:                                                                          # before 2026-12-04
+            pts.append((r["elapsed"] / 60, r[key]))
     return pts
 
 
@@ -118,23 +120,39 @@ def plot_curves(curves: dict[str, dict], path: Path) -> None:
 
 
 def run_full(steps: list[str], data: Path, runs: Path, lm: list[str], rows: list[dict], log: list[dict],
-             save: Callable[[], None], curves: dict[str, dict]) -> None:
-    """The measured recipes: each fine-tune is the command with no recipe flag, then its held-out score."""
+             save: Callable[[], None], curves: dict[str, dict], qa_models: int = 1) -> None:
+    """The measured recipes: each fine-tune is the command with no recipe flag, then its held-out score.
+
+    qa_models > 1 trains the qa recipe that many times with consecutive seeds and adds the ensemble's row."""
     if "qa" in steps:
-        run_dir = runs / "qa-recipe"
-        run([*lm, "qa", "train", "--data", str(data / "qa/nyt_v1.0.json"), "--output", str(run_dir),
-             "--overwrite", "--no-progress"], log)
-        cmd = log[-1]
-        r = run([*lm, "eval", "--task", "qa", "--model", str(run_dir / "best"), "--data",
-                 str(data / "qa/new_wiki_v1.0.json"), "--json", "--predictions", str(runs / "qa-recipe-eval/p.jsonl")],
-                log)
-        rows.append({"task": "qa (new_wiki)", "model": "minilm-l6, `qa train` recipe on all of nyt",
-                     "minutes": round(cmd["seconds"] / 60, 1), "precision": _precision(run_dir),
-                     "examples": r.get("examples"), "EM": r.get("exact_match"), "F1": r.get("f1"),
-                     "command": cmd["command"], "error": r.get("error")})
-        curves["qa: minilm-l6 on nyt"] = {"metric": "f1", "points": _curve(run_dir, "f1"), "final": r.get("f1"),
-                                          "final_name": "new_wiki F1"}
-        save()
+        dirs, minutes = [], 0.0
+        for i in range(qa_models):  # seeds 42 (the default), 43, ...: the same recipe, another data order and head
+            run_dir = runs / ("qa-recipe" if i == 0 else f"qa-recipe-seed{42 + i}")
+            run([*lm, "qa", "train", "--data", str(data / "qa/nyt_v1.0.json"), "--output", str(run_dir),
+                 "--overwrite", "--no-progress", *(["--seed", str(42 + i)] if i else [])], log)
+            cmd = log[-1]
+            minutes += cmd["seconds"] / 60
+            dirs.append(run_dir)
+            r = run([*lm, "eval", "--task", "qa", "--model", str(run_dir / "best"), "--data",
+                     str(data / "qa/new_wiki_v1.0.json"), "--json", "--predictions",
+                     str(runs / f"{run_dir.name}-eval/p.jsonl")], log)
+            rows.append({"task": "qa (new_wiki)", "model": "minilm-l6, `qa train` recipe on nyt"
+                         + (f", --seed {42 + i}" if i else ""),
+                         "minutes": round(cmd["seconds"] / 60, 1), "precision": _precision(run_dir),
+                         "examples": r.get("examples"), "EM": r.get("exact_match"), "F1": r.get("f1"),
+                         "command": cmd["command"], "error": r.get("error")})
+            curves[f"qa: minilm-l6 on nyt{f', seed {42 + i}' if i else ''}"] = {
+                "metric": "f1", "points": _curve(run_dir, "f1"), "final": r.get("f1"), "final_name": "new_wiki F1"}
+            save()
+        if qa_models > 1:  # the runs above answering as one (docs/qa.md: their span logits averaged)
+            r = run([*lm, "qa", "eval", "--model", *(str(d / "best") for d in dirs), "--data",
+                     str(data / "qa/new_wiki_v1.0.json"), "--json", "--predictions",
+                     str(runs / "qa-ensemble-eval/p.jsonl")], log)
+            rows.append({"task": "qa (new_wiki)", "model": f"ensemble of the {qa_models} runs above",
+                         "minutes": round(minutes, 1), "precision": _precision(dirs[0]), "examples": r.get("total"),
+                         "EM": r.get("exact_match"), "F1": r.get("f1"), "command": log[-1]["command"],
+                         "error": r.get("error")})
+            save()
     if "sum" in steps:
         f = data / "summarization/wikilingua_en_1k.jsonl"
         n = 100
@@ -197,9 +215,13 @@ def main() -> None:
     ap.add_argument("--steps", default="qa,sum,mt")
     ap.add_argument("--runs", default="runs/bench-tasks")
     ap.add_argument("--out", default=None, help="default: results/tasks.json (quick), tasks_full.json (full)")
+    ap.add_argument("--qa-models", type=int, default=1, metavar="N",
+                    help="--scale full: train the qa recipe N times (seeds 42, 43, ...) and score their ensemble")
     a = ap.parse_args()
     a.out = a.out or str(RESULTS_DIR / ("tasks_full.json" if a.scale == "full" else "tasks.json"))
     data, runs, s = Path(a.data), Path(a.runs), SCALES[a.scale]
+    if a.qa_models < 1:
+        sys.exit(f"--qa-models: {a.qa_models} is not a positive number of runs")
     if not data.is_dir():
         sys.exit(f"{data}: no such directory (this benchmark needs ../shared/data)")
     lm = [sys.executable, "-m", "lmforge.cli"]
@@ -220,7 +242,7 @@ def main() -> None:
                            "curves": curves})
 
     if a.scale == "full":
-        run_full(steps, data, runs, lm, rows, log, save, curves)
+        run_full(steps, data, runs, lm, rows, log, save, curves, a.qa_models)
         steps = []  # the quick steps below are skipped
     if "qa" in steps:
         run_dir = runs / "qa-minilm"

@@ -453,6 +453,20 @@ def test_early_stopping_stops(tmp_path):
     assert again.stopped == "early_stopping" and again.step == 8
 
 
+def test_eval_metrics_are_prefixed_once_in_metrics_jsonl(tmp_path):
+    # the task verbs' eval_fn return "eval_loss" beside "f1": metrics.jsonl holds eval_loss and eval_f1 (it held
+    # eval_eval_loss until 2026-12-04), and keep-best on eval_loss reads the same number
+    losses = iter([0.9, 0.7, 0.8])
+    cfg = TrainConfig(output_dir=tmp_path, max_steps=6, batch_size=8, eval_every=2, keep_best="eval_loss",
+                      progress=False)
+    result = Trainer(tiny_model(0), cfg, toy_data(64, 0), cls_loss,
+                     lambda m: {"f1": 50.0, "eval_loss": next(losses)}).train()
+    evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_f1" in r]
+    assert [r["eval_loss"] for r in evals] == [0.9, 0.7, 0.8]
+    assert not any(k.startswith("eval_eval") for r in evals for k in r)
+    assert result.best_metric == 0.7 and result.best_step == 4
+
+
 def test_max_time_stops_saves_and_resumes(tmp_path, capsys):
     cfg = TrainConfig(output_dir=tmp_path, max_steps=6, batch_size=8, max_time_s=1e-6, progress=False)
     result = Trainer(tiny_model(0), cfg, toy_data(64, 0), cls_loss).train()

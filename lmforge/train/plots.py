@@ -17,6 +17,13 @@ from lmforge.io import atomic_write
 EVAL_PREFIX = "eval_"
 
 
+def eval_key(name: str) -> str:
+    """The metrics.jsonl key of an eval metric: "f1" -> "eval_f1", and "eval_loss" stays "eval_loss".
+
+    Runs written before 2026-12-04 have "eval_eval_loss" for the tasks' validation loss."""
+    return name if name.startswith(EVAL_PREFIX) else EVAL_PREFIX + name
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl file; a torn last line (crash mid-write) is skipped."""
     out = []

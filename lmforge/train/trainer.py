@@ -57,7 +57,7 @@ from lmforge.train.checkpoint import (
     set_rng_state,
     storable,
 )
-from lmforge.train.plots import EVAL_PREFIX, plot_metrics, read_metrics
+from lmforge.train.plots import EVAL_PREFIX, eval_key, plot_metrics, read_metrics
 from lmforge.train.precision import PRECISIONS, Precision, resolve_precision
 from lmforge.train.strategy import Strategy, choose_strategy, dist_info
 
@@ -683,7 +683,7 @@ class Trainer:
             raise TrainingError("eval_fn: must return a dict of metric name -> number") from None
         state.last_eval_step, state.last_eval = state.step, metrics
         self._write({"step": state.step, "epoch": round(self._epoch(state), 4),
-                     **{EVAL_PREFIX + k: v for k, v in metrics.items()},
+                     **{eval_key(k): v for k, v in metrics.items()},
                      "elapsed": round(self._elapsed(), 3)})
         if self._pbar is not None and self.is_main:
             self._pbar.write(f"step {state.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
