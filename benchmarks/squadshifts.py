@@ -22,6 +22,11 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lmforge.io import atomic_write
+
 SDIST = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
          "bigbench-1.0.0.tar.gz")
 SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"  # the index's hash of that file
@@ -75,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"error: {SDIST}: cannot download ({e})") from None
             with tarfile.open(sdist) as tar:
                 for d in DOMAINS:
-                    src = tar.extractfile(MEMBER_DIR + d)
-                    (a.out / d).write_bytes(src.read())
+                    # atomically: a rerun trusts the files it finds, so a cut-off write must leave none
+                    atomic_write(a.out / d, tar.extractfile(MEMBER_DIR + d).read())
     val = {"version": "squadshifts-ood-val", "data": []}
     for d in DOMAINS:
         val["data"] += first_questions(json.loads((a.out / d).read_text()), a.per_domain)
-    (a.out / "ood_val.json").write_text(json.dumps(val))
+    atomic_write(a.out / "ood_val.json", json.dumps(val))
     n = sum(len(p["qas"]) for art in val["data"] for p in art["paragraphs"])
     print(f"{a.out / 'ood_val.json'}: {n} questions from {', '.join(DOMAINS)}")
     return 0

@@ -149,7 +149,7 @@ def run_full(steps: list[str], data: Path, runs: Path, lm: list[str], rows: list
                      str(data / "qa/new_wiki_v1.0.json"), "--json", "--predictions",
                      str(runs / "qa-ensemble-eval/p.jsonl")], log)
             rows.append({"task": "qa (new_wiki)", "model": f"ensemble of the {qa_models} runs above",
-                         "minutes": round(minutes, 1), "precision": _precision(dirs[0]), "examples": r.get("total"),
+                         "minutes": round(minutes, 1), "precision": _precision(dirs[0]), "examples": r.get("examples"),
                          "EM": r.get("exact_match"), "F1": r.get("f1"), "command": log[-1]["command"],
                          "error": r.get("error")})
             save()
