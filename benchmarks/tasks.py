@@ -1,11 +1,13 @@
 """Task quality on ../shared/data: extractive QA, summarization, English->Spanish translation.
 
-    python benchmarks/tasks.py [--data ../shared/data] [--scale quick|full] [--steps qa,sum,mt]
+    python benchmarks/tasks.py [--data ../shared/data] [--scale quick|full] [--steps qa,sum,mt] [--qa-models N]
                                [--out benchmarks/results/tasks[_full].json]
 
 Every number comes from an `lmforge` command that this script runs and records, so each row can be
 reproduced by hand:
   qa   minilm-l6 fine-tuned on nyt_v1.0.json (SQuADShifts NYT), evaluated on new_wiki_v1.0.json: EM / F1.
+       `--scale full --qa-models N` (N > 1): N runs of the ensemble recipe of docs/qa.md (all of nyt, keep-best
+       on the Amazon + Reddit questions that squadshifts.py builds, seeds 42, 43, ...) and their ensemble.
   sum  wikilingua_en_1k.jsonl: ROUGE-1/2/L of the lead-3 baseline, of zero-shot smollm2-135m-instruct, and of a
        fine-tune on the other documents, all on the last N documents.
   mt   bible_ot_en_es.jsonl, the last 500 pairs (or N with --scale quick): BLEU / chrF zero-shot (3-shot for the
@@ -123,12 +125,20 @@ def run_full(steps: list[str], data: Path, runs: Path, lm: list[str], rows: list
              save: Callable[[], None], curves: dict[str, dict], qa_models: int = 1) -> None:
     """The measured recipes: each fine-tune is the command with no recipe flag, then its held-out score.
 
-    qa_models > 1 trains the qa recipe that many times with consecutive seeds and adds the ensemble's row."""
+    qa_models > 1 trains the ensemble recipe of docs/qa.md that many times with consecutive seeds (all of nyt,
+    keep-best on the Amazon + Reddit questions of squadshifts.py) and adds the ensemble's row."""
     if "qa" in steps:
         dirs, minutes = [], 0.0
+        val: list[str] = []  # one model: the default recipe (validation on 10% of nyt's articles)
+        if qa_models > 1:  # the measured ensemble members (docs/qa.md, A and C): all of nyt, out-of-domain keep-best
+            from benchmarks import squadshifts
+
+            squadshifts.main(["--out", str(runs / "squadshifts")])  # downloads once; exits with the reason
+            val = ["--eval-data", str(runs / "squadshifts/ood_val.json"), "--max-eval-samples", "1004",
+                   "--eval-every", "300"]
         for i in range(qa_models):  # seeds 42 (the default), 43, ...: the same recipe, another data order and head
             run_dir = runs / ("qa-recipe" if i == 0 else f"qa-recipe-seed{42 + i}")
-            run([*lm, "qa", "train", "--data", str(data / "qa/nyt_v1.0.json"), "--output", str(run_dir),
+            run([*lm, "qa", "train", "--data", str(data / "qa/nyt_v1.0.json"), *val, "--output", str(run_dir),
                  "--overwrite", "--no-progress", *(["--seed", str(42 + i)] if i else [])], log)
             cmd = log[-1]
             minutes += cmd["seconds"] / 60
@@ -136,7 +146,8 @@ def run_full(steps: list[str], data: Path, runs: Path, lm: list[str], rows: list
             r = run([*lm, "eval", "--task", "qa", "--model", str(run_dir / "best"), "--data",
                      str(data / "qa/new_wiki_v1.0.json"), "--json", "--predictions",
                      str(runs / f"{run_dir.name}-eval/p.jsonl")], log)
-            rows.append({"task": "qa (new_wiki)", "model": "minilm-l6, `qa train` recipe on nyt"
+            rows.append({"task": "qa (new_wiki)", "model": ("minilm-l6 on all of nyt, keep-best on Amazon + Reddit"
+                                                             if val else "minilm-l6, `qa train` recipe on nyt")
                          + (f", --seed {42 + i}" if i else ""),
                          "minutes": round(cmd["seconds"] / 60, 1), "precision": _precision(run_dir),
                          "examples": r.get("examples"), "EM": r.get("exact_match"), "F1": r.get("f1"),
@@ -216,7 +227,9 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/bench-tasks")
     ap.add_argument("--out", default=None, help="default: results/tasks.json (quick), tasks_full.json (full)")
     ap.add_argument("--qa-models", type=int, default=1, metavar="N",
-                    help="--scale full: train the qa recipe N times (seeds 42, 43, ...) and score their ensemble")
+                    help="--scale full: with N > 1, train docs/qa.md's ensemble members N times (all of nyt, "
+                    "keep-best on the Amazon + Reddit questions that squadshifts.py downloads; seeds 42, 43, ...) "
+                    "and score each and their ensemble")
     a = ap.parse_args()
     a.out = a.out or str(RESULTS_DIR / ("tasks_full.json" if a.scale == "full" else "tasks.json"))
     data, runs, s = Path(a.data), Path(a.runs), SCALES[a.scale]

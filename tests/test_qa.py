@@ -412,6 +412,26 @@ def test_cli_eval_predict(qa_cli, run, data, tmp_path, capsys):
     assert set(lines[0]) == {"question", "answer", "score", "start", "end"}
 
 
+def test_generic_eval_scores_as_qa_eval_and_takes_an_ensemble(qa_cli, run, data, tmp_path, capsys):
+    """`lmforge eval --task qa` on extractive run dirs answers through the same windows and selection as `qa
+    eval` (one model, or several averaged); several models for a generative task are refused in one line."""
+    out, f = run["run_dir"], str(data["eval"])
+    assert qa_cli(["qa", "eval", "--model", out, "--data", f, "--json", "--predictions",
+                   str(tmp_path / "a" / "p.jsonl")]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    for models in ([out], [out, out]):  # a run ensembled with itself answers as the run alone
+        assert qa_cli(["eval", "--task", "qa", "--model", *models, "--data", f, "--json", "--predictions",
+                       str(tmp_path / "b" / "p.jsonl")]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        assert (rep["exact_match"], rep["f1"], rep["examples"]) == (ref["exact_match"], ref["f1"], ref["total"])
+        assert rep["model"] == (models if len(models) > 1 else out)
+    ctx = tmp_path / "d.jsonl"
+    ctx.write_text(json.dumps({"document": "a b c.", "summary": "a."}) + "\n")
+    assert qa_cli(["eval", "--task", "summarize", "--model", out, out, "--data", str(ctx)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmforge: error: --model: several models") and err.count("\n") == 1, err
+
+
 def test_malformed_squad_names_the_json_path(qa_cli, capsys, tmp_path):
     bad = squad_json([make_example(random.Random(0), "a", "t"), make_example(random.Random(1), "b", "t")])
     del bad["data"][0]["paragraphs"][1]["qas"][0]["answers"][0]["answer_start"]

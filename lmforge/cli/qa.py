@@ -85,7 +85,7 @@ def cmd_qa_eval(a: argparse.Namespace) -> int:
     lq = load_qa_ensemble(a.model)
     if a.answer_selection:
         lq.answer_selection = a.answer_selection
-    rep = evaluate(lq, examples, a.batch_size, with_predictions=True)
+    rep = evaluate(lq, examples, a.batch_size, with_predictions=True, progress=True)
     rows = rep.pop("predictions")
     out = (Path(a.predictions) if a.predictions
            else Path(a.model[0]) / f"eval-{Path(a.data).stem}" / "predictions.jsonl")

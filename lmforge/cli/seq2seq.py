@@ -117,10 +117,11 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from lmforge.tasks.evaluate import EvalConfig, evaluate_task, format_summary
 
-    out = a.predictions or str(Path("runs") / f"eval-{a.task}-{Path(a.model).name}-{time.strftime(RUN_STAMP)}"
+    model, *ensemble = a.model
+    out = a.predictions or str(Path("runs") / f"eval-{a.task}-{Path(model).name}-{time.strftime(RUN_STAMP)}"
                                / "predictions.jsonl")
-    c = EvalConfig(task=a.task, model=a.model, data=a.data, limit=a.limit, input_field=a.input_field,
-                   target_field=a.target_field, to=a.to, src=a.src, batch_size=a.batch_size,
+    c = EvalConfig(task=a.task, model=model, ensemble=tuple(ensemble), data=a.data, limit=a.limit,
+                   input_field=a.input_field, target_field=a.target_field, to=a.to, src=a.src, batch_size=a.batch_size,
                    max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, output=out, tail=a.tail,
                    quantize=a.quantize, shots=a.shots or 0, shots_file=a.shots_file, sentences=a.sentences)
     s = evaluate_task(c, log=lambda m: print(m, file=sys.stderr))
@@ -145,8 +146,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("eval", help="score a model on summarize (ROUGE), translate (BLEU/chrF) or qa (EM/F1)",
                        description=EVAL_HELP + FEWSHOT_HELP)
     s.add_argument("--task", required=True, choices=["summarize", "translate", "qa"])
-    s.add_argument("--model", default=DEFAULT_LM, help="instruct model, fine-tuned run dir, QA run dir, or "
-                   "lead-3 (summarize baseline)")
+    s.add_argument("--model", default=[DEFAULT_LM], nargs="+", help="instruct model, fine-tuned run dir, QA run "
+                   "dir, or lead-3 (summarize baseline); several qa run dirs answer as one ensemble (their span "
+                   "logits averaged)")
     s.add_argument("--data", required=True, help="JSONL (summarize/translate) or SQuAD JSON (qa)")
     s.add_argument("--limit", type=positive_int, default=None, help="first N examples (last N with --tail)")
     s.add_argument("--tail", action="store_true", help="take the last N examples")
@@ -158,7 +160,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="summarize/translate: few-shot prompt with K examples from --shots-file (for base models)")
     s.add_argument("--shots-file", default=None, metavar="FILE",
                    help="JSONL with the same fields as --data; rows evaluated in this run are never shown")
-    s.add_argument("--batch-size", type=positive_int, default=8, help="prompts decoded together (left-padded)")
+    s.add_argument("--batch-size", type=positive_int, default=None,
+                   help="prompts decoded together, left-padded (default 8); qa run dirs: windows per forward (64)")
     s.add_argument("--max-new-tokens", type=positive_int, default=128)
     s.add_argument("--sentences", type=positive_int, default=None, metavar="N",
                    help="summarize: sentence budget stated in the prompt (default: the one a fine-tuned model was "

@@ -33,7 +33,7 @@ class EvalConfig:
     target_field: str | None = None  # default: summary (summarize), the --to code (translate)
     to: str | None = None
     src: str | None = None
-    batch_size: int = 8
+    batch_size: int | None = None  # prompts decoded together (default 8), or qa windows per forward (default 64)
     max_new_tokens: int = 128
     num_beams: int = 1
     output: str | None = None  # predictions JSONL (default: beside the summary in runs/)
@@ -42,6 +42,14 @@ class EvalConfig:
     shots: int = 0  # > 0: few-shot prompt with this many examples from shots_file (summarize, translate)
     shots_file: str | None = None
     sentences: int | None = None  # summarize: the prompt's sentence budget (None: what the model was trained with)
+    ensemble: tuple[str, ...] = ()  # qa: more extractive run dirs whose span logits are averaged with model's
+
+
+def _is_qa_run(model: str) -> bool:
+    from lmforge.tasks.common import find_run_dir
+    from lmforge.tasks.qa import RUN_INFO
+
+    return Path(model).is_dir() and find_run_dir(model, RUN_INFO) is not None
 
 
 def _lead_sentences(text: str, n: int = 3) -> str:
@@ -59,9 +67,10 @@ def _generate_all(gen, prompts: list[str], c: EvalConfig, log, fewshot: FewShot 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str] = [""] * len(prompts)
     kw = dict(chat=False, stop_strings=fewshot.stop_strings) if fewshot else dict(chat=True)
+    bs = c.batch_size or 8
     with tqdm(total=len(prompts), desc=f"eval {c.task}", unit="ex", disable=None) as bar:
-        for s in range(0, len(order), c.batch_size):
-            idx = order[s: s + c.batch_size]
+        for s in range(0, len(order), bs):
+            idx = order[s: s + bs]
             texts = gen.generate([prompts[i] for i in idx], truncate=True, max_new_tokens=c.max_new_tokens,
                                  num_beams=c.num_beams, **kw)
             for i, t in zip(idx, texts):
@@ -84,6 +93,9 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
         raise DataError("--shots needs --shots-file FILE (JSONL with the same fields as --data)")
     if c.shots_file and not c.shots:
         raise DataError("--shots-file needs --shots K (the number of examples to show)")
+    if c.ensemble and (c.task != "qa" or not all(map(_is_qa_run, (c.model, *c.ensemble)))):
+        raise DataError("--model: several models answer as one only for --task qa with extractive run dirs "
+                        "(`lmforge qa train`)")
     fewshot: FewShot | None = None
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -126,17 +138,12 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
         examples = read_squad(c.data)
         if c.limit:
             examples = examples[-c.limit:] if c.tail else examples[: c.limit]
-        if (Path(c.model) / "qa.json").exists():
+        if _is_qa_run(c.model):  # an extractive model: all windows length-sorted in batches, as `qa eval`
             from lmforge.tasks import qa
 
-            lq = qa.load_qa(c.model)
-            by_ctx: dict[str, list] = {}
-            for ex in examples:
-                by_ctx.setdefault(ex.context, []).append(ex)
-            preds_by_id: dict[str, str] = {}
-            for ctx, exs in by_ctx.items():
-                for ex, a in zip(exs, qa.answer(lq, ctx, [e.question for e in exs])):
-                    preds_by_id[ex.id] = a["answer"]
+            lq = qa.load_qa_ensemble([c.model, *c.ensemble])
+            found = qa.predict_examples(lq, examples, c.batch_size or 64, progress=True)
+            preds_by_id = {ex.id: p["answer"] for ex, p in zip(examples, found)}
         else:
             from lmforge.generate import Generator
 
@@ -154,7 +161,8 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
     with open(out, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    summary = {"task": c.task, "model": c.model, "data": c.data, "examples": len(rows),
+    summary = {"task": c.task, "model": [c.model, *c.ensemble] if c.ensemble else c.model, "data": c.data,
+               "examples": len(rows),
                **{k: round(v, 2) if isinstance(v, float) else v for k, v in scores.items()},
                "unsupported_rate": round(100.0 * sum(bool(r["unsupported"]) for r in rows) / max(len(rows), 1), 2),
                "elapsed_s": round(elapsed, 1), "predictions": str(out)}

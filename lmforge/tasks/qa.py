@@ -282,9 +282,10 @@ def span_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.T
 
 
 @torch.inference_mode()
-def span_logits(model: nn.Module, feats: list[dict[str, Any]], collate,
-                batch_size: int = 64) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Start and end logits of each feature over its own (unpadded) length, in feature order."""
+def span_logits(model: nn.Module, feats: list[dict[str, Any]], collate, batch_size: int = 64,
+                bar=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Start and end logits of each feature over its own (unpadded) length, in feature order. `bar`: a tqdm
+    bar advanced by the windows done."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -300,6 +301,8 @@ def span_logits(model: nn.Module, feats: list[dict[str, Any]], collate,
         for row, i in enumerate(idx):
             n = len(feats[i]["input_ids"])
             starts[i], ends[i] = st[row, :n], en[row, :n]
+        if bar is not None:
+            bar.update(len(idx))
     model.train(was_training)
     return starts, ends
 
@@ -561,18 +564,23 @@ def load_qa_ensemble(run_dirs: Sequence[str | Path], device: str = "cpu") -> Loa
 
 
 def predict_examples(lq: LoadedQA, examples: Sequence[SquadExample], batch_size: int = 64,
-                     selection: str | None = None) -> list[dict[str, Any]]:
+                     selection: str | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """The best answer of each example, in order: {answer, score, start, end, logit}.
 
-    selection: "max" or "expected-f1" (best_answers); None = the run's own (qa.json)."""
+    selection: "max" or "expected-f1" (best_answers); None = the run's own (qa.json). progress: a bar with an
+    ETA on stderr (on a terminal), counting windows times models."""
+    from tqdm import tqdm
+
     if not examples:
         return []
     feats = make_features(lq.tokenizer, examples, lq.max_length, lq.doc_stride, lq.max_question_length,
                           labels=False, template=lq.template)
     collate = make_collate(lq.tokenizer.pad_id)
-    starts, ends = span_logits(lq.model, feats, collate, batch_size)
+    with tqdm(total=len(feats) * (1 + len(lq.members)), desc="qa", unit="window",
+              disable=None if progress else True) as bar:
+        starts, ends = span_logits(lq.model, feats, collate, batch_size, bar)
+        runs = [(starts, ends)] + [span_logits(m, feats, collate, batch_size, bar) for m in lq.members]
     if lq.members:  # an ensemble answers from the mean of its models' logits, feature by feature
-        runs = [(starts, ends)] + [span_logits(m, feats, collate, batch_size) for m in lq.members]
         starts = [np.mean(f, axis=0) for f in zip(*(r[0] for r in runs))]
         ends = [np.mean(f, axis=0) for f in zip(*(r[1] for r in runs))]
     return best_answers(examples, feats, starts, ends, lq.n_best, lq.max_answer_length,
@@ -594,7 +602,7 @@ def answer(lq: LoadedQA, context: str, questions: Sequence[str], batch_size: int
 
 
 def evaluate(lq: LoadedQA, examples: Sequence[SquadExample], batch_size: int = 64,
-             with_predictions: bool = False) -> dict[str, Any]:
+             with_predictions: bool = False, progress: bool = False) -> dict[str, Any]:
     """SQuAD exact match and F1 (percent, official normalisation) -> {exact_match, f1, total, missing, ...}.
 
     with_predictions adds "predictions": one row per question (id, question, answers, prediction, score,
@@ -605,7 +613,7 @@ def evaluate(lq: LoadedQA, examples: Sequence[SquadExample], batch_size: int = 6
     if not examples:
         raise DataError("evaluate: no questions to score")
     t0 = time.perf_counter()
-    preds = predict_examples(lq, examples, batch_size)
+    preds = predict_examples(lq, examples, batch_size, progress=progress)
     dt = time.perf_counter() - t0
     rep: dict[str, Any] = squad_scores({ex.id: p["answer"] for ex, p in zip(examples, preds)}, examples)
     rep.update(examples=len(examples), elapsed_s=round(dt, 1), samples_per_s=round(len(examples) / max(dt, 1e-9), 1))
