@@ -323,6 +323,47 @@ def test_ensemble_averages_member_logits_and_rejects_other_windows(run, bert_dir
         load_qa_ensemble([run["run_dir"], bad])
 
 
+def test_distillation_loss_and_training_from_a_teacher(run, bert_dir, data, tmp_path):
+    """The KL term vanishes when the teacher is the model itself and weighs alpha * T^2; a student trained
+    from the fixture's run learns the task; a teacher that reads other tokens is refused by name."""
+    from lmforge.tasks.qa import span_loss
+
+    lq = load_qa(run["run_dir"])
+    feats = make_features(lq.tokenizer, read_squad(data["eval"])[:8], **WINDOW)
+    batch = make_collate(lq.tokenizer.pad_id)(feats)
+    mask = batch["attention_mask"] == 0
+    with torch.no_grad():
+        plain, n = span_loss(lq.model, batch)
+        s, e = lq.model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        own = {**batch, "teacher_start": s.masked_fill(mask, -1e4), "teacher_end": e.masked_fill(mask, -1e4)}
+        assert float(span_loss(lq.model, own, alpha=0.3)[0]) == pytest.approx(0.7 * float(plain), abs=1e-5)
+        flat = {**batch, "teacher_start": torch.zeros_like(s), "teacher_end": torch.zeros_like(e)}  # uniform
+        assert float(span_loss(lq.model, flat, alpha=0.0)[0]) == pytest.approx(float(plain), abs=1e-6)
+        assert float(span_loss(lq.model, flat, alpha=1.0, temperature=2.0)[0]) > 0 and n == 8
+
+    c = QAConfig(model=str(bert_dir), data=str(data["train"]), eval_data=str(data["eval"]), **WINDOW,
+                 teacher=[run["run_dir"]], distill_alpha=0.5, distill_temperature=2.0)
+    tc = TrainConfig(output_dir=tmp_path / "student", max_steps=50, batch_size=16, lr=3e-3, schedule="constant",
+                     warmup=5, eval_every=25, keep_best="f1", progress=False, plot=False, seed=0)
+    s = train(c, tc, log=lambda *_: None)
+    assert s["best_metric"] >= 80
+    assert json.loads((tmp_path / "student" / "qa_config.json").read_text())["teacher"] == [run["run_dir"]]
+
+    other = tmp_path / "other-tok"  # the same run, one vocabulary entry renamed
+    import shutil
+
+    shutil.copytree(run["run_dir"], other)
+    for f in other.rglob("tokenizer.json"):
+        f.write_text(f.read_text().replace('"victor"', '"victory"'))
+    with pytest.raises(CheckpointError, match="tokenizer differs"):
+        train(QAConfig(model=str(bert_dir), data=str(data["train"]), eval_data=str(data["eval"]), **WINDOW,
+                       teacher=[str(other)]), TrainConfig(output_dir=tmp_path / "x", max_steps=1), log=lambda *_: None)
+    with pytest.raises(ConfigError, match="distill-alpha"):
+        train(QAConfig(model=str(bert_dir), data=str(data["train"]), eval_data=str(data["eval"]), **WINDOW,
+                       teacher=[run["run_dir"]], distill_alpha=1.5), TrainConfig(output_dir=tmp_path / "y",
+                                                                                 max_steps=1), log=lambda *_: None)
+
+
 def test_transformers_loads_the_run_dir_with_equal_logits(run, data):
     from lmforge.data.squad import read_squad
 

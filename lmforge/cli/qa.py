@@ -40,6 +40,11 @@ QA_FLAGS: dict[str, dict] = {
                     "dropout stays 0: on CPU it leaves the fast SDPA kernel)"),
     "max_train_samples": dict(type=positive_int, help="subsample the training questions"),
     "max_eval_samples": dict(type=positive_int, help="validation questions"),
+    "teacher": dict(metavar="RUN_DIR", help="distillation: qa run dirs (same tokenizer) whose averaged span "
+                    "logits on the training windows the model also learns from"),
+    "distill_alpha": dict(type=float, help="weight of the teacher's KL term (the labels' cross-entropy gets the "
+                          "rest)"),
+    "distill_temperature": dict(type=positive_float, help="softmax temperature of the distillation term"),
 }
 # The measured recipe (docs/qa.md): minilm-l6, 2 epochs at lr 1e-4, batch 16, windows of 384 with stride 128,
 # --precision auto. On all of SQuADShifts nyt it beat 5e-5 and longer schedules on held-out new_wiki questions.

@@ -13,6 +13,7 @@ AutoModelForQuestionAnswering loads the root.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -57,6 +58,12 @@ class QAConfig:
     dropout: float = 0.0  # on embeddings and residual branches while training; attention dropout stays 0
     max_train_samples: int | None = None  # questions
     max_eval_samples: int | None = 1000
+    # distillation: qa run dirs (same tokenizer) whose averaged span logits on the training windows the model also
+    # learns from, loss = (1 - distill_alpha) * labels' cross-entropy + distill_alpha * T^2 * KL at temperature T.
+    # Why: one model that answers like an ensemble, at one model's inference cost (docs/qa.md)
+    teacher: list[str] | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -267,17 +274,33 @@ def make_collate(pad_id: int):
         if "start" in feats[0]:
             batch["start_positions"] = torch.tensor([f["start"] for f in feats], dtype=torch.long)
             batch["end_positions"] = torch.tensor([f["end"] for f in feats], dtype=torch.long)
+        if "teacher_start" in feats[0]:  # (B, T) float, padding at -1e4 (no probability)
+            T = batch["input_ids"].shape[1]
+            for k in ("teacher_start", "teacher_end"):
+                t = torch.full((len(feats), T), -1e4)
+                for i, f in enumerate(feats):
+                    t[i, : len(f[k])] = torch.from_numpy(f[k])
+                batch[k] = t
         return batch
     return collate
 
 
-def span_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Mean of the start and end cross-entropies; padding positions are masked so padding cannot shift the loss."""
+def span_loss(model: nn.Module, batch: dict[str, torch.Tensor], alpha: float = 0.5,
+              temperature: float = 2.0) -> tuple[torch.Tensor, int]:
+    """Mean of the start and end cross-entropies; padding positions are masked so padding cannot shift the loss.
+
+    With teacher logits in the batch (distillation): (1 - alpha) * that + alpha * T^2 * KL(teacher || model) of
+    the start and end distributions at temperature T (as DistilBERT's SQuAD recipe, alpha 0.5, T 2)."""
     mask = batch["attention_mask"]
     start, end = model(batch["input_ids"], mask, batch.get("token_type_ids"))  # (B, T) each
     pad = mask == 0
     start, end = start.float().masked_fill(pad, -1e4), end.float().masked_fill(pad, -1e4)
     loss = (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
+    if "teacher_start" in batch:
+        kd = sum(F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(batch[k] / temperature, -1),
+                          reduction="batchmean", log_target=True)
+                 for s, k in ((start, "teacher_start"), (end, "teacher_end"))) / 2
+        loss = (1 - alpha) * loss + alpha * temperature ** 2 * kd
     return loss, int(mask.shape[0])
 
 
@@ -443,6 +466,28 @@ def _feature_loss(feats: list[dict[str, Any]], starts, ends) -> float:
     return tot / max(n, 1)
 
 
+def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], log) -> None:
+    """The teachers' averaged span logits on each training window, as feats[i]["teacher_start"/"teacher_end"]."""
+    from tqdm import tqdm
+
+    if not 0.0 <= c.distill_alpha <= 1.0 or c.distill_temperature <= 0:
+        raise ConfigError(f"--distill-alpha must be in [0, 1] and --distill-temperature > 0, got {c.distill_alpha}"
+                          f" and {c.distill_temperature}")
+    lq = load_qa_ensemble(c.teacher)
+    if lq.tokenizer.backend.to_str() != tok.backend.to_str():
+        raise CheckpointError(f"--teacher {c.teacher[0]}: its tokenizer differs from {c.model}'s; the teacher must "
+                              "read the same windows")
+    t0 = time.perf_counter()
+    collate = make_collate(tok.pad_id)
+    with tqdm(total=len(feats) * (1 + len(lq.members)), desc="teacher logits", unit="window", disable=None) as bar:
+        runs = [span_logits(m, feats, collate, 64, bar) for m in (lq.model, *lq.members)]
+    for i, f in enumerate(feats):
+        f["teacher_start"] = np.mean([r[0][i] for r in runs], axis=0).astype(np.float32)
+        f["teacher_end"] = np.mean([r[1][i] for r in runs], axis=0).astype(np.float32)
+    log(f"distillation: {len(runs)} teacher model(s) on {len(feats)} windows in {time.perf_counter() - t0:.0f}s; "
+        f"alpha {c.distill_alpha}, temperature {c.distill_temperature}")
+
+
 def train(c: QAConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
     """Fine-tune an encoder for extractive QA; returns a summary (run dir, validation EM/F1, timings)."""
     from lmforge.metrics import squad_scores
@@ -467,6 +512,8 @@ def train(c: QAConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
     info["skipped_unaligned"] = dropped
     if not train_feats:
         raise DataError(f"{c.data}: no training question has its answer text at its answer_start")
+    if c.teacher:
+        _add_teacher_logits(c, tok, train_feats, log)
     collate = make_collate(tok.pad_id)
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
@@ -476,7 +523,8 @@ def train(c: QAConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
         return {"exact_match": sc["exact_match"], "f1": sc["f1"], "eval_loss": _feature_loss(eval_feats, starts, ends)}
 
     run_info = _run_info(c.to_dict(), c.model)
-    run = TaskRun("qa", c.to_dict(), model, train_feats, span_loss,
+    loss_fn = functools.partial(span_loss, alpha=c.distill_alpha, temperature=c.distill_temperature)
+    run = TaskRun("qa", c.to_dict(), model, train_feats, loss_fn,
                   save_fn=lambda m, d, _sd: save_qa(m, tok, run_info, d),
                   eval_fn=eval_fn, eval_metrics=EVAL_METRICS, n_eval=len(eval_feats), collate_fn=collate,
                   lengths=[len(f["input_ids"]) for f in train_feats],
