@@ -348,6 +348,21 @@ def test_distillation_loss_and_training_from_a_teacher(run, bert_dir, data, tmp_
     s = train(c, tc, log=lambda *_: None)
     assert s["best_metric"] >= 80
     assert json.loads((tmp_path / "student" / "qa_config.json").read_text())["teacher"] == [run["run_dir"]]
+    # the teacher's logits are kept in the run dir: a rerun (or --resume) reads them instead of recomputing
+    from lmforge.tasks.qa import TEACHER_CACHE, _add_teacher_logits
+
+    cached = tmp_path / "student" / TEACHER_CACHE
+    assert cached.is_file()
+    fresh = make_features(lq.tokenizer, read_squad(data["train"])[:20], **WINDOW)
+    logs: list[str] = []
+    _add_teacher_logits(c, lq.tokenizer, fresh, tmp_path / "cache", logs.append)
+    again = [dict(f) for f in fresh]
+    _add_teacher_logits(c, lq.tokenizer, again, tmp_path / "cache", logs.append)
+    assert "read from" not in logs[0] and "read from" in logs[1]
+    for f, g in zip(fresh, again):
+        assert np.array_equal(f["teacher_start"], g["teacher_start"]) and len(g["teacher_end"]) == len(f["input_ids"])
+    _add_teacher_logits(c, lq.tokenizer, [dict(f) for f in fresh[:-1]], tmp_path / "cache", logs.append)
+    assert "read from" not in logs[2]  # other windows: recomputed
 
     other = tmp_path / "other-tok"  # the same run, one vocabulary entry renamed
     import shutil

@@ -14,6 +14,7 @@ AutoModelForQuestionAnswering loads the root.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import random
 import time
@@ -30,6 +31,7 @@ from torch import nn
 
 from lmforge.data.squad import SquadExample, read_squad
 from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.io import atomic_write
 from lmforge.tasks.common import TaskRun, check_resumable, find_run_dir, run_training, write_json
 from lmforge.train.batching import pad_batch
 
@@ -466,8 +468,27 @@ def _feature_loss(feats: list[dict[str, Any]], starts, ends) -> float:
     return tot / max(n, 1)
 
 
-def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], log) -> None:
-    """The teachers' averaged span logits on each training window, as feats[i]["teacher_start"/"teacher_end"]."""
+TEACHER_CACHE = "teacher_logits.safetensors"  # in the run dir: a resumed run does not recompute them
+
+
+def _teacher_key(teachers: Sequence[str], feats: list[dict[str, Any]]) -> str:
+    """What the cached logits depend on: the teachers' weight files (path, size, mtime) and every window's ids."""
+    h = hashlib.sha256()
+    for d in teachers:
+        p = find_run_dir(d, RUN_INFO) or Path(d)
+        for f in sorted(p.glob("*.safetensors")):
+            st = f.stat()
+            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for f in feats:
+        h.update(np.asarray(f["input_ids"], np.int32).tobytes() + b"|")
+    return h.hexdigest()
+
+
+def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], run_dir: Path, log) -> None:
+    """The teachers' averaged span logits on each training window, as feats[i]["teacher_start"/"teacher_end"];
+    computed once per run dir (TEACHER_CACHE, written atomically) and reused on --resume."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
     from tqdm import tqdm
 
     if not 0.0 <= c.distill_alpha <= 1.0 or c.distill_temperature <= 0:
@@ -477,6 +498,17 @@ def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], log) -> N
     if lq.tokenizer.backend.to_str() != tok.backend.to_str():
         raise CheckpointError(f"--teacher {c.teacher[0]}: its tokenizer differs from {c.model}'s; the teacher must "
                               "read the same windows")
+    key, cache = _teacher_key(c.teacher, feats), run_dir / TEACHER_CACHE
+    lengths = np.array([len(f["input_ids"]) for f in feats])
+    cuts = np.cumsum(lengths)[:-1]
+    if cache.is_file():
+        with safe_open(str(cache), "np") as fh:
+            if (fh.metadata() or {}).get("key") == key:
+                start, end = np.split(fh.get_tensor("start"), cuts), np.split(fh.get_tensor("end"), cuts)
+                for f, s, e in zip(feats, start, end):
+                    f["teacher_start"], f["teacher_end"] = s, e
+                log(f"distillation: teacher logits of {len(feats)} windows read from {cache}")
+                return
     t0 = time.perf_counter()
     collate = make_collate(tok.pad_id)
     with tqdm(total=len(feats) * (1 + len(lq.members)), desc="teacher logits", unit="window", disable=None) as bar:
@@ -484,6 +516,9 @@ def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], log) -> N
     for i, f in enumerate(feats):
         f["teacher_start"] = np.mean([r[0][i] for r in runs], axis=0).astype(np.float32)
         f["teacher_end"] = np.mean([r[1][i] for r in runs], axis=0).astype(np.float32)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flat = {k: np.concatenate([f["teacher_" + k] for f in feats]) for k in ("start", "end")}
+    atomic_write(cache, lambda tmp: save_file(flat, str(tmp), metadata={"key": key}))
     log(f"distillation: {len(runs)} teacher model(s) on {len(feats)} windows in {time.perf_counter() - t0:.0f}s; "
         f"alpha {c.distill_alpha}, temperature {c.distill_temperature}")
 
@@ -513,7 +548,7 @@ def train(c: QAConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
     if not train_feats:
         raise DataError(f"{c.data}: no training question has its answer text at its answer_start")
     if c.teacher:
-        _add_teacher_logits(c, tok, train_feats, log)
+        _add_teacher_logits(c, tok, train_feats, Path(tc.output_dir), log)
     collate = make_collate(tok.pad_id)
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
