@@ -355,14 +355,17 @@ def test_distillation_loss_and_training_from_a_teacher(run, bert_dir, data, tmp_
     assert cached.is_file()
     fresh = make_features(lq.tokenizer, read_squad(data["train"])[:20], **WINDOW)
     logs: list[str] = []
-    _add_teacher_logits(c, lq.tokenizer, fresh, tmp_path / "cache", logs.append)
+    _add_teacher_logits(c, lq.tokenizer, fresh, tmp_path / "cache", "cpu", logs.append)
     again = [dict(f) for f in fresh]
-    _add_teacher_logits(c, lq.tokenizer, again, tmp_path / "cache", logs.append)
+    _add_teacher_logits(c, lq.tokenizer, again, tmp_path / "cache", "cpu", logs.append)
     assert "read from" not in logs[0] and "read from" in logs[1]
     for f, g in zip(fresh, again):
         assert np.array_equal(f["teacher_start"], g["teacher_start"]) and len(g["teacher_end"]) == len(f["input_ids"])
-    _add_teacher_logits(c, lq.tokenizer, [dict(f) for f in fresh[:-1]], tmp_path / "cache", logs.append)
+    _add_teacher_logits(c, lq.tokenizer, [dict(f) for f in fresh[:-1]], tmp_path / "cache", "cpu", logs.append)
     assert "read from" not in logs[2]  # other windows: recomputed
+    (tmp_path / "cache" / TEACHER_CACHE).write_bytes(b"not safetensors")
+    _add_teacher_logits(c, lq.tokenizer, [dict(f) for f in fresh], tmp_path / "cache", "cpu", logs.append)
+    assert "read from" not in logs[3]  # unreadable: recomputed and replaced
 
     other = tmp_path / "other-tok"  # the same run, one vocabulary entry renamed
     import shutil

@@ -484,24 +484,27 @@ def _teacher_key(teachers: Sequence[str], feats: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
-def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], run_dir: Path, log) -> None:
+def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], run_dir: Path, device: str,
+                        log) -> None:
     """The teachers' averaged span logits on each training window, as feats[i]["teacher_start"/"teacher_end"];
-    computed once per run dir (TEACHER_CACHE, written atomically) and reused on --resume."""
+    computed once per run dir (TEACHER_CACHE, written atomically) on the training device and reused on --resume."""
     from safetensors import safe_open
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
+    from lmforge.train.trainer import resolve_device
+
     if not 0.0 <= c.distill_alpha <= 1.0 or c.distill_temperature <= 0:
         raise ConfigError(f"--distill-alpha must be in [0, 1] and --distill-temperature > 0, got {c.distill_alpha}"
                           f" and {c.distill_temperature}")
-    lq = load_qa_ensemble(c.teacher)
+    lq = load_qa_ensemble(c.teacher, device=str(resolve_device(device)))
     if lq.tokenizer.backend.to_str() != tok.backend.to_str():
         raise CheckpointError(f"--teacher {c.teacher[0]}: its tokenizer differs from {c.model}'s; the teacher must "
                               "read the same windows")
     key, cache = _teacher_key(c.teacher, feats), run_dir / TEACHER_CACHE
     lengths = np.array([len(f["input_ids"]) for f in feats])
     cuts = np.cumsum(lengths)[:-1]
-    if cache.is_file():
+    try:  # a cache for other teachers or windows, or an unreadable one, is recomputed (and replaced)
         with safe_open(str(cache), "np") as fh:
             if (fh.metadata() or {}).get("key") == key:
                 start, end = np.split(fh.get_tensor("start"), cuts), np.split(fh.get_tensor("end"), cuts)
@@ -509,6 +512,8 @@ def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], run_dir: 
                     f["teacher_start"], f["teacher_end"] = s, e
                 log(f"distillation: teacher logits of {len(feats)} windows read from {cache}")
                 return
+    except Exception:  # noqa: BLE001 - missing or not a safetensors file (its error types vary by version)
+        pass
     t0 = time.perf_counter()
     collate = make_collate(tok.pad_id)
     with tqdm(total=len(feats) * (1 + len(lq.members)), desc="teacher logits", unit="window", disable=None) as bar:
@@ -548,7 +553,7 @@ def train(c: QAConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
     if not train_feats:
         raise DataError(f"{c.data}: no training question has its answer text at its answer_start")
     if c.teacher:
-        _add_teacher_logits(c, tok, train_feats, Path(tc.output_dir), log)
+        _add_teacher_logits(c, tok, train_feats, Path(tc.output_dir), tc.device, log)
     collate = make_collate(tok.pad_id)
 
     def eval_fn(m: nn.Module) -> dict[str, float]:
