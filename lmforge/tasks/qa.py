@@ -490,7 +490,6 @@ def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], run_dir: 
     computed once per run dir (TEACHER_CACHE, written atomically) on the training device and reused on --resume."""
     from safetensors import safe_open
     from safetensors.numpy import save_file
-    from tqdm import tqdm
 
     from lmforge.train.trainer import resolve_device
 
@@ -502,8 +501,7 @@ def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], run_dir: 
         raise CheckpointError(f"--teacher {c.teacher[0]}: its tokenizer differs from {c.model}'s; the teacher must "
                               "read the same windows")
     key, cache = _teacher_key(c.teacher, feats), run_dir / TEACHER_CACHE
-    lengths = np.array([len(f["input_ids"]) for f in feats])
-    cuts = np.cumsum(lengths)[:-1]
+    cuts = np.cumsum([len(f["input_ids"]) for f in feats])[:-1]
     try:  # a cache for other teachers or windows, or an unreadable one, is recomputed (and replaced)
         with safe_open(str(cache), "np") as fh:
             if (fh.metadata() or {}).get("key") == key:
@@ -515,17 +513,14 @@ def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], run_dir: 
     except Exception:  # noqa: BLE001 - missing or not a safetensors file (its error types vary by version)
         pass
     t0 = time.perf_counter()
-    collate = make_collate(tok.pad_id)
-    with tqdm(total=len(feats) * (1 + len(lq.members)), desc="teacher logits", unit="window", disable=None) as bar:
-        runs = [span_logits(m, feats, collate, 64, bar) for m in (lq.model, *lq.members)]
-    for i, f in enumerate(feats):
-        f["teacher_start"] = np.mean([r[0][i] for r in runs], axis=0).astype(np.float32)
-        f["teacher_end"] = np.mean([r[1][i] for r in runs], axis=0).astype(np.float32)
+    starts, ends = ensemble_logits(lq, feats, desc="teacher logits", progress=True)
+    for f, st, en in zip(feats, starts, ends):
+        f["teacher_start"], f["teacher_end"] = st.astype(np.float32), en.astype(np.float32)
     run_dir.mkdir(parents=True, exist_ok=True)
     flat = {k: np.concatenate([f["teacher_" + k] for f in feats]) for k in ("start", "end")}
     atomic_write(cache, lambda tmp: save_file(flat, str(tmp), metadata={"key": key}))
-    log(f"distillation: {len(runs)} teacher model(s) on {len(feats)} windows in {time.perf_counter() - t0:.0f}s; "
-        f"alpha {c.distill_alpha}, temperature {c.distill_temperature}")
+    log(f"distillation: {1 + len(lq.members)} teacher model(s) on {len(feats)} windows in "
+        f"{time.perf_counter() - t0:.0f}s; alpha {c.distill_alpha}, temperature {c.distill_temperature}")
 
 
 def train(c: QAConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
@@ -651,26 +646,34 @@ def load_qa_ensemble(run_dirs: Sequence[str | Path], device: str = "cpu") -> Loa
     return first
 
 
+def ensemble_logits(lq: LoadedQA, feats: list[dict[str, Any]], batch_size: int = 64, desc: str = "qa",
+                    progress: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Start and end logits of each feature, averaged over the model and its ensemble members (span_logits).
+    progress: a bar with an ETA on stderr (on a terminal), counting windows times models."""
+    from tqdm import tqdm
+
+    collate = make_collate(lq.tokenizer.pad_id)
+    with tqdm(total=len(feats) * (1 + len(lq.members)), desc=desc, unit="window",
+              disable=None if progress else True) as bar:
+        runs = [span_logits(m, feats, collate, batch_size, bar) for m in (lq.model, *lq.members)]
+    if len(runs) == 1:
+        return runs[0]
+    # an ensemble answers from the mean of its models' logits, feature by feature
+    return ([np.mean(f, axis=0) for f in zip(*(r[0] for r in runs))],
+            [np.mean(f, axis=0) for f in zip(*(r[1] for r in runs))])
+
+
 def predict_examples(lq: LoadedQA, examples: Sequence[SquadExample], batch_size: int = 64,
                      selection: str | None = None, progress: bool = False) -> list[dict[str, Any]]:
     """The best answer of each example, in order: {answer, score, start, end, logit}.
 
     selection: "max" or "expected-f1" (best_answers); None = the run's own (qa.json). progress: a bar with an
     ETA on stderr (on a terminal), counting windows times models."""
-    from tqdm import tqdm
-
     if not examples:
         return []
     feats = make_features(lq.tokenizer, examples, lq.max_length, lq.doc_stride, lq.max_question_length,
                           labels=False, template=lq.template)
-    collate = make_collate(lq.tokenizer.pad_id)
-    with tqdm(total=len(feats) * (1 + len(lq.members)), desc="qa", unit="window",
-              disable=None if progress else True) as bar:
-        starts, ends = span_logits(lq.model, feats, collate, batch_size, bar)
-        runs = [(starts, ends)] + [span_logits(m, feats, collate, batch_size, bar) for m in lq.members]
-    if lq.members:  # an ensemble answers from the mean of its models' logits, feature by feature
-        starts = [np.mean(f, axis=0) for f in zip(*(r[0] for r in runs))]
-        ends = [np.mean(f, axis=0) for f in zip(*(r[1] for r in runs))]
+    starts, ends = ensemble_logits(lq, feats, batch_size, "qa", progress)
     return best_answers(examples, feats, starts, ends, lq.n_best, lq.max_answer_length,
                         selection or lq.answer_selection)
 
