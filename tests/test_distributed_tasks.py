@@ -86,6 +86,14 @@ def test_qa_train_under_torchrun(tmp_path):
                    "--batch-size", "8", "--eval-every", "0", "--no-progress"], tmp_path)
     run, s = _check_run(p, tmp_path)
     assert s["steps"] == 6 and (run / "qa.json").exists() and (run / "model.safetensors").exists()
+    # distillation from that run: the first rank computes the teacher's logits, the other reads its file
+    student = tmp_path / "student"
+    p = _torchrun(["qa", "train", "--model", str(d), "--data", str(train), "--eval-data", str(dev),
+                   "--max-length", "48", "--doc-stride", "16", "--max-question-length", "8", "--max-steps", "2",
+                   "--batch-size", "8", "--eval-every", "0", "--no-progress", "--teacher", str(run),
+                   "--output", str(student)], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stderr.count("distillation: 1 teacher model(s)") == 1 and (student / "teacher_logits.safetensors").exists()
 
 
 def test_finetune_under_torchrun(tmp_path):

@@ -366,6 +366,15 @@ def test_distillation_loss_and_training_from_a_teacher(run, bert_dir, data, tmp_
     (tmp_path / "cache" / TEACHER_CACHE).write_bytes(b"not safetensors")
     _add_teacher_logits(c, lq.tokenizer, [dict(f) for f in fresh], tmp_path / "cache", "cpu", logs.append)
     assert "read from" not in logs[3]  # unreadable: recomputed and replaced
+    import lmforge.tasks.qa as qa_mod
+
+    def no_load(*_a, **_k):
+        raise AssertionError("a cache hit must not load the teachers")
+
+    with pytest.MonkeyPatch.context() as mp:  # a hit reads the file without loading the teacher models
+        mp.setattr(qa_mod, "load_qa_ensemble", no_load)
+        _add_teacher_logits(c, lq.tokenizer, [dict(f) for f in fresh], tmp_path / "cache", "cpu", logs.append)
+    assert "read from" in logs[4]
 
     other = tmp_path / "other-tok"  # the same run, one vocabulary entry renamed
     import shutil
@@ -439,6 +448,15 @@ def test_cli_train(qa_cli, bert_dir, tmp_path, capsys):
     assert load_qa(out).answer_selection == "expected-f1"  # eval and predict use the run's own selection
     assert json.loads((out / "config.json").read_text())["hidden_dropout_prob"] == 0.1
     assert json.loads((out / "qa_config.json").read_text())["max_question_length"] == 8
+
+
+def test_cli_distillation_knobs_need_a_teacher(qa_cli, bert_dir, data, tmp_path, capsys):
+    """--distill-alpha/--distill-temperature without --teacher would be ignored: refused in one line instead."""
+    for flag in ("--distill-alpha", "--distill-temperature"):
+        err = _cli_error(capsys, qa_cli, "train", "--model", str(bert_dir), "--data", str(data["train"]), flag, "0.7",
+                         "--output", str(tmp_path / "r"))
+        assert "need --teacher" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_eval_predict(qa_cli, run, data, tmp_path, capsys):

@@ -42,10 +42,12 @@ QA_FLAGS: dict[str, dict] = {
     "max_eval_samples": dict(type=positive_int, help="validation questions"),
     "teacher": dict(metavar="RUN_DIR", help="distillation: qa run dirs (same tokenizer) whose averaged span "
                     "logits on the training windows the model also learns from"),
-    "distill_alpha": dict(type=float, help="weight of the teacher's KL term (the labels' cross-entropy gets the "
-                          "rest)"),
-    "distill_temperature": dict(type=positive_float, help="softmax temperature of the distillation term"),
+    "distill_alpha": dict(type=float, default=None, help="with --teacher: weight of the teachers' KL term, the "
+                          "labels' cross-entropy gets the rest (default 0.5)"),
+    "distill_temperature": dict(type=positive_float, default=None, help="with --teacher: softmax temperature of "
+                                "the distillation term (default 2)"),
 }
+_DISTILL_KNOBS = {"distill_alpha", "distill_temperature"}  # None on the command line: QAConfig's defaults
 # The measured recipe (docs/qa.md): minilm-l6, 2 epochs at lr 1e-4, batch 16, windows of 384 with stride 128,
 # --precision auto. On all of SQuADShifts nyt it beat 5e-5 and longer schedules on held-out new_wiki questions.
 TRAIN_DEFAULTS = {"epochs": 2.0, "batch_size": 16, "lr": 1e-4, "warmup": 0.1, "eval_every": 200,
@@ -63,7 +65,11 @@ def cmd_qa_train(a: argparse.Namespace) -> int:
     else:
         if not a.data:
             raise LmforgeError("qa train: --data FILE is required (SQuAD v1.1 JSON)")
-        c = QAConfig(**pick(a, QA_FLAGS))
+        given = {k: v for k, v in pick(a, QA_FLAGS).items() if v is not None or k not in _DISTILL_KNOBS}
+        if not a.teacher and _DISTILL_KNOBS & given.keys():
+            raise LmforgeError("qa train: --distill-alpha and --distill-temperature need --teacher RUN_DIR "
+                               "(the models to distill from)")
+        c = QAConfig(**given)
         out = run_dir(a, "qa", c.model)
         prepare_run(a, out)
         tc = train_config(a, out)

@@ -472,11 +472,12 @@ TEACHER_CACHE = "teacher_logits.safetensors"  # in the run dir: a resumed run do
 
 
 def _teacher_key(teachers: Sequence[str], feats: list[dict[str, Any]]) -> str:
-    """What the cached logits depend on: the teachers' weight files (path, size, mtime) and every window's ids."""
+    """What the cached logits depend on: the teachers' weight and tokenizer files (path, size, mtime) and every
+    window's ids. A matching key means the teachers passed the tokenizer check when the cache was written."""
     h = hashlib.sha256()
     for d in teachers:
         p = find_run_dir(d, RUN_INFO) or Path(d)
-        for f in sorted(p.glob("*.safetensors")):
+        for f in sorted([*p.glob("*.safetensors"), *p.glob("tokenizer*.json")]):
             st = f.stat()
             h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     for f in feats:
@@ -484,43 +485,63 @@ def _teacher_key(teachers: Sequence[str], feats: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
-def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], run_dir: Path, device: str,
-                        log) -> None:
-    """The teachers' averaged span logits on each training window, as feats[i]["teacher_start"/"teacher_end"];
-    computed once per run dir (TEACHER_CACHE, written atomically) on the training device and reused on --resume."""
-    from safetensors import safe_open
-    from safetensors.numpy import save_file
-
-    from lmforge.train.trainer import resolve_device
-
+def _check_distillation(c: QAConfig) -> None:
+    if c.teacher is None:
+        return
+    if not c.teacher:
+        raise ConfigError("teacher: an empty list; pass one or more qa run dirs, or None for no distillation")
     if not 0.0 <= c.distill_alpha <= 1.0 or c.distill_temperature <= 0:
         raise ConfigError(f"--distill-alpha must be in [0, 1] and --distill-temperature > 0, got {c.distill_alpha}"
                           f" and {c.distill_temperature}")
-    lq = load_qa_ensemble(c.teacher, device=str(resolve_device(device)))
-    if lq.tokenizer.backend.to_str() != tok.backend.to_str():
-        raise CheckpointError(f"--teacher {c.teacher[0]}: its tokenizer differs from {c.model}'s; the teacher must "
-                              "read the same windows")
-    key, cache = _teacher_key(c.teacher, feats), run_dir / TEACHER_CACHE
-    cuts = np.cumsum([len(f["input_ids"]) for f in feats])[:-1]
+
+
+def _read_teacher_cache(cache: Path, key: str) -> dict[str, np.ndarray] | None:
+    """The cached {"start", "end"} logits (all windows, concatenated) when `cache` holds `key`'s, else None."""
+    from safetensors import safe_open
+
     try:  # a cache for other teachers or windows, or an unreadable one, is recomputed (and replaced)
         with safe_open(str(cache), "np") as fh:
             if (fh.metadata() or {}).get("key") == key:
-                start, end = np.split(fh.get_tensor("start"), cuts), np.split(fh.get_tensor("end"), cuts)
-                for f, s, e in zip(feats, start, end):
-                    f["teacher_start"], f["teacher_end"] = s, e
-                log(f"distillation: teacher logits of {len(feats)} windows read from {cache}")
-                return
+                return {k: fh.get_tensor(k) for k in ("start", "end")}
     except Exception:  # noqa: BLE001 - missing or not a safetensors file (its error types vary by version)
         pass
-    t0 = time.perf_counter()
-    starts, ends = ensemble_logits(lq, feats, desc="teacher logits", progress=True)
-    for f, st, en in zip(feats, starts, ends):
-        f["teacher_start"], f["teacher_end"] = st.astype(np.float32), en.astype(np.float32)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    flat = {k: np.concatenate([f["teacher_" + k] for f in feats]) for k in ("start", "end")}
-    atomic_write(cache, lambda tmp: save_file(flat, str(tmp), metadata={"key": key}))
-    log(f"distillation: {1 + len(lq.members)} teacher model(s) on {len(feats)} windows in "
-        f"{time.perf_counter() - t0:.0f}s; alpha {c.distill_alpha}, temperature {c.distill_temperature}")
+    return None
+
+
+def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], run_dir: Path, device: str,
+                        log) -> None:
+    """The teachers' averaged span logits on each training window, as feats[i]["teacher_start"/"teacher_end"];
+    computed once per run dir (TEACHER_CACHE, written atomically) on the training device and reused on --resume.
+    Under torchrun the first rank of each node computes them while the others wait, then read its file."""
+    from safetensors.numpy import save_file
+
+    from lmforge.train.strategy import leader_first
+    from lmforge.train.trainer import resolve_device
+
+    key, cache = _teacher_key(c.teacher or [], feats), run_dir / TEACHER_CACHE
+
+    def get_or_build() -> dict[str, np.ndarray]:
+        got = _read_teacher_cache(cache, key)
+        if got is not None:
+            log(f"distillation: teacher logits of {len(feats)} windows read from {cache}")
+            return got
+        t0 = time.perf_counter()
+        lq = load_qa_ensemble(c.teacher or [], device=str(resolve_device(device)))
+        if lq.tokenizer.backend.to_str() != tok.backend.to_str():
+            raise CheckpointError(f"--teacher {(c.teacher or [''])[0]}: its tokenizer differs from {c.model}'s; the "
+                                  "teacher must read the same windows")
+        starts, ends = ensemble_logits(lq, feats, desc="teacher logits", progress=True)
+        flat = {"start": np.concatenate(starts).astype(np.float32), "end": np.concatenate(ends).astype(np.float32)}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, lambda tmp: save_file(flat, str(tmp), metadata={"key": key}))
+        log(f"distillation: {1 + len(lq.members)} teacher model(s) on {len(feats)} windows in "
+            f"{time.perf_counter() - t0:.0f}s; alpha {c.distill_alpha}, temperature {c.distill_temperature}")
+        return flat
+
+    flat = leader_first(get_or_build)
+    cuts = np.cumsum([len(f["input_ids"]) for f in feats])[:-1]
+    for f, s, e in zip(feats, np.split(flat["start"], cuts), np.split(flat["end"], cuts)):
+        f["teacher_start"], f["teacher_end"] = s, e
 
 
 def train(c: QAConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
@@ -528,6 +549,7 @@ def train(c: QAConfig, tc, resume: bool = False, log=print) -> dict[str, Any]:
     from lmforge.metrics import squad_scores
     from lmforge.train.trainer import seed_everything
 
+    _check_distillation(c)
     if resume:
         check_resumable(Path(tc.output_dir))
     train_ex, eval_ex, info = load_data(c, seed=tc.seed)
