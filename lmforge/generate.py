@@ -744,9 +744,17 @@ class Generator:
         """quantize="auto": a quantized GGUF decodes on the int4/int8 path matching each tensor's type (exact for
         Q4_0/Q4_1/Q4_K blocks); other checkpoints in float. "none" / None, or an explicit dtype with "auto":
         full precision. 8 or 4: quantize the float weights with DECODE_PRESETS. compile: the decode step,
-        "auto" | "on" | "off" (see DecodeOptions: "auto" compiles a shape once it has enough steps to run)."""
+        "auto" | "on" | "off" (see DecodeOptions: "auto" compiles a shape once it has enough steps to run).
+        device: "cpu", "cuda[:N]" or "auto". The int4/int8 kernels are CPU code, so on a GPU "auto" loads the
+        dequantized weights, in bfloat16 unless `dtype` says otherwise (lmforge.device.inference_dtype)."""
+        from lmforge.device import inference_dtype, resolve_device
+
+        dev = resolve_device(device, "device")
         mode = decode_quantize(quantize, dtype_given=dtype is not None)
-        dtype = torch.float32 if dtype is None else dtype
+        if mode == "auto" and dev.type != "cpu":
+            mode = "none"
+        dtype = (torch.float32 if dev.type == "cpu" else inference_dtype(dev)) if dtype is None else dtype
+        device = str(dev)
         if mode == "auto":
             ck = load_checkpoint(name_or_path, dtype=as_dtype(dtype), device=device, quantized=True)
             model, tok = ck.model, ck.tokenizer
@@ -755,6 +763,16 @@ class Generator:
         if isinstance(mode, int):
             model = quantize_model(model, **DECODE_PRESETS[mode])
         return cls(model, tok, str(name_or_path), compile=compile)
+
+    @property
+    def runs_on(self) -> str:
+        """Where and in what the model decodes, e.g. "cpu, int4 weights" or "cuda:0, bfloat16 weights"."""
+        from lmforge.quant import QuantLinear
+
+        p = next(self.model.parameters())
+        bits = sorted({m.bits for m in self.model.modules() if isinstance(m, QuantLinear)})
+        kind = "/".join(f"int{b}" for b in bits) if bits else str(p.dtype).removeprefix("torch.")
+        return f"{p.device}, {kind} weights"
 
     # -- prompts
     def format_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:

@@ -191,6 +191,7 @@ class _Tok:
 
 class _Gen:
     tokenizer = _Tok()
+    runs_on = "cpu, int4 weights"
 
     def format_chat(self, messages, add_generation_prompt: bool = True) -> str:
         return messages[0]["content"]
@@ -224,7 +225,52 @@ def test_stream_flushes_each_piece_into_a_pipe_and_verbose_reports_speed(monkeyp
     assert pipe.flushed[:3] == ["one ", "one two ", "one two three"]
     err = capsys.readouterr().err
     assert "prompt 2 tokens" in err and "generated 3 tokens" in err and "time to first token" in err
-    assert "tokens/s" in err
+    assert "tokens/s" in err and "(cpu, int4 weights)" in err
+
+
+# ---- --device -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [
+    ["generate", "--prompt", "hi", "--device", "cuda"],
+    ["summarize", "--device", "cuda:1"],
+    ["eval", "--task", "qa", "--data", "x.json", "--device", "cuda"],
+    ["qa", "predict", "--model", "r", "--context", "-", "q?", "--device", "cuda"],
+    ["classify", "predict", "--model", "r", "hello", "--device", "cuda"],
+    ["embed", "minilm-l6", "hello", "--device", "cuda"],
+    ["classify", "train", "--data", "x.csv", "--device", "cuda"],
+    ["serve", "--device", "cuda"],
+])
+def test_a_gpu_this_machine_lacks_is_one_line(capsys, monkeypatch, argv):
+    """Every verb that loads a model takes --device; one this machine does not have fails in one line, before
+    any model or data loads (was: torch's AssertionError from deep inside the load, with a traceback)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("some context"))
+    one_line_error(capsys, argv, "'cuda", "use cpu (or auto)")
+
+
+def test_resolve_device(monkeypatch):
+    from lmforge.device import inference_dtype, resolve_device
+    from lmforge.errors import ConfigError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device(None) == resolve_device("auto") == torch.device("cpu")
+    for bad, why in (("tpu", "unknown device"), ("xla", "not supported")):
+        with pytest.raises(ConfigError, match=f"--device: .*{why}"):
+            resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"--device: 'cuda:2': this machine has 2 CUDA device\(s\)"):
+        resolve_device("cuda:2")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert inference_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_generator_reports_where_it_runs(tiny_dir):
+    from lmforge.generate import Generator
+
+    assert Generator.load(tiny_dir).runs_on == "cpu, float32 weights"
+    assert Generator.load(tiny_dir, dtype="bfloat16").runs_on == "cpu, bfloat16 weights"
+    assert Generator.load(tiny_dir, quantize=4).runs_on == "cpu, int4/int8 weights"  # int4 blocks, the int8 head
 
 
 @pytest.mark.slow

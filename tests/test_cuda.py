@@ -106,6 +106,20 @@ def test_batched_generation_on_cuda_equals_cpu(tiny_dir):
     assert a == gpu.generate(prompts[1], max_new_tokens=12, temperature=1.0, top_k=20, seed=7)  # seeded on CUDA
 
 
+def test_cli_decodes_on_the_gpu_in_bf16_by_default(tiny_dir, capsys):
+    """`--device auto` picks the GPU; weights load in bfloat16 there (float32 on a GPU without it), and
+    --verbose says so."""
+    from lmforge.cli import main
+    from lmforge.generate import Generator
+
+    want = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    assert Generator.load(tiny_dir, device="auto").runs_on == f"cuda:0, {want} weights"
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "the cat", "--max-new-tokens", "8",
+                 "--verbose", "--no-stream"]) == 0
+    assert f"(cuda:0, {want} weights)" in capsys.readouterr().err
+    assert Generator.load(tiny_dir, device="cuda", dtype="float32").runs_on == "cuda:0, float32 weights"
+
+
 def test_compiled_decode_step_on_cuda_equals_eager(tiny_dir):
     """The static step compiled for CUDA ("reduce-overhead": CUDA graphs) gives the eager step's greedy tokens, and
     says which path it took."""

@@ -20,7 +20,7 @@ PKG = ROOT / "lmforge"
 
 # Lowest first. A module may import its own layer and any below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("model", "quant", "cpu_kernels", "tokenizer", "gguf_file", "io", "errors", "config"),
+    ("model", "quant", "cpu_kernels", "tokenizer", "gguf_file", "io", "errors", "config", "device"),
     ("checkpoints",),
     ("generate", "train", "data", "metrics", "flops"),
     ("tasks",),

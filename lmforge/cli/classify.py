@@ -7,6 +7,7 @@ import json
 import sys
 
 from lmforge.cli.common import (
+    DEVICE_HELP,
     LORA_FLAGS,
     add_fields,
     add_train_flags,
@@ -76,10 +77,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from lmforge.device import resolve_device
     from lmforge.metrics import format_report, plot_confusion_matrix
     from lmforge.tasks.classify import ClassifyConfig, evaluate, load_classifier, load_eval_examples
 
-    lc = load_classifier(a.model)
+    lc = load_classifier(a.model, device=str(resolve_device(a.device, "--device")))
     c = ClassifyConfig(**pick(a, DATA_FLAGS))
     examples = load_eval_examples(a.data, c, a.limit)
     rep = evaluate(lc, examples, a.batch_size)
@@ -98,10 +100,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
+    from lmforge.device import resolve_device
     from lmforge.tasks.classify import load_classifier, predict
 
     texts = read_texts(a.text, "classify predict")
-    lc = load_classifier(a.model)
+    lc = load_classifier(a.model, device=str(resolve_device(a.device, "--device")))
     for t, r in zip(texts, predict(lc, texts, a.batch_size)):
         print(json.dumps({"text": t, **r}, ensure_ascii=False))
     return 0
@@ -129,6 +132,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--batch-size", type=positive_int, default=64)
     s.add_argument("--json", action="store_true")
     s.add_argument("--plot", default=None, help="confusion-matrix PNG path (default: RUN_DIR/confusion_matrix.png)")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_fields(s.add_argument_group("data"), ClassifyConfig, DATA_FLAGS)
     s.set_defaults(func=cmd_eval)
 
@@ -136,5 +140,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", required=True, metavar="RUN_DIR")
     s.add_argument("text", nargs="*", metavar="TEXT")
     s.add_argument("--batch-size", type=positive_int, default=64)
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.set_defaults(func=cmd_predict)
 

@@ -26,6 +26,7 @@ directory (config.json + safetensors), a .gguf file, or a hub id (fetched when t
 DEFAULT_LM = "smollm2-135m-instruct"
 RUN_STAMP = "%Y%m%d-%H%M%S"  # the one clock format of run directory names: runs/<task>-<model>-<stamp>
 STAMP_HELP = "YYYYmmdd-HHMMSS"
+DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto: the first CUDA GPU when torch sees one, else the CPU)"
 
 
 # ---- parser ---------------------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
                       "AMX, else fp32 (weights stay float32); the run records its choice and resumes in it"),
     "bf16": dict(help="alias of --precision bf16"),
     "compile": dict(help="torch.compile the model"),
-    "device": dict(help="auto | cpu | cuda | cuda:N"),
+    "device": dict(help=DEVICE_HELP),
     "max_time_s": dict(flag="--max-time", type=positive_float, metavar="SECONDS",
                        help="stop cleanly after this long (checkpoint saved; --resume RUN_DIR continues)"),
     "overwrite": dict(help="start over in a run dir that has checkpoints (they are deleted)"),
@@ -192,6 +193,9 @@ def train_config(a: argparse.Namespace, output_dir: str, late: Mapping[str, Any]
         if kw.get(k) is None:
             kw[k] = v
     kw["output_dir"] = output_dir
+    from lmforge.device import resolve_device
+
+    resolve_device(kw.get("device") or "auto", "--device")  # a device this machine lacks: refused before any load
     return TrainConfig(**kw)
 
 
@@ -379,7 +383,10 @@ def add_gen_flags(s: argparse.ArgumentParser, defaults: Mapping[str, Any] | None
                    help="auto: a quantized GGUF decodes on its matching int4/int8 path (exact for Q4_0/Q4_1/Q4_K), "
                         "other models in float; none: full precision; 8|4: int8/int4 weights from the floats")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="load the weights in this float dtype, unquantized (unless --quantize 8|4)")
+                   help="load the weights in this float dtype, unquantized (unless --quantize 8|4); default: "
+                        "float32 on the CPU, bfloat16 on a GPU that has it")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP + "; on a GPU, quantized GGUF weights are "
+                   "dequantized (the int4/int8 kernels are CPU code)")
     g.add_argument("--truncate", action="store_true",
                    help="keep the last tokens of a prompt that is too long instead of failing")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
@@ -397,12 +404,14 @@ def gen_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def load_generator(model: str, quantize: int | str | None = "auto", dtype: str | None = None):
+def load_generator(model: str, quantize: int | str | None = "auto", dtype: str | None = None,
+                   device: str = "auto"):
     """A Generator for a decoder; an encoder (e.g. minilm-l6) is refused in one line. quantize None (a flag
-    not given) is "auto": quantized GGUF files decode quantized; `--dtype` or `--quantize none` forces float."""
+    not given) is "auto": quantized GGUF files decode quantized; `--dtype` or `--quantize none` forces float.
+    device "auto": the GPU when torch sees one (bf16 weights there), else the CPU."""
     from lmforge.generate import Generator
 
-    gen = Generator.load(model, dtype=dtype, quantize="auto" if quantize is None else quantize)
+    gen = Generator.load(model, dtype=dtype, quantize="auto" if quantize is None else quantize, device=device)
     cfg = gen.model.cfg
     if not cfg.causal:
         raise LmforgeError(f"{model}: a {cfg.family} encoder (bidirectional attention) cannot generate text; use "

@@ -57,7 +57,8 @@ def speed_line(gen, prompt: str, chat: bool, text: str, t0: float, first: float 
     ttft = f"{first - t0:.2f}s" if first is not None else "-"
     decode = f", decode {(n_gen - 1) / (end - first):.1f} tokens/s" if first is not None and n_gen > 1 else ""
     print(f"prompt {n_prompt} tokens, generated {n_gen} tokens, time to first token {ttft}, "
-          f"{n_gen / max(end - t0, 1e-9):.1f} tokens/s overall{decode}, {end - t0:.2f}s", file=sys.stderr)
+          f"{n_gen / max(end - t0, 1e-9):.1f} tokens/s overall{decode}, {end - t0:.2f}s ({gen.runs_on})",
+          file=sys.stderr)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -65,7 +66,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if not prompt.strip():
         raise LmforgeError("generate: empty prompt (pass --prompt TEXT or text on stdin)")
     gen_kwargs(a)  # bad flags fail before the model loads
-    gen = load_generator(a.model, a.quantize, a.dtype)
+    gen = load_generator(a.model, a.quantize, a.dtype, a.device)
     gen.compile = a.compile_decode
     emit(gen, prompt, a, chat=a.chat)
     return 0
@@ -129,7 +130,7 @@ def cmd_summarize(a: argparse.Namespace) -> int:
     texts, labels = read_inputs(a.file)
     kw = gen_kwargs(a)
     shots = fewshot_from_flags(a, "summarize", texts)
-    gen = load_generator(a.model, a.quantize, a.dtype)
+    gen = load_generator(a.model, a.quantize, a.dtype, a.device)
     from lmforge.tasks.seq2seq import sentence_budget
 
     a.sentences = sentence_budget(a.sentences, a.model)  # a fine-tuned run dir: the budget it was trained with
@@ -147,7 +148,7 @@ def cmd_translate(a: argparse.Namespace) -> int:
     texts, labels = read_inputs(a.file)
     kw = gen_kwargs(a) if a.max_new_tokens else None
     shots = fewshot_from_flags(a, "translate", texts)
-    gen = load_generator(a.model, a.quantize, a.dtype)
+    gen = load_generator(a.model, a.quantize, a.dtype, a.device)
     if kw is None:  # sized to the input: a translation runs about as long as its source
         a.max_new_tokens = 2 * max(len(gen.tokenizer.encode(t, add_special_tokens=False)) for t in texts) + 16
         kw = gen_kwargs(a)
@@ -163,7 +164,7 @@ def cmd_ask(a: argparse.Namespace) -> int:
     if any(not q.strip() for q in a.question):
         raise LmforgeError("ask: empty question")
     kw = gen_kwargs(a)
-    gen = load_generator(a.model, a.quantize, a.dtype)
+    gen = load_generator(a.model, a.quantize, a.dtype, a.device)
     prompts = [answer_prompt(context, q) for q in a.question]
     run_task_verb(gen, a, "answer", [context] * len(prompts), prompts, a.question, kw)
     return 0
@@ -171,7 +172,7 @@ def cmd_ask(a: argparse.Namespace) -> int:
 
 def cmd_chat(a: argparse.Namespace) -> int:
     kw = gen_kwargs(a)
-    gen = load_generator(a.model, a.quantize, a.dtype)
+    gen = load_generator(a.model, a.quantize, a.dtype, a.device)
     gen.compile = a.compile_decode
     history: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
     print(f"chatting with {a.model}; /reset clears the history, /exit (or Ctrl-D) quits", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lmforge.cli.common import EPILOG, positive_int, read_texts
+from lmforge.cli.common import DEVICE_HELP, EPILOG, positive_int, read_texts
 
 
 def cmd_info(a: argparse.Namespace) -> int:
@@ -98,10 +98,11 @@ def cmd_embed(a: argparse.Namespace) -> int:
     import sys
 
     from lmforge.checkpoints import load
+    from lmforge.device import resolve_device
     from lmforge.model.heads import embed_texts
 
     texts = read_texts(a.text, "embed")
-    model, tok = load(a.model)
+    model, tok = load(a.model, device=str(resolve_device(a.device, "--device")))
     vecs = embed_texts(model, tok, texts, batch_size=a.batch_size, normalize=a.normalize)
     for v in vecs.tolist():
         sys.stdout.write(json.dumps([round(x, 7) for x in v]) + "\n")
@@ -120,4 +121,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("text", nargs="*", metavar="TEXT", help="texts to embed (default: stdin, one per line)")
     s.add_argument("--batch-size", type=positive_int, default=32)
     s.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.set_defaults(func=cmd_embed)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from lmforge.cli.common import (
+    DEVICE_HELP,
     add_fields,
     add_train_flags,
     check_keep_best,
@@ -88,12 +89,14 @@ def _summary_path(pred: Path) -> Path:
 
 def cmd_qa_eval(a: argparse.Namespace) -> int:
     from lmforge.data.squad import read_squad
+    from lmforge.device import resolve_device
     from lmforge.tasks.qa import evaluate, load_qa_ensemble
 
+    device = str(resolve_device(a.device, "--device"))
     examples = read_squad(a.data)  # bad data fails before the model loads
     if a.limit:
         examples = examples[: a.limit]
-    lq = load_qa_ensemble(a.model)
+    lq = load_qa_ensemble(a.model, device=device)
     if a.answer_selection:
         lq.answer_selection = a.answer_selection
     rep = evaluate(lq, examples, a.batch_size, with_predictions=True, progress=True)
@@ -119,13 +122,14 @@ def cmd_qa_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_qa_predict(a: argparse.Namespace) -> int:
+    from lmforge.device import resolve_device
     from lmforge.tasks.qa import answer, load_qa_ensemble
 
     context = read_input(a.context, "context")  # a missing file fails before the model loads
     questions = [q for q in a.question if q.strip()]
     if not questions:
         raise LmforgeError("qa predict: no question given (pass QUESTION arguments)")
-    lq = load_qa_ensemble(a.model)
+    lq = load_qa_ensemble(a.model, device=str(resolve_device(a.device, "--device")))
     if a.answer_selection:
         lq.answer_selection = a.answer_selection
     for r in answer(lq, context, questions, a.batch_size):
@@ -161,6 +165,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "RUN_DIR/eval-<data>/predictions.jsonl); the summary JSON goes beside it")
     s.add_argument("--answer-selection", choices=("max", "expected-f1"), default=None,
                    help="how the answer span is picked (default: the run's own, from its qa.json)")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_qa_eval)
 
@@ -172,4 +177,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--answer-selection", choices=("max", "expected-f1"), default=None,
                    help="how the answer span is picked (default: the run's own, from its qa.json)")
     s.add_argument("--batch-size", type=positive_int, default=64)
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.set_defaults(func=cmd_qa_predict)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lmforge.cli.common import (
     DEFAULT_LM,
+    DEVICE_HELP,
     LORA_FLAGS,
     RUN_STAMP,
     STAMP_HELP,
@@ -115,15 +116,18 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    from lmforge.device import resolve_device
     from lmforge.tasks.evaluate import EvalConfig, evaluate_task, format_summary
 
+    resolve_device(a.device, "--device")  # a device this machine lacks: refused before the data is read
     model, *ensemble = a.model
     out = a.predictions or str(Path("runs") / f"eval-{a.task}-{Path(model).name}-{time.strftime(RUN_STAMP)}"
                                / "predictions.jsonl")
     c = EvalConfig(task=a.task, model=model, ensemble=tuple(ensemble), data=a.data, limit=a.limit,
                    input_field=a.input_field, target_field=a.target_field, to=a.to, src=a.src, batch_size=a.batch_size,
                    max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, output=out, tail=a.tail,
-                   quantize=a.quantize, shots=a.shots or 0, shots_file=a.shots_file, sentences=a.sentences)
+                   quantize=a.quantize, shots=a.shots or 0, shots_file=a.shots_file, sentences=a.sentences,
+                   device=a.device)
     s = evaluate_task(c, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(s, indent=1) if a.json else format_summary(s))
     return 0
@@ -170,6 +174,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--quantize", choices=["auto", "none", "8", "4"], default="auto",
                    help="auto: a quantized GGUF decodes on its int4/int8 path, other models in float; none: float; "
                    "8|4: int8/int4 weights from the floats")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.add_argument("--predictions", default=None, help="predictions JSONL path (summary.json goes beside it; "
                    f"default: runs/eval-<task>-<model>-{STAMP_HELP}/predictions.jsonl)")
     s.add_argument("--json", action="store_true")

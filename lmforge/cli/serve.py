@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from lmforge.cli.common import DEFAULT_LM, load_generator, non_negative_int, positive_int
+from lmforge.cli.common import DEFAULT_LM, DEVICE_HELP, load_generator, non_negative_int, positive_int
 from lmforge.errors import LmforgeError
 
 
@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "Batches of several rows run eagerly (their shape changes as rows join and leave)")
     s.add_argument("--quantize", choices=["auto", "none", "8", "4"], default="auto",
                    help="auto: a quantized GGUF decodes on its int4/int8 path; none: float32; 8|4: from floats")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP + "; every model of the server loads there (on "
+                   "a GPU: bfloat16 weights, quantized GGUF files dequantized)")
     s.add_argument("--allowed-hosts", default="", metavar="HOST[,HOST...]",
                    help="more names the Host header may carry besides 127.0.0.1, localhost, ::1 and --host "
                         "(DNS rebinding protection); '*' allows any, '.example.com' a domain and its subdomains")
@@ -76,7 +78,9 @@ def build_app(a: argparse.Namespace):
                              max_body_bytes=a.max_body_bytes, prefix_cache_mb=a.prefix_cache_mb,
                              default_max_tokens=min(256, a.max_tokens))
     settings.validate()
-    gen = load_generator(a.model, a.quantize)
+    device = getattr(a, "device", "auto")
+    gen = load_generator(a.model, a.quantize, device=device)
+    device = str(next(gen.model.parameters()).device)  # "auto" resolved: the other models join the generator
     gen.compile = getattr(a, "compile_decode", "auto")
     if a.max_prompt_tokens is not None and a.max_prompt_tokens >= gen.model.cfg.context_length:
         logging.getLogger("lmforge.serve").warning(
@@ -86,11 +90,11 @@ def build_app(a: argparse.Namespace):
     if a.classifier:
         from lmforge.tasks.classify import load_classifier
 
-        classifier = load_classifier(a.classifier)
+        classifier = load_classifier(a.classifier, device=device)
         settings.classifier_name = os.path.basename(os.path.normpath(a.classifier))
     embedder = None
     if a.embedder:
-        embedder = Embedder.load(a.embedder)
+        embedder = Embedder.load(a.embedder, device=device)
     return create_app(gen, embedder=embedder, classifier=classifier, settings=settings)
 
 

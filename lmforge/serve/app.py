@@ -81,10 +81,10 @@ class Embedder:
     name: str = "embedder"
 
     @classmethod
-    def load(cls, name: str) -> Embedder:
+    def load(cls, name: str, device: str = "cpu") -> Embedder:
         from lmforge.checkpoints import load
 
-        model, tok = load(name)
+        model, tok = load(name, device=device)
         if tok is None:
             raise TokenizerError(f"{name}: no tokenizer files: cannot embed text")
         return cls(model, tok, name)

@@ -43,6 +43,7 @@ class EvalConfig:
     shots_file: str | None = None
     sentences: int | None = None  # summarize: the prompt's sentence budget (None: what the model was trained with)
     ensemble: tuple[str, ...] = ()  # qa: more extractive run dirs whose span logits are averaged with model's
+    device: str = "cpu"  # auto | cpu | cuda[:N] (lmforge.device.resolve_device)
 
 
 def _is_qa_run(model: str) -> bool:
@@ -82,9 +83,11 @@ def _generate_all(gen, prompts: list[str], c: EvalConfig, log, fewshot: FewShot 
 def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
     from lmforge import metrics
     from lmforge.data.squad import read_jsonl_pairs, read_squad
+    from lmforge.device import resolve_device
     from lmforge.tasks import prompts as P
     from lmforge.tasks.grounding import check
 
+    device = str(resolve_device(c.device, "device"))
     if c.task not in TASKS:
         raise DataError(f"--task: unknown task {c.task!r} (one of {', '.join(TASKS)})")
     if c.shots and c.task == "qa":
@@ -119,7 +122,7 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
         else:
             from lmforge.generate import Generator
 
-            gen = Generator.load(c.model, quantize=c.quantize)
+            gen = Generator.load(c.model, quantize=c.quantize, device=device)
             if fewshot:
                 prompts = [fewshot.prompt(x) for x, _ in pairs]
             elif c.task == "summarize":
@@ -141,13 +144,13 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
         if _is_qa_run(c.model):  # an extractive model: all windows length-sorted in batches, as `qa eval`
             from lmforge.tasks import qa
 
-            lq = qa.load_qa_ensemble([c.model, *c.ensemble])
+            lq = qa.load_qa_ensemble([c.model, *c.ensemble], device=device)
             found = qa.predict_examples(lq, examples, c.batch_size or 64, progress=True)
             preds_by_id = {ex.id: p["answer"] for ex, p in zip(examples, found)}
         else:
             from lmforge.generate import Generator
 
-            gen = Generator.load(c.model, quantize=c.quantize)
+            gen = Generator.load(c.model, quantize=c.quantize, device=device)
             prompts = [P.answer_prompt(ex.context, ex.question) for ex in examples]
             answers = _generate_all(gen, prompts, c, log)
             preds_by_id = {ex.id: a.split("\n")[0].strip().rstrip(".") for ex, a in zip(examples, answers)}

@@ -41,6 +41,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lmforge.cpu_kernels import cpu_identity
+from lmforge.device import resolve_device as _resolve_device
 from lmforge.errors import TrainingError
 from lmforge.io import atomic_dir, atomic_write, clean_partial, release_free_memory
 from lmforge.train.batching import DatasetBatches
@@ -59,7 +60,7 @@ from lmforge.train.checkpoint import (
 )
 from lmforge.train.plots import EVAL_PREFIX, eval_key, plot_metrics, read_metrics
 from lmforge.train.precision import PRECISIONS, Precision, resolve_precision
-from lmforge.train.strategy import Strategy, choose_strategy, dist_info
+from lmforge.train.strategy import Strategy, choose_strategy
 
 SCHEDULES = ("linear", "cosine", "constant")
 STOP_REASONS = ("completed", "early_stopping", "max_time")
@@ -240,18 +241,8 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """auto: cuda if available else cpu; under torch.distributed a bare "cuda" becomes cuda:LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise TrainingError(f"train config field 'device': unknown device {name!r}") from None
-    if dev.type == "cuda" and dev.index is None:
-        info = dist_info()
-        local = int(os.environ.get("LOCAL_RANK", info.rank % max(1, torch.cuda.device_count())))
-        dev = torch.device("cuda", local if info.world_size > 1 else torch.cuda.current_device())
-    return dev
+    """The training device (see lmforge.device.resolve_device), named as the train config's field."""
+    return _resolve_device(name, "train config field 'device'")
 
 
 def _is_norm(m: nn.Module) -> bool:
