@@ -265,6 +265,26 @@ def test_resolve_device(monkeypatch):
     assert inference_dtype(torch.device("cpu")) == torch.float32
 
 
+def test_info_names_the_paths_of_the_device(monkeypatch, tiny_dir, capsys):
+    """`lmforge info --device` shows what generate would run there: on a GPU, bf16 weights and a quantized GGUF
+    dequantized (the int kernels are CPU code)."""
+    from types import SimpleNamespace
+
+    from lmforge.cli.info import decode_kernels, decode_path
+
+    assert main(["info", str(tiny_dir), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "device          cpu" in out and "torch's float32 matmul on cpu" in out
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = torch.device("cuda", 0)
+    ck = SimpleNamespace(quantization="Q4_1", format="gguf", cfg=SimpleNamespace(causal=True), path="x.gguf")
+    p = decode_path(ck, gpu)
+    assert p.startswith("bfloat16 (the file's Q4_1 blocks dequantized") and "CPU code" in p
+    assert decode_kernels(p, gpu) == "torch's bfloat16 matmul on cuda:0"
+    ck.quantization = "F16"
+    assert decode_path(ck, gpu) == "bfloat16"
+
+
 def test_generator_reports_where_it_runs(tiny_dir):
     from lmforge.generate import Generator
 

@@ -118,6 +118,9 @@ def test_cli_decodes_on_the_gpu_in_bf16_by_default(tiny_dir, capsys):
                  "--verbose", "--no-stream"]) == 0
     assert f"(cuda:0, {want} weights)" in capsys.readouterr().err
     assert Generator.load(tiny_dir, device="cuda", dtype="float32").runs_on == "cuda:0, float32 weights"
+    assert main(["info", str(tiny_dir)]) == 0  # --device auto: the GPU
+    out = capsys.readouterr().out
+    assert "cuda:0" in out and f"torch's {want} matmul on cuda:0" in out and torch.cuda.get_device_name() in out
 
 
 def test_compiled_decode_step_on_cuda_equals_eager(tiny_dir):

@@ -10,9 +10,12 @@ from lmforge.cli.common import DEVICE_HELP, EPILOG, positive_int, read_texts
 
 def cmd_info(a: argparse.Namespace) -> int:
     from lmforge.checkpoints import load_full
+    from lmforge.device import resolve_device
 
+    dev = resolve_device(a.device, "--device")
     ck = load_full(a.model)
     cfg, model = ck.cfg, ck.model
+    path = decode_path(ck, dev)
     info = {
         "model": a.model,
         "family": cfg.family,
@@ -29,10 +32,11 @@ def cmd_info(a: argparse.Namespace) -> int:
         "position": cfg.position + (f" (theta {cfg.rope_theta:g})" if cfg.position == "rotary" else ""),
         "stored_dtype": ck.quantization or cfg.dtype,
         "loaded_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "decode_path": decode_path(ck),
-        "decode_kernels": decode_kernels(decode_path(ck)),
+        "device": str(dev),
+        "decode_path": path,
+        "decode_kernels": decode_kernels(path, dev),
         "decode_step": decode_step(model),
-        "host": host(),
+        "host": host(dev),
         "format": ck.format,
         "file_size": ck.file_size,
         "path": str(ck.path),
@@ -54,9 +58,19 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
-def decode_path(ck) -> str:
-    """The matmul path generate/chat/serve run by default (`--quantize auto`): a quantized GGUF's int path,
-    else the float dtype the weights load in."""
+def decode_path(ck, device=None) -> str:
+    """The matmul path generate/chat/serve run by default (`--quantize auto`) on `device` (default: the CPU): a
+    quantized GGUF's int path, else the float dtype the weights load in (bfloat16 on a GPU that has it)."""
+    import torch
+
+    from lmforge.device import inference_dtype
+
+    dev = torch.device(device or "cpu")
+    if dev.type != "cpu":
+        dtype = str(inference_dtype(dev)).removeprefix("torch.")
+        quantized = ck.quantization and ck.quantization.upper() not in ("F32", "F16", "BF16")
+        return dtype + (f" (the file's {ck.quantization} blocks dequantized: the int kernels are CPU code)"
+                        if quantized else "")
     if ck.format == "gguf" and ck.cfg.causal:
         from lmforge.checkpoints.gguf import decode_path as gguf_decode_path
 
@@ -64,21 +78,24 @@ def decode_path(ck) -> str:
     return str(next(ck.model.parameters()).dtype).removeprefix("torch.")
 
 
-def decode_kernels(path: str) -> str:
+def decode_kernels(path: str, device=None) -> str:
     """Which matmul kernels an int path runs on this machine (lmforge's AVX2 ones, or torch's packed ones)."""
     if not path.startswith("int"):
-        return f"torch's {path} matmul"
+        return f"torch's {path.split()[0]} matmul" + (f" on {device}" if device is not None else "")
     from lmforge.quant import kernel_backend
 
     return kernel_backend()
 
 
-def host() -> str:
-    """The CPU the paths above were chosen for: its name alone can cover CPUs 2.4x apart (docs/benchmarks.md)."""
+def host(device=None) -> str:
+    """The CPU (or GPU) the paths above were chosen for: a CPU's name alone can cover CPUs 2.4x apart
+    (docs/benchmarks.md)."""
     import torch
 
     from lmforge.cpu_kernels import cpu_identity
 
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
     c = cpu_identity()
     fam = f" (family {c['cpu_family']} model {c['cpu_model']})" if "cpu_family" in c and "cpu_model" in c else ""
     simd = " ".join(c["simd"]) or "no AVX2"  # type: ignore[arg-type]
@@ -114,6 +131,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=EPILOG)
     s.add_argument("model", metavar="MODEL")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--device", default="auto", help=DEVICE_HELP + "; the paths shown are the ones it would run")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("embed", help="sentence embeddings (mean pooling), one JSON array per line", epilog=EPILOG)
