@@ -554,7 +554,7 @@ def _sample_loop(model: Transformer, input_ids: torch.Tensor, attention_mask: to
         if stop.numel():
             tok = torch.where(finished, stop[0], tok)
         if seen is not None:
-            seen[torch.arange(B), tok] = True
+            seen[torch.arange(B, device=seen.device), tok] = True
         newly = torch.isin(tok, stop) if stop.numel() else torch.zeros_like(finished)
         if gc.no_repeat_ngram_size:
             out = torch.cat([out, tok[:, None]], 1)
@@ -668,7 +668,7 @@ def beam_search(model: Transformer, input_ids: torch.Tensor, attention_mask: tor
         stepper.reorder(src_beam)
         if seen is not None:
             seen = seen.index_select(0, src_beam)
-            seen[torch.arange(B * nb), run_seq[:, :, step].reshape(-1)] = True
+            seen[torch.arange(B * nb, device=seen.device), run_seq[:, :, step].reshape(-1)] = True
         logits = stepper.step(run_seq[:, :, step].reshape(-1))
     return [fin_seq[b, 0, : int(fin_len[b, 0])].tolist() for b in range(B)]
 

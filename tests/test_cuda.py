@@ -102,6 +102,8 @@ def test_batched_generation_on_cuda_equals_cpu(tiny_dir):
     assert gpu.generate(prompts, max_new_tokens=16) == cpu.generate(prompts, max_new_tokens=16)
     assert gpu.generate(prompts[0], max_new_tokens=12, num_beams=3) == \
         cpu.generate(prompts[0], max_new_tokens=12, num_beams=3)
+    for kw in ({"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2}, {"num_beams": 2, "repetition_penalty": 1.2}):
+        assert gpu.generate(prompts, max_new_tokens=12, **kw) == cpu.generate(prompts, max_new_tokens=12, **kw), kw
     a = gpu.generate(prompts[1], max_new_tokens=12, temperature=1.0, top_k=20, seed=7)
     assert a == gpu.generate(prompts[1], max_new_tokens=12, temperature=1.0, top_k=20, seed=7)  # seeded on CUDA
 
