@@ -20,10 +20,10 @@ $(VENV)/.installed: pyproject.toml requirements-data.txt
 
 # The main job on built-in defaults: fine-tune minilm-l6 on tweets-sentiment, classify a few sentences, evaluate
 # on the test split, then summarize and answer with SmolLM2-Instruct. Each step prints its name and a rough ETA:
-# the fine-tuning takes 2-3 minutes on 2 idle CPU cores, and several times that on a busy machine.
+# the fine-tuning takes 2-3 minutes on 2 idle AVX-512 cores (6.3 on an AVX2-only Zen 1), more on a busy machine.
 DEMO_RUN ?= runs/demo-classify
 demo: install
-	@echo "--- [1/5] fine-tune minilm-l6 on tweets-sentiment (8000 rows): ETA 2-3 min on 2 idle cores, many times that on a busy machine"
+	@echo "--- [1/5] fine-tune minilm-l6 on tweets-sentiment (8000 rows): ETA 2-3 min on 2 idle AVX-512 cores, about 6 on AVX2-only ones, more on a busy machine"
 	$(VENV)/bin/lmforge classify train --output $(DEMO_RUN) --overwrite
 	@echo "--- [2/5] classify three sentences with the fine-tuned model: ETA under a minute"
 	$(VENV)/bin/lmforge classify predict --model $(DEMO_RUN) \

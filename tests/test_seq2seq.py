@@ -112,6 +112,51 @@ def test_eval_summarize_lead_baseline_and_translate(tiny_lm, tmp_path, capsys):
     assert main(["eval", "--task", "translate", "--to", "zz", "--model", str(tiny_lm), "--data", str(t)]) == 2
 
 
+def test_an_interrupted_eval_keeps_its_outputs_and_continues(tiny_lm, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during `eval` keeps every finished batch in predictions.jsonl.partial and says how to continue;
+    the same command then decodes only the rest, and scores what an uninterrupted run scores."""
+    from lmforge.generate import Generator
+
+    t = tmp_path / "t.jsonl"
+    t.write_text("".join(json.dumps({"en": f"one two {w}", "es": f"uno dos {w}"}) + "\n"
+                         for w in "red green blue black white pink gray brown".split()))
+    argv = ["eval", "--task", "translate", "--to", "es", "--model", str(tiny_lm), "--data", str(t),
+            "--max-new-tokens", "4", "--batch-size", "3", "--json"]
+    assert main([*argv, "--predictions", str(tmp_path / "full" / "p.jsonl")]) == 0
+    full = json.loads(capsys.readouterr().out)
+    real, calls, die = Generator.generate, [], [True]
+
+    def dies_on_the_third_batch(self, prompts, **kw):
+        calls.append(len(prompts))
+        if len(calls) == 3 and die[0]:
+            raise KeyboardInterrupt
+        return real(self, prompts, **kw)
+
+    monkeypatch.setattr(Generator, "generate", dies_on_the_third_batch)
+    out = tmp_path / "cut" / "p.jsonl"
+    assert main([*argv, "--predictions", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "6 of 8 outputs kept" in err and f"--predictions {out} to continue" in err
+    assert not out.exists() and len(out.with_name("p.jsonl.partial").read_text().splitlines()) == 1 + 6
+    calls.clear()
+    assert main([*argv, "--predictions", str(out)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert calls == [2]  # only the two outputs the interrupted run had not finished
+    assert again["bleu"] == full["bleu"] and again["chrf"] == full["chrf"]
+    assert [json.loads(x)["prediction"] for x in out.read_text().splitlines()] == \
+        [json.loads(x)["prediction"] for x in (tmp_path / "full" / "p.jsonl").read_text().splitlines()]
+    assert not out.with_name("p.jsonl.partial").exists()
+    # other decoding settings never reuse an interrupted run's outputs
+    calls.clear()
+    other = tmp_path / "other" / "p.jsonl"
+    assert main([*argv, "--predictions", str(other)]) == 130
+    calls.clear()
+    die[0] = False
+    longer = [("6" if a == "4" else a) for a in argv]  # --max-new-tokens 6
+    assert main([*longer, "--predictions", str(other)]) == 0
+    assert calls == [3, 3, 2] and "continuing" not in capsys.readouterr().err
+
+
 def test_bucketed_batches_give_the_loss_of_one_example_at_a_time(tiny_lm):
     """Length-bucketed, padded micro-batches weighted by their target counts (as the Trainer does) give the
     mean over all target tokens of unpadded one-example computation: the same loss and the same gradients."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import DataError
+from lmforge.io import atomic_write
 from lmforge.tasks.prompts import FewShot
 
 TASKS = ("summarize", "translate", "qa")
@@ -60,24 +61,71 @@ def _lead_sentences(text: str, n: int = 3) -> str:
     return " ".join(parts[:n])
 
 
-def _generate_all(gen, prompts: list[str], c: EvalConfig, log, fewshot: FewShot | None = None) -> list[str]:
-    """Batched (c.batch_size prompts per call, left-padded), length-sorted generation: through the chat
-    template, or as plain text with the few-shot stop strings; a progress bar with an ETA on stderr."""
-    from tqdm import tqdm
+PARTIAL_SUFFIX = ".partial"  # predictions.jsonl.partial: the outputs of an unfinished run, one JSON line each
 
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
+
+def _partial_key(c: EvalConfig, prompts: list[str]) -> str:
+    """What an unfinished run's outputs depend on: the model(s), the prompts and the decoding settings."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([c.model, list(c.ensemble), c.quantize, c.max_new_tokens, c.num_beams]).encode())
+    for p in prompts:
+        h.update(p.encode() + b"\0")
+    return h.hexdigest()
+
+
+def _read_partial(path: Path, key: str) -> dict[int, str]:
+    """Outputs kept by an interrupted run with the same key; {} when there is none (or it is another run's).
+    A line cut short by the interruption is ignored."""
+    done: dict[int, str] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return done
+    if not lines or lines[0] != json.dumps({"key": key}):
+        return done
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+            done[int(row["i"])] = str(row["text"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return done
+
+
+def _generate_all(gen, prompts: list[str], c: EvalConfig, log, out: Path, fewshot: FewShot | None = None
+                  ) -> list[str]:
+    """Batched (c.batch_size prompts per call, left-padded) generation through the chat template, or as plain
+    text with the few-shot stop strings; a progress bar with an ETA on stderr. Each finished batch is appended
+    to `out` + PARTIAL_SUFFIX, so an interrupted run loses at most one batch: the same command with the same
+    --predictions continues from there."""
+    from lmforge.tasks.textgen import generate_batched
+
+    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    key = _partial_key(c, prompts)
+    done = _read_partial(partial, key)
+    if done:
+        log(f"eval: continuing an interrupted run: {len(done)} of {len(prompts)} outputs read from {partial}")
+    else:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"key": key}) + "\n", encoding="utf-8")
     kw = dict(chat=False, stop_strings=fewshot.stop_strings) if fewshot else dict(chat=True)
-    bs = c.batch_size or 8
-    with tqdm(total=len(prompts), desc=f"eval {c.task}", unit="ex", disable=None) as bar:
-        for s in range(0, len(order), bs):
-            idx = order[s: s + bs]
-            texts = gen.generate([prompts[i] for i in idx], truncate=True, max_new_tokens=c.max_new_tokens,
-                                 num_beams=c.num_beams, **kw)
-            for i, t in zip(idx, texts):
-                out[i] = t.strip()
-            bar.update(len(idx))
-    return out
+
+    def keep(batch: dict[int, str]) -> None:
+        with open(partial, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"i": i, "text": t}, ensure_ascii=False) + "\n" for i, t in batch.items()))
+            f.flush()
+        kept[0] += len(batch)
+
+    kept = [len(done)]
+    try:
+        return generate_batched(gen, prompts, batch_size=c.batch_size or 8, desc=f"eval {c.task}", progress=True,
+                                done=done, on_batch=keep, truncate=True, max_new_tokens=c.max_new_tokens,
+                                num_beams=c.num_beams, **kw)
+    except KeyboardInterrupt:
+        log(f"eval: interrupted; {kept[0]} of {len(prompts)} outputs kept in {partial}: run the same command "
+            f"with --predictions {out} to continue")
+        raise
 
 
 def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
@@ -88,6 +136,8 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
     from lmforge.tasks.grounding import check
 
     device = str(resolve_device(c.device, "device"))
+    out = Path(c.output) if c.output else Path("runs") / f"eval-{c.task}-{Path(c.model).name}-{int(time.time())}" \
+        / "predictions.jsonl"
     if c.task not in TASKS:
         raise DataError(f"--task: unknown task {c.task!r} (one of {', '.join(TASKS)})")
     if c.shots and c.task == "qa":
@@ -132,7 +182,7 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
                 prompts = [P.summarize_prompt(x, budget) for x, _ in pairs]
             else:
                 prompts = [P.translate_prompt(x, c.to, c.src) for x, _ in pairs]
-            preds = _generate_all(gen, prompts, c, log, fewshot)
+            preds = _generate_all(gen, prompts, c, log, out, fewshot)
         refs = [y for _, y in pairs]
         scores = metrics.rouge_scores(preds, refs) if c.task == "summarize" else metrics.bleu_chrf(preds, refs)
         rows = [{"input": x, "reference": y, "prediction": p, "unsupported": check(x, p, c.task)}
@@ -152,18 +202,15 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
 
             gen = Generator.load(c.model, quantize=c.quantize, device=device)
             prompts = [P.answer_prompt(ex.context, ex.question) for ex in examples]
-            answers = _generate_all(gen, prompts, c, log)
+            answers = _generate_all(gen, prompts, c, log, out)
             preds_by_id = {ex.id: a.split("\n")[0].strip().rstrip(".") for ex, a in zip(examples, answers)}
         scores = metrics.squad_scores(preds_by_id, examples)
         rows = [{"id": ex.id, "question": ex.question, "answers": ex.answers, "prediction": preds_by_id[ex.id],
                  "unsupported": check(ex.context, preds_by_id[ex.id], "qa")} for ex in examples]
     elapsed = time.perf_counter() - t0
-    out = Path(c.output) if c.output else Path("runs") / f"eval-{c.task}-{Path(c.model).name}-{int(time.time())}" \
-        / "predictions.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    out.with_name(out.name + PARTIAL_SUFFIX).unlink(missing_ok=True)  # the full file replaces what it kept
     summary = {"task": c.task, "model": [c.model, *c.ensemble] if c.ensemble else c.model, "data": c.data,
                "examples": len(rows),
                **{k: round(v, 2) if isinstance(v, float) else v for k, v in scores.items()},

@@ -8,6 +8,7 @@ into dollars without reading it against the article. Prompts are the zero-shot o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from lmforge.tasks import prompts as P
@@ -22,24 +23,39 @@ class TaskOutput:
     unsupported: list[dict[str, str]] = field(default_factory=list)
 
 
-def run_prompts(gen, task: str, sources: list[str], prompts: list[str], *, fewshot: P.FewShot | None = None,
-                batch_size: int = 8, progress: bool = False, truncate: bool = False, **gen_kw) -> list[TaskOutput]:
-    """Decode `prompts` batch_size at a time (left-padded, longest first so the ETA is honest) and check each
-    output against its source. `progress`: a tqdm bar with an ETA on stderr."""
+def generate_batched(gen, prompts: list[str], *, batch_size: int = 8, desc: str = "generate",
+                     progress: bool = False, done: Mapping[int, str] | None = None,
+                     on_batch: Callable[[dict[int, str]], None] | None = None, **gen_kw) -> list[str]:
+    """Each prompt's stripped output, decoded batch_size at a time (left-padded; longest first, so the ETA is
+    honest). `done`: outputs already decoded by index (an interrupted run's), skipped; `on_batch` gets each
+    batch's {index: text} as it finishes (e.g. to append them to a file). `progress`: a tqdm bar on stderr."""
     from tqdm import tqdm
 
+    texts = [""] * len(prompts)
+    for i, t in (done or {}).items():
+        texts[i] = t
+    todo = sorted((i for i in range(len(prompts)) if i not in (done or {})), key=lambda i: -len(prompts[i]))
+    disable = None if progress else True  # None: tqdm shows the bar only on a terminal
+    with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=desc, unit="text", disable=disable) as bar:
+        for s in range(0, len(todo), batch_size):
+            idx = todo[s: s + batch_size]
+            outs = gen.generate([prompts[i] for i in idx], **gen_kw)
+            got = {i: t.strip() for i, t in zip(idx, outs)}
+            for i, t in got.items():
+                texts[i] = t
+            if on_batch is not None:
+                on_batch(got)
+            bar.update(len(idx))
+    return texts
+
+
+def run_prompts(gen, task: str, sources: list[str], prompts: list[str], *, fewshot: P.FewShot | None = None,
+                batch_size: int = 8, progress: bool = False, truncate: bool = False, **gen_kw) -> list[TaskOutput]:
+    """Decode `prompts` (generate_batched) and check each output against its source."""
     if fewshot is not None:
         gen_kw["stop_strings"] = [*(gen_kw.get("stop_strings") or []), *fewshot.stop_strings]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    texts: list[str] = [""] * len(prompts)
-    disable = None if progress else True  # None: tqdm shows the bar only on a terminal
-    with tqdm(total=len(prompts), desc=task, unit="text", disable=disable) as bar:
-        for s in range(0, len(order), batch_size):
-            idx = order[s: s + batch_size]
-            outs = gen.generate([prompts[i] for i in idx], chat=fewshot is None, truncate=truncate, **gen_kw)
-            for i, t in zip(idx, outs):
-                texts[i] = t.strip()
-            bar.update(len(idx))
+    texts = generate_batched(gen, prompts, batch_size=batch_size, desc=task, progress=progress,
+                             chat=fewshot is None, truncate=truncate, **gen_kw)
     return [TaskOutput(t, check(src, t, task)) for src, t in zip(sources, texts)]
 
 
