@@ -64,11 +64,20 @@ def _lead_sentences(text: str, n: int = 3) -> str:
 PARTIAL_SUFFIX = ".partial"  # predictions.jsonl.partial: the outputs of an unfinished run, one JSON line each
 
 
+def _weight_files(name: str) -> list[list[Any]]:
+    """(path, size, mtime) of a local model's weight files: a model retrained in place is another model."""
+    p = Path(name)
+    files = [p] if p.is_file() else sorted([*p.glob("*.safetensors"), *p.glob("*.gguf")]) if p.is_dir() else []
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def _partial_key(c: EvalConfig, prompts: list[str]) -> str:
-    """What an unfinished run's outputs depend on: the model(s), the prompts and the decoding settings."""
+    """What an unfinished run's outputs depend on: the model(s) and their weight files, the prompts and the
+    decoding settings."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps([c.model, list(c.ensemble), c.quantize, c.max_new_tokens, c.num_beams]).encode())
+    h = hashlib.sha256(json.dumps([c.model, list(c.ensemble), _weight_files(c.model), c.quantize, c.max_new_tokens,
+                                   c.num_beams]).encode())
     for p in prompts:
         h.update(p.encode() + b"\0")
     return h.hexdigest()
@@ -218,7 +227,7 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
                "elapsed_s": round(elapsed, 1), "predictions": str(out)}
     if fewshot:
         summary.update(shots=c.shots, shots_file=c.shots_file, shot_rows=list(fewshot.rows))
-    out.with_name("summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write(out.with_name("summary.json"), json.dumps(summary, indent=1) + "\n")
     return summary
 
 
