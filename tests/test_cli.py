@@ -274,7 +274,7 @@ def test_info_names_the_paths_of_the_device(monkeypatch, tiny_dir, capsys):
 
     assert main(["info", str(tiny_dir), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "device          cpu" in out and "torch's float32 matmul on cpu" in out
+    assert "device          cpu" in out and "torch's float32 matmul\n" in out
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     gpu = torch.device("cuda", 0)
     ck = SimpleNamespace(quantization="Q4_1", format="gguf", cfg=SimpleNamespace(causal=True), path="x.gguf")

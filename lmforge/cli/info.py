@@ -81,7 +81,8 @@ def decode_path(ck, device=None) -> str:
 def decode_kernels(path: str, device=None) -> str:
     """Which matmul kernels an int path runs on this machine (lmforge's AVX2 ones, or torch's packed ones)."""
     if not path.startswith("int"):
-        return f"torch's {path.split()[0]} matmul" + (f" on {device}" if device is not None else "")
+        on_gpu = device is not None and str(device) != "cpu"
+        return f"torch's {path.split()[0]} matmul" + (f" on {device}" if on_gpu else "")
     from lmforge.quant import kernel_backend
 
     return kernel_backend()
