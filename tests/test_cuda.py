@@ -97,7 +97,8 @@ def test_batched_generation_on_cuda_equals_cpu(tiny_dir):
     """Left-padded batch, sampling with a seed and beams: the same tokens on both devices (float32)."""
     from lmforge.generate import Generator
 
-    cpu, gpu = Generator.load(tiny_dir, compile="off"), Generator.load(tiny_dir, device="cuda", compile="off")
+    cpu = Generator.load(tiny_dir, compile="off")
+    gpu = Generator.load(tiny_dir, device="cuda", dtype="float32", compile="off")  # float32 on both devices
     prompts = ["the cat sat on the mat", "a dog", "one two three four five six"]
     assert gpu.generate(prompts, max_new_tokens=16) == cpu.generate(prompts, max_new_tokens=16)
     assert gpu.generate(prompts[0], max_new_tokens=12, num_beams=3) == \
@@ -132,7 +133,7 @@ def test_compiled_decode_step_on_cuda_equals_eager(tiny_dir):
 
     if why := compiler_missing("cuda"):
         pytest.skip(why)
-    gen = Generator.load(tiny_dir, device="cuda")
+    gen = Generator.load(tiny_dir, device="cuda", dtype="float32")  # bf16 (the GPU default) could flip a near-tie
     off = gen.generate("the cat sat on the mat", max_new_tokens=40, compile="off")
     assert gen.decode_step == "eager (compile off)"
     on = gen.generate("the cat sat on the mat", max_new_tokens=40, compile="on")
@@ -163,7 +164,7 @@ def test_scheduler_on_cuda_gives_each_request_its_text_alone(tiny_dir):
     from lmforge.generate import GenerationConfig, Generator, generate
     from lmforge.serve.batching import GenRequest, SamplingParams, Scheduler
 
-    gen = Generator.load(tiny_dir, device="cuda")
+    gen = Generator.load(tiny_dir, device="cuda", dtype="float32")
     sched = Scheduler(gen.model, gen.tokenizer, max_batch=4, max_queue=8)
     sched.eos = set()
     prompts = [gen.tokenizer.encode(p, add_special_tokens=False)
