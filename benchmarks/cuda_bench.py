@@ -246,6 +246,24 @@ def bench_train(d: Path, dev: torch.device, B: int, T: int, iters: int, peak_bf1
     return rows
 
 
+COLUMNS = [("workload", "workload"), ("impl", "impl"), ("ms", "ms"), ("tokens_s", "tokens/s"),
+           ("x_transformers", "x transformers"), ("mfu_pct", "MFU %"), ("peak_mb", "peak MB"),
+           ("max_diff", "max diff"), ("same_tokens", "same tokens"), ("note", "note")]
+
+
+def report(rows: list[dict], info: dict[str, Any], a: argparse.Namespace) -> Path:
+    """Add each row's ratio to transformers on the same workload, and write the JSON so far."""
+    by_work: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if "tokens_s" in r:
+            by_work.setdefault(r["workload"], {})[r["impl"]] = r["tokens_s"]
+    for r in rows:
+        ref = by_work.get(r["workload"], {}).get("transformers")
+        if ref and "tokens_s" in r:
+            r["x_transformers"] = round(r["tokens_s"] / ref, 2)
+    return write_json(a.out, {"machine": info, "settings": vars(a), "rows": rows})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -277,26 +295,22 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         dirs = write_models(Path(tmp), a.small)
-        if "forward" in parts:
-            rows += bench_forward(dirs, dev, dtype, iters=5 if a.small else 20)
-        if "generate" in parts:
-            rows += bench_generate(dirs["smollm2-135m"], dev, dtype, new, batches, not a.no_compile)
-        if "train" in parts:
-            rows += bench_train(dirs["smollm2-135m"], dev, B, T, 3 if a.small else 10,
-                                info["matmul_bf16_tflops"] * 1e12)
-    by_work: dict[str, dict[str, float]] = {}
-    for r in rows:
-        if "tokens_s" in r:
-            by_work.setdefault(r["workload"], {})[r["impl"]] = r["tokens_s"]
-    for r in rows:
-        ref = by_work.get(r["workload"], {}).get("transformers")
-        if ref and "tokens_s" in r:
-            r["x_transformers"] = round(r["tokens_s"] / ref, 2)
-    cols = [("workload", "workload"), ("impl", "impl"), ("ms", "ms"), ("tokens_s", "tokens/s"),
-            ("x_transformers", "x transformers"), ("mfu_pct", "MFU %"), ("peak_mb", "peak MB"),
-            ("max_diff", "max diff"), ("same_tokens", "same tokens"), ("note", "note")]
-    print(format_table(rows, cols))
-    path = write_json(a.out, {"machine": info, "settings": vars(a), "rows": rows})
+        # the quick parts first, and the results written after each part: a run cut short by its time limit
+        # keeps what it measured (generation compiles the decode step, which takes the longest)
+        for part in ("forward", "train", "generate"):
+            if part not in parts:
+                continue
+            if part == "forward":
+                got = bench_forward(dirs, dev, dtype, iters=5 if a.small else 20)
+            elif part == "train":
+                got = bench_train(dirs["smollm2-135m"], dev, B, T, 3 if a.small else 10,
+                                  info["matmul_bf16_tflops"] * 1e12)
+            else:
+                got = bench_generate(dirs["smollm2-135m"], dev, dtype, new, batches, not a.no_compile)
+            rows += got
+            report(rows, info, a)
+            print(format_table(got, COLUMNS), flush=True)
+    path = report(rows, info, a)
     print(f"results: {path}")
     return 0
 
