@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {info['device']}; matmul fp32 {info['matmul_fp32_tflops']} TFLOP/s, bf16 "
           f"{info['matmul_bf16_tflops']} TFLOP/s; copy {info['copy_gb_s']} GB/s", flush=True)
     rows: list[dict] = []
+    path = report(rows, info, a)  # the peaks are kept even if the run is cut before its first part ends
     with tempfile.TemporaryDirectory() as tmp:
         dirs = write_models(Path(tmp), a.small)
         # the quick parts first, and the results written after each part: a run cut short by its time limit
@@ -310,7 +311,6 @@ def main(argv: list[str] | None = None) -> int:
             rows += got
             report(rows, info, a)
             print(format_table(got, COLUMNS), flush=True)
-    path = report(rows, info, a)
     print(f"results: {path}")
     return 0
 

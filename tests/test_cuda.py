@@ -257,14 +257,11 @@ def test_trainer_on_cuda_resumes_after_a_crash_to_the_same_weights(tmp_path):
 def test_task_training_on_cuda(tmp_path):
     """classify and qa train a few steps on CUDA through the CLI, in bf16 autocast, and their run dirs load."""
     from test_classify import toy_rows, write_csv
-    from test_qa import wordpiece_tokenizer, write_squad
+    from test_qa import tiny_qa_bert, write_squad
 
     from lmforge import cli
 
-    d = tmp_path / "bert"
-    tok = wordpiece_tokenizer()
-    make_hf_model("bert", vocab=tok.vocab_size).save_pretrained(d)
-    tok.save(d)
+    d = tiny_qa_bert(tmp_path / "bert")
     train, dev = write_squad(tmp_path / "train.json", 120, seed=1), write_squad(tmp_path / "dev.json", 30, seed=2)
     assert cli.main(["qa", "train", "--model", str(d), "--data", str(train), "--eval-data", str(dev),
                      "--max-length", "48", "--doc-stride", "16", "--max-question-length", "8", "--max-steps", "6",

@@ -20,7 +20,7 @@ from conftest import make_hf_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_classify import toy_rows, write_csv  # noqa: E402
-from test_qa import wordpiece_tokenizer, write_squad  # noqa: E402
+from test_qa import tiny_qa_bert, write_squad  # noqa: E402
 
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
@@ -76,10 +76,7 @@ def test_classify_train_under_torchrun(tmp_path, case):
 
 
 def test_qa_train_under_torchrun(tmp_path):
-    d = tmp_path / "bert"
-    tok = wordpiece_tokenizer()
-    make_hf_model("bert", vocab=tok.vocab_size).save_pretrained(d)
-    tok.save(d)
+    d = tiny_qa_bert(tmp_path / "bert")
     train, dev = write_squad(tmp_path / "train.json", 120, seed=1), write_squad(tmp_path / "dev.json", 30, seed=2)
     p = _torchrun(["qa", "train", "--model", str(d), "--data", str(train), "--eval-data", str(dev),
                    "--max-length", "48", "--doc-stride", "16", "--max-question-length", "8", "--max-steps", "6",

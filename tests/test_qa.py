@@ -96,7 +96,11 @@ def wordpiece_tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("qa-bert")
+    return tiny_qa_bert(tmp_path_factory.mktemp("qa-bert"))
+
+
+def tiny_qa_bert(d: Path) -> Path:
+    """A tiny random BERT (transformers) with the WordPiece tokenizer of these tests, saved in `d`."""
     tok = wordpiece_tokenizer()
     make_hf_model("bert", vocab=tok.vocab_size).save_pretrained(d)
     tok.save(d)

@@ -518,7 +518,8 @@ def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], run_dir: 
     from lmforge.train.strategy import leader_first
     from lmforge.train.trainer import resolve_device
 
-    key, cache = _teacher_key(c.teacher or [], feats), run_dir / TEACHER_CACHE
+    teachers = list(c.teacher or ())  # train() calls this only with teachers
+    key, cache = _teacher_key(teachers, feats), run_dir / TEACHER_CACHE
 
     def get_or_build() -> dict[str, np.ndarray]:
         got = _read_teacher_cache(cache, key)
@@ -526,9 +527,9 @@ def _add_teacher_logits(c: QAConfig, tok, feats: list[dict[str, Any]], run_dir: 
             log(f"distillation: teacher logits of {len(feats)} windows read from {cache}")
             return got
         t0 = time.perf_counter()
-        lq = load_qa_ensemble(c.teacher or [], device=str(resolve_device(device)))
+        lq = load_qa_ensemble(teachers, device=str(resolve_device(device)))
         if lq.tokenizer.backend.to_str() != tok.backend.to_str():
-            raise CheckpointError(f"--teacher {(c.teacher or [''])[0]}: its tokenizer differs from {c.model}'s; the "
+            raise CheckpointError(f"--teacher {teachers[0]}: its tokenizer differs from {c.model}'s; the "
                                   "teacher must read the same windows")
         starts, ends = ensemble_logits(lq, feats, desc="teacher logits", progress=True)
         flat = {"start": np.concatenate(starts).astype(np.float32), "end": np.concatenate(ends).astype(np.float32)}

@@ -31,10 +31,9 @@ def generate_batched(gen, prompts: list[str], *, batch_size: int = 8, desc: str 
     batch's {index: text} as it finishes (e.g. to append them to a file). `progress`: a tqdm bar on stderr."""
     from tqdm import tqdm
 
-    texts = [""] * len(prompts)
-    for i, t in (done or {}).items():
-        texts[i] = t
-    todo = sorted((i for i in range(len(prompts)) if i not in (done or {})), key=lambda i: -len(prompts[i]))
+    done = done or {}
+    texts = [done.get(i, "") for i in range(len(prompts))]
+    todo = sorted((i for i in range(len(prompts)) if i not in done), key=lambda i: -len(prompts[i]))
     disable = None if progress else True  # None: tqdm shows the bar only on a terminal
     with tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=desc, unit="text", disable=disable) as bar:
         for s in range(0, len(todo), batch_size):
