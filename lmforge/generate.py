@@ -29,7 +29,7 @@ from lmforge.errors import GenerationError, TokenizerError
 from lmforge.io import release_free_memory
 from lmforge.model.layers import KVCache, StaticKV
 from lmforge.model.transformer import Transformer
-from lmforge.quant import DECODE_PRESETS, POLICY, decode_quantize, quantize_model
+from lmforge.quant import DECODE_PRESETS, POLICY, decode_plan, quantize_model
 
 
 @dataclass
@@ -747,13 +747,10 @@ class Generator:
         "auto" | "on" | "off" (see DecodeOptions: "auto" compiles a shape once it has enough steps to run).
         device: "cpu", "cuda[:N]" or "auto". The int4/int8 kernels are CPU code, so on a GPU "auto" loads the
         dequantized weights, in bfloat16 unless `dtype` says otherwise (lmforge.device.inference_dtype)."""
-        from lmforge.device import inference_dtype, resolve_device
+        from lmforge.device import resolve_device
 
         dev = resolve_device(device, "device")
-        mode = decode_quantize(quantize, dtype_given=dtype is not None)
-        if mode == "auto" and dev.type != "cpu":
-            mode = "none"
-        dtype = (torch.float32 if dev.type == "cpu" else inference_dtype(dev)) if dtype is None else dtype
+        mode, dtype = decode_plan(quantize, dtype, dev)
         device = str(dev)
         if mode == "auto":
             ck = load_checkpoint(name_or_path, dtype=as_dtype(dtype), device=device, quantized=True)

@@ -71,6 +71,21 @@ def decode_quantize(quantize: int | str | None, dtype_given: bool = False) -> in
     return int(q) if q.isdigit() else q
 
 
+def decode_plan(quantize: int | str | None, dtype: torch.dtype | str | None,
+                device: torch.device) -> tuple[int | str, torch.dtype | str]:
+    """(quantize mode, weight dtype) that Generator.load uses on `device`, and that `lmforge info` reports.
+    The int4/int8 kernels are CPU code, so on a GPU "auto" means the dequantized weights, in bfloat16 where the
+    GPU has it (lmforge.device.inference_dtype); on the CPU the float weights load in float32."""
+    from lmforge.device import inference_dtype
+
+    mode = decode_quantize(quantize, dtype_given=dtype is not None)
+    if mode == "auto" and device.type != "cpu":
+        mode = "none"
+    if dtype is None:
+        dtype = torch.float32 if device.type == "cpu" else inference_dtype(device)
+    return mode, dtype
+
+
 class QuantError(ConfigError):
     """Unsupported quantization settings (bits, group size) or a layer shape they do not fit."""
 

@@ -285,6 +285,18 @@ def test_info_names_the_paths_of_the_device(monkeypatch, tiny_dir, capsys):
     assert decode_path(ck, gpu) == "bfloat16"
 
 
+def test_decode_plan_is_the_rule_of_load_and_info(monkeypatch):
+    """One function says what Generator.load runs (and `info` reports): int kernels on the CPU only."""
+    from lmforge.quant import decode_plan
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert decode_plan("auto", None, cpu) == ("auto", torch.float32)
+    assert decode_plan("auto", None, gpu) == ("none", torch.bfloat16)
+    assert decode_plan("auto", "float32", gpu) == ("none", "float32")  # an explicit dtype wins, at full precision
+    assert decode_plan(4, None, cpu) == (4, torch.float32)
+
+
 def test_generator_reports_where_it_runs(tiny_dir):
     from lmforge.generate import Generator
 

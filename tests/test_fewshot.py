@@ -153,6 +153,35 @@ def test_task_verbs_batch_several_inputs(tmp_path, monkeypatch, capsys):
     assert "==> Who created? <==" in out and "==> What was created? <==" in out
 
 
+def test_task_verbs_print_what_finished_when_interrupted(tmp_path, monkeypatch, capsys):
+    """Several inputs: each output prints once the inputs before it are done, and Ctrl-C prints every finished
+    output before stopping, so an interrupted run loses only what was not decoded."""
+    files = []
+    for i, x in enumerate(["a short text.", "a much longer text than the other two, with more words in it.",
+                           "a mid-length text here."]):
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text(x)
+    fake = RecordingGen()
+    real = fake.generate
+
+    def generate(prompt, **kw):  # the second batch is interrupted
+        if fake.calls:
+            raise KeyboardInterrupt
+        return real(prompt, **kw)
+
+    fake.generate = generate
+    monkeypatch.setattr("lmforge.cli.generate.load_generator", lambda *a, **k: fake)
+    assert main(["summarize", "--batch-size", "1", *map(str, files)]) == 130
+    out, err = capsys.readouterr()
+    assert out.count("==> ") == 1 and f"==> {files[1]} <==" in out  # the longest ran first, printed at Ctrl-C
+    assert "summarize: interrupted; 1 of 3 outputs printed" in err
+    fake.calls.clear()
+    fake.generate = real
+    assert main(["summarize", "--batch-size", "1", *map(str, files)]) == 0
+    out = capsys.readouterr().out
+    assert [out.index(f"==> {f} <==") for f in files] == sorted(out.index(f"==> {f} <==") for f in files)
+
+
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
     """A tiny random base model (no chat template) that can encode the verses."""

@@ -493,6 +493,44 @@ def test_cli_eval_predict(qa_cli, run, data, tmp_path, capsys):
     assert set(lines[0]) == {"question", "answer", "score", "start", "end"}
 
 
+def test_an_interrupted_qa_eval_keeps_its_answers_and_continues(qa_cli, run, data, tmp_path, capsys,
+                                                                monkeypatch):
+    """Ctrl-C during `qa eval` keeps each finished chunk of answers; the same command answers only the rest
+    and writes what an uninterrupted run writes. `eval --task qa` shares the mechanism (evaluate.qa_answers)."""
+    from lmforge.tasks import qa as qa_mod
+
+    monkeypatch.setattr(qa_mod, "PREDICT_CHUNK", 10)
+    out, f = run["run_dir"], str(data["eval"])
+    argv = ["qa", "eval", "--model", out, "--data", f, "--limit", "30", "--json"]
+    full = tmp_path / "full" / "p.jsonl"
+    assert qa_cli([*argv, "--predictions", str(full)]) == 0
+    ref = json.loads(capsys.readouterr().out)
+    real, calls, die = qa_mod.ensemble_logits, [], [True]
+
+    def dies_in_the_second_chunk(*a, **k):
+        calls.append(len(a[1]))
+        if len(calls) == 2 and die[0]:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(qa_mod, "ensemble_logits", dies_in_the_second_chunk)
+    cut = tmp_path / "cut" / "p.jsonl"
+    assert qa_cli([*argv, "--predictions", str(cut)]) == 130
+    err = capsys.readouterr().err
+    assert "10 of 30 outputs kept" in err and f"--predictions {cut} to continue" in err
+    assert not cut.exists()
+    calls.clear()
+    die[0] = False
+    assert qa_cli([*argv, "--predictions", str(cut)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert len(calls) == 2  # the two chunks the interrupted run had not finished
+    assert (rep["exact_match"], rep["f1"]) == (ref["exact_match"], ref["f1"])
+    assert cut.read_text() == full.read_text() and not cut.with_name("p.jsonl.partial").exists()
+    calls.clear()  # another answer selection is another run: nothing reused
+    assert qa_cli([*argv, "--predictions", str(cut), "--answer-selection", "max"]) == 0
+    assert len(calls) == 3
+
+
 def test_generic_eval_scores_as_qa_eval_and_takes_an_ensemble(qa_cli, run, data, tmp_path, capsys):
     """`lmforge eval --task qa` on extractive run dirs answers through the same windows and selection as `qa
     eval` (one model, or several averaged); several models for a generative task are refused in one line."""

@@ -103,8 +103,9 @@ def fewshot_from_flags(a: argparse.Namespace, task: str, inputs: list[str]):
 
 def run_task_verb(gen, a: argparse.Namespace, task: str, sources: list[str], prompts: list[str],
                   labels: list[str], kw: dict, fewshot=None) -> None:
-    """One input streams as `generate` does; several are decoded --batch-size at a time (left-padded, a
-    progress bar with an ETA on stderr) and printed in input order under `==> LABEL <==`. Unless --no-check,
+    """One input streams as `generate` does; several are decoded --batch-size at a time (left-padded, longest
+    first, a progress bar with an ETA on stderr) and printed in input order under `==> LABEL <==`, each as soon
+    as the inputs before it are done; Ctrl-C prints every finished output before it stops. Unless --no-check,
     each output whose numbers, amounts or names are not in its source gets a warning line on stderr."""
     from lmforge.tasks.grounding import check, warning_line
     from lmforge.tasks.textgen import run_prompts
@@ -116,12 +117,31 @@ def run_task_verb(gen, a: argparse.Namespace, task: str, sources: list[str], pro
         if a.check and (items := check(sources[0], text, task)):
             print(warning_line(items), file=sys.stderr)
         return
-    outs = run_prompts(gen, task, sources, prompts, fewshot=fewshot, batch_size=a.batch_size, progress=True,
-                       truncate=a.truncate, **kw)
-    for label, o in zip(labels, outs):
-        print(f"==> {label} <==\n{o.text}\n", flush=True)
+    ready: dict[int, object] = {}  # finished outputs not printed yet
+    shown = [0]  # outputs 0 .. shown-1 are printed
+
+    def show(i: int) -> None:
+        o = ready.pop(i)
+        print(f"==> {labels[i]} <==\n{o.text}\n", flush=True)
         if a.check and o.unsupported:
-            print(f"{label}: {warning_line(o.unsupported)}", file=sys.stderr)
+            print(f"{labels[i]}: {warning_line(o.unsupported)}", file=sys.stderr)
+
+    def finished(i: int, o) -> None:  # print in input order as soon as every earlier input is done
+        ready[i] = o
+        while shown[0] in ready:
+            show(shown[0])
+            shown[0] += 1
+
+    try:
+        run_prompts(gen, task, sources, prompts, fewshot=fewshot, batch_size=a.batch_size, progress=True,
+                    truncate=a.truncate, on_output=finished, **kw)
+    except KeyboardInterrupt:  # what is finished is printed, never lost
+        n_done = shown[0] + len(ready)
+        for i in sorted(ready):
+            show(i)
+        print(f"{task}: interrupted; {n_done} of {len(prompts)} outputs printed (the rest were not decoded)",
+              file=sys.stderr)
+        raise
 
 
 def cmd_summarize(a: argparse.Namespace) -> int:

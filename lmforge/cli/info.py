@@ -60,22 +60,21 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 def decode_path(ck, device=None) -> str:
     """The matmul path generate/chat/serve run by default (`--quantize auto`) on `device` (default: the CPU): a
-    quantized GGUF's int path, else the float dtype the weights load in (bfloat16 on a GPU that has it)."""
+    quantized GGUF's int path, else the float dtype the weights load in (quant.decode_plan, as Generator.load)."""
     import torch
 
-    from lmforge.device import inference_dtype
+    from lmforge.quant import decode_plan
 
     dev = torch.device(device or "cpu")
-    if dev.type != "cpu":
-        dtype = str(inference_dtype(dev)).removeprefix("torch.")
-        quantized = ck.quantization and ck.quantization.upper() not in ("F32", "F16", "BF16")
-        return dtype + (f" (the file's {ck.quantization} blocks dequantized: the int kernels are CPU code)"
-                        if quantized else "")
-    if ck.format == "gguf" and ck.cfg.causal:
+    mode, dtype = decode_plan("auto", None, dev)
+    if mode == "auto" and ck.format == "gguf" and ck.cfg.causal:
         from lmforge.checkpoints.gguf import decode_path as gguf_decode_path
 
         return gguf_decode_path(ck.path)
-    return str(next(ck.model.parameters()).dtype).removeprefix("torch.")
+    quantized = ck.quantization and ck.quantization.upper() not in ("F32", "F16", "BF16")
+    return str(dtype).removeprefix("torch.") + (
+        f" (the file's {ck.quantization} blocks dequantized: the int kernels are CPU code)"
+        if quantized and dev.type != "cpu" else "")
 
 
 def decode_kernels(path: str, device=None) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 
 from lmforge.cli.common import (
@@ -90,27 +92,32 @@ def _summary_path(pred: Path) -> Path:
 def cmd_qa_eval(a: argparse.Namespace) -> int:
     from lmforge.data.squad import read_squad
     from lmforge.device import resolve_device
-    from lmforge.tasks.qa import evaluate, load_qa_ensemble
+    from lmforge.io import atomic_write
+    from lmforge.tasks.evaluate import qa_answers
+    from lmforge.tasks.qa import load_qa_ensemble, score
 
     device = str(resolve_device(a.device, "--device"))
     examples = read_squad(a.data)  # bad data fails before the model loads
     if a.limit:
         examples = examples[: a.limit]
+    if not examples:
+        raise LmforgeError(f"{a.data}: no questions to score")
     lq = load_qa_ensemble(a.model, device=device)
     if a.answer_selection:
         lq.answer_selection = a.answer_selection
-    rep = evaluate(lq, examples, a.batch_size, with_predictions=True, progress=True)
-    rows = rep.pop("predictions")
     out = (Path(a.predictions) if a.predictions
            else Path(a.model[0]) / f"eval-{Path(a.data).stem}" / "predictions.jsonl")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    t0 = time.perf_counter()
+    try:  # answers kept chunk by chunk: an interrupted run continues where it stopped (PartialOutputs)
+        preds = qa_answers(lq, examples, a.batch_size, out, list(a.model), lambda m: print(m, file=sys.stderr),
+                           "qa eval")
+        rep = score(examples, preds, time.perf_counter() - t0, with_predictions=True)
+        rows = rep.pop("predictions")
+        atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         summary = {"model": a.model[0] if len(a.model) == 1 else a.model, "data": str(a.data), **rep,
                    "exact_match": round(rep["exact_match"], 2), "f1": round(rep["f1"], 2), "predictions": str(out)}
-        _summary_path(out).write_text(json.dumps(summary, indent=1) + "\n")
+        atomic_write(_summary_path(out), json.dumps(summary, indent=1) + "\n")
+        out.with_name(out.name + ".partial").unlink(missing_ok=True)
     except OSError as e:
         raise LmforgeError(f"{out}: cannot write predictions ({e.strerror or e})") from None
     if a.json:

@@ -71,69 +71,92 @@ def _weight_files(name: str) -> list[list[Any]]:
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
-def _partial_key(c: EvalConfig, prompts: list[str]) -> str:
-    """What an unfinished run's outputs depend on: the model(s) and their weight files, the prompts and the
-    decoding settings."""
+def partial_key(models: list[str], settings: list[Any], inputs: list[str]) -> str:
+    """What an unfinished run's outputs depend on: the models and their weight files, the settings that change
+    an output, and the inputs."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps([c.model, list(c.ensemble), _weight_files(c.model), c.quantize, c.max_new_tokens,
-                                   c.num_beams]).encode())
-    for p in prompts:
-        h.update(p.encode() + b"\0")
+    h = hashlib.sha256(json.dumps([models, [_weight_files(m) for m in models], settings]).encode())
+    for x in inputs:
+        h.update(x.encode() + b"\0")
     return h.hexdigest()
 
 
-def _read_partial(path: Path, key: str) -> dict[int, str]:
-    """Outputs kept by an interrupted run with the same key; {} when there is none (or it is another run's).
-    A line cut short by the interruption is ignored."""
-    done: dict[int, str] = {}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return done
-    if not lines or lines[0] != json.dumps({"key": key}):
-        return done
-    for line in lines[1:]:
+class PartialOutputs:
+    """`predictions.jsonl.partial`: the outputs of an unfinished run, appended as each batch finishes, so an
+    interrupted run loses at most one batch. The same command with the same --predictions reads them back
+    (`done`, by input index) when its key matches, i.e. same models, settings and inputs; else it starts over."""
+
+    def __init__(self, out: Path, key: str, total: int, log, what: str = "eval") -> None:
+        self.path, self.out = out.with_name(out.name + PARTIAL_SUFFIX), out
+        self.total, self.log, self.what = total, log, what
+        self.done: dict[int, Any] = {}
+        header = json.dumps({"key": key})
         try:
-            row = json.loads(line)
-            done[int(row["i"])] = str(row["text"])
-        except (ValueError, KeyError, TypeError):
-            continue
-    return done
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError):
+            lines = []
+        if lines and lines[0] == header:
+            for line in lines[1:]:
+                try:  # a line cut short by the interruption is ignored
+                    row = json.loads(line)
+                    self.done[int(row["i"])] = row["text"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+        if self.done:
+            log(f"{what}: continuing an interrupted run: {len(self.done)} of {total} outputs read from {self.path}")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(header + "\n", encoding="utf-8")
+        self.kept = len(self.done)
+
+    def keep(self, batch: dict[int, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({"i": i, "text": t}, ensure_ascii=False) + "\n" for i, t in batch.items()))
+            f.flush()
+        self.kept += len(batch)
+
+    def interrupted(self) -> None:
+        self.log(f"{self.what}: interrupted; {self.kept} of {self.total} outputs kept in {self.path}: run the same "
+                 f"command with --predictions {self.out} to continue")
+
+    def finish(self) -> None:
+        """The full predictions file now holds everything: the partial one goes."""
+        self.path.unlink(missing_ok=True)
 
 
 def _generate_all(gen, prompts: list[str], c: EvalConfig, log, out: Path, fewshot: FewShot | None = None
                   ) -> list[str]:
     """Batched (c.batch_size prompts per call, left-padded) generation through the chat template, or as plain
-    text with the few-shot stop strings; a progress bar with an ETA on stderr. Each finished batch is appended
-    to `out` + PARTIAL_SUFFIX, so an interrupted run loses at most one batch: the same command with the same
-    --predictions continues from there."""
+    text with the few-shot stop strings; a progress bar with an ETA on stderr. Finished batches are kept in
+    PartialOutputs, so the same command with the same --predictions continues an interrupted run."""
     from lmforge.tasks.textgen import generate_batched
 
-    partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    key = _partial_key(c, prompts)
-    done = _read_partial(partial, key)
-    if done:
-        log(f"eval: continuing an interrupted run: {len(done)} of {len(prompts)} outputs read from {partial}")
-    else:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps({"key": key}) + "\n", encoding="utf-8")
+    kept = PartialOutputs(out, partial_key([c.model, *c.ensemble], [c.quantize, c.max_new_tokens, c.num_beams],
+                                           prompts), len(prompts), log)
     kw = dict(chat=False, stop_strings=fewshot.stop_strings) if fewshot else dict(chat=True)
-
-    def keep(batch: dict[int, str]) -> None:
-        with open(partial, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps({"i": i, "text": t}, ensure_ascii=False) + "\n" for i, t in batch.items()))
-            f.flush()
-        kept[0] += len(batch)
-
-    kept = [len(done)]
     try:
         return generate_batched(gen, prompts, batch_size=c.batch_size or 8, desc=f"eval {c.task}", progress=True,
-                                done=done, on_batch=keep, truncate=True, max_new_tokens=c.max_new_tokens,
-                                num_beams=c.num_beams, **kw)
+                                done={i: str(t) for i, t in kept.done.items()}, on_batch=kept.keep, truncate=True,
+                                max_new_tokens=c.max_new_tokens, num_beams=c.num_beams, **kw)
     except KeyboardInterrupt:
-        log(f"eval: interrupted; {kept[0]} of {len(prompts)} outputs kept in {partial}: run the same command "
-            f"with --predictions {out} to continue")
+        kept.interrupted()
+        raise
+
+
+def qa_answers(lq, examples, batch_size: int, out: Path, models: list[str], log, what: str = "eval"
+               ) -> list[dict[str, Any]]:
+    """Extractive answers (qa.predict_examples), kept chunk by chunk in PartialOutputs like _generate_all's."""
+    from lmforge.tasks import qa
+
+    inputs = [json.dumps([ex.id, ex.question, ex.context]) for ex in examples]
+    settings = [lq.max_length, lq.doc_stride, lq.max_question_length, lq.n_best, lq.max_answer_length,
+                lq.answer_selection, batch_size]
+    kept = PartialOutputs(out, partial_key(models, settings, inputs), len(examples), log, what)
+    try:
+        return qa.predict_examples(lq, examples, batch_size, progress=True, done=kept.done, on_chunk=kept.keep)
+    except KeyboardInterrupt:
+        kept.interrupted()
         raise
 
 
@@ -204,7 +227,7 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
             from lmforge.tasks import qa
 
             lq = qa.load_qa_ensemble([c.model, *c.ensemble], device=device)
-            found = qa.predict_examples(lq, examples, c.batch_size or 64, progress=True)
+            found = qa_answers(lq, examples, c.batch_size or 64, out, [c.model, *c.ensemble], log)
             preds_by_id = {ex.id: p["answer"] for ex, p in zip(examples, found)}
         else:
             from lmforge.generate import Generator

@@ -49,13 +49,23 @@ def generate_batched(gen, prompts: list[str], *, batch_size: int = 8, desc: str 
 
 
 def run_prompts(gen, task: str, sources: list[str], prompts: list[str], *, fewshot: P.FewShot | None = None,
-                batch_size: int = 8, progress: bool = False, truncate: bool = False, **gen_kw) -> list[TaskOutput]:
-    """Decode `prompts` (generate_batched) and check each output against its source."""
+                batch_size: int = 8, progress: bool = False, truncate: bool = False,
+                on_output: Callable[[int, TaskOutput], None] | None = None, **gen_kw) -> list[TaskOutput]:
+    """Decode `prompts` (generate_batched) and check each output against its source. `on_output(i, output)`
+    is called as each batch finishes (longest prompts first), e.g. to print results before the last batch."""
     if fewshot is not None:
         gen_kw["stop_strings"] = [*(gen_kw.get("stop_strings") or []), *fewshot.stop_strings]
-    texts = generate_batched(gen, prompts, batch_size=batch_size, desc=task, progress=progress,
-                             chat=fewshot is None, truncate=truncate, **gen_kw)
-    return [TaskOutput(t, check(src, t, task)) for src, t in zip(sources, texts)]
+    outs: dict[int, TaskOutput] = {}
+
+    def finished(batch: dict[int, str]) -> None:
+        for i in sorted(batch):
+            outs[i] = TaskOutput(batch[i], check(sources[i], batch[i], task))
+            if on_output is not None:
+                on_output(i, outs[i])
+
+    generate_batched(gen, prompts, batch_size=batch_size, desc=task, progress=progress, on_batch=finished,
+                     chat=fewshot is None, truncate=truncate, **gen_kw)
+    return [outs[i] for i in range(len(prompts))]
 
 
 def _one_or_many(x: str | list[str]) -> tuple[list[str], bool]:
