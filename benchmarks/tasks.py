@@ -32,7 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS_DIR, format_table, machine_info, write_json
+from benchmarks.common import RESULTS_DIR, format_table, machine_info, measured_peaks, write_json
 from lmforge.train.plots import eval_key
 
 SCALES = {  # quick: the LoRA fine-tunes are sized to ~10 minutes each on 2 CPU cores (SmolLM2 at ~1.5 s per 1k tokens)
@@ -250,9 +250,11 @@ def main() -> None:
         log = [c for c in old.get("commands", []) if any(_command_task(c["command"]) == t for t in keep)]
         curves = {k: c for k, c in old.get("curves", {}).items() if k.split(":")[0] in keep}
 
+    peaks = measured_peaks(2)  # this host's own ceilings, measured before the work (the commands use 2 threads)
+
     def save() -> None:  # after every task, so an interrupted run keeps what it measured
-        write_json(a.out, {"machine": machine_info(), "scale": a.scale, "limits": s, "rows": rows, "commands": log,
-                           "curves": curves})
+        write_json(a.out, {"machine": machine_info(), "peaks": peaks, "scale": a.scale, "limits": s, "rows": rows,
+                           "commands": log, "curves": curves})
 
     if a.scale == "full":
         run_full(steps, data, runs, lm, rows, log, save, curves, a.qa_models)

@@ -1,15 +1,16 @@
 """lmforge's own CPU kernels (csrc/qmm_avx2.cpp): int4/int8 weights times int8 activation blocks, and a
 one-pass RMSNorm for decode steps.
 
-Why they exist: on CPUs without AVX-512 torch's packed int4/int8 kernels convert every weight to float and
-multiply with FMA, which made batch-1 decoding 0.45-0.66x llama.cpp there (docs/benchmarks.md; 0.79x with
-these). These kernels do what llama.cpp does on such CPUs: quantize the activations to int8 per block of 32 and
-take integer dot products. They read lmforge's own storage (nibbles, scales, mins), so no second copy of the
-weights exists.
+Why they exist: torch's packed int4/int8 CPU kernels convert every weight to float and multiply with FMA (in
+bf16 on AVX-512), which made batch-1 decoding 0.45-0.66x llama.cpp on AVX2 CPUs and 0.78x on an AVX-512 Zen 4
+(docs/benchmarks.md; 1.08x and 1.13x with these). These kernels do what llama.cpp does: quantize the
+activations to int8 per block of 32 and take integer dot products. They read lmforge's own storage (nibbles,
+scales, mins), so no second copy of the weights exists.
 
 The C++ is compiled once per machine with the system's C++ compiler (about 10 s) into the cache, then loaded
-with torch.ops.load_library. Policy (env LMFORGE_CPU_KERNELS): "auto" (default) uses them where torch's CPU
-capability is AVX2 (where they were measured faster), "on" wherever the CPU has AVX2 and FMA, "off" never.
+with torch.ops.load_library. Policy (env LMFORGE_CPU_KERNELS): "auto" (default) uses them wherever the CPU has
+AVX2, FMA and F16C except on AMX CPUs (there torch's kernels were the measured default that reached llama.cpp's
+speed; these were not measured on one), "on" wherever the CPU has AVX2, FMA and F16C, "off" never.
 A failed build is reported once and the torch kernels run instead.
 """
 
@@ -80,11 +81,6 @@ def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
 
 
 @functools.cache
-def _capability() -> str:
-    return torch.backends.cpu.get_cpu_capability()  # AVX2, AVX512, ... (fixed for the process)
-
-
-@functools.cache
 def _has_isa() -> bool:
     return {"avx2", "fma", "f16c"} <= cpu_flags()
 
@@ -103,8 +99,8 @@ def _wanted() -> str | None:
         return "LMFORGE_CPU_KERNELS=off"
     if not _has_isa():
         return "the CPU lacks AVX2, FMA or F16C"
-    if p == "auto" and _capability() != "AVX2":
-        return f"torch's own kernels are used on {_capability()} CPUs"
+    if p == "auto" and "amx_bf16" in cpu_flags():
+        return "torch's own kernels are used on AMX CPUs"
     return None
 
 
