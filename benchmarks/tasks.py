@@ -330,7 +330,8 @@ def main() -> None:
                      "error": r.get("error")})
 
     if curves:
-        png = Path(a.out).with_name("tasks_curves.png")
+        out_name = Path(a.out).stem  # tasks_full.json -> tasks_curves.png; tasks_full_X.json -> tasks_curves_X.png
+        png = Path(a.out).with_name("tasks_curves" + out_name.removeprefix("tasks_full").removeprefix("tasks") + ".png")
         plot_curves(curves, png)
         print(f"curves: {png}")
     cols = [("task", "task"), ("model", "model"), ("minutes", "train min"), ("precision", "precision"),
