@@ -93,7 +93,7 @@ def cmd_qa_eval(a: argparse.Namespace) -> int:
     from lmforge.data.squad import read_squad
     from lmforge.device import resolve_device
     from lmforge.io import atomic_write
-    from lmforge.tasks.evaluate import qa_answers
+    from lmforge.tasks.evaluate import PARTIAL_SUFFIX, qa_answers
     from lmforge.tasks.qa import load_qa_ensemble, score
 
     device = str(resolve_device(a.device, "--device"))
@@ -117,7 +117,7 @@ def cmd_qa_eval(a: argparse.Namespace) -> int:
         summary = {"model": a.model[0] if len(a.model) == 1 else a.model, "data": str(a.data), **rep,
                    "exact_match": round(rep["exact_match"], 2), "f1": round(rep["f1"], 2), "predictions": str(out)}
         atomic_write(_summary_path(out), json.dumps(summary, indent=1) + "\n")
-        out.with_name(out.name + ".partial").unlink(missing_ok=True)
+        out.with_name(out.name + PARTIAL_SUFFIX).unlink(missing_ok=True)  # the full file replaces what it kept
     except OSError as e:
         raise LmforgeError(f"{out}: cannot write predictions ({e.strerror or e})") from None
     if a.json:

@@ -120,10 +120,6 @@ class PartialOutputs:
         self.log(f"{self.what}: interrupted; {self.kept} of {self.total} outputs kept in {self.path}: run the same "
                  f"command with --predictions {self.out} to continue")
 
-    def finish(self) -> None:
-        """The full predictions file now holds everything: the partial one goes."""
-        self.path.unlink(missing_ok=True)
-
 
 def _generate_all(gen, prompts: list[str], c: EvalConfig, log, out: Path, fewshot: FewShot | None = None
                   ) -> list[str]:
