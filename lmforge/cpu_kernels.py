@@ -107,12 +107,20 @@ def _wanted() -> str | None:
 def _build_dir() -> Path:
     """One directory per (source, torch build, compiler flags): a change of any rebuilds."""
     h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(f"{torch.__version__}|{torch._C._GLIBCXX_USE_CXX11_ABI}|{' '.join(_FLAGS)}".encode())
+    h.update(f"{torch.__version__}|{torch._C._GLIBCXX_USE_CXX11_ABI}|{' '.join(_flags())}".encode())
     return cache_root() / "kernels" / f"qmm_avx2-{h.hexdigest()[:16]}"
 
 
 # -ffp-contract=off: the dense path dequantizes as q * scale + min with two roundings, as lmforge's Python does
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+_VNNI_FLAGS = ("-mavx512vnni", "-mavx512vl")  # vpdpbusd on 256-bit registers, where the CPU has it
+
+
+@functools.cache
+def _flags() -> tuple[str, ...]:
+    """_FLAGS, plus AVX512-VNNI where this CPU has it (then the build dir, hashed on the flags, differs)."""
+    vnni = {"avx512_vnni", "avx512vl"} <= cpu_flags() and os.environ.get("LMFORGE_CPU_VNNI", "1") != "0"
+    return _FLAGS + (_VNNI_FLAGS if vnni else ())
 
 
 def _compile(out: Path) -> None:
@@ -121,7 +129,7 @@ def _compile(out: Path) -> None:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    cmd = [cxx, *_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    cmd = [cxx, *_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", str(out),
            *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True)

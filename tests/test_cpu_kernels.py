@@ -155,6 +155,18 @@ def test_auto_policy_uses_them_on_avx512_but_leaves_amx_to_torch(monkeypatch):
     assert cpu_kernels._wanted() is None
 
 
+def test_vnni_build_only_where_the_cpu_has_it(monkeypatch):
+    base = {"avx2", "fma", "f16c", "avx512f"}
+    monkeypatch.delenv("LMFORGE_CPU_VNNI", raising=False)
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset(base | {"avx512_vnni", "avx512vl"}))
+    assert "-mavx512vnni" in cpu_kernels._flags.__wrapped__()
+    monkeypatch.setenv("LMFORGE_CPU_VNNI", "0")  # the two-step path, for comparisons
+    assert "-mavx512vnni" not in cpu_kernels._flags.__wrapped__()
+    monkeypatch.delenv("LMFORGE_CPU_VNNI")
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset(base))
+    assert cpu_kernels._flags.__wrapped__() == cpu_kernels._FLAGS
+
+
 def test_rms_norm_op_equals_torch_and_serves_inference_only(own, monkeypatch):
     from lmforge.model.layers import RMSNorm
 

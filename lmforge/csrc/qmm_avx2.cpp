@@ -32,6 +32,16 @@
 
 namespace {
 
+// Built with -mavx512vnni -mavx512vl where the CPU has them (cpu_kernels._flags): each 4-byte group's integer
+// dot product is then one vpdpbusd instead of vpmaddubsw + vpmaddwd, with the same int32 results (the int16
+// sums of the two-step path cannot saturate for these operands, so both paths are exact). Measured on a Zen 4:
+// 5-10% less time per call at 1 to 32 rows (docs/quantization.md).
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LMF_VNNI 1
+#else
+#define LMF_VNNI 0
+#endif
+
 constexpr int64_t QB = 32;  // activation block: 32 values, one float scale
 
 // x (M, K) -> xq int8 (M, K), sx (M, K/32) block scales, xs (M, K/32) block sums of the rounded x.
@@ -144,8 +154,12 @@ inline void q4_tile(const uint8_t* w, const ST* sc, const ST* mn, int64_t G, int
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
       const __m256 d = shift ? _mm256_set1_ps(ld(sc + r * G + (b >> shift))) : ld_pair(sc + r * G + b);
       for (int m = 0; m < MT; ++m) {
+#if LMF_VNNI
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xlo[m]), hi, xhi[m]);
+#else
         const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo[m]), _mm256_maddubs_epi16(hi, xhi[m]));
         const __m256i p = _mm256_madd_epi16(s16, ones);  // |.| <= 4 * 15 * 127: no overflow in int16
+#endif
         acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d, xd[m]), acc[r][m]);
       }
     }
@@ -164,7 +178,11 @@ inline void q4_tile(const uint8_t* w, const ST* sc, const ST* mn, int64_t G, int
       const __m256i q = _mm256_and_si256(_mm256_srlv_epi32(raw, sh), m4);
       const float d = ld(sc + r * G + (b >> shift));
       for (int m = 0; m < MT; ++m) {
+#if LMF_VNNI
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv[m]);
+#else
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv[m]), ones);
+#endif
         acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[m]), acc[r][m]);
       }
     }
@@ -194,7 +212,11 @@ inline void q8_tile(const int8_t* w, const float* scale, const int8_t* xq, const
       const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w|: maddubs needs one unsigned operand
       _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4 * RT) * K + b * QB), _MM_HINT_T0);  // as in q4_tile
       for (int m = 0; m < MT; ++m) {
+#if LMF_VNNI
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xv[m], wv));
+#else
         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[m], wv)), ones);
+#endif
         acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), xd[m], acc[r][m]);
       }
     }
