@@ -114,13 +114,16 @@ def _build_dir() -> Path:
 # -ffp-contract=off: the dense path dequantizes as q * scale + min with two roundings, as lmforge's Python does
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 _VNNI_FLAGS = ("-mavx512vnni", "-mavx512vl")  # vpdpbusd on 256-bit registers, where the CPU has it
+_ZMM_FLAGS = ("-mavx512bw",)  # with VNNI: int4 products 4 blocks at a time in 512-bit registers
 
 
 @functools.cache
 def _flags() -> tuple[str, ...]:
-    """_FLAGS, plus AVX512-VNNI where this CPU has it (then the build dir, hashed on the flags, differs)."""
-    vnni = {"avx512_vnni", "avx512vl"} <= cpu_flags() and os.environ.get("LMFORGE_CPU_VNNI", "1") != "0"
-    return _FLAGS + (_VNNI_FLAGS if vnni else ())
+    """_FLAGS, plus AVX512-VNNI (and AVX512-BW's 512-bit integer ops) where this CPU has it (then the build dir,
+    hashed on the flags, differs)."""
+    flags = cpu_flags()
+    vnni = {"avx512_vnni", "avx512vl"} <= flags and os.environ.get("LMFORGE_CPU_VNNI", "1") != "0"
+    return _FLAGS + (_VNNI_FLAGS if vnni else ()) + (_ZMM_FLAGS if vnni and "avx512bw" in flags else ())
 
 
 def _compile(out: Path) -> None:

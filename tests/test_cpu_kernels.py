@@ -49,7 +49,10 @@ def int4_layer(N: int, K: int, group: int, seed: int = 0):
 
 @pytest.mark.parametrize("M,N,K,group", [(1, 1536, 576, 32), (3, 576, 1536, 32), (5, 98, 128, 64),
                                          (8, 203, 64, 32), (2, 37, 256, 128), (1, 3, 32, 32),
-                                         (2, 50, 96, 32), (1, 7, 160, 32)])  # odd block counts: a last unpaired block
+                                         (2, 50, 96, 32), (1, 7, 160, 32),  # odd block counts: a last unpaired block
+                                         # several rows (4-row tiles where the build has 32 registers) with
+                                         # 4, 4 + 2 and 4 + 2 + 1 blocks of 32 (AVX-512's 4-block steps, then the rest)
+                                         (16, 70, 128, 32), (6, 45, 192, 32), (13, 9, 224, 32), (32, 25, 352, 32)])
 def test_int4_products_equal_the_emulation(own, M, N, K, group):
     nib, s, lo, w = int4_layer(N, K, group)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M * N))
@@ -70,7 +73,7 @@ def test_int4_parts_in_one_call_equal_the_concatenation(own):
     assert torch.equal(y, want)
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 4099, 576), (4, 1000, 64), (7, 13, 96)])
+@pytest.mark.parametrize("M,N,K", [(1, 4099, 576), (4, 1000, 64), (7, 13, 96), (16, 3001, 96)])
 def test_int8_products_equal_the_emulation(own, M, N, K):
     q, s = quantize_int8(torch.randn(N, K))
     x = torch.randn(M, K)
@@ -160,6 +163,9 @@ def test_vnni_build_only_where_the_cpu_has_it(monkeypatch):
     monkeypatch.delenv("LMFORGE_CPU_VNNI", raising=False)
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset(base | {"avx512_vnni", "avx512vl"}))
     assert "-mavx512vnni" in cpu_kernels._flags.__wrapped__()
+    assert "-mavx512bw" not in cpu_kernels._flags.__wrapped__()  # no 512-bit integer ops without AVX512-BW
+    monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset(base | {"avx512_vnni", "avx512vl", "avx512bw"}))
+    assert {"-mavx512vnni", "-mavx512bw"} <= set(cpu_kernels._flags.__wrapped__())
     monkeypatch.setenv("LMFORGE_CPU_VNNI", "0")  # the two-step path, for comparisons
     assert "-mavx512vnni" not in cpu_kernels._flags.__wrapped__()
     monkeypatch.delenv("LMFORGE_CPU_VNNI")
@@ -225,6 +231,27 @@ def test_decode_attention_equals_rotary_cache_write_and_sdpa(own, B, H, KV, hd, 
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kc2, kc, rtol=1e-6, atol=1e-6)
     assert torch.equal(vc2, vc)
+
+
+def test_decode_attention_takes_caches_with_leading_columns_cut(own):
+    """Continuous batching cuts the padding columns of the left of its caches (a view, rows and heads strided):
+    the op reads and writes that view as it would a contiguous copy."""
+    B, H, KV, hd, L, cut = 3, 4, 2, 16, 20, 5
+    g = torch.Generator().manual_seed(1)
+    full_k, full_v = torch.randn(B, KV, L, hd, generator=g), torch.randn(B, KV, L, hd, generator=g)
+    before = full_k.clone()
+    kc, vc = full_k[:, :, cut:], full_v[:, :, cut:]  # (B, KV, L - cut, hd), not contiguous
+    q, k, v = (torch.randn(B, n * hd, generator=g) for n in (H, KV, KV))
+    col = torch.tensor([L - cut - 2])
+    mask = torch.zeros(B, L - cut)
+    mask[0, :3] = float("-inf")
+    mask[:, L - cut - 1:] = float("-inf")
+    kc2, vc2 = kc.contiguous(), vc.contiguous()
+    want = torch.ops.lmforge.decode_attn(q, k, v, None, None, kc2, vc2, col, mask, 0.25)
+    got = torch.ops.lmforge.decode_attn(q, k, v, None, None, kc, vc, col, mask, 0.25)
+    assert torch.equal(got, want)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert torch.equal(full_k[:, :, :cut], before[:, :, :cut])  # the cut columns are left alone
 
 
 def test_decode_attention_bad_operands_raise(own):

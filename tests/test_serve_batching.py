@@ -289,3 +289,22 @@ def test_a_lone_row_runs_the_traced_step_with_the_same_text(gen):
     finally:
         off.close()
         auto.close()
+
+
+def test_batched_steps_equal_the_eager_forward(gen):
+    """Several rows step through Transformer.decode_hidden (lmforge's decode_attn on CPU in float32), the lone
+    row through the eager forward: the logits of both agree, also after a row left and the padding columns
+    were cut (the caches are then strided views)."""
+    from lmforge.serve.engine import BatchDecoder
+
+    def run(batched: bool) -> list[torch.Tensor]:
+        eng = BatchDecoder(gen.model, compile="off")
+        eng.batched_ok = batched
+        eng.join([(eng.prefill(ids_of(gen, i, repeat=i))[0], ids_of(gen, i, repeat=i)) for i in (1, 2, 3)])
+        out = [eng.step([5, 6, 7]), eng.step([8, 9, 10])]
+        eng.drop([2])  # the longest row leaves: leading padding columns are cut off
+        out += [eng.step([11, 12]), eng.step([13, 14])]
+        return out
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -40,6 +41,11 @@ namespace {
 #define LMF_VNNI 1
 #else
 #define LMF_VNNI 0
+#endif
+#if LMF_VNNI && defined(__AVX512BW__)
+#define LMF_ZMM 1
+#else
+#define LMF_ZMM 0
 #endif
 
 constexpr int64_t QB = 32;  // activation block: 32 values, one float scale
@@ -105,6 +111,10 @@ inline __m256 ld_pair(const uint16_t* p) {
   const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128(two));  // [p0, p1, 0, 0]
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
+#if LMF_ZMM
+inline __m128 ld4(const float* p) { return _mm_loadu_ps(p); }  // 4 consecutive scales as floats
+inline __m128 ld4(const uint16_t* p) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+#endif
 inline float dot_g(const float* a, const float* b, int64_t n) { return dot(a, b, n); }
 inline float dot_g(const uint16_t* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
@@ -135,6 +145,45 @@ inline void q4_tile(const uint8_t* w, const ST* sc, const ST* mn, int64_t G, int
   for (int r = 0; r < RT; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
   int64_t b = 0;
+#if LMF_ZMM
+  if (shift == 0 && nb >= 4) {
+    // four blocks at a time in 512-bit registers (one scale per block): the 64 bytes of two pairs hold
+    // [evens b | evens b+1 | evens b+2 | evens b+3] in their low nibbles and the odds in the high ones, and x's
+    // pairs b and b+2 give the matching low / high halves; int32 lanes 4j..4j+3 are block b + j
+    const __m512i m4z = _mm512_set1_epi8(0x0F);
+    const __m512i quad = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    __m512 accz[RT][MT];
+    for (int r = 0; r < RT; ++r)
+      for (int m = 0; m < MT; ++m) accz[r][m] = _mm512_setzero_ps();
+    for (; b + 4 <= nb; b += 4) {
+      __m512i xlo[MT], xhi[MT];
+      __m512 xd[MT];
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* xp = xq + m * K + b * QB;
+        xlo[m] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp))),
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64)), 1);
+        xhi[m] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32))),
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 96)), 1);
+        xd[m] = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(sx + m * nb + b)));
+      }
+      for (int r = 0; r < RT; ++r) {
+        const __m512i raw = _mm512_loadu_si512(w + r * (K / 2) + b * 16);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4 * RT) * (K / 2) + b * 16), _MM_HINT_T0);
+        const __m512i lo = _mm512_and_si512(raw, m4z);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4z);
+        const __m512 d = _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(ld4(sc + r * G + b)));
+        for (int m = 0; m < MT; ++m) {
+          const __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xlo[m]), hi, xhi[m]);
+          accz[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(d, xd[m]), accz[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < RT; ++r)
+      for (int m = 0; m < MT; ++m)
+        acc[r][m] = _mm256_add_ps(_mm512_castps512_ps256(accz[r][m]),
+                                  _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(accz[r][m]), 1)));
+  }
+#endif
   // two blocks at a time: one 32-byte load holds both blocks' nibbles; low nibbles = [evens b | evens b+1],
   // high = [odds b | odds b+1], the order quantize_rows gave x; int32 lanes 0-3 are block b, 4-7 block b+1
   for (; b + 2 <= nb; b += 2) {
@@ -225,20 +274,61 @@ inline void q8_tile(const int8_t* w, const float* scale, const int8_t* xq, const
     for (int m = 0; m < MT; ++m) y[m * ystride + r] = hsum(acc[r][m]) * scale[r];
 }
 
-constexpr int RT = 6;  // weight rows per tile (measured against 4 and 8: streamed sweep -13% vs 4, head -29%)
-constexpr int MT = 2;  // x rows per tile (RT * MT accumulators stay in registers)
+// Tile shapes: weight rows x rows of x, RT * MT accumulators in registers.
+//   Up to 2 rows of x (decoding one sequence): 6 x 2 (6 measured against 4 and 8 rows: streamed sweep -13% vs
+//   4, LM head -29%).
+//   More rows, where AVX-512VL gives 32 vector registers: 4 x 4, each weight block decoded once for 4 rows of x
+//   (Zen 4, one thread: 6% less time at 16 and 32 rows, the int8 LM head at 4 rows 25-45% less).
+//   Otherwise (AVX2: 16 registers) 6 x 2 throughout.
+struct Shape {
+  int rt, mt;
+};
+inline Shape shape_for(int64_t M) {
+#if defined(__AVX512VL__)
+  if (M > 2) return {4, 4};
+#endif
+  (void)M;
+  return {6, 2};
+}
+
+// fn(R, Mc, r) with compile-time R weight rows and Mc x rows (std::integral_constant) for a tile of `rows`
+// weight rows of a full tile's Rf, and mt x rows: one call for a full tile (R = Rf, r = 0), else one per row
+// (R = 1, r = 0..rows-1).
+template <int Rf, int Mc, typename Fn>
+inline void by_rows(int64_t rows, Fn& fn) {
+  using std::integral_constant;
+  if (rows == Rf) {
+    fn(integral_constant<int, Rf>{}, integral_constant<int, Mc>{}, int64_t{0});
+  } else {
+    for (int64_t r = 0; r < rows; ++r) fn(integral_constant<int, 1>{}, integral_constant<int, Mc>{}, r);
+  }
+}
+
+template <int Rf, typename Fn>
+inline void by_mt(int64_t rows, int64_t mt, Fn& fn) {
+  if (mt == 4) return by_rows<Rf, 4>(rows, fn);
+  if (mt == 3) return by_rows<Rf, 3>(rows, fn);
+  if (mt == 2) return by_rows<Rf, 2>(rows, fn);
+  by_rows<Rf, 1>(rows, fn);
+}
+
+template <typename Fn>
+inline void by_shape(const Shape& s, int64_t rows, int64_t mt, Fn fn) {
+  if (s.rt == 4) return by_mt<4>(rows, mt, fn);
+  by_mt<6>(rows, mt, fn);
+}
 
 struct Tile {
   int64_t part, row, n, rows;  // weight part, its first row, the first output column, rows (<= RT)
 };
 
-// Cut each part's rows into tiles of RT (a shorter last one), so that no tile spans two parts.
-std::vector<Tile> tiles_of(const std::vector<int64_t>& part_rows) {
+// Cut each part's rows into tiles of rt (a shorter last one), so that no tile spans two parts.
+std::vector<Tile> tiles_of(const std::vector<int64_t>& part_rows, int rt) {
   std::vector<Tile> t;
   int64_t n = 0;
   for (size_t i = 0; i < part_rows.size(); ++i) {
-    for (int64_t r = 0; r < part_rows[i]; r += RT) {
-      const int64_t k = std::min<int64_t>(RT, part_rows[i] - r);
+    for (int64_t r = 0; r < part_rows[i]; r += rt) {
+      const int64_t k = std::min<int64_t>(rt, part_rows[i] - r);
       t.push_back({static_cast<int64_t>(i), r, n + r, k});
     }
     n += part_rows[i];
@@ -246,15 +336,24 @@ std::vector<Tile> tiles_of(const std::vector<int64_t>& part_rows) {
   return t;
 }
 
-// Run fn(tile, m0, mt) over all tiles and all x rows, the tiles split across threads.
+constexpr int64_t L2_BLOCK = 192 << 10;  // weight bytes run against every x row before the next ones
+
+// Run fn(tile, m0, mt) over all tiles and all x rows, mt <= MT rows of x at a time, the tiles split across
+// threads. A thread's tiles go in blocks of at most L2_BLOCK weight bytes (tile_bytes each), each block against
+// all rows of x before the next: with more than MT rows each weight byte is then read from memory once, not
+// once per MT rows (SmolLM2's 28 MB int8 LM head at 16 rows: 19 ms per call without the blocks, 10 with them).
 template <typename Fn>
-void over_tiles(const std::vector<Tile>& tiles, int64_t M, Fn fn) {
+void over_tiles(const std::vector<Tile>& tiles, int64_t M, int64_t MT, int64_t tile_bytes, Fn fn) {
   const int64_t nt = static_cast<int64_t>(tiles.size());
   const int64_t grain = std::max<int64_t>(4, nt / (8 * std::max(1, at::get_num_threads())));
+  const int64_t block = std::max<int64_t>(1, L2_BLOCK / std::max<int64_t>(1, tile_bytes));
   at::parallel_for(0, nt, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {
-      const int64_t mt = std::min<int64_t>(MT, M - m0);
-      for (int64_t t = t0; t < t1; ++t) fn(tiles[t], m0, mt);
+    for (int64_t s = t0; s < t1; s += block) {
+      const int64_t e = std::min(t1, s + block);
+      for (int64_t m0 = 0; m0 < M; m0 += MT) {
+        const int64_t mt = std::min<int64_t>(MT, M - m0);
+        for (int64_t t = s; t < e; ++t) fn(tiles[t], m0, mt);
+      }
     }
   });
 }
@@ -356,22 +455,17 @@ at::Tensor q4_mm(const at::Tensor& x_in, at::TensorList nib, at::TensorList scal
     for (int64_t m = 0; m < M; ++m)  // block sums -> group sums (the min term is per group)
       for (int64_t b = 0; b < nb; ++b) xg[m * G + (b >> shift)] += xs[m * nb + b];
     float* Y = y.data_ptr<float>();
-    over_tiles(tiles_of(rows), M, [&](const Tile& t, int64_t m0, int64_t mt) {
+    const Shape sh = shape_for(M);
+    const int64_t tile_bytes = sh.rt * (K / 2 + 2 * G * static_cast<int64_t>(sizeof(ST)));
+    over_tiles(tiles_of(rows, sh.rt), M, sh.mt, tile_bytes, [&](const Tile& t, int64_t m0, int64_t mt) {
       const uint8_t* w = W[t.part] + t.row * (K / 2);
       const ST *sc = static_cast<const ST*>(S[t.part]) + t.row * G, *mn = static_cast<const ST*>(Z[t.part]) + t.row * G;
       const int8_t* q = xq.data() + m0 * K;
       const float *a = sx.data() + m0 * nb, *g = xg.data() + m0 * G;
       float* out = Y + m0 * N + t.n;
-      if (t.rows == RT) {
-        if (mt == 2) q4_tile<RT, 2>(w, sc, mn, G, shift, q, a, g, K, out, N);
-        else q4_tile<RT, 1>(w, sc, mn, G, shift, q, a, g, K, out, N);
-      } else {
-        for (int64_t r = 0; r < t.rows; ++r) {
-          const uint8_t* wr = w + r * (K / 2);
-          if (mt == 2) q4_tile<1, 2>(wr, sc + r * G, mn + r * G, G, shift, q, a, g, K, out + r, N);
-          else q4_tile<1, 1>(wr, sc + r * G, mn + r * G, G, shift, q, a, g, K, out + r, N);
-        }
-      }
+      by_shape(sh, t.rows, mt, [&](auto R, auto Mc, int64_t r) {
+        q4_tile<R(), Mc()>(w + r * (K / 2), sc + r * G, mn + r * G, G, shift, q, a, g, K, out + r, N);
+      });
     });
   };
   if (half) run(uint16_t{});
@@ -400,20 +494,15 @@ at::Tensor q8_mm(const at::Tensor& x_in, const at::Tensor& w8, const at::Tensor&
   std::vector<float> sx(M * nb), xs(M * nb);
   quantize_rows(x.data_ptr<float>(), M, K, false, xq.data(), sx.data(), xs.data());
   float* Y = y.data_ptr<float>();
-  over_tiles(tiles_of({N}), M, [&](const Tile& t, int64_t m0, int64_t mt) {
+  const Shape sh = shape_for(M);
+  over_tiles(tiles_of({N}, sh.rt), M, sh.mt, sh.rt * K, [&](const Tile& t, int64_t m0, int64_t mt) {
     const int8_t* w = W + t.row * K;
     const int8_t* q = xq.data() + m0 * K;
     const float* a = sx.data() + m0 * nb;
     float* out = Y + m0 * N + t.n;
-    if (t.rows == RT) {
-      if (mt == 2) q8_tile<RT, 2>(w, S + t.row, q, a, K, out, N);
-      else q8_tile<RT, 1>(w, S + t.row, q, a, K, out, N);
-    } else {
-      for (int64_t r = 0; r < t.rows; ++r) {
-        if (mt == 2) q8_tile<1, 2>(w + r * K, S + t.row + r, q, a, K, out + r, N);
-        else q8_tile<1, 1>(w + r * K, S + t.row + r, q, a, K, out + r, N);
-      }
-    }
+    by_shape(sh, t.rows, mt, [&](auto R, auto Mc, int64_t r) {
+      q8_tile<R(), Mc()>(w + r * K, S + t.row + r, q, a, K, out + r, N);
+    });
   });
   return shaped(y, x_in);
 }
@@ -510,10 +599,15 @@ inline void scores(const float* q, const float* kb, const int32_t* idx, int64_t 
 at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin, at::Tensor kc,
                        at::Tensor vc, const at::Tensor& col, const at::Tensor& mask, double scale) {
-  TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.is_contiguous() && vc.is_contiguous() &&
-                  kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat && kc.size(3) % 8 == 0,
-              "decode_attn: caches must be contiguous float32 (B, KV, L, hd), hd a multiple of 8");
+  // each (row, kv head) must hold its L x hd values contiguously; the rows and heads may be strided (a
+  // continuous-batching cache whose leading padding columns were cut off is such a view)
+  TORCH_CHECK(kc.dim() == 4 && kc.sizes() == vc.sizes() && kc.strides() == vc.strides() && kc.stride(3) == 1 &&
+                  kc.stride(2) == kc.size(3) && kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat &&
+                  kc.size(3) % 8 == 0,
+              "decode_attn: caches must be float32 (B, KV, L, hd) with contiguous (L, hd) per row and head, hd a "
+              "multiple of 8");
   const int64_t B = kc.size(0), KV = kc.size(1), L = kc.size(2), hd = kc.size(3);
+  const int64_t sb = kc.stride(0), sg = kc.stride(1);  // element offsets of a row and of a kv head
   TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && v.dim() == 2, "decode_attn: q, k, v must be 2-d (B, heads*hd)");
   const int64_t H = q.size(1) / hd;
   TORCH_CHECK(q.size(0) == B && k.size(0) == B && v.size(0) == B &&
@@ -545,8 +639,8 @@ at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const float sc = static_cast<float>(scale);
   auto task = [&](int64_t t) {  // one (row, kv head): write its cache column, then its rep query heads
     const int64_t b = t / KV, g = t % KV;
-    float* kcol = Kc + ((b * KV + g) * L + c) * hd;
-    float* vcol = Vc + ((b * KV + g) * L + c) * hd;
+    float* kcol = Kc + b * sb + g * sg + c * hd;
+    float* vcol = Vc + b * sb + g * sg + c * hd;
     const float* kn = Kn + b * k.stride(0) + g * hd;
     if (has_rope) rotate(kn, Cs + b * rot, Sn + b * rot, rot, hd, kcol);
     else std::copy(kn, kn + hd, kcol);
@@ -563,8 +657,8 @@ at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       if (has_rope) rotate(qh, Cs + b * rot, Sn + b * rot, rot, hd, qr.data() + h * hd);
       else std::copy(qh, qh + hd, qr.data() + h * hd);
     }
-    const float* kb = Kc + (b * KV + g) * L * hd;
-    const float* vb = Vc + (b * KV + g) * L * hd;
+    const float* kb = Kc + b * sb + g * sg;
+    const float* vb = Vc + b * sb + g * sg;
     for (int64_t h0 = 0; h0 < rep; h0 += 4) {  // scores s[h][i] for the compact columns i, 4 heads at a time
       const int64_t nh = std::min<int64_t>(4, rep - h0);
       const float* qh = qr.data() + h0 * hd;
