@@ -95,6 +95,16 @@ def _curve(run_dir: Path, metric: str) -> list[tuple[float, float]]:
     return pts
 
 
+def curves_png(out: Path) -> Path:
+    """Where the curves of the results file `out` go: tasks_full.json -> tasks_curves.png, tasks_full_X.json ->
+    tasks_curves_X.png, any other name X.json -> X_curves.png (next to `out`)."""
+    stem = out.stem
+    for prefix in ("tasks_full", "tasks"):
+        if stem == prefix or stem.startswith(prefix + "_"):
+            return out.with_name("tasks_curves" + stem.removeprefix(prefix) + ".png")
+    return out.with_name(stem + "_curves.png")
+
+
 def plot_curves(curves: dict[str, dict], path: Path) -> None:
     """One panel per task: the validation metric against training minutes, the held-out score as a star."""
     import matplotlib
@@ -330,8 +340,7 @@ def main() -> None:
                      "error": r.get("error")})
 
     if curves:
-        out_name = Path(a.out).stem  # tasks_full.json -> tasks_curves.png; tasks_full_X.json -> tasks_curves_X.png
-        png = Path(a.out).with_name("tasks_curves" + out_name.removeprefix("tasks_full").removeprefix("tasks") + ".png")
+        png = curves_png(Path(a.out))
         plot_curves(curves, png)
         print(f"curves: {png}")
     cols = [("task", "task"), ("model", "model"), ("minutes", "train min"), ("precision", "precision"),
