@@ -150,10 +150,13 @@ CACHE_BUCKET = 256  # the static cache's length is rounded up to a multiple of t
 # cache length every 256 tokens); a process that keeps decoding one shape (a script's loop) compiles it.
 AUTO_COMPILE_STEPS = 8192
 # Below that, "auto" captures the static step with torch.jit.trace (TorchScript) once a shape has AUTO_TRACE_STEPS
-# steps to run: the same ski-rental rule with a far lower price. Tracing runs the step once in Python (~0.25 s for
-# SmolLM2, no compiler), and the graph then runs without Python: the step without its head takes ~8.4 ms instead
-# of ~12.9 ms (2 threads, measured). 0.3 s / ~3.5 ms ~ 90 steps.
-AUTO_TRACE_STEPS = 96
+# steps to run: the same ski-rental rule with a far lower price. Tracing runs the step once in Python, and the
+# graph then runs without Python. Measured on SmolLM2's default int4 path with lmforge's CPU kernels (Zen 4,
+# 2026-12-04): the first traced step takes ~0.12 s, the traced step 8.2 ms against the eager step's 18.8 ms
+# at 2 threads (11.1 against 22 ms at 1 thread), so a trace pays for itself after ~11 steps. An earlier host with
+# torch's kernels measured ~0.25 s for the trace and 4.5 ms saved per step (~55 steps): 16 keeps the rule's
+# bound there (at most one trace's price lost per cache length, and the trace is kept for later generations).
+AUTO_TRACE_STEPS = 16
 
 
 @dataclass

@@ -270,10 +270,10 @@ def add_compile_flag(s: argparse.ArgumentParser) -> None:
     from lmforge.generate import AUTO_COMPILE_STEPS, AUTO_TRACE_STEPS, COMPILE_CHOICES
 
     s.add_argument("--compile-decode", choices=COMPILE_CHOICES, default="auto",
-                   help="the per-token step. trace: capture a static-shape step with torch.jit.trace (~0.3 s for "
-                        "SmolLM2, then ~4 ms less per token); on: torch.compile it (the first step of each shape "
-                        "compiles: ~30 s of CPU for SmolLM2, ~7 s with inductor's disk cache warm; then ~5 ms less "
-                        "per token); off: eager; auto: trace once a (batch, cache length) shape has "
+                   help="the per-token step. trace: capture a static-shape step with torch.jit.trace (~0.1-0.3 s "
+                        "for SmolLM2, then ~4-10 ms less per token); on: torch.compile it (the first step of each "
+                        "shape compiles: ~30 s of CPU for SmolLM2, ~7 s with inductor's disk cache warm; then ~5 ms "
+                        "less per token); off: eager; auto: trace once a (batch, cache length) shape has "
                         f"{AUTO_TRACE_STEPS} steps to run in this process, compile once it has {AUTO_COMPILE_STEPS}. "
                         "A capture that fails falls back to eager with a warning; --verbose prints which step ran")
 

@@ -46,9 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest request body (default: 1 MiB)")
     s.add_argument("--compile-decode", choices=["auto", "trace", "off"], default="auto",
                    help="the decode step of a batch of one row (a single client): trace = the static step traced "
-                        "with torch.jit.trace (~0.3 s once per cache length, then ~4 ms less per token on SmolLM2); "
-                        f"auto = trace a cache length once it has {AUTO_TRACE_STEPS} steps to run; off = eager. "
-                        "Batches of several rows run eagerly (their shape changes as rows join and leave)")
+                        "with torch.jit.trace (~0.1-0.3 s once per cache length, then ~4-10 ms less per token on "
+                        f"SmolLM2); auto = trace a cache length once it has {AUTO_TRACE_STEPS} steps to run; off = "
+                        "eager. Batches of several rows run eagerly (their shape changes as rows join and leave)")
     s.add_argument("--quantize", choices=["auto", "none", "8", "4"], default="auto",
                    help="auto: a quantized GGUF decodes on its int4/int8 path; none: float32; 8|4: from floats")
     s.add_argument("--device", default="auto", help=DEVICE_HELP + "; every model of the server loads there (on "

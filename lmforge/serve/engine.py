@@ -70,7 +70,7 @@ class BatchDecoder:
     def __init__(self, model, prefix_cache: PrefixCache | None = None, headroom: int = 64,
                  compile: str = "auto") -> None:
         """compile: the batch-1 step. "trace": the traced static step; "auto": that, for a cache length once it
-        has generate.AUTO_TRACE_STEPS steps to run (the tracing takes ~0.3 s); "off": always eager."""
+        has generate.AUTO_TRACE_STEPS steps to run (the tracing takes ~0.1-0.3 s); "off": always eager."""
         self.model, self.prefix_cache, self.headroom = model, prefix_cache, headroom
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -79,7 +79,7 @@ class BatchDecoder:
         self.compile = compile
         why = G.static_step_unsupported(model)
         self.static_ok = compile != "off" and why is None
-        self.batched_ok = why is None  # several rows: decode_hidden, eagerly (compile "off" included)
+        self.batched_ok = why is None  # untraced steps: decode_hidden, eagerly (compile "off" included)
         self.path = "eager" if why is None else f"eager ({why})"  # what batch-1 steps ran last, and why
         self.eager_steps: dict[int, int] = {}  # bucketed cache length -> batch-1 steps run eagerly ("auto")
         self.reset()
@@ -170,13 +170,14 @@ class BatchDecoder:
                 self.path = "eager (forward hooks are registered on the model)"
             else:
                 h = self._static(x, steps_left)
-        if h is None and self.rows > 1 and self.batched_ok and not G.hooked(self.model):
-            h = self._batched(x)
         if h is None:
-            h = self.model(x, self.mask[:, :S] if padded else None, position_ids=self.pos, cache=self.cache)[:, -1]
-            if self.rows == 1:
+            if self.rows == 1:  # what "auto" counts: a trace pays for itself after AUTO_TRACE_STEPS steps
                 L = G.cache_bucket(self.cache.max_len)
                 self.eager_steps[L] = self.eager_steps.get(L, 0) + 1
+            if self.batched_ok and not G.hooked(self.model):
+                h = self._batched(x)
+            else:
+                h = self.model(x, self.mask[:, :S] if padded else None, position_ids=self.pos, cache=self.cache)[:, -1]
         for b, t in enumerate(tokens):
             self.n_real[b] += 1
             self.tokens[b].append(t)
@@ -189,10 +190,10 @@ class BatchDecoder:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, grow)], 1)
 
     def _batched(self, x: torch.Tensor) -> torch.Tensor:
-        """One step of several rows through `Transformer.decode_hidden`, run eagerly (the rows change too often
-        for a trace) -> hidden (B, D). Its attention covers the cache's columns with a mask; on CPU in float32
-        that is lmforge's decode_attn, which skips the masked ones, where the eager forward's SDPA spent ~1 ms
-        per layer on 16 rows (SmolLM2, one thread: 28 of a 101 ms step)."""
+        """One untraced step through `Transformer.decode_hidden`, run eagerly (several rows change too often for
+        a trace; a lone row before its trace pays off) -> hidden (B, D). Its attention covers the cache's columns
+        with a mask; on CPU in float32 that is lmforge's decode_attn, which skips the masked ones, where the
+        eager forward's SDPA spent ~1 ms per layer on 16 rows (SmolLM2, one thread: 28 of a 101 ms step)."""
         c = self.cache
         col = torch.tensor([c.length], device=self.device)  # (1,): the column this token goes to
         valid = self.mask.bool() & (torch.arange(c.max_len, device=self.device) <= col)  # (B, max_len)
