@@ -308,3 +308,18 @@ def test_batched_steps_equal_the_eager_forward(gen):
 
     for got, want in zip(run(True), run(False)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_row_past_the_context_length_is_an_error(gen):
+    """decode_hidden does not check the context length itself (generate's caller does): the engine does, as the
+    eager forward did, with a typed error rather than an index error in the position table."""
+    from lmforge.errors import GenerationError
+    from lmforge.serve.engine import BatchDecoder
+
+    eng = BatchDecoder(gen.model, compile="off")
+    ctx = gen.model.cfg.context_length
+    ids = ids_of(gen, 1)
+    eng.join([(eng.prefill(ids)[0], ids), (eng.prefill(ids[:3])[0], ids[:3])])
+    eng.n_real[0] = ctx  # as if row 0 had reached the context length
+    with pytest.raises(GenerationError, match="exceeds the model's context_length"):
+        eng.step([1, 2])

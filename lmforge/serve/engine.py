@@ -195,6 +195,10 @@ class BatchDecoder:
         with a mask; on CPU in float32 that is lmforge's decode_attn, which skips the masked ones, where the
         eager forward's SDPA spent ~1 ms per layer on 16 rows (SmolLM2, one thread: 28 of a 101 ms step)."""
         c = self.cache
+        longest = max(self.n_real) + 1  # the longest row's tokens with this one (the eager forward checks this)
+        if longest > self.model.cfg.context_length:
+            raise GenerationError(f"sequence of {longest} tokens exceeds the model's context_length "
+                                  f"{self.model.cfg.context_length}")
         col = torch.tensor([c.length], device=self.device)  # (1,): the column this token goes to
         valid = self.mask.bool() & (torch.arange(c.max_len, device=self.device) <= col)  # (B, max_len)
         h = self.model.decode_hidden(x, self.pos, valid, StaticKV(c.k, c.v, col))  # (B, D)
