@@ -291,16 +291,22 @@ def test_a_lone_row_runs_the_traced_step_with_the_same_text(gen):
         auto.close()
 
 
-def test_batched_steps_equal_the_eager_forward(gen):
-    """Several rows step through Transformer.decode_hidden (lmforge's decode_attn on CPU in float32), the lone
-    row through the eager forward: the logits of both agree, also after a row left and the padding columns
-    were cut (the caches are then strided views)."""
+@pytest.mark.parametrize("kernels", ["auto", "off"])
+def test_batched_steps_equal_the_eager_forward(gen, monkeypatch, kernels):
+    """Several rows step through Transformer.decode_hidden, the lone row through the eager forward: the logits
+    of both agree, also after a row left and the padding columns were cut (the caches are then strided views).
+    kernels auto: its attention is lmforge's decode_attn (CPU, float32); off: SDPA over every column of the
+    cache, the path of CUDA, bf16 and qk-norm models, which also reads the columns not written yet (masked,
+    and zeros: uninitialised memory there would turn the rows' outputs into nan)."""
     from lmforge.serve.engine import BatchDecoder
+
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", kernels)
 
     def run(batched: bool) -> list[torch.Tensor]:
         eng = BatchDecoder(gen.model, compile="off")
         eng.batched_ok = batched
         eng.join([(eng.prefill(ids_of(gen, i, repeat=i))[0], ids_of(gen, i, repeat=i)) for i in (1, 2, 3)])
+        assert all(not t[:, :, eng.width:].any() for t in eng.cache.k + eng.cache.v)  # room to come: zeros
         out = [eng.step([5, 6, 7]), eng.step([8, 9, 10])]
         eng.drop([2])  # the longest row leaves: leading padding columns are cut off
         out += [eng.step([11, 12]), eng.step([13, 14])]

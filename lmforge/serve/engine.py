@@ -132,7 +132,10 @@ class BatchDecoder:
         ks, vs = [], []
         for i in range(len(joiners[0][0].k)):
             for src, dst in (("k", ks), ("v", vs)):
-                t = ref.new_empty(B + len(joiners), n_kv, max_len, hd)  # columns past `width` are written first
+                t = ref.new_empty(B + len(joiners), n_kv, max_len, hd)
+                # columns past `width` (room for the next steps) are zeros until written: decode_hidden's SDPA
+                # reads every column, and its masked weights are 0, but 0 * nan (uninitialised memory) is not
+                t[:, :, width:] = 0
                 if B:
                     t[:B, :, : width - old_w] = 0  # padding must be finite: masked weights are 0, 0 * nan is not
                     t[:B, :, width - old_w: width] = getattr(self.cache, src)[i][:, :, :old_w]
