@@ -229,12 +229,12 @@ def test_int4_integers_are_held_once_in_the_kernel_layout_and_saved_as_nibbles(t
         if isinstance(mod, QuantLinear) and mod.bits == 4:
             want = pack_nibbles(quantize_int4(m.get_submodule(name).weight.detach(), 32)[0])
             parent, leaf = name.rsplit(".", 1)
-            siblings = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "gu", "up": "gu"}.get(leaf)
-            rows = [q.get_submodule(f"{parent}.{x}").out_features for x in
-                    {"qkv": ("q", "k", "v"), "gu": ("gate", "up")}.get(siblings, (leaf,))]
+            fused = {"q": ("q", "k", "v"), "k": ("q", "k", "v"), "v": ("q", "k", "v"),
+                     "gate": ("gate", "up"), "up": ("gate", "up")}.get(leaf)
+            rows = [q.get_submodule(f"{parent}.{x}").out_features for x in fused or ()]
             # no second copy of the integers next to the packed layout; the parts of a fused layer whose rows
             # are not all a multiple of this CPU build's row block (e.g. 32-row k/v against 64) keep nibbles
-            if not siblings or (rb and all(r % rb == 0 for r in rows)):
+            if not fused or (rb and all(r % rb == 0 for r in rows)):
                 assert mod._packed, name
             assert torch.equal(sd[f"{name}.qweight"], want)  # the state dict keeps the portable nibbles
     if quant._int4pack_row_block():  # the parts of a fused layer are views of its packed tensor

@@ -306,8 +306,10 @@ inline void by_rows(int64_t rows, Fn& fn) {
 
 template <int Rf, typename Fn>
 inline void by_mt(int64_t rows, int64_t mt, Fn& fn) {
-  if (mt == 4) return by_rows<Rf, 4>(rows, fn);
-  if (mt == 3) return by_rows<Rf, 3>(rows, fn);
+  if constexpr (Rf == 4) {  // only the 4 x 4 shape takes more than 2 rows of x (shape_for)
+    if (mt == 4) return by_rows<Rf, 4>(rows, fn);
+    if (mt == 3) return by_rows<Rf, 3>(rows, fn);
+  }
   if (mt == 2) return by_rows<Rf, 2>(rows, fn);
   by_rows<Rf, 1>(rows, fn);
 }
