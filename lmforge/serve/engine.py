@@ -132,13 +132,16 @@ class BatchDecoder:
         ks, vs = [], []
         for i in range(len(joiners[0][0].k)):
             for src, dst in (("k", ks), ("v", vs)):
-                # zeros wherever no token is copied (left padding, and the room for the next steps): those
-                # columns are masked, but a masked weight is 0 and 0 * nan (uninitialised memory) is nan, and
-                # decode_hidden's SDPA route (CUDA, bf16, qk-norm models) reads every column
-                t = ref.new_zeros(B + len(joiners), n_kv, max_len, hd)
+                # every element written once: the tokens copied, zeros elsewhere (left padding, and the room for
+                # the next steps). Those columns are masked, but a masked weight is 0 and 0 * nan (uninitialised
+                # memory) is nan, and decode_hidden's SDPA route (CUDA, bf16, qk-norm models) reads every column
+                t = ref.new_empty(B + len(joiners), n_kv, max_len, hd)
+                t[:, :, width:] = 0
                 if B:
+                    t[:B, :, : width - old_w] = 0
                     t[:B, :, width - old_w: width] = getattr(self.cache, src)[i][:, :, :old_w]
                 for j, ((c, _), n) in enumerate(zip(joiners, ns)):
+                    t[B + j, :, : width - n] = 0
                     t[B + j, :, width - n: width] = getattr(c, src)[i][0, :, :n]
                 dst.append(t)
         self.cache = KVCache.from_tensors(ks, vs, width)
