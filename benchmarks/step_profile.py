@@ -1,6 +1,6 @@
 """Where one training step of each trainer verb spends its time: forward, backward, optimizer, between steps.
 
-    python benchmarks/step_profile.py [--verbs classify,qa,summarize,translate,pretrain] [--warmup 3]
+    python benchmarks/step_profile.py [--verbs classify,qa,summarize,summarize-lora,translate,pretrain] [--warmup 3]
                                       [--steps 4] [--threads 2] [--out benchmarks/results/step_profile.json]
 
 Each verb runs its real CLI command (below) in a fresh subprocess, with its defaults and recipe. After `--warmup`
@@ -21,6 +21,7 @@ Commands (DATA = ../shared/data; a verb whose data is missing is skipped with it
   qa         lmforge qa train --data DATA/qa/nyt_v1.0.json (the QA recipe: minilm-l6, 384/128 windows)
   summarize  lmforge finetune --task summarize --data DATA/summarization/wikilingua_en_1k.jsonl --input-field
              document --target-field summary (recipe: SmolLM2 full fine-tune, batch 8, max length 640)
+  summarize-lora  the same with --lora (LoRA r8 on q,v: train_speed.py's finetune workload)
   translate  lmforge finetune --task translate --data DATA/translation/bible_ot_en_es.jsonl --input-field en
              --target-field es --from en --to es (recipe: Gemma-3-270M LoRA r32, batch 16, max length 256)
   pretrain   lmforge pretrain --data DATA/text/persuasion.txt  (gpt2-tiny, its defaults; tokenizer training is
@@ -58,6 +59,10 @@ VERBS: dict[str, tuple[list[str], Path | None]] = {
     "summarize": (["finetune", "--task", "summarize", "--data", str(DATA / "summarization" / "wikilingua_en_1k.jsonl"),
                    "--input-field", "document", "--target-field", "summary"],
                   DATA / "summarization" / "wikilingua_en_1k.jsonl"),
+    "summarize-lora": (["finetune", "--task", "summarize", "--lora", "--data",
+                        str(DATA / "summarization" / "wikilingua_en_1k.jsonl"),
+                        "--input-field", "document", "--target-field", "summary"],
+                       DATA / "summarization" / "wikilingua_en_1k.jsonl"),
     "translate": (["finetune", "--task", "translate", "--data", str(DATA / "translation" / "bible_ot_en_es.jsonl"),
                    "--input-field", "en", "--target-field", "es", "--from", "en", "--to", "es"],
                   DATA / "translation" / "bible_ot_en_es.jsonl"),

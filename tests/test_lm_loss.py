@@ -109,3 +109,32 @@ def test_seq2seq_collate_labels_are_next_tokens():
     batch = collate([a, b], pad_id=0)
     assert batch["labels"].tolist() == [[IGNORE, 7, 8, 9, IGNORE], [6, 7, IGNORE, IGNORE, IGNORE]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_right_padded_batch_takes_the_causal_path_and_equals_rows_alone(family):
+    """A right-padded training batch drops its mask for SDPA's is_causal (pads come after every real token, so
+    no real token can see one); the loss and every gradient equal those of the rows run one by one, unpadded.
+    A left-padded mask still builds its mask."""
+    bb = tiny(False, family)
+    lens = [16, 11, 5]
+    x = torch.randint(1, V, (3, 16))
+    mask = (torch.arange(16)[None] < torch.tensor(lens)[:, None]).long()  # (3, 16), right padding
+    labels = torch.full_like(x, IGNORE)
+    for i, n in enumerate(lens):
+        labels[i, 2: n - 1] = x[i, 3:n]  # a masked prompt, then next-token targets
+    assert bb._masks(mask, 3, 16, 0, x.device) == (None, None)
+    assert bb._masks(mask.flip(1), 3, 16, 0, x.device)[0] is not None  # left padding keeps its mask
+    batch = {"input_ids": x, "labels": labels, "attention_mask": mask}
+    la, ga = loss_and_grads(lambda: lm_loss(bb, batch)[0], bb)
+    n_all = int((labels != IGNORE).sum())
+
+    def rows_alone() -> torch.Tensor:
+        total = sum(lm_loss(bb, {"input_ids": x[i: i + 1, :n], "labels": labels[i: i + 1, :n]})[0]
+                    * int((labels[i, :n] != IGNORE).sum()) for i, n in enumerate(lens))
+        return total / n_all
+
+    lb, gb = loss_and_grads(rows_alone, bb)
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-6)
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=1e-4, atol=1e-6, msg=k)

@@ -420,6 +420,29 @@ def test_no_weight_decay_on_norms_biases_embeddings(family):
         [("decay", 0.01), ("no_decay", 0.0)]
 
 
+def test_layer_lr_decay_scales_lr_by_depth(tmp_path):
+    model = tiny_model(0, family="gpt2")  # 2 blocks
+    cfg = TrainConfig(output_dir=tmp_path / "run", batch_size=4, progress=False, lr=1e-3, layer_lr_decay=0.5,
+                      warmup=0, schedule="constant")
+    trainer = Trainer(model, cfg, toy_data(8, 0), cls_loss)
+    lr_of = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["score.weight"])] == pytest.approx(1e-3)  # the head: depth n + 1
+    assert lr_of[id(named["backbone.norm.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["backbone.blocks.1.attn.q.weight"])] == pytest.approx(5e-4)
+    assert lr_of[id(named["backbone.blocks.0.mlp.fc1.weight"])] == pytest.approx(2.5e-4)
+    assert lr_of[id(named["backbone.embed.tok.weight"])] == pytest.approx(1.25e-4)
+    assert set(lr_of) == {id(p) for p in model.parameters()}
+    wd = {g["name"]: g["weight_decay"] for g in trainer.optimizer.param_groups}
+    assert wd["decay.3"] == 0.01 and wd["no_decay.0"] == 0.0 and "decay.0" not in wd  # embeddings: no decay
+    trainer.train()
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(1e-3)  # the logged lr is the top group's
+    with pytest.raises(TrainingError, match="layer_lr_decay"):
+        TrainConfig(output_dir="unused", layer_lr_decay=1.5)
+    with pytest.raises(TrainingError, match="layer_lr_decay.*no embeddings"):
+        param_groups(torch.nn.Linear(2, 2), 0.0, layer_decay=0.5)
+
+
 def test_lr_schedules():
     assert lr_factor(0, "linear", 4, 20) == 0.25 and lr_factor(3, "linear", 4, 20) == 1.0
     assert lr_factor(4, "linear", 4, 20) == 1.0 and lr_factor(12, "linear", 4, 20) == 0.5

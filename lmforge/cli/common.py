@@ -139,6 +139,9 @@ TRAIN_FLAGS: dict[str, dict[str, Any]] = {
     "grad_accum": dict(type=positive_int, help="micro-batches per optimizer step"),
     "lr": dict(type=positive_float, help="peak learning rate"),
     "weight_decay": dict(type=non_negative_float, help="AdamW decoupled weight decay"),
+    "layer_lr_decay": dict(type=positive_float, metavar="FACTOR",
+                           help="layer-wise lr decay in (0, 1]: block i of n trains at lr * FACTOR**(n - i), the "
+                           "embeddings at lr * FACTOR**(n + 1), heads at lr (1: one lr for all)"),
     "schedule": dict(choices=["linear", "cosine", "constant"], help="learning-rate decay after warmup"),
     "warmup": dict(type=non_negative_float, help="< 1: fraction of steps; >= 1: steps"),
     "max_grad_norm": dict(type=non_negative_float, help="gradient clipping (0: off)"),

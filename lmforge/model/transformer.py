@@ -37,6 +37,12 @@ def set_dropout(model: nn.Module, p: float, attention: bool = True) -> None:
             m.dropout = p if attention else 0.0
 
 
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """Whether every row of a (B, S) mask is its real tokens then its pads (no 1 after a 0)."""
+    m = attention_mask.bool()
+    return not bool((m[:, 1:] & ~m[:, :-1]).any())
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -215,6 +221,11 @@ class Transformer(nn.Module):
         has_sliding = bool(cfg.sliding_window) and cfg.layer_types is not None and "sliding" in cfg.layer_types
         if attention_mask is None and (past == 0 or T == 1) and not (has_sliding and S > cfg.sliding_window):
             return None, None  # SDPA's is_causal (prefill) or no mask at all (one new token) is exact
+        if (attention_mask is not None and cfg.causal and past == 0 and not (has_sliding and S > cfg.sliding_window)
+                and right_padded(attention_mask[:, :S])):
+            # training and scoring batches: a real token never sees a pad, since pads come after it. is_causal
+            # lets SDPA skip the blocks above the diagonal instead of reading a (B, 1, T, T) mask
+            return None, None
         q_idx = torch.arange(past, S, device=device)[:, None]  # (T, 1)
         k_idx = torch.arange(S, device=device)[None, :]  # (1, S)
         allowed = (k_idx <= q_idx) if cfg.causal else torch.ones(T, S, dtype=torch.bool, device=device)

@@ -87,6 +87,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 5e-5
     weight_decay: float = 0.01  # decoupled (AdamW); never on norms, biases, embeddings
+    layer_lr_decay: float = 1.0  # < 1: block i of n gets lr * this**(n - i), the embeddings lr * this**(n + 1)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     schedule: str = "linear"  # linear | cosine | constant (after warmup)
@@ -140,6 +141,8 @@ class TrainConfig:
         for name in ("eval_every", "save_every"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise bad("layer_lr_decay", f"must be in (0, 1], got {self.layer_lr_decay}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0:
             raise bad("lr/weight_decay/warmup", "lr must be > 0, weight_decay and warmup >= 0")
         if self.best_mode not in (None, "max", "min"):
@@ -250,29 +253,66 @@ def _is_norm(m: nn.Module) -> bool:
         "norm" in type(m).__name__.lower()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups: "decay" (matrices of linear/attention layers) and "no_decay" (norm weights,
+def layer_depths(model: nn.Module) -> tuple[dict[int, int], int] | None:
+    """Depth of each parameter of the first Transformer (a module with `embed` and `blocks`) in `model`:
+    0 for the embeddings, i + 1 for block i, n_layers + 1 for everything else (final norm, pooler, heads).
+    None when the model has no such layout."""
+    for m in model.modules():
+        blocks = getattr(m, "blocks", None)
+        if isinstance(blocks, nn.ModuleList) and isinstance(getattr(m, "embed", None), nn.Module):
+            depth = {id(p): 0 for p in m.embed.parameters()}
+            for i, block in enumerate(blocks):
+                depth.update({id(p): i + 1 for p in block.parameters()})
+            return depth, len(blocks)
+    return None
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
+    """AdamW groups: "decay" (matrices of linear/attention layers) and "no_decay" (norm weights,
     embeddings, biases and every other 1-D parameter). Decaying a norm gain or an embedding pulls it
-    towards zero for no benefit; frozen parameters are left out."""
-    decay, no_decay, seen = [], [], set()
+    towards zero for no benefit; frozen parameters are left out.
+
+    layer_decay < 1 (layer-wise lr decay): each group is also split by depth (layer_depths), and a
+    parameter d levels below the top gets lr * layer_decay**d through the group's "lr_scale", so the
+    pretrained lower layers move less than the new head. The top groups come first: the logged lr is theirs."""
+    if not 0.0 < layer_decay <= 1.0:
+        raise TrainingError(f"train config field 'layer_lr_decay': must be in (0, 1], got {layer_decay}")
+    depths, top = ({}, 0)
+    if layer_decay < 1.0:
+        found = layer_depths(model)
+        if found is None:
+            raise TrainingError("train config field 'layer_lr_decay': the model has no embeddings + blocks "
+                                "(Transformer) to count layers in")
+        depths, n_layers = found
+        top = n_layers + 1
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()
     for module in model.modules():
         excluded = _is_norm(module) or isinstance(module, nn.Embedding)
         for p in module.parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            (no_decay if excluded or p.ndim < 2 else decay).append(p)
+            groups.setdefault((depths.get(id(p), top), excluded or p.ndim < 2), []).append(p)
     # an embedding tied to an output projection is seen first where it is defined: keep it undecayed
-    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
-    return [g for g in groups if g["params"]]
+    out = []
+    for (depth, no_decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
+        g = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
+             "name": ("no_decay" if no_decay else "decay") + (f".{depth}" if layer_decay < 1.0 else "")}
+        if layer_decay < 1.0:
+            g["lr_scale"] = layer_decay ** (top - depth)
+        out.append(g)
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW over param_groups(): fused kernel when the device supports it, else foreach."""
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, cfg.layer_lr_decay)
     if not groups:
         raise TrainingError("model: no trainable parameters (all have requires_grad=False)")
+    for g in groups:
+        if "lr_scale" in g:
+            g["lr"] = cfg.lr * g["lr_scale"]
     kw = {"lr": cfg.lr, "betas": cfg.adam_betas, "eps": cfg.adam_eps}
     for extra in ({"fused": True}, {"foreach": True}, {}):
         try:
