@@ -286,7 +286,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
         depths, n_layers = found
         top = n_layers + 1
     groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
-    seen: set[int] = set()
+    seen: set[int] = set()  # an embedding tied to an output projection is seen first where it is defined: undecayed
     for module in model.modules():
         excluded = _is_norm(module) or isinstance(module, nn.Embedding)
         for p in module.parameters(recurse=False):
@@ -294,7 +294,6 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
                 continue
             seen.add(id(p))
             groups.setdefault((depths.get(id(p), top), excluded or p.ndim < 2), []).append(p)
-    # an embedding tied to an output projection is seen first where it is defined: keep it undecayed
     out = []
     for (depth, no_decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1])):
         g = {"params": params, "weight_decay": 0.0 if no_decay else weight_decay,
