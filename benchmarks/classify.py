@@ -46,11 +46,11 @@ SEED = 42
 
 def _data(dataset: str, train_rows: int):
     from lmforge.data import build_label_map, load_builtin
-    from lmforge.tasks.classify import _stratified_head
+    from lmforge.tasks.classify import stratified_head
 
     train, test, _ = load_builtin(dataset)
     labels = build_label_map(train)
-    return _stratified_head(train, train_rows, SEED) if train_rows else train, test, labels
+    return stratified_head(train, train_rows, SEED) if train_rows else train, test, labels
 
 
 def _scores(y_true, y_pred, labels) -> dict:

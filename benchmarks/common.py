@@ -165,7 +165,7 @@ def machine_info() -> dict[str, Any]:
     """What a reader needs to compare numbers across machines: CPU, cores, flags, memory, versions."""
     info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "cpu_count": os.cpu_count(), "load_average": load_average()}
-    from lmforge.cpu_kernels import cpu_identity
+    from lmforge.device import cpu_identity
 
     info.update(cpu_identity())  # model name, family / model numbers (one name covers CPUs 2.4x apart), SIMD
     try:

@@ -44,11 +44,12 @@ def _int4_row(label: str, N: int, K: int, M: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from lmforge.quant import _kernel_operands, pack_nibbles, quantize_int4
+    from lmforge.quant import pack_nibbles, quantize_int4
+    from lmforge.quant.kernels import kernel_operands
 
     q, s, lo = quantize_int4(torch.randn(N, K), 32)
     nib = pack_nibbles(q)
-    packed, sz = _kernel_operands(4, 32, nib, s, lo)
+    packed, sz = kernel_operands(4, 32, nib, s, lo)
     wf = (q.float().reshape(N, K // 32, 32) * s[..., None] + lo[..., None]).reshape(N, K)
     x = torch.randn(M, K)
     return {"layer": label,
@@ -68,7 +69,8 @@ def main() -> None:
     import torch.nn.functional as F
 
     from lmforge import cpu_kernels
-    from lmforge.quant import _kernel_operands, pack_nibbles, quantize_int4, quantize_int8
+    from lmforge.quant import pack_nibbles, quantize_int4, quantize_int8
+    from lmforge.quant.kernels import kernel_operands
 
     set_threads(a.threads)
     if not cpu_kernels.available():
@@ -92,7 +94,7 @@ def main() -> None:
             q, s, lo = quantize_int4(torch.randn(N, K), 32)
             nib = pack_nibbles(q)
             own.append((nib, s, lo, torch.randn(M, K)))
-            tor.append((*_kernel_operands(4, 32, nib, s, lo), own[-1][3].bfloat16()))
+            tor.append((*kernel_operands(4, 32, nib, s, lo), own[-1][3].bfloat16()))
     sweep = {"layer": "sweep: 120 int4 matmuls, 30 layers (ms)",
              "lmforge_us": _median_us(lambda: [ops.q4_mm(x, [n], [s], [lo], M) for n, s, lo, x in own], 5) / 1e3,
              "torch_us": _median_us(lambda: [torch._weight_int4pack_mm_for_cpu(x, p, 32, sz) for p, sz, x in tor], 5)

@@ -119,7 +119,7 @@ def _forward(m: torch.nn.Module, impl: str, encoder: bool, ids: torch.Tensor, ma
 
 def _greedy(impl: str, ours, hf, ids: torch.Tensor, new: int, opts) -> torch.Tensor:
     """(B, new) greedy tokens, never stopping early."""
-    from lmforge.generate import GenerationConfig, stream_tokens
+    from lmforge.decoding import GenerationConfig, stream_tokens
 
     with torch.inference_mode():
         if impl == "transformers":
@@ -167,7 +167,7 @@ def bench_generate(d: Path, dev: torch.device, dtype: torch.dtype, new: int, bat
     import transformers
 
     from lmforge.checkpoints import load_checkpoint
-    from lmforge.generate import DecodeOptions, compiler_missing
+    from lmforge.decoding import DecodeOptions, compiler_missing
 
     ours = load_checkpoint(d, dtype=dtype, device=dev, tokenizer=False).model.eval()
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(dev).eval()

@@ -53,7 +53,8 @@ def worker(impl: str, path: str, new: int, threads: int, reps: int) -> dict:
     else:
         import torch
 
-        from lmforge.generate import GenerationConfig, Generator, stream_tokens
+        from lmforge.decoding import GenerationConfig, stream_tokens
+        from lmforge.generator import Generator
 
         g = Generator.load(path)
         ids, gc = torch.tensor([prompt]), GenerationConfig(max_new_tokens=new, stop_token_ids=[])

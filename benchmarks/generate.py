@@ -73,10 +73,10 @@ def worker_lmforge(batch: int, new: int, n_prompt: int, threads: int, bits: int 
 
     set_threads(threads)
     from lmforge.checkpoints import load
-    from lmforge.generate import DecodeOptions, GenerationConfig, stream_tokens
+    from lmforge.decoding import DecodeOptions, GenerationConfig, stream_tokens
 
     if default or compiled:  # what a user gets: Generator.load's quantize="auto" (a Q4_1 file runs int4)
-        from lmforge.generate import Generator
+        from lmforge.generator import Generator
 
         g = Generator.load(MODEL)
         model, tok = g.model, g.tokenizer

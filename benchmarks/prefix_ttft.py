@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from lmforge.generate import Generator
+from lmforge.generator import Generator
 from lmforge.serve.batching import Event, GenRequest, SamplingParams, Scheduler
 
 WORDS = ("the a cat dog sat ran on under mat tree house car blue red small big quickly slowly near far river "

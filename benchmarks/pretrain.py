@@ -83,7 +83,7 @@ def worker(a: argparse.Namespace) -> None:
     if a.impl.startswith("lmforge"):
         from lmforge.model.heads import CausalLM
         from lmforge.model.transformer import Transformer
-        from lmforge.train.trainer import param_groups
+        from lmforge.train.optim import param_groups
 
         backbone = Transformer(cfg)
         backbone.reset_parameters()
@@ -102,7 +102,7 @@ def worker(a: argparse.Namespace) -> None:
             embd_pdrop=a.dropout, attn_pdrop=a.dropout, layer_norm_epsilon=cfg.norm_eps)
         model = transformers.GPT2LMHeadModel._from_config(hf_cfg, attn_implementation="sdpa").train()
         res["attn_implementation"] = model.config._attn_implementation
-        from lmforge.train.trainer import param_groups
+        from lmforge.train.optim import param_groups
 
         opt = _optimizer(param_groups(model, WD))
 

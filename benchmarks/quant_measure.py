@@ -3,7 +3,7 @@
     python benchmarks/quant_measure.py [--model smollm2-135m-instruct] [--speed] [--text FILE] [--threads 1]
                                        [--variants float32,int8,int8+head,int4+int8head,int4+head]
 
-Speed is batch-1 greedy decoding (`decode_tokens_per_s`); perplexity runs lmforge.quant.perplexity over
+Speed is batch-1 greedy decoding (`decode_tokens_per_s`); perplexity runs lmforge.metrics.perplexity over
 consecutive blocks of the text, once per QuantLinear path (`--paths kernel,dequant`).
 """
 
@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from lmforge.checkpoints import load
-from lmforge.generate import greedy
-from lmforge.quant import QuantError, kernel_mode, perplexity, quantize_model, quantized_nbytes
+from lmforge.decoding import greedy
+from lmforge.metrics import perplexity
+from lmforge.quant import QuantError, kernel_mode, quantize_model, quantized_nbytes
 
 VARIANTS = {  # name -> quantize_model arguments (None = float32 as loaded)
     "float32": None,
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 row.append("-" if ids is None else row[-1])
                 continue
             t0 = time.perf_counter()
-            with kernel_mode(p if kw is not None else "auto"):
+            with kernel_mode(m, p if kw is not None else "auto"):
                 row.append(f"{perplexity(m, ids, block=a.block):.4f}")
             print(f"  ({name} ppl {p}: {time.perf_counter() - t0:.0f} s)", flush=True)
         print("| " + " | ".join(row) + " |", flush=True)

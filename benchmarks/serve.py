@@ -117,7 +117,7 @@ def workload(clients: int, requests: int, tokens: tuple[int, int], stagger_s: fl
 def serve_lmforge(a: argparse.Namespace) -> None:
     import uvicorn
 
-    from lmforge.generate import Generator
+    from lmforge.generator import Generator
     from lmforge.serve import ServeSettings, create_app
 
     gen = Generator.load(a.model)

@@ -289,7 +289,7 @@ def plain_loop(model, rows: Sequence[Any], collate_fn: Callable, lengths: Sequen
     """The transformers side: a plain PyTorch loop over the Trainer's batches, with its optimizer settings."""
     import torch
 
-    from lmforge.train.trainer import lr_factor, param_groups, warmup_steps
+    from lmforge.train.optim import lr_factor, param_groups, warmup_steps
 
     total = s["warmup_steps"] + s["steps"]
     opt = torch.optim.AdamW(param_groups(model, s["weight_decay"]), lr=s["lr"], betas=tuple(s["adam_betas"]),

@@ -8,7 +8,7 @@ __all__ = ["Classifier", "Generator", "LmforgeError", "__version__", "embed_text
 
 # Lazy: `import lmforge` stays light; torch (and only the layer a name lives in) loads on first use.
 _LAZY = {"load": "lmforge.checkpoints", "load_full": "lmforge.checkpoints", "embed_texts": "lmforge.model.heads",
-         "Generator": "lmforge.generate", "Classifier": "lmforge.tasks.classifier", "export": "lmforge.tasks.export"}
+         "Generator": "lmforge.generator", "Classifier": "lmforge.tasks.classifier", "export": "lmforge.tasks.export"}
 
 
 def __getattr__(name: str):

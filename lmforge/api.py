@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lmforge.checkpoints import Loaded, load, load_full
-from lmforge.generate import Generator
+from lmforge.generator import Generator
 from lmforge.model.heads import embed_texts
 from lmforge.tasks.classifier import Classifier
 from lmforge.tasks.export import export

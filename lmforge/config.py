@@ -109,18 +109,13 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
             if self.d_model % self.n_heads:
-                raise ConfigError(
-                    f"config: d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
-                )
+                raise ConfigError(f"config: d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
             self.head_dim = self.d_model // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(
-                f"config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"
-            )
+            raise ConfigError(f"config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         if self.layer_types is not None and len(self.layer_types) != self.n_layers:
-            raise ConfigError(
-                f"config field 'layer_types' has {len(self.layer_types)} entries for {self.n_layers} layers"
-            )
+            raise ConfigError(f"config field 'layer_types' has {len(self.layer_types)} entries for "
+                              f"{self.n_layers} layers")
         if self.id2label is not None:
             try:
                 self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
@@ -163,9 +158,7 @@ class ModelConfig:
         mt = hf.get("model_type")
         build = _FROM_HF.get(mt) if isinstance(mt, str) else None
         if build is None:
-            raise ConfigError(
-                f"{source}: unsupported model_type {mt!r} (supported: gpt2, llama, gemma3_text, bert)"
-            )
+            raise ConfigError(f"{source}: unsupported model_type {mt!r} (supported: gpt2, llama, gemma3_text, bert)")
         if mt == "gemma3":
             hf = hf.get("text_config", hf)
             if not isinstance(hf, dict):

@@ -1,16 +1,16 @@
-"""lmforge's own CPU kernels (csrc/qmm_avx2.cpp): int4/int8 weights times int8 activation blocks, and a
-one-pass RMSNorm for decode steps.
+"""lmforge's own CPU ops (csrc/qmm_avx2.cpp), built and loaded here: q4_mm / q8_mm (int4/int8 weights times
+int8 activation blocks, what lmforge.quant runs), and rms_norm / silu_mul / decode_attn (one-pass decode-step ops
+that lmforge.model.layers uses). A module of its own because both model and quant use it.
 
-Why they exist: torch's packed int4/int8 CPU kernels convert every weight to float and multiply with FMA (in
-bf16 on AVX-512), which made batch-1 decoding 0.45-0.66x llama.cpp on AVX2 CPUs and 0.78x on an AVX-512 Zen 4
-(docs/benchmarks.md; 1.08x and 1.13x with these). These kernels do what llama.cpp does: quantize the
-activations to int8 per block of 32 and take integer dot products. They read lmforge's own storage (nibbles,
-scales, mins), so no second copy of the weights exists.
+Why the int kernels exist: torch's packed int4/int8 CPU kernels convert every weight to float and multiply with
+FMA, which is slow on AVX2 CPUs; these do what llama.cpp does (int8 activation blocks of 32, integer dot
+products) and read lmforge's own storage (nibbles, scales, mins), so no second copy of the weights exists
+(speeds: docs/benchmarks.md).
 
-The C++ is compiled once per machine with the system's C++ compiler (about 10 s) into the cache, then loaded
-with torch.ops.load_library. Policy (env LMFORGE_CPU_KERNELS): "auto" (default) uses them wherever the CPU has
-AVX2, FMA and F16C except on AMX CPUs (there torch's kernels were the measured default that reached llama.cpp's
-speed; these were not measured on one), "on" wherever the CPU has AVX2, FMA and F16C, "off" never.
+The C++ is compiled once per machine with the system's C++ compiler into the cache, then loaded with
+torch.ops.load_library (a cached, lazily built library). Which CPUs use them is read from the environment on each
+call, LMFORGE_CPU_KERNELS: "auto" (default) wherever the CPU has AVX2, FMA and F16C except AMX CPUs (there
+torch's kernels are the measured default), "on" wherever the CPU has AVX2, FMA and F16C, "off" never.
 A failed build is reported once and the torch kernels run instead.
 """
 
@@ -28,56 +28,13 @@ from pathlib import Path
 
 import torch
 
+from lmforge.device import cpu_flags
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write, cache_root
 
 SOURCE = Path(__file__).parent / "csrc" / "qmm_avx2.cpp"
 POLICIES = ("auto", "on", "off")
 _log = logging.getLogger("lmforge")
-_failure: str | None = None  # why the kernels are not in use, once decided
-
-
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
-    """This CPU's x86 feature flags. Linux: the flags line of /proc/cpuinfo; elsewhere (or when it cannot be
-    read) the capabilities torch's cpuinfo reports (torch >= 2.8), else none."""
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    try:
-        caps = torch.cpu.get_capabilities()  # type: ignore[attr-defined]
-    except (AttributeError, RuntimeError):
-        return frozenset()
-    return frozenset(f for f, on in caps.items() if on)
-
-
-SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
-_NUMBERS = {"cpu family": "cpu_family", "model": "cpu_model"}  # /proc/cpuinfo key -> record key
-
-
-def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
-    """Which CPU this is, as runs and benchmarks record it: the model name, and the family / model numbers
-    that tell apart CPUs sharing a name (a first-generation "AMD EPYC", family 23 model 1, has half the FMA
-    width of later ones: a 2.4x lower float32 matmul peak), plus the SIMD flags that choose kernels."""
-    out: dict[str, object] = {}
-    try:
-        text = cpuinfo.read_text(errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, val = (part.strip() for part in line.partition(":"))
-        if key == "model name" and "cpu" not in out:
-            out["cpu"] = val
-        elif key in _NUMBERS and _NUMBERS[key] not in out and val.isdigit():
-            out[_NUMBERS[key]] = int(val)
-        elif not line.strip() and out:  # the first processor's block is enough
-            break
-    flags = cpu_flags(cpuinfo)
-    out["simd"] = [f for f in SIMD_FLAGS if f in flags]
-    return out
 
 
 @functools.cache
@@ -86,6 +43,7 @@ def _has_isa() -> bool:
 
 
 def policy() -> str:
+    """LMFORGE_CPU_KERNELS, read on each call (so a test or a process can change it between loads)."""
     p = os.environ.get("LMFORGE_CPU_KERNELS", "auto").strip().lower() or "auto"
     if p not in POLICIES:
         raise ConfigError(f"LMFORGE_CPU_KERNELS={p!r} is not one of {' | '.join(POLICIES)}")
@@ -144,9 +102,7 @@ def _compile(out: Path) -> None:
 def available() -> bool:
     """Whether torch.ops.lmforge.q4_mm / q8_mm are to be used here: the policy wants them and they are built
     (once per machine) and loaded (once per process). Read when a layer prepares its kernel, not per call."""
-    global _failure
-    _failure = _wanted() or _load()
-    return _failure is None
+    return failure() is None
 
 
 @functools.cache
@@ -173,8 +129,8 @@ def _load() -> str | None:
 
 
 def failure() -> str | None:
-    """Why `available()` said no (None if it said yes or was not asked)."""
-    return _failure
+    """Why `available()` says no (None when it says yes): the policy's reason, else the build's or load's."""
+    return _wanted() or _load()
 
 
 def _register_fake() -> None:

@@ -1,9 +1,11 @@
 """Which device a command runs on: the one place that turns "auto" / "cpu" / "cuda[:N]" into a torch.device,
-refusing in one line a device this machine does not have (instead of torch's assertion deep inside a load)."""
+refusing in one line a device this machine does not have (instead of torch's assertion deep inside a load);
+and what the CPU is (feature flags, identity), which picks CPU kernels and is recorded with runs."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -48,3 +50,46 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
+
+
+SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+_NUMBERS = {"cpu family": "cpu_family", "model": "cpu_model"}  # /proc/cpuinfo key -> record key
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """This CPU's x86 feature flags. Linux: the flags line of /proc/cpuinfo; elsewhere (or when it cannot be
+    read) the capabilities torch's cpuinfo reports (torch >= 2.8), else none."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    try:
+        caps = torch.cpu.get_capabilities()  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        return frozenset()
+    return frozenset(f for f, on in caps.items() if on)
+
+
+def cpu_identity(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
+    """Which CPU this is, as runs and benchmarks record it: the model name, and the family / model numbers
+    that tell apart CPUs sharing a name (a first-generation "AMD EPYC", family 23 model 1, has half the FMA
+    width of later ones), plus the SIMD flags that choose kernels."""
+    out: dict[str, object] = {}
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, val = (part.strip() for part in line.partition(":"))
+        if key == "model name" and "cpu" not in out:
+            out["cpu"] = val
+        elif key in _NUMBERS and _NUMBERS[key] not in out and val.isdigit():
+            out[_NUMBERS[key]] = int(val)
+        elif not line.strip() and out:  # the first processor's block is enough
+            break
+    flags = cpu_flags(cpuinfo)
+    out["simd"] = [f for f in SIMD_FLAGS if f in flags]
+    return out

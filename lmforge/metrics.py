@@ -1,4 +1,5 @@
-"""Evaluation metrics: classification reports, SQuAD EM/F1, ROUGE, BLEU and chrF.
+"""Evaluation metrics: classification reports, SQuAD EM/F1, ROUGE, BLEU and chrF, and a language model's
+perplexity.
 
 Classification scores are fractions in [0, 1]; SQuAD, ROUGE, BLEU and chrF are percentages in [0, 100],
 as their reference implementations report them. SQuAD scoring re-implements the official v1.1 evaluation
@@ -8,14 +9,19 @@ BLEU/chrF use ``sacrebleu`` so the numbers match published ones.
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmforge.errors import DataError, LmforgeError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # ------------------------------------------------------------------------------------------ classification
 
@@ -260,3 +266,42 @@ def bleu_chrf(preds: Sequence[str], refs: Sequence[str] | Sequence[Sequence[str]
     bleu = sacrebleu.corpus_bleu(list(preds), streams)
     chrf = sacrebleu.corpus_chrf(list(preds), streams)
     return {"bleu": float(bleu.score), "chrf": float(chrf.score)}
+
+
+# ------------------------------------------------------------------------------------------ perplexity
+
+
+def perplexity(model: nn.Module, token_ids: torch.Tensor | Sequence[int], block: int = 512,
+               batch_size: int = 1) -> float:
+    """exp(mean next-token NLL) over consecutive non-overlapping blocks of `block` tokens, each scored
+    from its own start (so the number depends on `block`; compare models at the same block).
+    Raises QuantError (as it did in lmforge.quant) for fewer than 2 tokens."""
+    import torch  # lazily: this module is torch-free at import
+
+    from lmforge.model.heads import IGNORE, lm_head_loss
+    from lmforge.quant import QuantError
+
+    with torch.inference_mode():
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() < 2:
+            raise QuantError("perplexity needs at least 2 tokens")
+        block = min(block, getattr(getattr(model, "cfg", None), "context_length", block))
+        dev = next(model.parameters(), next(model.buffers())).device
+        n_blocks = math.ceil(ids.numel() / block)
+        chunks = [ids[i * block:(i + 1) * block] for i in range(n_blocks)]
+        if chunks[-1].numel() < 2:
+            chunks.pop()
+        total, count = 0.0, 0
+        for s in range(0, len(chunks), batch_size):
+            group = chunks[s:s + batch_size]
+            L = max(c.numel() for c in group)
+            x = torch.zeros(len(group), L, dtype=torch.long)
+            mask = torch.zeros(len(group), L, dtype=torch.long)
+            for b, c in enumerate(group):  # right padding: causal attention never looks at it
+                x[b, : c.numel()] = c
+                mask[b, : c.numel()] = 1
+            h = model(x.to(dev))[:, :-1]  # (B, L-1, D)
+            tgt = x[:, 1:].to(dev).masked_fill(mask[:, 1:].to(dev) == 0, IGNORE)  # (B, L-1): the next tokens
+            total += lm_head_loss(model, h, tgt, reduction="sum").double().item()
+            count += int((tgt != IGNORE).sum())
+    return math.exp(total / count)

@@ -81,6 +81,6 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def gen(tiny_dir):
-    from lmforge.generate import Generator
+    from lmforge.generator import Generator
 
     return Generator.load(tiny_dir)

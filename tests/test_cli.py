@@ -17,7 +17,7 @@ from test_pretrain import PEAK, make_corpus, pretrain_args, tiny_config
 
 from lmforge.cli import build_parser, common, main
 from lmforge.cli.generate import emit
-from lmforge.generate import GenerationConfig, ban_repeated_ngrams, generate
+from lmforge.decoding import GenerationConfig, ban_repeated_ngrams, generate
 from lmforge.train import list_checkpoints
 
 
@@ -287,7 +287,7 @@ def test_info_names_the_paths_of_the_device(monkeypatch, tiny_dir, capsys):
 
 def test_decode_plan_is_the_rule_of_load_and_info(monkeypatch):
     """One function says what Generator.load runs (and `info` reports): int kernels on the CPU only."""
-    from lmforge.quant import decode_plan
+    from lmforge.decoding.step import decode_plan
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
@@ -298,7 +298,7 @@ def test_decode_plan_is_the_rule_of_load_and_info(monkeypatch):
 
 
 def test_generator_reports_where_it_runs(tiny_dir):
-    from lmforge.generate import Generator
+    from lmforge.generator import Generator
 
     assert Generator.load(tiny_dir).runs_on == "cpu, float32 weights"
     assert Generator.load(tiny_dir, dtype="bfloat16").runs_on == "cpu, bfloat16 weights"

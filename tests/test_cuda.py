@@ -81,7 +81,7 @@ def test_forward_matches_transformers_on_cuda(family, hf_dirs):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_greedy_with_kv_cache_equals_transformers_on_cuda(family, tmp_path):
-    from lmforge.generate import greedy
+    from lmforge.decoding import greedy
 
     hf = make_hf_model(family, seed=3)
     hf.save_pretrained(tmp_path)
@@ -95,7 +95,7 @@ def test_greedy_with_kv_cache_equals_transformers_on_cuda(family, tmp_path):
 
 def test_batched_generation_on_cuda_equals_cpu(tiny_dir):
     """Left-padded batch, sampling with a seed and beams: the same tokens on both devices (float32)."""
-    from lmforge.generate import Generator
+    from lmforge.generator import Generator
 
     cpu = Generator.load(tiny_dir, compile="off")
     gpu = Generator.load(tiny_dir, device="cuda", dtype="float32", compile="off")  # float32 on both devices
@@ -113,7 +113,7 @@ def test_cli_decodes_on_the_gpu_in_bf16_by_default(tiny_dir, capsys):
     """`--device auto` picks the GPU; weights load in bfloat16 there (float32 on a GPU without it), and
     --verbose says so."""
     from lmforge.cli import main
-    from lmforge.generate import Generator
+    from lmforge.generator import Generator
 
     want = "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     assert Generator.load(tiny_dir, device="auto").runs_on == f"cuda:0, {want} weights"
@@ -129,7 +129,8 @@ def test_cli_decodes_on_the_gpu_in_bf16_by_default(tiny_dir, capsys):
 def test_compiled_decode_step_on_cuda_equals_eager(tiny_dir):
     """The static step compiled for CUDA ("reduce-overhead": CUDA graphs) gives the eager step's greedy tokens, and
     says which path it took."""
-    from lmforge.generate import DecodeOptions, Generator, compiler_missing
+    from lmforge.decoding import DecodeOptions, compiler_missing
+    from lmforge.generator import Generator
 
     if why := compiler_missing("cuda"):
         pytest.skip(why)
@@ -161,7 +162,8 @@ def test_scheduler_on_cuda_gives_each_request_its_text_alone(tiny_dir):
     """Continuous batching on CUDA: staggered requests of different lengths each get the tokens they get alone."""
     import threading
 
-    from lmforge.generate import GenerationConfig, Generator, generate
+    from lmforge.decoding import GenerationConfig, generate
+    from lmforge.generator import Generator
     from lmforge.serve.batching import GenRequest, SamplingParams, Scheduler
 
     gen = Generator.load(tiny_dir, device="cuda", dtype="float32")

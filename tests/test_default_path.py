@@ -21,7 +21,8 @@ import lmforge.cli.generate as cli_generate
 from lmforge import cpu_kernels, quant
 from lmforge.checkpoints import load_checkpoint
 from lmforge.cli import build_parser, main
-from lmforge.generate import Generator
+from lmforge.device import cpu_identity
+from lmforge.generator import Generator
 from lmforge.model.transformer import Transformer
 from lmforge.quant import QuantError, QuantLinear, kernel_mode
 from lmforge.tasks.export import export
@@ -66,7 +67,7 @@ def test_q4_0_file_loads_as_exact_int4(files):
     ids = torch.randint(0, q.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = f.model.logits(ids)
-        with kernel_mode("dequant"):  # float32 matmuls on the same weights: equal up to summation order
+        with kernel_mode(q.model, "dequant"):  # float32 matmuls on the same weights: equal up to summation order
             torch.testing.assert_close(q.model.logits(ids), want, atol=1e-5, rtol=1e-5)
         got = q.model.logits(ids)  # the decode kernels: bf16 activations
     assert (got - want).abs().max() / want.abs().max() < 2e-2
@@ -158,7 +159,7 @@ def test_info_says_which_path(files, capsys):
     own = cpu_kernels.available()
     assert quant.kernel_backend().startswith("lmforge AVX2" if own else "torch packed")
     assert info["host"].endswith(f", {torch.get_num_threads()} threads")  # the CPU the paths were chosen for
-    assert all(f in info["host"] for f in cpu_kernels.cpu_identity()["simd"])
+    assert all(f in info["host"] for f in cpu_identity()["simd"])
 
 
 # ---- SmolLM2: the default path against float32 ----------------------------------------------------------
@@ -203,7 +204,7 @@ def smollm2_pair():
 
 
 def _greedy(model: Transformer, ids: list[int], n: int) -> list[int]:
-    from lmforge.generate import greedy
+    from lmforge.decoding import greedy
 
     with torch.no_grad():
         return greedy(model, torch.tensor([ids]), n)[0, len(ids):].tolist()

@@ -67,7 +67,7 @@ def test_eval_never_shows_evaluated_rows(tmp_path, monkeypatch, capsys):
     rows = ROWS[:5] + [(ROWS[0][0], "duplicate of row 1's input")]  # row 6 repeats row 1's input
     data = write_jsonl(tmp_path / "bible.jsonl", rows)
     fake = RecordingGen()
-    monkeypatch.setattr("lmforge.generate.Generator.load", lambda *a, **k: fake)
+    monkeypatch.setattr("lmforge.generator.Generator.load", lambda *a, **k: fake)
     args = ["eval", "--task", "translate", "--from", "en", "--to", "es", "--model", "base", "--data", str(data),
             "--shots-file", str(data), "--json", "--predictions", str(tmp_path / "p.jsonl")]
     assert main(args + ["--limit", "2", "--tail", "--shots", "3"]) == 0
@@ -99,7 +99,7 @@ def test_bad_shots_file_fails_in_one_line(tmp_path, monkeypatch, capsys, content
     bad = tmp_path / "shots.jsonl"
     bad.write_text(content)
     data = write_jsonl(tmp_path / "data.jsonl", ROWS)
-    monkeypatch.setattr("lmforge.generate.Generator.load", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr("lmforge.generator.Generator.load", lambda *a, **k: pytest.fail("model loaded"))
     monkeypatch.setattr("lmforge.cli.generate.load_generator", lambda *a, **k: pytest.fail("model loaded"))
     assert main(["eval", "--task", "translate", "--from", "en", "--to", "es", "--data", str(data),
                  "--shots", "2", "--shots-file", str(bad), "--predictions", str(tmp_path / "p.jsonl")]) == 2
@@ -230,7 +230,7 @@ def test_sentence_budget_in_the_summarize_prompt(tmp_path, monkeypatch, capsys):
     data = tmp_path / "docs.jsonl"
     data.write_text(json.dumps({"document": "A long text.", "summary": "Short."}) + "\n")
     fake = RecordingGen()
-    monkeypatch.setattr("lmforge.generate.Generator.load", lambda *a, **k: fake)
+    monkeypatch.setattr("lmforge.generator.Generator.load", lambda *a, **k: fake)
     args = ["eval", "--task", "summarize", "--model", str(run), "--data", str(data), "--json",
             "--predictions", str(tmp_path / "p.jsonl")]
     assert main(args) == 0 and main(args + ["--sentences", "2"]) == 0
@@ -246,7 +246,7 @@ def test_summarize_verb_states_the_sentence_budget(tmp_path, monkeypatch, capsys
     doc = tmp_path / "doc.txt"
     doc.write_text("A long text about many things.")
     fake = RecordingGen()
-    monkeypatch.setattr("lmforge.generate.Generator.load", lambda *a, **k: fake)
+    monkeypatch.setattr("lmforge.generator.Generator.load", lambda *a, **k: fake)
     assert main(["summarize", "--model", str(run), str(doc)]) == 0  # the budget it was trained with
     assert main(["summarize", "--model", str(run), "--sentences", "1", str(doc)]) == 0  # told otherwise
     assert main(["summarize", str(doc)]) == 0  # a model without finetune.json: "two or three"

@@ -9,15 +9,8 @@ import torch
 from conftest import make_hf_model
 
 from lmforge.checkpoints import load_checkpoint
+from lmforge.decoding import GenerationConfig, TextStreamer, beam_search, filter_logits, generate, greedy
 from lmforge.errors import GenerationError
-from lmforge.generate import (
-    GenerationConfig,
-    TextStreamer,
-    beam_search,
-    filter_logits,
-    generate,
-    greedy,
-)
 
 transformers = pytest.importorskip("transformers")
 PROMPT = torch.tensor([[5, 17, 33, 8, 41, 12, 9]])
@@ -72,9 +65,9 @@ def test_kv_cache_equals_full_recomputation(pair):
     steps = full[0, PROMPT.shape[1] - 1:].argmax(-1)
     assert steps.tolist() == out[0, PROMPT.shape[1]:].tolist()
     # and the cached logits themselves match
-    from lmforge.generate import _Stepper
+    from lmforge.decoding import DecodeRuntime, Stepper
 
-    st = _Stepper(ours, PROMPT, None, 16)
+    st = Stepper(DecodeRuntime(ours), PROMPT, None, 16)
     logits = [st.prefill(PROMPT)]
     for t in out[0, PROMPT.shape[1]:-1]:
         logits.append(st.step(t.view(1)))

@@ -266,7 +266,7 @@ def test_tiny_llama_q4_1_loads_as_exact_int4(tmp_path, tied):
         assert torch.equal(q.model.get_submodule(name).dequantize(), flt.body[f"{name}.weight"]), name
     head = flt.body["embed.tok.weight" if tied else "lm_head.weight"]
     assert torch.equal(q.model.quant_head.dequantize(), head)
-    with torch.no_grad(), kernel_mode("dequant"):
+    with torch.no_grad(), kernel_mode(q.model, "dequant"):
         torch.testing.assert_close(q.model.logits(IDS), ours(flt).logits(IDS), atol=1e-5, rtol=1e-5)
 
 
@@ -287,7 +287,7 @@ def test_tiny_gemma3_q4_0_quantized_load(tmp_path):
     path = write_gguf_from_hf(tmp_path / "g.gguf", tiny_gemma3(), "gemma3", quant=gguf.GGMLQuantizationType.Q4_0)
     q = load_checkpoint(path, quantized=True, tokenizer=False).model
     assert q.quant_spec.describe() == "int4 (from Q4_0 file)" and len(q.quant_spec.modules) == 7 * 7
-    with torch.no_grad(), kernel_mode("dequant"):
+    with torch.no_grad(), kernel_mode(q, "dequant"):
         torch.testing.assert_close(q.logits(IDS), ours(read_gguf(path)).logits(IDS), atol=1e-5, rtol=1e-5)
     f32 = write_gguf_from_hf(tmp_path / "f.gguf", tiny_gemma3(), "gemma3")
     assert read_gguf(f32, quantized=True).quant_spec is None and decode_path(f32) == "float32"
@@ -363,7 +363,7 @@ def test_missing_metadata_key(tmp_path):
 
 # ---- slow: real checkpoints vs transformers' GGUF loading --------------------------------------------
 def greedy_ids(model: Transformer, ids: torch.Tensor, n: int) -> list[int]:
-    """Plain greedy continuation with a KV cache (independent of lmforge.generate)."""
+    """Plain greedy continuation with a KV cache (independent of lmforge.decoding)."""
     cache = KVCache(model.cfg, 1, ids.shape[1] + n)
     out: list[int] = []
     with torch.no_grad():

@@ -145,7 +145,7 @@ def test_eval_reports_the_rate_per_model(tmp_path, monkeypatch, capsys):
         def generate(self, prompt, **kw):
             return [next(v for k, v in replies.items() if k in p) for p in prompt]
 
-    monkeypatch.setattr("lmforge.generate.Generator.load", lambda *a, **k: Gen(""))
+    monkeypatch.setattr("lmforge.generator.Generator.load", lambda *a, **k: Gen(""))
     pred = tmp_path / "p.jsonl"
     assert main(["eval", "--task", "summarize", "--model", "fake", "--data", str(data), "--json",
                  "--predictions", str(pred)]) == 0
@@ -178,7 +178,7 @@ def test_server_task_endpoints_carry_the_field(tmp_path):
     import torch
     from conftest import make_hf_model
 
-    from lmforge.generate import Generator
+    from lmforge.generator import Generator
     from lmforge.serve import BackgroundServer, ServeSettings, create_app
     from lmforge.tasks.prompts import answer_prompt, summarize_prompt
     from lmforge.tokenizer import Tokenizer

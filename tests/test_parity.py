@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.checkpoints import load_checkpoint, save_pretrained
-from lmforge.generate import greedy
+from lmforge.decoding import greedy
 
 transformers = pytest.importorskip("transformers")
 from conftest import FAMILIES  # noqa: E402

@@ -140,6 +140,32 @@ def test_learns_grammar_well_below_unigram_entropy(tmp_path):
     assert json.loads((tmp_path / "run" / "pretrain.json").read_text())["context_length"] == 32
 
 
+def test_mfu_is_taken_in_the_precision_the_trainer_resolved(tmp_path, monkeypatch):
+    """The MFU peak is read in the Trainer's precision once the Trainer has settled it: a run resumed with
+    precision auto where auto now means bf16 keeps computing in its recorded fp32, and so does its MFU."""
+    import lmforge.tasks.pretrain as PT
+    from lmforge.train import precision as P
+
+    peaks: list[torch.dtype] = []
+    monkeypatch.setattr(PT, "peak_flops", lambda device, dtype: peaks.append(dtype) or 1e11)
+    corpus = make_corpus(tmp_path / "corpus", files=1, paragraphs=40)
+    c = PretrainConfig(data=[str(corpus)], model_config=str(tiny_config(tmp_path / "tiny.json")), vocab_size=320,
+                       context_length=32, cache_dir=str(tmp_path / "cache"), samples=0)
+
+    def tc(steps: int) -> TrainConfig:
+        return TrainConfig(output_dir=tmp_path / "run", max_steps=steps, batch_size=8, lr=1e-3, eval_every=2,
+                           save_every=2, log_every=1, precision="auto", progress=False, plot=False)
+
+    monkeypatch.setattr(P, "cpu_has_native_bf16", lambda: None)  # auto: fp32 on this CPU
+    s = pretrain(c, tc(2), log=lambda m: None)
+    assert s["mfu_precision"] == "fp32" and peaks == [torch.float32]
+    monkeypatch.setattr(P, "cpu_has_native_bf16", lambda: "avx512_bf16")  # the run continued where auto is bf16
+    s = pretrain(c, tc(4), resume=True, log=lambda m: None)
+    rec = json.loads((tmp_path / "run" / "trainer_config.json").read_text())
+    assert s["steps"] == 4 and rec["precision"] == "fp32" and s["mfu_precision"] == rec["precision"]
+    assert peaks == [torch.float32, torch.float32]
+
+
 # ---- resume ----------------------------------------------------------------------------------------
 SCRIPT = """
 import sys, time

@@ -188,7 +188,7 @@ def test_doc_stride_too_large_is_a_config_error(bert_dir):
 
     tok = Tokenizer.from_dir(bert_dir)
     ex = to_examples([make_example(random.Random(0), "a", "t")])
-    with pytest.raises(ConfigError, match="--doc-stride 20"):
+    with pytest.raises(ConfigError, match=r"QAConfig\.doc_stride 20"):
         make_features(tok, ex, 24, 20, max_question_length=8)
 
 
@@ -268,7 +268,7 @@ def test_dropout_is_on_embeddings_and_residuals_not_attention(bert_dir):
     assert not torch.equal(model(x)[0], model(x)[0])  # active while training
     model.eval()
     assert torch.equal(model(x)[0], model(x)[0])
-    with pytest.raises(ConfigError, match="--dropout"):
+    with pytest.raises(ConfigError, match=r"QAConfig\.dropout"):
         build_model(QAConfig(model=str(bert_dir), dropout=1.0, **WINDOW))
 
 
@@ -353,31 +353,31 @@ def test_distillation_loss_and_training_from_a_teacher(run, bert_dir, data, tmp_
     assert s["best_metric"] >= 80
     assert json.loads((tmp_path / "student" / "qa_config.json").read_text())["teacher"] == [run["run_dir"]]
     # the teacher's logits are kept in the run dir: a rerun (or --resume) reads them instead of recomputing
-    from lmforge.tasks.qa import TEACHER_CACHE, _add_teacher_logits
+    from lmforge.tasks.qa import TEACHER_CACHE, add_teacher_logits
 
     cached = tmp_path / "student" / TEACHER_CACHE
     assert cached.is_file()
     fresh = make_features(lq.tokenizer, read_squad(data["train"])[:20], **WINDOW)
     logs: list[str] = []
-    _add_teacher_logits(c, lq.tokenizer, fresh, tmp_path / "cache", "cpu", logs.append)
+    add_teacher_logits(c, lq.tokenizer, fresh, tmp_path / "cache", "cpu", logs.append)
     again = [dict(f) for f in fresh]
-    _add_teacher_logits(c, lq.tokenizer, again, tmp_path / "cache", "cpu", logs.append)
+    add_teacher_logits(c, lq.tokenizer, again, tmp_path / "cache", "cpu", logs.append)
     assert "read from" not in logs[0] and "read from" in logs[1]
     for f, g in zip(fresh, again):
         assert np.array_equal(f["teacher_start"], g["teacher_start"]) and len(g["teacher_end"]) == len(f["input_ids"])
-    _add_teacher_logits(c, lq.tokenizer, [dict(f) for f in fresh[:-1]], tmp_path / "cache", "cpu", logs.append)
+    add_teacher_logits(c, lq.tokenizer, [dict(f) for f in fresh[:-1]], tmp_path / "cache", "cpu", logs.append)
     assert "read from" not in logs[2]  # other windows: recomputed
     (tmp_path / "cache" / TEACHER_CACHE).write_bytes(b"not safetensors")
-    _add_teacher_logits(c, lq.tokenizer, [dict(f) for f in fresh], tmp_path / "cache", "cpu", logs.append)
+    add_teacher_logits(c, lq.tokenizer, [dict(f) for f in fresh], tmp_path / "cache", "cpu", logs.append)
     assert "read from" not in logs[3]  # unreadable: recomputed and replaced
-    import lmforge.tasks.qa as qa_mod
+    import lmforge.tasks.qa.training as qa_mod  # where add_teacher_logits looks the loader up
 
     def no_load(*_a, **_k):
         raise AssertionError("a cache hit must not load the teachers")
 
     with pytest.MonkeyPatch.context() as mp:  # a hit reads the file without loading the teacher models
         mp.setattr(qa_mod, "load_qa_ensemble", no_load)
-        _add_teacher_logits(c, lq.tokenizer, [dict(f) for f in fresh], tmp_path / "cache", "cpu", logs.append)
+        add_teacher_logits(c, lq.tokenizer, [dict(f) for f in fresh], tmp_path / "cache", "cpu", logs.append)
     assert "read from" in logs[4]
 
     other = tmp_path / "other-tok"  # the same run, one vocabulary entry renamed
@@ -389,7 +389,7 @@ def test_distillation_loss_and_training_from_a_teacher(run, bert_dir, data, tmp_
     with pytest.raises(CheckpointError, match="tokenizer differs"):
         train(QAConfig(model=str(bert_dir), data=str(data["train"]), eval_data=str(data["eval"]), **WINDOW,
                        teacher=[str(other)]), TrainConfig(output_dir=tmp_path / "x", max_steps=1), log=lambda *_: None)
-    with pytest.raises(ConfigError, match="distill-alpha"):
+    with pytest.raises(ConfigError, match="distill_alpha"):
         train(QAConfig(model=str(bert_dir), data=str(data["train"]), eval_data=str(data["eval"]), **WINDOW,
                        teacher=[run["run_dir"]], distill_alpha=1.5), TrainConfig(output_dir=tmp_path / "y",
                                                                                  max_steps=1), log=lambda *_: None)
@@ -463,6 +463,21 @@ def test_cli_distillation_knobs_need_a_teacher(qa_cli, bert_dir, data, tmp_path,
     assert not (tmp_path / "r").exists()
 
 
+def test_cli_names_flags_for_task_errors_that_name_qa_config_fields(qa_cli, bert_dir, data, tmp_path, capsys):
+    """The task layer names QAConfig fields (build_model, windows); the CLI says them as its flags."""
+    from lmforge.tasks.qa import build_model
+
+    with pytest.raises(ConfigError, match=r"QAConfig\.max_length 4096 is above"):
+        build_model(QAConfig(model=str(bert_dir), max_length=4096))
+    err = _cli_error(capsys, qa_cli, "train", "--model", str(bert_dir), "--data", str(data["train"]),
+                     "--eval-data", str(data["eval"]), "--max-length", "4096", "--output", str(tmp_path / "r"))
+    assert "--max-length 4096 is above" in err and "QAConfig" not in err
+    err = _cli_error(capsys, qa_cli, "train", "--model", str(bert_dir), "--data", str(data["train"]),
+                     "--eval-data", str(data["eval"]), "--max-length", "24", "--doc-stride", "20",
+                     "--max-question-length", "8", "--output", str(tmp_path / "r"))
+    assert "--doc-stride 20 must be below" in err and "--max-question-length 8" in err
+
+
 def test_cli_eval_predict(qa_cli, run, data, tmp_path, capsys):
     out = run["run_dir"]
     pred = tmp_path / "preds" / "p.jsonl"
@@ -497,7 +512,7 @@ def test_an_interrupted_qa_eval_keeps_its_answers_and_continues(qa_cli, run, dat
                                                                 monkeypatch):
     """Ctrl-C during `qa eval` keeps each finished chunk of answers; the same command answers only the rest
     and writes what an uninterrupted run writes. `eval --task qa` shares the mechanism (evaluate.qa_answers)."""
-    from lmforge.tasks import qa as qa_mod
+    from lmforge.tasks.qa import inference as qa_mod  # where predict_examples looks these up
 
     monkeypatch.setattr(qa_mod, "PREDICT_CHUNK", 10)
     out, f = run["run_dir"], str(data["eval"])

@@ -11,24 +11,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge import quant
 from lmforge.config import ModelConfig
+from lmforge.decoding import greedy
 from lmforge.errors import LmforgeError
-from lmforge.generate import greedy
+from lmforge.metrics import perplexity
 from lmforge.model.transformer import Transformer
 from lmforge.quant import (
+    DEFAULT_POLICY,
     FusedQuantLinear,
+    KernelPolicy,
     QuantEmbedding,
     QuantError,
     QuantLinear,
     kernel_mode,
+    kernel_policy,
+    kernels,
     load_quantized,
     pack_nibbles,
-    perplexity,
     quantize_int4,
     quantize_model,
     quantized_nbytes,
     save_quantized,
+    set_kernel_policy,
     unpack_nibbles,
 )
 
@@ -65,7 +69,7 @@ def test_quant_linear_close_to_float(mode, bits, group, tol):
     lin = nn.Linear(256, 96, bias=True)
     q = QuantLinear.from_linear(lin, bits, group)
     x = torch.randn(3, 5, 256)
-    with torch.no_grad(), kernel_mode(mode):
+    with torch.no_grad(), kernel_mode(q, mode):
         y = q(x)
     assert y.shape == (3, 5, 96) and y.dtype == torch.float32
     assert rel(y, lin(x).detach()) < tol
@@ -76,9 +80,9 @@ def test_kernel_and_dequant_paths_agree():
     for bits in (8, 4):
         q = QuantLinear.from_weight(torch.randn(64, 128), None, bits, 32 if bits == 4 else None)
         x = torch.randn(7, 128)
-        with torch.no_grad(), kernel_mode("kernel"):
+        with torch.no_grad(), kernel_mode(q, "kernel"):
             yk = q(x)
-        with torch.no_grad(), kernel_mode("dequant"):
+        with torch.no_grad(), kernel_mode(q, "dequant"):
             yd = q(x)
         assert q._fast is True  # the kernel really ran (this torch build has it)
         assert rel(yk, yd) < 1e-2  # bfloat16 activations on the kernel path
@@ -112,7 +116,7 @@ def test_shapes_the_kernels_refuse_fall_back(bits, N, K, torch_kernels):
     w = torch.randn(N, K)
     ql = QuantLinear.from_weight(w, None, bits, 32 if bits == 4 else None)
     x = torch.randn(2, K)
-    with torch.no_grad(), kernel_mode("kernel"):
+    with torch.no_grad(), kernel_mode(ql, "kernel"):
         y = ql(x)
     assert ql._fast is False
     assert rel(y, x @ w.t()) < (1e-2 if bits == 8 else 0.15)
@@ -128,13 +132,13 @@ def test_unaligned_operands_do_not_crash_the_int8_kernel(torch_kernels):
     ql.qweight = buf
     ql._drop_cache()
     x = torch.randn(5 * 128 + 3).bfloat16()[3:].view(5, 128)  # bf16 input at an odd address
-    with torch.no_grad(), kernel_mode("kernel"):
+    with torch.no_grad(), kernel_mode(ql, "kernel"):
         y = ql(x)
     assert ql._fast is True and rel(y, x.float() @ w.t()) < 2e-2
 
 
 def test_no_kernel_available(monkeypatch, torch_kernels):
-    monkeypatch.setattr(quant, "_HAS_INT8_KERNEL", False)
+    monkeypatch.setattr(kernels, "_HAS_INT8_KERNEL", False)
     ql = QuantLinear.from_weight(torch.randn(32, 64), None, 8)
     x = torch.randn(1, 64)
     assert rel(ql(x), x @ ql.dequantize().t()) < 1e-6 and ql._fast is False
@@ -209,14 +213,14 @@ def test_quantized_model_fuses_projections_and_keeps_its_state_dict():
     assert quantize_model(copy.deepcopy(m), bits=8, skip=()).blocks[0].attn.qkv is None  # int8: per layer
 
 
-needs_int4_kernel = pytest.mark.skipif(not quant._HAS_INT4_KERNEL, reason="this torch build has no CPU int4 kernel")
+needs_int4_kernel = pytest.mark.skipif(not kernels._HAS_INT4_KERNEL, reason="this torch build has no CPU int4 kernel")
 
 
 @needs_int4_kernel
 @pytest.mark.parametrize("N,K,group", [(64, 64, 32), (192, 576, 32), (1536, 576, 32), (576, 1536, 64), (48, 256, 256)])
 def test_int4_kernel_layout_unpacks_exactly(N, K, group):
     q = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8)
-    assert torch.equal(quant._int4unpack(quant._int4pack(q), K, group), q)
+    assert torch.equal(kernels.int4unpack(kernels._int4pack(q), K, group), q)
 
 
 @needs_int4_kernel
@@ -224,7 +228,7 @@ def test_int4_integers_are_held_once_in_the_kernel_layout_and_saved_as_nibbles(t
     m = tiny()
     q = quantize_model(copy.deepcopy(m), bits=4, skip=(), head_bits=8)
     sd = q.state_dict()
-    rb = quant._int4pack_row_block()
+    rb = kernels.int4pack_row_block()
     for name, mod in q.named_modules():
         if isinstance(mod, QuantLinear) and mod.bits == 4:
             want = pack_nibbles(quantize_int4(m.get_submodule(name).weight.detach(), 32)[0])
@@ -237,20 +241,20 @@ def test_int4_integers_are_held_once_in_the_kernel_layout_and_saved_as_nibbles(t
             if not fused or (rb and all(r % rb == 0 for r in rows)):
                 assert mod._packed, name
             assert torch.equal(sd[f"{name}.qweight"], want)  # the state dict keeps the portable nibbles
-    if quant._int4pack_row_block():  # the parts of a fused layer are views of its packed tensor
+    if kernels.int4pack_row_block():  # the parts of a fused layer are views of its packed tensor
         for b in q.blocks:
             fused_ptr = b.mlp.gate_up._w.untyped_storage().data_ptr()
             assert all(p.qweight.untyped_storage().data_ptr() == fused_ptr for p in (b.mlp.gate, b.mlp.up))
     ids = torch.randint(3, VOCAB, (1, 12))
     with torch.no_grad():
         before = q.logits(ids)
-        with kernel_mode("dequant"):  # the exact path unpacks the integers first
+        with kernel_mode(q, "dequant"):  # the exact path unpacks the integers first
             exact = q.logits(ids)
         lin = q.blocks[0].attn.o
         q.to(torch.float32)  # a move or cast goes back to nibbles (the layout is this CPU build's)
         assert not lin._packed and torch.equal(lin.qweight, sd["blocks.0.attn.o.qweight"])
         torch.testing.assert_close(q.logits(ids), before, rtol=0, atol=0)
-        with kernel_mode("dequant"):
+        with kernel_mode(q, "dequant"):
             torch.testing.assert_close(q.logits(ids), exact, rtol=1e-6, atol=1e-6)
         fresh = quantize_model(copy.deepcopy(m), bits=4, skip=(), head_bits=8)
         fresh.load_state_dict(sd)  # nibbles copied into packed tensors (and fused views): rebuilt from them
@@ -284,10 +288,28 @@ def test_bad_settings_raise():
     with pytest.raises(LmforgeError):
         quantize_model(tiny(), bits=4, group_size=48)  # 64 % 48 != 0
     with pytest.raises(QuantError):
-        with kernel_mode("fast"):
+        with kernel_mode(tiny(), "fast"):  # refused even where no layer is quantized
             pass
     with pytest.raises(QuantError):
         quantize_model(tiny(), bits=8, quantize_embedding=True)  # tied head left float: refused
+
+
+def test_kernel_policy_is_a_value_per_model():
+    """kernel_mode changes the given model's layers only, and gives each its own policy back afterwards."""
+    a = quantize_model(tiny(), bits=4, skip=(), head_bits=8)
+    b = quantize_model(tiny(), bits=4, skip=(), head_bits=8)
+    assert kernel_policy(a) is DEFAULT_POLICY and kernel_policy(nn.Linear(2, 2)) == KernelPolicy()
+    assert all(f.policy is DEFAULT_POLICY for f in (a.blocks[0].attn.qkv, a.blocks[0].mlp.gate_up, a.quant_head))
+    mine = KernelPolicy(max_m_int4=8)
+    set_kernel_policy(a, mine)
+    assert a.blocks[0].attn.qkv.policy is mine and a.quant_head.policy is mine
+    with kernel_mode(a, "dequant"):
+        assert {m.policy for m in a.modules() if isinstance(m, (QuantLinear, FusedQuantLinear))} == {
+            KernelPolicy("dequant", max_m_int4=8)}
+        assert kernel_policy(b) is DEFAULT_POLICY  # another model is untouched
+    assert kernel_policy(a) is mine and a.blocks[1].mlp.down.policy is mine
+    with pytest.raises(QuantError):
+        KernelPolicy(mode="fast")
 
 
 # ---- whole model -------------------------------------------------------------------------------------------
@@ -319,7 +341,7 @@ def test_quantized_logits_close_and_greedy_runs(bits, tol, tie):
     with torch.no_grad():
         ref = m.logits(ids)
         for mode in ("auto", "kernel", "dequant"):
-            with kernel_mode(mode):
+            with kernel_mode(q, mode):
                 assert rel(q.logits(ids), ref) < tol
     out = greedy(q, ids[:1, :6], 10)
     assert out.shape == (1, 16) and torch.equal(out[:, :6], ids[:1, :6])

@@ -115,7 +115,7 @@ def test_eval_summarize_lead_baseline_and_translate(tiny_lm, tmp_path, capsys):
 def test_an_interrupted_eval_keeps_its_outputs_and_continues(tiny_lm, tmp_path, capsys, monkeypatch):
     """Ctrl-C during `eval` keeps every finished batch in predictions.jsonl.partial and says how to continue;
     the same command then decodes only the rest, and scores what an uninterrupted run scores."""
-    from lmforge.generate import Generator
+    from lmforge.generator import Generator
 
     t = tmp_path / "t.jsonl"
     t.write_text("".join(json.dumps({"en": f"one two {w}", "es": f"uno dos {w}"}) + "\n"

@@ -25,7 +25,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from lmforge.generate import Generator  # noqa: E402
+from lmforge.generator import Generator  # noqa: E402
 from lmforge.model.heads import embed_texts  # noqa: E402
 from lmforge.serve import BackgroundServer, ServeSettings, create_app  # noqa: E402
 from lmforge.tasks.classify import LoadedClassifier, predict  # noqa: E402
@@ -431,7 +431,7 @@ def test_one_log_line_per_request(server, caplog):
     ok = [x for x in lines if x.startswith("POST /v1/completions 200 ")]
     bad = [x for x in lines if x.startswith("POST /v1/completions 400 ")]
     assert len(ok) == 1 and len(bad) == 1, lines
-    n_in = len(Tokenizer.from_dir(server.server.config.app.state.lmforge.gen.name).encode("the cat"))
+    n_in = len(Tokenizer.from_dir(server.server.config.app.state.lmforge.generator.name).encode("the cat"))
     assert f"in={n_in} out=" in ok[0] and ok[0].endswith("ms")
 
 
@@ -446,12 +446,13 @@ def test_cli_flags_build_the_app(tiny_dir):
     assert a.host == "127.0.0.1" and a.port == 8000
     app = build_app(a)
     st = app.state.lmforge
-    assert (st.s.max_concurrent, st.s.max_queue, st.s.max_tokens, st.s.api_key) == (3, 0, 32, "k")
-    assert st.s.allowed_hosts == [] and st.s.cors_origin is None
+    assert (st.settings.max_concurrent, st.settings.max_queue, st.settings.max_tokens, st.settings.api_key) == (
+        3, 0, 32, "k")
+    assert st.settings.allowed_hosts == [] and st.settings.cors_origin is None
     a = p.parse_args(["serve", "--model", str(tiny_dir), "--host", "0.0.0.0",
                       "--allowed-hosts", "box.lan, .corp.example", "--cors-origin", "https://app.example"])
     st = build_app(a).state.lmforge
-    assert st.s.host == "0.0.0.0" and st.s.allowed_hosts == ["box.lan", ".corp.example"]
-    assert st.s.cors_origin == "https://app.example"
+    assert st.settings.host == "0.0.0.0" and st.settings.allowed_hosts == ["box.lan", ".corp.example"]
+    assert st.settings.cors_origin == "https://app.example"
     with pytest.raises(SystemExit):
         p.parse_args(["serve", "--max-concurrent", "0"])

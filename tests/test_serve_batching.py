@@ -1,6 +1,6 @@
 """Continuous batching and prefix reuse in the server's scheduler (issue 12 items 3-4), on a tiny random llama.
 
-References are computed with lmforge.generate on one prompt alone (the float32 path the CLI runs), so "same
+References are computed with lmforge.decoding on one prompt alone (the float32 path the CLI runs), so "same
 text" means that joining, leaving, left-padding and reused prefixes changed nothing.
 """
 
@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("fastapi")
 from test_serve import _prompt, gate_forwards  # noqa: E402
 
-from lmforge.generate import GenerationConfig, TextStreamer, generate  # noqa: E402
+from lmforge.decoding import DecodeRuntime, GenerationConfig, TextStreamer, generate  # noqa: E402
 from lmforge.serve.batching import Event, GenRequest, SamplingParams, Scheduler  # noqa: E402
 from lmforge.serve.prefix_cache import PrefixCache  # noqa: E402
 
@@ -62,7 +62,7 @@ def wait(*cs: Collect, timeout: float = 60) -> None:
 
 def alone(gen, ids: list[int], max_tokens: int, stop: tuple[str, ...] = (), eos: bool = True,
           **sampling) -> tuple[str, str, list[int]]:
-    """(text, finish reason, token ids) of one prompt decoded alone by lmforge.generate."""
+    """(text, finish reason, token ids) of one prompt decoded alone by lmforge.decoding."""
     gc = GenerationConfig(max_new_tokens=max_tokens, stop_token_ids=None if eos else [], **sampling)
     out = generate(gen.model, torch.tensor([ids]), gc=gc)[0]
     st = TextStreamer(lambda t: gen.tokenizer.decode(t, skip_special_tokens=True), list(stop))
@@ -183,7 +183,7 @@ def test_n3_with_a_seed_is_reproducible_while_other_requests_run(gen, sched):
     wait(*first)
     texts = [c.text for c in first]
     assert len(set(texts)) > 1  # three draws, not one row three times
-    # choice 0 draws what lmforge.generate draws with that seed alone
+    # choice 0 draws what lmforge.decoding draws with that seed alone
     assert texts[0] == alone(gen, ids, 12, temperature=1.0, seed=1234)[0]
     gate, hook = gate_forwards(gen.model, delay=0.003)
     gate.set()
@@ -256,7 +256,8 @@ def test_a_lone_row_runs_the_traced_step_with_the_same_text(gen):
     """Batch-1 steps go through the traced static step (a bucketed cache, one trace per length); rows that share
     the batch run eagerly; either way every request gives its text alone, also when the batch shrinks back to one
     row (its cache is then re-bucketed)."""
-    s = Scheduler(gen.model, gen.tokenizer, max_batch=8, max_queue=16, compile="trace")
+    rt = DecodeRuntime(gen.model)  # shared by the schedulers below: the traces made here are reused there
+    s = Scheduler(gen.model, gen.tokenizer, max_batch=8, max_queue=16, compile="trace", runtime=rt)
     try:
         ids = ids_of(gen, 1, repeat=2)
         want = alone(gen, ids, 40, eos=False)
@@ -277,8 +278,8 @@ def test_a_lone_row_runs_the_traced_step_with_the_same_text(gen):
         assert s.stats["max_rows"] == 2 and s.decode_step.startswith("traced")
     finally:
         s.close()
-    off = Scheduler(gen.model, gen.tokenizer, compile="off")
-    auto = Scheduler(gen.model, gen.tokenizer)  # auto: 40 steps would not pay for a trace, but this one exists
+    off = Scheduler(gen.model, gen.tokenizer, compile="off", runtime=rt)
+    auto = Scheduler(gen.model, gen.tokenizer, runtime=rt)  # auto: 40 steps would not pay for a trace; it exists
     try:
         for sch, path in ((off, "eager"), (auto, "traced")):
             sch.eos = set()

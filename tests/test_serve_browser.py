@@ -20,7 +20,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 from conftest import make_hf_model  # noqa: E402
 from test_serve import gate_forwards, start_server, tiny_tokenizer  # noqa: E402
 
-from lmforge.generate import Generator  # noqa: E402
+from lmforge.generator import Generator  # noqa: E402
 from lmforge.tasks.classify import LoadedClassifier, predict  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -25,7 +25,7 @@ from hypothesis import strategies as st  # noqa: E402
 from pydantic import BaseModel  # noqa: E402
 from test_serve import start_server, tiny_tokenizer  # noqa: E402
 
-from lmforge.generate import Generator  # noqa: E402
+from lmforge.generator import Generator  # noqa: E402
 from lmforge.serve import schemas  # noqa: E402
 from lmforge.tasks.classify import LoadedClassifier  # noqa: E402
 

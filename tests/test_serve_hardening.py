@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 from test_serve import start_server, tiny_tokenizer  # noqa: E402
 
 from lmforge.errors import LmforgeError  # noqa: E402
-from lmforge.generate import Generator  # noqa: E402
+from lmforge.generator import Generator  # noqa: E402
 from lmforge.serve import ServeSettings  # noqa: E402
 
 JSON = {"Content-Type": "application/json"}

@@ -23,7 +23,8 @@ prom_parser = pytest.importorskip("prometheus_client.parser")
 
 from test_serve import start_server  # noqa: E402
 
-from lmforge.generate import GenerationConfig, Generator, generate  # noqa: E402
+from lmforge.decoding import GenerationConfig, generate  # noqa: E402
+from lmforge.generator import Generator  # noqa: E402
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the cat sat on the mat"}]
 TOL = 1e-4  # float32 server path vs one float32 forward of the whole sequence (KV cache vs none)

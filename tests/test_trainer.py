@@ -45,7 +45,7 @@ from lmforge.train import (
     seed_everything,
 )
 from lmforge.train import checkpoint as ckpt_mod
-from lmforge.train.trainer import lr_factor
+from lmforge.train.optim import lr_factor
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -461,6 +461,51 @@ def test_config_validation():
     assert TrainConfig.from_dict(cfg.to_dict()) == TrainConfig(output_dir="x", keep_best="f1")
 
 
+def test_keep_best_is_resolved_by_train_config_for_the_task_and_the_loop(tmp_path, capsys):
+    """TrainConfig.best_metric is the one check of keep_best: the task's up-front check (run_training), the
+    CLI's (one line, exit 2, naming the flag) and the loop's lookup of what eval_fn returned all go through it."""
+    metrics = ("exact_match", "f1", "eval_loss")
+    assert TrainConfig().best_metric(metrics) is None
+    assert TrainConfig(keep_best="f1").best_metric(metrics) == "f1"
+    assert TrainConfig(keep_best="eval_f1").best_metric(metrics) == "f1"  # metrics.jsonl's spelling
+    assert TrainConfig(keep_best="eval_loss").best_metric(metrics) == "eval_loss"
+    with pytest.raises(TrainingError, match="'keep_best': 'acc' is not among the metrics qa returns "
+                                            r"\(exact_match, f1, eval_loss\)"):
+        TrainConfig(keep_best="acc").best_metric(metrics, "qa")
+    cfg = TrainConfig(output_dir=tmp_path, max_steps=2, batch_size=8, eval_every=1, keep_best="acc", progress=False)
+    with pytest.raises(TrainingError, match="'keep_best': 'acc' is not among the metrics eval_fn returns"):
+        Trainer(tiny_model(0), cfg, toy_data(16, 0), cls_loss, lambda m: {"f1": 1.0}).train()
+
+    from lmforge.cli import main
+
+    capsys.readouterr()
+    assert main(["qa", "train", "--data", str(tmp_path / "missing.json"), "--keep-best", "acc",
+                 "--output", str(tmp_path / "cli")]) == 2  # before the data is read
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("lmforge: error: --keep-best acc: qa evaluates exact_match"), err
+    assert not (tmp_path / "cli").exists()
+
+
+def test_trainer_exposes_the_device_and_precision_it_resolved(tmp_path):
+    from lmforge.cli import build_parser
+    from lmforge.cli.common import train_config
+    from lmforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train config field 'device': unknown device 'gpu9'"):
+        TrainConfig(device="gpu9").resolved_device()
+    a = build_parser().parse_args(["classify", "train", "--device", "gpu9"])
+    with pytest.raises(ConfigError, match="^--device: unknown device 'gpu9'"):  # the CLI names its flag
+        train_config(a, str(tmp_path / "x"), {"epochs": 1.0, "batch_size": 8, "lr": 1e-3})
+    cfg = TrainConfig(output_dir=tmp_path, max_steps=1, batch_size=8, progress=False, plot=False, device="cpu")
+    t = Trainer(tiny_model(0), cfg, toy_data(16, 0), cls_loss)
+    assert t.device == torch.device("cpu") and t.precision.name == "fp32"
+    seen = []
+    t = Trainer(tiny_model(0), cfg, toy_data(16, 0), cls_loss,
+                on_start=lambda tr: seen.append((tr.device.type, tr.precision.name)))
+    result = t.train(resume="auto")
+    assert seen == [("cpu", "fp32")] and (result.device, result.precision) == ("cpu", "fp32")
+
+
 # ---- early stopping and time budget ---------------------------------------------------------------
 def test_early_stopping_stops(tmp_path):
     scores = iter([0.5, 0.6, 0.55, 0.6, 0.9, 0.9])
@@ -477,8 +522,8 @@ def test_early_stopping_stops(tmp_path):
 
 
 def test_eval_metrics_are_prefixed_once_in_metrics_jsonl(tmp_path):
-    # the task verbs' eval_fn return "eval_loss" beside "f1": metrics.jsonl holds eval_loss and eval_f1 (it held
-    # eval_eval_loss until 2026-12-04), and keep-best on eval_loss reads the same number
+    # the task verbs' eval_fn return "eval_loss" beside "f1": metrics.jsonl holds eval_loss and eval_f1 (never
+    # eval_eval_loss), and keep-best on eval_loss reads the same number
     losses = iter([0.9, 0.7, 0.8])
     cfg = TrainConfig(output_dir=tmp_path, max_steps=6, batch_size=8, eval_every=2, keep_best="eval_loss",
                       progress=False)

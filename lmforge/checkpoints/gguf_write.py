@@ -39,7 +39,7 @@ _GEMMA_SWA_PATTERN = 6  # llama.cpp's gemma3 hard-codes: every 6th layer global,
 # llama.cpp token types (llama_token_type)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 _BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-# split regexes llama.cpp knows by `tokenizer.ggml.pre` name (see tokenizer.py's reader for the same table)
+# split regexes llama.cpp knows by `tokenizer.ggml.pre` name (see lmforge/tokenizer/gguf.py's reader for the same table)
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"

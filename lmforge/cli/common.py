@@ -9,6 +9,7 @@ import errno
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -19,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 
 EPILOG = """models: a built-in name (minilm-l6, smollm2-135m-instruct, gemma3-270m), a Hugging Face
 directory (config.json + safetensors), a .gguf file, or a hub id (fetched when the network allows)."""
@@ -185,27 +186,52 @@ LORA_FLAGS: dict[str, dict[str, Any]] = {
 }
 
 
+def train_flag(name: str) -> str:
+    """The flag of a TrainConfig field: --max-time for max_time_s, --batch-size for batch_size."""
+    return str(TRAIN_FLAGS.get(name, {}).get("flag", "--" + name.replace("_", "-")))
+
+
+def flag_error(e: LmforgeError) -> ConfigError:
+    """A TrainConfig error as the CLI says it: "train config field 'bf16': ..." -> "--bf16: ..."."""
+    from lmforge.train.config import FIELD
+
+    return ConfigError(re.sub(rf"{FIELD} '(\w+)'", lambda m: train_flag(m.group(1)), str(e)))
+
+
+def as_flags(e: LmforgeError, config: str) -> LmforgeError:
+    """A task error naming `config`'s fields as the CLI says it: "QAConfig.doc_stride 20 ..." -> "--doc-stride 20
+    ..." (the task layer names fields; the flags are --field-name)."""
+    msg = re.sub(rf"\b{config}\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(e))
+    return type(e)(msg)
+
+
 def train_config(a: argparse.Namespace, output_dir: str, late: Mapping[str, Any] | None = None):
-    """TrainConfig from the flags; `late` fills the flags left at None by defaults that depend on others."""
+    """TrainConfig from the flags; `late` fills the flags left at None by defaults that depend on others.
+    TrainConfig validates (and folds --bf16 into --precision); its errors name the flags here."""
     from lmforge.train import TrainConfig
 
     kw = pick(a, TRAIN_FLAGS)
-    if kw.get("bf16") and kw.get("precision") not in (None, "auto", "bf16"):
-        raise LmforgeError(f"--bf16 is an alias of --precision bf16; it conflicts with --precision {kw['precision']}")
     for k, v in (late or {}).items():
         if kw.get(k) is None:
             kw[k] = v
     kw["output_dir"] = output_dir
-    from lmforge.device import resolve_device
-
-    resolve_device(kw.get("device") or "auto", "--device")  # a device this machine lacks: refused before any load
-    return TrainConfig(**kw)
+    try:
+        tc = TrainConfig(**kw)
+        tc.resolved_device()  # a device this machine lacks: refused before any load
+    except LmforgeError as e:
+        raise flag_error(e) from None
+    return tc
 
 
 def check_keep_best(name: str | None, metrics: Sequence[str], verb: str) -> None:
-    """--keep-best must name a metric the task's eval returns: fail before any data or model is loaded."""
-    if name and name not in metrics and name.removeprefix("eval_") not in metrics:
-        raise LmforgeError(f"--keep-best {name}: {verb} evaluates {', '.join(metrics)}; pick one of those")
+    """--keep-best must name a metric the task's eval returns (TrainConfig.best_metric decides): fail before any
+    data or model is loaded."""
+    from lmforge.train import TrainConfig
+
+    try:
+        TrainConfig(keep_best=name).best_metric(metrics, verb)
+    except LmforgeError:
+        raise ConfigError(f"--keep-best {name}: {verb} evaluates {', '.join(metrics)}; pick one of those") from None
 
 
 def run_dir(a: argparse.Namespace, task: str, model: str) -> str:
@@ -377,7 +403,7 @@ def add_gen_flags(s: argparse.ArgumentParser, defaults: Mapping[str, Any] | None
                   helps: Mapping[str, str] | None = None) -> None:
     """Model and decoding flags; `defaults` are the verb's own (chosen so that the output does not loop),
     `helps` replaces a flag's help text where the verb gives it another meaning."""
-    from lmforge.generate import GenerationConfig
+    from lmforge.decoding import GenerationConfig
 
     s.add_argument("--model", default=DEFAULT_LM, help="decoder model to generate with")
     g = s.add_argument_group("decoding")
@@ -400,7 +426,7 @@ def add_gen_flags(s: argparse.ArgumentParser, defaults: Mapping[str, Any] | None
 
 def gen_kwargs(a: argparse.Namespace) -> dict[str, Any]:
     """GenerationConfig fields from the flags (bad combinations fail here, before a model loads)."""
-    from lmforge.generate import GenerationConfig
+    from lmforge.decoding import GenerationConfig
 
     kw = pick(a, GEN_FLAGS)
     GenerationConfig(**kw).validate()
@@ -412,7 +438,7 @@ def load_generator(model: str, quantize: int | str | None = "auto", dtype: str |
     """A Generator for a decoder; an encoder (e.g. minilm-l6) is refused in one line. quantize None (a flag
     not given) is "auto": quantized GGUF files decode quantized; `--dtype` or `--quantize none` forces float.
     device "auto": the GPU when torch sees one (bf16 weights there), else the CPU."""
-    from lmforge.generate import Generator
+    from lmforge.generator import Generator
 
     gen = Generator.load(model, dtype=dtype, quantize="auto" if quantize is None else quantize, device=device)
     cfg = gen.model.cfg

@@ -267,7 +267,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_compile_flag(s: argparse.ArgumentParser) -> None:
     """--compile-decode: the eager, traced or torch.compile'd decode step (generate.DecodeOptions)."""
-    from lmforge.generate import AUTO_COMPILE_STEPS, AUTO_TRACE_STEPS, COMPILE_CHOICES
+    from lmforge.decoding import AUTO_COMPILE_STEPS, AUTO_TRACE_STEPS, COMPILE_CHOICES
 
     s.add_argument("--compile-decode", choices=COMPILE_CHOICES, default="auto",
                    help="the per-token step. trace: capture a static-shape step with torch.jit.trace (~0.1-0.3 s "

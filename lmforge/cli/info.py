@@ -63,7 +63,7 @@ def decode_path(ck, device=None) -> str:
     quantized GGUF's int path, else the float dtype the weights load in (quant.decode_plan, as Generator.load)."""
     import torch
 
-    from lmforge.quant import decode_plan
+    from lmforge.decoding.step import decode_plan
 
     dev = torch.device(device or "cpu")
     mode, dtype = decode_plan("auto", None, dev)
@@ -92,7 +92,7 @@ def host(device=None) -> str:
     (docs/benchmarks.md)."""
     import torch
 
-    from lmforge.cpu_kernels import cpu_identity
+    from lmforge.device import cpu_identity
 
     if device is not None and torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -106,7 +106,7 @@ def decode_step(model) -> str:
     """The per-token step `generate` runs with the default --compile-decode auto (eager, traced or compiled)."""
     if not model.cfg.causal:
         return "none (an encoder does not decode)"
-    from lmforge.generate import describe_decode_step
+    from lmforge.decoding import describe_decode_step
 
     return describe_decode_step(model)
 

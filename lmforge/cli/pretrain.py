@@ -84,7 +84,6 @@ def cmd_tokenizer_train(a: argparse.Namespace) -> int:
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from lmforge.tasks.pretrain import CONFIG_FILE, EVAL_METRICS, PretrainConfig, pretrain, tune_cpu_allocator
     from lmforge.train.strategy import init_distributed
-    from lmforge.train.trainer import resolve_device
 
     check_keep_best(a.keep_best, EVAL_METRICS, "pretrain")
     info = init_distributed(a.device)
@@ -108,7 +107,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
         tc.plot = False
     if a.peak_flops is not None:
         c.peak_flops = a.peak_flops
-    if resolve_device(tc.device).type == "cpu":
+    if tc.resolved_device().type == "cpu":
         tune_cpu_allocator()  # no page faults on the big per-step tensors (see its docstring)
     s = pretrain(c, tc, resume=bool(a.resume))
     if info.is_main:

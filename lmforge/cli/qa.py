@@ -12,6 +12,7 @@ from lmforge.cli.common import (
     DEVICE_HELP,
     add_fields,
     add_train_flags,
+    as_flags,
     check_keep_best,
     join_workers,
     load_resume,
@@ -76,7 +77,10 @@ def cmd_qa_train(a: argparse.Namespace) -> int:
         out = run_dir(a, "qa", c.model)
         prepare_run(a, out)
         tc = train_config(a, out)
-    s = train(c, tc, resume=bool(a.resume), log=log)
+    try:
+        s = train(c, tc, resume=bool(a.resume), log=log)
+    except LmforgeError as e:
+        raise as_flags(e, "QAConfig") from None
     v = s["validation"]
     if main_rank:
         print(f"run: {s['run_dir']}  steps: {s['steps']} ({s['stopped']}, {s['elapsed_s']}s)  "

@@ -13,10 +13,11 @@ import sys
 
 from lmforge.cli.common import DEFAULT_LM, DEVICE_HELP, load_generator, non_negative_int, positive_int
 from lmforge.errors import LmforgeError
+from lmforge.serve.settings import SERVER_COMPILE
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lmforge.generate import AUTO_TRACE_STEPS
+    from lmforge.decoding import AUTO_TRACE_STEPS
 
     s = sub.add_parser(
         "serve", help="serve a model over HTTP: OpenAI-compatible API, task endpoints and a chat page",
@@ -44,11 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="longest prompt in tokens (default: the model's context length)")
     s.add_argument("--max-body-bytes", type=positive_int, default=1 << 20, metavar="N",
                    help="largest request body (default: 1 MiB)")
-    s.add_argument("--compile-decode", choices=["auto", "trace", "off"], default="auto",
+    s.add_argument("--compile-decode", choices=SERVER_COMPILE, default="auto",
                    help="the decode step of a batch of one row (a single client): trace = the static step traced "
-                        "with torch.jit.trace (~0.1-0.3 s once per cache length, then ~4-10 ms less per token on "
-                        f"SmolLM2); auto = trace a cache length once it has {AUTO_TRACE_STEPS} steps to run; off = "
-                        "eager. Batches of several rows run eagerly (their shape changes as rows join and leave)")
+                        "with torch.jit.trace (a fraction of a second once per cache length, then faster steps: "
+                        f"see docs/benchmarks.md); auto = trace a cache length once it has {AUTO_TRACE_STEPS} steps "
+                        "to run; off = eager. Batches of several rows run eagerly (their shape changes as rows join "
+                        "and leave). There is no 'on': the server's step has no torch.compile path")
     s.add_argument("--quantize", choices=["auto", "none", "8", "4"], default="auto",
                    help="auto: a quantized GGUF decodes on its int4/int8 path; none: float32; 8|4: from floats")
     s.add_argument("--device", default="auto", help=DEVICE_HELP + "; every model of the server loads there (on "
@@ -65,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def build_app(a: argparse.Namespace):
     """Load the models named by the flags and return the app (no server started): what tests call."""
     try:
-        from lmforge.serve.app import Embedder, ServeSettings, create_app
+        from lmforge.serve.app import create_app
+        from lmforge.serve.settings import Embedder, ServeSettings, server_compile
     except ImportError as e:
         raise LmforgeError(f"serve needs fastapi and uvicorn ({e.name} is missing): "
                            "pip install fastapi uvicorn") from None
@@ -78,10 +81,11 @@ def build_app(a: argparse.Namespace):
                              max_body_bytes=a.max_body_bytes, prefix_cache_mb=a.prefix_cache_mb,
                              default_max_tokens=min(256, a.max_tokens))
     settings.validate()
+    compile_mode = server_compile(getattr(a, "compile_decode", "auto"))  # "on" is a ConfigError, before any load
     device = getattr(a, "device", "auto")
     gen = load_generator(a.model, a.quantize, device=device)
     device = str(next(gen.model.parameters()).device)  # "auto" resolved: the other models join the generator
-    gen.compile = getattr(a, "compile_decode", "auto")
+    gen.compile = compile_mode
     if a.max_prompt_tokens is not None and a.max_prompt_tokens >= gen.model.cfg.context_length:
         logging.getLogger("lmforge.serve").warning(
             "--max-prompt-tokens %d is not below the context length %d: prompts are bounded by the context",
@@ -118,7 +122,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
 
     st = app.state.lmforge
-    if not _is_loopback(a.host) and not st.s.api_key:
+    if not _is_loopback(a.host) and not st.settings.api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(pass --api-key or set LMFORGE_API_KEY)", a.host)
     log.info("serving %s on http://%s:%d (chat page at /, API at /v1)", st.model_id, a.host, a.port)

@@ -7,6 +7,7 @@ Hugging Face name maps in checkpoints/hf.py are one line per tensor.
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -53,12 +54,12 @@ def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset)  # ModelConfig allows only these two
 
 
-_ACTIVATIONS = {
+_ACTIVATIONS = MappingProxyType({  # read-only: the decode path holds no mutable module state
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "silu": F.silu,
     "relu": F.relu,
-}
+})
 
 
 def activation(name: str):

@@ -1,4 +1,4 @@
-"""The HTTP server: settings, the app factory, its lifespan, and a background runner for tests.
+"""The HTTP server: the app factory, its lifespan, and a background runner for tests.
 
 Endpoints (all JSON; errors in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`):
   POST /v1/chat/completions  (stream: server-sent events in OpenAI's chunk format, ending `data: [DONE]`)
@@ -8,95 +8,32 @@ Endpoints (all JSON; errors in OpenAI's shape `{"error": {"message", "type", "pa
   POST /v1/classify, /v1/summarize, /v1/translate, /v1/answer   (lmforge's task endpoints)
   GET  /health, GET /metrics (Prometheus text format), GET / (the chat page), /static/*
 
-The handlers live in routes.py, request bodies in schemas.py, the error shape in errors.py, and the Host /
-API key / Content-Type / CORS gate in middleware.py.
+Settings live in settings.py, the shared state in state.py, the handlers in openai_routes.py, task_routes.py
+and server_routes.py (their shared plumbing in routes_common.py), request bodies in schemas.py, the error
+shape in errors.py, and the Host / API key / Content-Type / CORS gate in middleware.py.
 """
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.errors import LmforgeError, TokenizerError
+from lmforge.errors import LmforgeError
+from lmforge.serve import openai_routes, server_routes, task_routes
 from lmforge.serve.errors import ApiError, error_response
 from lmforge.serve.middleware import Gate
-from lmforge.serve.routes import STATIC, ServerState, router
+from lmforge.serve.server_routes import STATIC
+from lmforge.serve.settings import Embedder, ServeSettings
+from lmforge.serve.state import ServerState
 
-ORIGIN = re.compile(r"^https?://[^/\s]+$")
-
-
-@dataclass
-class ServeSettings:
-    """Limits, names and access rules; every limit answers a clear 4xx when exceeded (see docs/serving.md)."""
-
-    model_name: str | None = None  # id in /v1/models (default: the generator's name, without its folders)
-    embedder_name: str | None = None
-    classifier_name: str | None = None
-    api_key: str | None = None  # when set, /v1/* needs `Authorization: Bearer KEY`
-    max_concurrent: int = 16  # generations run together (rows of one batch)
-    max_queue: int = 64  # generations that may wait beyond those; more get 429
-    max_tokens: int = 1024  # largest max_tokens a request may ask for
-    default_max_tokens: int = 256  # when a request gives none (lowered to fit the context)
-    max_prompt_tokens: int | None = None  # default: the model's context length - 1
-    max_body_bytes: int = 1 << 20
-    max_inputs: int = 256  # texts per /v1/embeddings or /v1/classify request
-    prefix_cache_mb: int = 256  # keys/values of earlier prompts kept for reuse by the next chat turn (0 = off)
-    host: str = "127.0.0.1"  # the bound address: a Host header naming it is accepted, as are the localhost names
-    allowed_hosts: list[str] = field(default_factory=list)  # more Host names ("*" any, ".example.com" a domain)
-    cors_origin: str | None = None  # the one origin that gets CORS headers ("*" any); none by default
-
-    def validate(self) -> None:
-        for name in ("max_concurrent", "max_tokens", "default_max_tokens", "max_body_bytes", "max_inputs"):
-            if getattr(self, name) < 1:
-                raise LmforgeError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
-        if self.prefix_cache_mb < 0:
-            raise LmforgeError(f"serve: prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
-        if self.max_queue < 0:
-            raise LmforgeError(f"serve: max_queue must be >= 0, got {self.max_queue}")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise LmforgeError(f"serve: max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
-        for h in self.allowed_hosts:
-            if not h.strip() or "/" in h or any(c.isspace() for c in h):
-                raise LmforgeError(f"serve: allowed_hosts entry {h!r} is not a host name (e.g. myserver.lan)")
-        if self.cors_origin is not None and self.cors_origin != "*" and not ORIGIN.match(self.cors_origin):
-            raise LmforgeError(f"serve: cors_origin {self.cors_origin!r} is not an origin: give scheme://host[:port] "
-                               "without a path (e.g. https://example.com), or *")
-
-
-@dataclass
-class Embedder:
-    """A model + tokenizer used for /v1/embeddings."""
-
-    model: Any
-    tokenizer: Any
-    name: str = "embedder"
-
-    @classmethod
-    def load(cls, name: str, device: str = "cpu") -> Embedder:
-        from lmforge.checkpoints import load
-
-        model, tok = load(name, device=device)
-        if tok is None:
-            raise TokenizerError(f"{name}: no tokenizer files: cannot embed text")
-        return cls(model, tok, name)
-
-    @classmethod
-    def of(cls, embedder) -> Embedder | None:
-        """An Embedder, a (model, tokenizer) pair, anything with .model/.tokenizer, or None."""
-        if embedder is None or isinstance(embedder, Embedder):
-            return embedder
-        if isinstance(embedder, tuple):
-            return cls(*embedder)
-        return cls(embedder.model, embedder.tokenizer, getattr(embedder, "name", "embedder"))
+# Embedder and ServeSettings live in settings.py; importing them from here keeps working
+__all__ = ["BackgroundServer", "Embedder", "ServeSettings", "create_app"]
 
 
 @asynccontextmanager
@@ -129,7 +66,8 @@ def create_app(generator, embedder=None, classifier=None, settings: ServeSetting
     app.state.lmforge = ServerState(generator, Embedder.of(embedder), classifier, settings)
     for exc in (StarletteHTTPException, LmforgeError, Exception):  # Exception alone would reach only the 500 layer
         app.add_exception_handler(exc, on_error)
-    app.include_router(router)
+    for routes in (server_routes, openai_routes, task_routes):
+        app.include_router(routes.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Gate, settings=settings, metrics=app.state.lmforge.metrics)
     return app

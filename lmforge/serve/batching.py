@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.decoding.step import DecodeRuntime
+from lmforge.decoding.stream import TextStreamer
 from lmforge.errors import LmforgeError
-from lmforge.generate import TextStreamer
 from lmforge.model.layers import KVCache
 from lmforge.serve.engine import BatchDecoder, RowSampler, row_seed
 from lmforge.serve.prefix_cache import PrefixCache
@@ -120,7 +121,10 @@ class Scheduler:
     """Admission control (max_batch generating + max_queue waiting, beyond that Overloaded) and the worker."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, max_batch_tokens: int = 1 << 17,
-                 metrics=None, prefix_cache_bytes: int = 0, compile: str = "auto") -> None:
+                 metrics=None, prefix_cache_bytes: int = 0, compile: str = "auto",
+                 runtime: DecodeRuntime | None = None) -> None:
+        """runtime: the model's DecodeRuntime to share (e.g. `Generator.runtime`, so the server reuses the traces
+        the Generator made); None builds one for this scheduler."""
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_concurrent must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer = model, tokenizer
@@ -137,7 +141,7 @@ class Scheduler:
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "max_rows": 0, "reused_tokens": 0}
         self.metrics = metrics  # optional observer: batch(rows), first_token(seconds) (serve/metrics.py)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self._engine = BatchDecoder(model, self.prefix_cache, compile=compile)  # compile: the batch-1 step
+        self._engine = BatchDecoder(model, self.prefix_cache, compile=compile, runtime=runtime)  # the batch-1 step
 
     # ---- admission (any thread) ---------------------------------------------------------------------
     @property

@@ -10,9 +10,10 @@ Each row samples on its own (`RowSampler`): its temperature / top-k / top-p / mi
 its own torch.Generator when seeded, so a seeded row draws the same tokens whatever else is in the batch.
 
 A batch of one row (a single client, or the tail of a burst) has a shape that stays put, so its steps can run the
-static decode step traced with torch.jit.trace (generate.run_traced: no Python per op, ~4 ms less per token on
-SmolLM2). Its cache is then kept at a length that is a multiple of generate.CACHE_BUCKET, so one trace serves
-every step of that length. Batches of several rows run the eager step: their shape changes as rows come and go.
+static decode step traced with torch.jit.trace (no Python per op) when the DecodeRuntime's rule says the trace pays
+for itself. Its cache is then kept at a length that is a multiple of CACHE_BUCKET, so one trace serves every step
+of that length. Batches of several rows run `Transformer.decode_hidden` eagerly: their shape changes as rows come
+and go.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import logging
 
 import torch
 
-from lmforge import generate as G
+from lmforge.decoding.sampling import GenerationConfig, apply_repetition_penalty, next_token
+from lmforge.decoding.step import DecodeOptions, DecodeRuntime, cache_bucket, hooked, static_step_unsupported
 from lmforge.errors import GenerationError
-from lmforge.generate import GenerationConfig, apply_repetition_penalty, next_token
 from lmforge.model.layers import KVCache, StaticKV
 from lmforge.serve.prefix_cache import PrefixCache
 
@@ -68,20 +69,23 @@ class BatchDecoder:
     """The running batch's KV cache, attention mask and positions; rows are addressed by index 0..rows-1."""
 
     def __init__(self, model, prefix_cache: PrefixCache | None = None, headroom: int = 64,
-                 compile: str = "auto") -> None:
-        """compile: the batch-1 step. "trace": the traced static step; "auto": that, for a cache length once it
-        has generate.AUTO_TRACE_STEPS steps to run (the tracing takes ~0.1-0.3 s); "off": always eager."""
+                 compile: str = "auto", runtime: DecodeRuntime | None = None) -> None:
+        """compile: the batch-1 step. "trace": the traced static step; "auto": that, once the runtime's rule says
+        a trace pays for itself; "off": always eager. runtime: the model's DecodeRuntime to share (its traces and
+        step counts), e.g. the Generator's; None builds one."""
         self.model, self.prefix_cache, self.headroom = model, prefix_cache, headroom
+        self.runtime = runtime if runtime is not None else DecodeRuntime(model)
+        if self.runtime.model is not model:
+            raise GenerationError("BatchDecoder: the runtime belongs to another model")
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         if compile not in ("auto", "trace", "off"):
             raise GenerationError(f"BatchDecoder compile: {compile!r} is not one of auto | trace | off")
         self.compile = compile
-        why = G.static_step_unsupported(model)
+        why = static_step_unsupported(model)
         self.static_ok = compile != "off" and why is None
         self.batched_ok = why is None  # untraced steps: decode_hidden, eagerly (compile "off" included)
         self.path = "eager" if why is None else f"eager ({why})"  # what batch-1 steps ran last, and why
-        self.eager_steps: dict[int, int] = {}  # bucketed cache length -> batch-1 steps run eagerly ("auto")
         self.reset()
 
     def reset(self) -> None:
@@ -122,7 +126,7 @@ class BatchDecoder:
         if not joiners:
             return
         if self.static_ok:
-            G.refresh_traces(self.model)  # weights changed since a trace was made: retrace
+            self.runtime.refresh()  # weights or kernel policy changed since a trace was made: retrace
         old_w, B = self.width, self.rows
         ns = [c.length for c, _ in joiners]
         width = max([old_w, *ns])
@@ -170,15 +174,14 @@ class BatchDecoder:
         x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         h = None
         if self.rows == 1 and not padded and self.static_ok:
-            if G.hooked(self.model):
+            if hooked(self.model):
                 self.path = "eager (forward hooks are registered on the model)"
             else:
                 h = self._static(x, steps_left)
         if h is None:
-            if self.rows == 1:  # what "auto" counts: a trace pays for itself after AUTO_TRACE_STEPS steps
-                L = G.cache_bucket(self.cache.max_len)
-                self.eager_steps[L] = self.eager_steps.get(L, 0) + 1
-            if self.batched_ok and not G.hooked(self.model):
+            if self.rows == 1:  # what "auto" counts towards a trace of this shape
+                self.runtime.count_eager(self._key(cache_bucket(self.cache.max_len)))
+            if self.batched_ok and not hooked(self.model):
                 h = self._batched(x)
             else:
                 h = self.model(x, self.mask[:, :S] if padded else None, position_ids=self.pos, cache=self.cache)[:, -1]
@@ -196,8 +199,8 @@ class BatchDecoder:
     def _batched(self, x: torch.Tensor) -> torch.Tensor:
         """One untraced step through `Transformer.decode_hidden`, run eagerly (several rows change too often for
         a trace; a lone row before its trace pays off) -> hidden (B, D). Its attention covers the cache's columns
-        with a mask; on CPU in float32 that is lmforge's decode_attn, which skips the masked ones, where the
-        eager forward's SDPA spent ~1 ms per layer on 16 rows (SmolLM2, one thread: 28 of a 101 ms step)."""
+        with a mask; on CPU in float32 that is lmforge's decode_attn, which skips the masked columns that the eager
+        forward's SDPA would compute (see docs/benchmarks.md, serve.py)."""
         c = self.cache
         longest = max(self.n_real) + 1  # the longest row's tokens with this one (the eager forward checks this)
         if longest > self.model.cfg.context_length:
@@ -212,26 +215,32 @@ class BatchDecoder:
     def _static(self, x: torch.Tensor, steps_left: int) -> torch.Tensor | None:
         """One batch-1 step through the traced static step -> hidden (1, D); None: run the eager step instead."""
         c = self.cache
-        L = G.cache_bucket(c.max_len)
-        key = (1, L, self.dtype, self.device)
-        n = self.eager_steps.get(L, 0) + steps_left
-        if self.compile == "auto" and not G.has_trace(self.model, key) and n < G.AUTO_TRACE_STEPS:
-            self.path = f"eager (auto: {n} steps at cache length {L} < {G.AUTO_TRACE_STEPS})"
+        L = cache_bucket(c.max_len)
+        key = self._key(L)
+        opts = DecodeOptions(self.compile)
+        if self.runtime.plan(opts, key, steps_left, allow_compile=False) == "eager":
+            self.path = opts.path
+            if self.runtime.trace_failed:
+                self.static_ok = False
             return None
         if c.max_len != L:
             self._resize(L)  # one copy of one row, then every step of this length reuses the trace
         col = torch.tensor([c.length], device=self.device)  # (1,): the column this token goes to
         valid = torch.arange(L, device=self.device)[None] <= col  # (1, L): written columns and this one
-        h = G.run_traced(self.model, key, (x, self.pos, valid, col, c.k, c.v))
+        h = self.runtime.run_traced(key, (x, self.pos, valid, col, c.k, c.v))
         if h is None:  # tracing failed (logged with its reason): eager from now on
             self.static_ok = False
-            self.path = f"eager (torch.jit.trace failed: {G.trace_failure(self.model)})"
+            self.path = f"eager (torch.jit.trace failed: {self.runtime.trace_failed})"
             return None
         if not self.path.startswith("traced"):
             log.info("decode step: batch-1 rows run the traced static step (cache length %d)", L)
         self.path = f"traced (torch.jit.trace, {self.device.type}, cache length {L})"
         c.length += 1
         return h
+
+    def _key(self, length: int) -> tuple:
+        """The runtime's shape key of a one-row batch with a cache of `length` columns."""
+        return (1, length, self.dtype, self.device)
 
     # ---- leaving ------------------------------------------------------------------------------------------
     def row_kv(self, b: int) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:

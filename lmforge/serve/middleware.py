@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 from lmforge.serve.errors import ApiError, error_response
 
 if TYPE_CHECKING:
-    from lmforge.serve.app import ServeSettings
     from lmforge.serve.metrics import Metrics
+    from lmforge.serve.settings import ServeSettings
 
 log = logging.getLogger("lmforge.serve")
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -46,7 +46,7 @@ class Gate:
     """Pure ASGI (streams and disconnects pass through untouched), so it sees every request before routing."""
 
     def __init__(self, app, settings: ServeSettings, metrics: Metrics | None = None) -> None:
-        self.app, self.s, self.metrics = app, settings, metrics
+        self.app, self.settings, self.metrics = app, settings, metrics
         self.allowed = {host_name(h) for h in (*LOCAL_NAMES, settings.host, *settings.allowed_hosts)}
 
     async def __call__(self, scope, receive, send) -> None:
@@ -93,10 +93,10 @@ class Gate:
                 return ApiError(403, f"Host '{name}' is not allowed here (DNS rebinding protection); start the "
                                      f"server with --allowed-hosts {name} to serve it", None, "host_not_allowed")
         preflight = scope["method"] == "OPTIONS" and b"access-control-request-method" in headers
-        if self.s.api_key and scope["path"].startswith("/v1/") and not preflight:
+        if self.settings.api_key and scope["path"].startswith("/v1/") and not preflight:
             auth = headers.get(b"authorization", b"").decode("latin-1")
             given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode("latin-1"), self.s.api_key.encode()):
+            if not hmac.compare_digest(given.encode("latin-1"), self.settings.api_key.encode()):
                 why = "no API key given (send 'Authorization: Bearer KEY')" if not given else "incorrect API key"
                 return ApiError(401, why, None, "invalid_api_key")
         if scope["method"] == "POST":
@@ -109,15 +109,15 @@ class Gate:
         if length is not None:
             if not length.isdigit():
                 return ApiError(400, "invalid Content-Length header", None, "invalid_request")
-            if int(length) > self.s.max_body_bytes:
+            if int(length) > self.settings.max_body_bytes:
                 return ApiError(413, f"request body of {int(length)} bytes is larger than this server's limit of "
-                                     f"{self.s.max_body_bytes} bytes", None, "request_too_large")
+                                     f"{self.settings.max_body_bytes} bytes", None, "request_too_large")
         return None
 
     def _cors_headers(self, headers: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
         """CORS headers only when cors_origin is set and the request comes from that origin (or it is "*")."""
         origin = headers.get(b"origin")
-        want = self.s.cors_origin
+        want = self.settings.cors_origin
         if not want or origin is None or (want != "*" and origin.decode("latin-1").rstrip("/") != want):
             return []
         return [(b"access-control-allow-origin", want.encode()), (b"vary", b"Origin")]

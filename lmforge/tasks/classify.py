@@ -96,14 +96,14 @@ def load_data(c: ClassifyConfig, seed: int = 42) -> tuple[list[Example], list[Ex
         readers.check_eval_labels(evals, labels, c.eval_data)
         info["validation"] = str(c.eval_data)
     if c.max_train_samples:
-        train = _stratified_head(train, c.max_train_samples, seed)
+        train = stratified_head(train, c.max_train_samples, seed)
     if c.max_eval_samples:
-        evals = _stratified_head(evals, c.max_eval_samples, seed)
+        evals = stratified_head(evals, c.max_eval_samples, seed)
     info.update(train_examples=len(train), eval_examples=len(evals))
     return train, evals, labels, info
 
 
-def _stratified_head(examples: list[Example], n: int, seed: int) -> list[Example]:
+def stratified_head(examples: list[Example], n: int, seed: int) -> list[Example]:
     """A deterministic, class-balanced-as-the-data subset of n examples."""
     if n >= len(examples):
         return examples
@@ -119,7 +119,7 @@ def load_eval_examples(data: str, c: ClassifyConfig, limit: int | None = None) -
         ex = test
     else:
         ex = _read(data, c).examples
-    return _stratified_head(ex, limit, 0) if limit else ex
+    return stratified_head(ex, limit, 0) if limit else ex
 
 
 # ---- features ----------------------------------------------------------------------------------------

@@ -87,13 +87,14 @@ class TaskRun:
     loss_fn: Callable
     save_fn: SaveFn  # (model, out_dir, full state dict) -> writes an exportable model
     eval_fn: Callable | None = None
-    eval_metrics: Sequence[str] = ()  # names eval_fn returns: --keep-best is checked against them up front
+    eval_metrics: Sequence[str] = ()  # names eval_fn returns: keep_best is checked against them up front
     n_eval: int | None = None  # validation rows (None: the task has no row count); 0 is an error
     marker: str = "config.json"  # a file every export writes: best/ counts only when it holds one
     collate_fn: Callable | None = None
     lengths: Sequence[int] | None = None
     strategy: Any = None  # a lmforge.train.strategy.Strategy; None: chosen from the process group
     find_unused_parameters: bool = False  # DDP: the forward skips some trainable weights (BERT's pooler)
+    on_start: Callable | None = None  # Trainer's on_start(trainer): its device and precision are final there
     write_config: bool = True  # False when the task records its own config (pretrain on resume)
     summary: dict[str, Any] = field(default_factory=dict)  # task-specific summary fields
 
@@ -128,17 +129,15 @@ def run_training(run: TaskRun, tc, resume: bool = False,
         check_resumable(run_dir)
     if run.n_eval is not None:
         check_validation(run.n_eval, run.task)
-    if tc.keep_best and run.eval_metrics:
-        name = tc.keep_best.removeprefix("eval_") if tc.keep_best not in run.eval_metrics else tc.keep_best
-        if name not in run.eval_metrics:
-            raise TrainingError(f"--keep-best {tc.keep_best!r}: {run.task} evaluates {', '.join(run.eval_metrics)}")
+    if run.eval_metrics:
+        tc.best_metric(run.eval_metrics, run.task)  # a keep_best the task does not evaluate: before training
     main = dist_info().is_main  # under torchrun, rank 0 alone writes the run directory
     if main and run.write_config:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / f"{run.task}_config.json", run.config)
     trainer = Trainer(run.model, tc, run.train_data, run.loss_fn, eval_fn=run.eval_fn, save_model_fn=run.save_fn,
                       collate_fn=run.collate_fn, lengths=run.lengths, strategy=run.strategy,
-                      find_unused_parameters=run.find_unused_parameters)
+                      find_unused_parameters=run.find_unused_parameters, on_start=run.on_start)
     result = trainer.train(resume=resume)
     chosen = run_dir / "best" if (run_dir / "best" / run.marker).exists() else run_dir / "final"
     summary = {"run_dir": str(run_dir), "model_dir": str(chosen), "steps": result.step,

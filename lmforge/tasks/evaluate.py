@@ -198,7 +198,7 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
         if c.model == "lead-3" and c.task == "summarize":
             preds = [_lead_sentences(x) for x, _ in pairs]
         else:
-            from lmforge.generate import Generator
+            from lmforge.generator import Generator
 
             gen = Generator.load(c.model, quantize=c.quantize, device=device)
             if fewshot:
@@ -226,7 +226,7 @@ def evaluate_task(c: EvalConfig, log=print) -> dict[str, Any]:
             found = qa_answers(lq, examples, c.batch_size or 64, out, [c.model, *c.ensemble], log)
             preds_by_id = {ex.id: p["answer"] for ex, p in zip(examples, found)}
         else:
-            from lmforge.generate import Generator
+            from lmforge.generator import Generator
 
             gen = Generator.load(c.model, quantize=c.quantize, device=device)
             prompts = [P.answer_prompt(ex.context, ex.question) for ex in examples]

@@ -51,7 +51,6 @@ from lmforge.io import atomic_dir, cache_root
 from lmforge.model.heads import CausalLM, lm_loss
 from lmforge.model.transformer import Transformer, set_dropout
 from lmforge.tasks.common import TaskRun, run_training, write_json
-from lmforge.train.precision import resolve_precision
 from lmforge.train.strategy import all_reduce_sum, choose_strategy, dist_info, is_fsdp, leader_first
 
 CONFIG_FILE = "pretrain_config.json"
@@ -98,9 +97,9 @@ def tune_cpu_allocator() -> bool:
     """Keep freed memory in the process (glibc malloc: no mmap for big blocks, no trimming), so the large
     tensors every training step allocates and frees again are not fresh pages each time.
 
-    Why: glibc serves blocks above 32 MiB with mmap and returns them on free, so each step of GPT-2 small
-    at 1024 tokens took ~100,000 page faults (the kernel zeroing every page again: ~0.35 s of CPU per step
-    on 2 cores); with this, ~0. Peak RSS did not grow. Linux/glibc only; LMFORGE_MALLOC_TUNING=0 skips it.
+    Why: glibc serves blocks above 32 MiB with mmap and returns them on free, so every step page-faults on
+    (and the kernel zeroes) all of them again; with this, next to none, and peak RSS does not grow (see
+    docs/benchmarks.md). Linux/glibc only; LMFORGE_MALLOC_TUNING=0 skips it.
     Returns whether it was applied. Process-wide, so the `lmforge pretrain` verb calls it (on CPU), not
     the library function pretrain(), which may run inside a longer-lived process.
     """
@@ -273,7 +272,7 @@ def pretrain(c: PretrainConfig, tc, resume: bool = False, log: Callable[[str], N
 
     tc: a TrainConfig. Call lmforge.train.strategy.init_distributed() first when launched by torchrun.
     """
-    from lmforge.train.trainer import resolve_device, seed_everything
+    from lmforge.train import seed_everything
 
     info = dist_info()
     say: Callable[[str], None] = log or (lambda m: print(m, file=sys.stderr))
@@ -310,24 +309,16 @@ def pretrain(c: PretrainConfig, tc, resume: bool = False, log: Callable[[str], N
 
     data = PackedBatches(cache.train, T, tc.batch_size, seed=tc.seed)
     model = CausalLM(s.model)
-    device = resolve_device(tc.device)
     n_params = s.model.num_parameters()
     tokens_per_step = tc.batch_size * tc.grad_accum * info.world_size * T
     fpt = flops_per_token(cfg, T)
-    bf16 = resolve_precision(tc.precision, device).bf16  # what the Trainer will pick: MFU against its peak
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    per_rank_peak = c.peak_flops or peak_flops(device, dtype)
-    total_peak = all_reduce_sum([per_rank_peak], device)[0]
     log(f"model: {cfg.family}, {n_params / 1e6:.2f}M parameters ({s.source}); context {T}; vocab {tok.vocab_size} "
         f"tokens in {cfg.vocab_size} embedding rows")
     log(f"data: {cache.train_tokens:,} train / {cache.val_tokens:,} validation tokens; {len(data)} batches per epoch"
         f"{' per rank' if info.world_size > 1 else ''}; {tokens_per_step:,} tokens per step over "
         f"{info.world_size} process(es)")
-    log(f"flops: {fpt / 1e6:.1f} MFLOP per token (6N + attention); peak {total_peak / 1e9:.1f} GFLOP/s "
-        f"({'given' if c.peak_flops else 'measured matmul'}"
-        f"{f', {info.world_size} ranks' if info.world_size > 1 else ''})")
 
-    evaluator = _Evaluator(c, cache, tok, T, tc, run_dir, fpt, total_peak, device, log)
+    evaluator = _Evaluator(c, cache, tok, T, tc, run_dir, fpt, log)
     eval_fn = evaluator if cache.val_tokens > 1 else None
     if eval_fn is None:
         log("validation: no held-out tokens (--val-fraction 0 and no --val-data): no validation loss")
@@ -346,14 +337,16 @@ def pretrain(c: PretrainConfig, tc, resume: bool = False, log: Callable[[str], N
     def finish(_result) -> dict[str, Any]:
         rates = evaluator.rates(all_records=True)
         tok_s = statistics.median(rates) if rates else None
-        return {"tokens_per_s": tok_s, "mfu": None if tok_s is None else tok_s * fpt / total_peak}
+        return {"tokens_per_s": tok_s, "mfu": None if tok_s is None else tok_s * fpt / evaluator.peak,
+                "peak_flops": evaluator.peak, "mfu_precision": evaluator.precision}
 
-    strategy = choose_strategy(fsdp=c.fsdp, fsdp_layers=list(model.backbone.blocks), bf16=bf16)
+    # FSDP shards for the precision the Trainer resolves (bf16 None)
+    strategy = choose_strategy(fsdp=c.fsdp, fsdp_layers=list(model.backbone.blocks))
     run = TaskRun("pretrain", saved_config, model, data, lm_loss, save_fn=export, eval_fn=eval_fn,
                   eval_metrics=EVAL_METRICS, marker=INFO_FILE, strategy=strategy, write_config=False,
+                  on_start=evaluator.start,
                   summary={"parameters": n_params, "context_length": T,
                            "world_size": info.world_size, "fsdp": c.fsdp, "model_flops_per_token": fpt,
-                           "peak_flops": total_peak,
                            "data": {"train_tokens": cache.train_tokens, "val_tokens": cache.val_tokens,
                                     "cache": str(cache.dir), "cache_reused": cache.reused}})
     summary = run_training(run, tc, resume=resume, finish=finish)
@@ -363,12 +356,18 @@ def pretrain(c: PretrainConfig, tc, resume: bool = False, log: Callable[[str], N
 
 class _Evaluator:
     """eval_fn: validation loss/perplexity (sharded over ranks under DDP), throughput and MFU of the
-    training since the last evaluation (from metrics.jsonl, rank 0), and sampled continuations."""
+    training since the last evaluation (from metrics.jsonl, rank 0), and sampled continuations.
+
+    start(trainer) runs once the Trainer has settled its device and precision: the MFU peak is the one of
+    that precision (a resumed run may compute in the precision it recorded, not what auto picks here)."""
 
     def __init__(self, c: PretrainConfig, cache: TokenCache, tok, T: int, tc, run_dir: Path, fpt: float,
-                 peak: float, device: torch.device, log) -> None:
-        self.tok, self.T, self.run_dir, self.fpt, self.peak, self.device, self.log = \
-            tok, T, run_dir, fpt, peak, device, log
+                 log) -> None:
+        self.tok, self.T, self.run_dir, self.fpt, self.log = tok, T, run_dir, fpt, log
+        self.given_peak = c.peak_flops
+        self.device = torch.device("cpu")  # the Trainer's, from start()
+        self.peak = float("nan")  # FLOP/s over all ranks in the Trainer's precision, from start()
+        self.precision: str | None = None
         self.blocks = eval_blocks(cache.val, T, c.eval_tokens or None)
         self.batch = c.eval_batch_size or tc.batch_size
         self.n_samples, self.sample_tokens = c.samples, c.sample_tokens
@@ -381,6 +380,17 @@ class _Evaluator:
                         for p in np.linspace(0, max(n - 1, 0), num=max(c.samples, 0) + 2)[1:-1].astype(int)]
         self._seen = 0  # metrics.jsonl throughput records already reported
         self._evals = 0
+
+    def start(self, trainer) -> None:
+        """Take the Trainer's device and precision; measure (or take the given) peak for MFU. Every rank."""
+        info = dist_info()
+        self.device, self.precision = trainer.device, trainer.precision.name
+        dtype = torch.bfloat16 if trainer.precision.bf16 else torch.float32
+        per_rank = self.given_peak or peak_flops(self.device, dtype)
+        self.peak = all_reduce_sum([per_rank], self.device)[0]
+        self.log(f"flops: {self.fpt / 1e6:.1f} MFLOP per token (6N + attention); peak {self.peak / 1e9:.1f} "
+                 f"GFLOP/s in {self.precision} ({'given' if self.given_peak else 'measured matmul'}"
+                 f"{f', {info.world_size} ranks' if info.world_size > 1 else ''})")
 
     def rates(self, all_records: bool = False) -> list[float]:
         from lmforge.train import read_metrics
@@ -425,7 +435,7 @@ class _Evaluator:
         return out
 
     def _samples(self, backbone: Transformer, sharded: bool) -> None:
-        from lmforge.generate import GenerationConfig, generate
+        from lmforge.decoding import GenerationConfig, generate
 
         lines = []
         for i, p in enumerate(self.prompts):

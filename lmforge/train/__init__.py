@@ -1,7 +1,7 @@
 """The shared trainer: tasks give it a model, a loss function, a batch source and an eval function; a strategy
 (Single, DDP, FSDP) says how the model is placed and synced."""
 
-from lmforge.train.batching import BucketSampler, Collator, DatasetBatches, collate, pad_batch
+from lmforge.train.batching import BatchSource, BucketSampler, Collator, DatasetBatches, collate, pad_batch
 from lmforge.train.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
@@ -9,17 +9,12 @@ from lmforge.train.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from lmforge.train.config import TrainConfig
+from lmforge.train.optim import build_optimizer, param_groups
 from lmforge.train.plots import plot_metrics, read_metrics
+from lmforge.train.state import TrainResult
 from lmforge.train.strategy import DDP, FSDP, Single, Strategy, choose_strategy
-from lmforge.train.trainer import (
-    BatchSource,
-    TrainConfig,
-    Trainer,
-    TrainResult,
-    build_optimizer,
-    param_groups,
-    seed_everything,
-)
+from lmforge.train.trainer import Trainer, seed_everything
 
 __all__ = [
     "DDP", "FSDP", "BatchSource", "BucketSampler", "Collator", "DatasetBatches", "Single", "Strategy", "TrainConfig",

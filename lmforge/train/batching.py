@@ -9,13 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from lmforge.errors import TrainingError
 from lmforge.train.strategy import dist_info
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """What the Trainer iterates: the batches of an epoch from a batch index, the same for the same
+    (epoch, start).
+
+    `len()` is the number of batches per epoch on this rank. `DatasetBatches` is the stock implementation.
+    """
+
+    def __len__(self) -> int: ...
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Any]: ...
 
 
 class BucketSampler:
@@ -234,3 +247,33 @@ class DatasetBatches:
     def batches(self, epoch: int, start: int = 0) -> Iterator[Any]:
         for idx in self.sampler.iter_from(epoch, start):
             yield self.collate_fn([self.dataset[i] for i in idx])
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """`batch` (tensors, possibly nested in dicts, lists and tuples) on `device`; other values as they are."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def batch_counts(batch: Any) -> tuple[int, int]:
+    """(examples, real tokens) of a batch, for throughput: from input_ids / attention_mask when present."""
+    ids = mask = None
+    if isinstance(batch, Mapping):
+        ids, mask = batch.get("input_ids"), batch.get("attention_mask")
+        if not isinstance(ids, torch.Tensor):
+            ids = next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() >= 1), None)
+            mask = None
+    elif isinstance(batch, torch.Tensor):
+        ids = batch
+    elif isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        ids = batch[0]
+    if ids is None or ids.dim() == 0:
+        return 0, 0
+    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+        return ids.shape[0], int(mask.sum())
+    return ids.shape[0], ids.numel() if ids.dim() >= 2 else 0

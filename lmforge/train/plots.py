@@ -20,7 +20,7 @@ EVAL_PREFIX = "eval_"
 def eval_key(name: str) -> str:
     """The metrics.jsonl key of an eval metric: "f1" -> "eval_f1", and "eval_loss" stays "eval_loss".
 
-    Runs written before 2026-12-04 have "eval_eval_loss" for the tasks' validation loss."""
+    Older runs may hold "eval_eval_loss" for the tasks' validation loss."""
     return name if name.startswith(EVAL_PREFIX) else EVAL_PREFIX + name
 
 

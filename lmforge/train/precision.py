@@ -1,7 +1,7 @@
 """Which precision a training run computes in: fp32, or bf16 autocast (weights and optimizer stay float32).
 
 `auto` picks bf16 only where the hardware multiplies bf16 natively: CUDA devices that support it, and CPUs with
-avx512_bf16 or AMX (a 2048^3 matmul ran 2.4x faster in bf16 than in float32 on such a CPU). Elsewhere bf16 is
+avx512_bf16 or AMX, where bf16 matmul is much faster than float32 (see docs/benchmarks.md). Elsewhere bf16 is
 emulated and slower than float32, so auto stays in float32. The detection lives in two small functions that
 tests mock.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.cpu_kernels import cpu_flags
+from lmforge.device import cpu_flags
 from lmforge.errors import TrainingError
 
 PRECISIONS = ("auto", "fp32", "bf16")

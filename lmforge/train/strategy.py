@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmforge.device import resolve_device
 from lmforge.errors import LmforgeError, TrainingError
 
 T = TypeVar("T")
@@ -79,7 +80,7 @@ def init_distributed(device: str = "auto", backend: str | None = None, timeout_s
         raise TrainingError("launched by torchrun, but this torch build has no torch.distributed")
     rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
     local = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
-    cuda = torch.cuda.is_available() and (device == "auto" or device.startswith("cuda"))
+    cuda = resolve_device(device, "device").type == "cuda"
     if cuda:
         n = torch.cuda.device_count()
         if local >= n:
@@ -233,8 +234,9 @@ class Strategy:
     def is_main(self) -> bool:
         return self.info.is_main
 
-    def setup(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """Move `model` to `device` (in place); returns the module the loss function receives."""
+    def setup(self, model: nn.Module, device: torch.device, bf16: bool = False) -> nn.Module:
+        """Move `model` to `device` (in place); returns the module the loss function receives. bf16: the run
+        computes in bf16 (the Trainer's precision; FSDP shards for it)."""
         return model.to(device)
 
     def sync_context(self, is_last_micro_step: bool) -> contextlib.AbstractContextManager:
@@ -330,7 +332,7 @@ class DDP(_Collective):
         self.find_unused_parameters = find_unused_parameters
         self._module: nn.Module | None = None
 
-    def setup(self, model: nn.Module, device: torch.device) -> nn.Module:
+    def setup(self, model: nn.Module, device: torch.device, bf16: bool = False) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         model.to(device)
@@ -350,22 +352,23 @@ class FSDP(_Collective):
     """Sharded: parameters, gradients and optimizer state split over the ranks with FSDP2 (fully_shard).
 
     layers: the units gathered one at a time (default: every Transformer block of the model). bf16: compute in
-    bfloat16 with float32 master weights and gradient reduction. Checkpoints and exports are gathered to full
+    bfloat16 with float32 master weights and gradient reduction (None: when the Trainer's precision is bf16,
+    so the shards and the autocast agree). Checkpoints and exports are gathered to full
     tensors (collectives: every rank calls the state-dict methods) and restored by loading the full state
     into the sharded model on every rank, so a run dir looks the same as without FSDP.
     """
 
-    def __init__(self, layers: Sequence[nn.Module] | None = None, bf16: bool = False) -> None:
+    def __init__(self, layers: Sequence[nn.Module] | None = None, bf16: bool | None = None) -> None:
         super().__init__()
         self.layers, self.bf16 = layers, bf16
         self._module: nn.Module | None = None
 
-    def setup(self, model: nn.Module, device: torch.device) -> nn.Module:
+    def setup(self, model: nn.Module, device: torch.device, bf16: bool = False) -> nn.Module:
         from lmforge.model.transformer import Block
 
         layers = self.layers if self.layers is not None else [m for m in model.modules() if isinstance(m, Block)]
         self._device = device
-        self._module = fsdp_shard(model, layers, device, bf16=self.bf16)
+        self._module = fsdp_shard(model, layers, device, bf16=bf16 if self.bf16 is None else self.bf16)
         return self._module
 
     @contextlib.contextmanager
@@ -407,8 +410,9 @@ class FSDP(_Collective):
 
 
 def choose_strategy(fsdp: bool = False, fsdp_layers: Sequence[nn.Module] | None = None,
-                    find_unused_parameters: bool = False, bf16: bool = False) -> Strategy:
-    """FSDP when asked, DDP under a process group of 2 or more, else Single. bf16 and fsdp_layers: FSDP only."""
+                    find_unused_parameters: bool = False, bf16: bool | None = None) -> Strategy:
+    """FSDP when asked, DDP under a process group of 2 or more, else Single. bf16 and fsdp_layers: FSDP only
+    (bf16 None: shard for the precision the Trainer resolves)."""
     if fsdp:
         return FSDP(fsdp_layers, bf16=bf16)
     if _distributed():

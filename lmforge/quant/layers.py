@@ -1,0 +1,398 @@
+"""The quantized modules: QuantLinear (int8 / int4 weights, a float nn.Linear's replacement), FusedQuantLinear
+(int4 layers reading one input, as one kernel call), QuantEmbedding (int8 rows), and the model-wide steps that
+set up their kernels (fuse_projections, prepare_kernels).
+
+A layer's state dict is always the portable format (int8 rows or nibbles, float32 scales); kernel layouts and
+operands are caches built on the first forward (or by prepare_kernels) and dropped on load, move or cast. Which
+matmul runs is the layer's `policy` (lmforge.quant.policy), passed to the dispatch in lmforge.quant.kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge import cpu_kernels
+from lmforge.io import release_free_memory
+from lmforge.quant.kernels import int4pack_row_block, int4unpack, kernel_mm, kernel_operands, own_mm, own_operands
+from lmforge.quant.numerics import QuantError, check_spec, pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
+from lmforge.quant.policy import DEFAULT_POLICY, KernelPolicy
+
+
+class QuantLinear(nn.Module):
+    """A bias-optional linear layer with int8 or int4 weights. State (persistent buffers):
+    int8: `qweight` int8 (N, K), `scales` (N, G); int4: `qweight` uint8 (N, K/2) nibbles, `scales`,
+    `mins` (N, G); G = 1 for per-channel. Kernel layouts are caches rebuilt on load, never saved."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 8, group_size: int | None = None,
+                 bias: bool = False, dtype: torch.dtype = torch.float32, device=None) -> None:
+        super().__init__()
+        check_spec(bits, group_size)
+        if bits == 4 and group_size is None:
+            group_size = 32
+        g = in_features if group_size is None else group_size
+        if in_features % g or (bits == 4 and g % 2):
+            raise QuantError(f"in_features {in_features} is not a multiple of group_size {g}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        self.dtype = dtype  # of the float layer it replaced: output and dequantization dtype
+        G = in_features // g
+        if bits == 8:
+            qw = torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        else:
+            qw = torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        self.register_buffer("qweight", qw)
+        if bits == 4:
+            self.register_buffer("mins", torch.zeros(out_features, G, device=device))
+        self.register_buffer("scales", torch.ones(out_features, G, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
+            if bias else None
+        self.policy: KernelPolicy = DEFAULT_POLICY  # which matmul runs (lmforge.quant.policy)
+        self._packed = False  # int4: qweight holds the kernel's packed layout instead of our nibbles
+        self._drop_cache()  # kernel operands: plain attributes (not state), built on the first forward
+        self.register_load_state_dict_post_hook(_after_load)
+
+    # -- construction
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, bits: int = 8,
+                    group_size: int | None = None) -> QuantLinear:
+        N, K = weight.shape
+        m = cls(K, N, bits, group_size, bias is not None, dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            if bits == 8:
+                q, s = quantize_int8(weight, m.group_size)
+                m.qweight.copy_(q)
+            else:
+                q, s, lo = quantize_int4(weight, m.group_size)
+                m.qweight.copy_(pack_nibbles(q))
+                m.mins.copy_(lo)
+            m.scales.copy_(s)
+            if bias is not None:
+                m.bias.copy_(bias)
+        return m
+
+    @classmethod
+    def from_int4(cls, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.float32) -> QuantLinear:
+        """From integers already on an int4 grid, w = q * scale + min: q (N, K) values 0..15, scales and mins
+        (N, G). A GGUF's Q4_0 / Q4_1 / Q4_K blocks are such a grid, so nothing is rounded twice."""
+        N, K = q.shape
+        m = cls(K, N, 4, K // scales.shape[1], bias is not None, dtype=dtype, device=q.device)
+        with torch.no_grad():
+            m.qweight.copy_(pack_nibbles(q))
+            m.scales.copy_(scales)
+            m.mins.copy_(mins)
+            if bias is not None:
+                m.bias.copy_(bias)
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int | None = None) -> QuantLinear:
+        return cls.from_weight(linear.weight, linear.bias, bits, group_size)
+
+    # -- float views
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight the integers stand for, (N, K)."""
+        dtype = dtype or self.dtype
+        N, K = self.out_features, self.in_features
+        G = self.scales.shape[1]
+        if self.bits == 8:
+            q = self.qweight.reshape(N, G, K // G).to(dtype)
+            return (q * self.scales[..., None].to(dtype)).reshape(N, K)
+        q = unpack_nibbles(self.nibbles()).reshape(N, G, K // G).to(dtype)
+        return (q * self.scales[..., None].to(dtype) + self.mins[..., None].to(dtype)).reshape(N, K)
+
+    def nibbles(self) -> torch.Tensor:
+        """int4: the integers as our portable (N, K/2) nibbles (unpacked from the kernel's layout if need be);
+        int8: qweight."""
+        if self._packed:
+            return int4unpack(self.qweight, self.in_features, self.group_size)
+        return self.qweight
+
+    def _unpack(self) -> None:
+        """Back from the kernel's layout to nibbles (before a move or cast: the layout is this CPU build's)."""
+        if self._packed:
+            self.qweight, self._packed = self.nibbles(), False
+
+    def _compact_scales(self) -> None:
+        """int4 on lmforge's AVX2 kernels: hold scales and mins as float16 where every value is exactly a float16
+        (a GGUF's Q4_0 / Q4_1 blocks): the kernel then streams 0.625 instead of 0.75 bytes per weight. Nothing
+        changes value; saving, loading and torch's kernels see float32 (`_widen_scales`)."""
+        if self.bits != 4 or self.scales.dtype is not torch.float32 or self.mins.dtype is not torch.float32:
+            return
+        s16, m16 = self.scales.half(), self.mins.half()
+        if torch.equal(s16.float(), self.scales) and torch.equal(m16.float(), self.mins):
+            self.scales, self.mins = s16, m16
+            self._fast = self._k_w = self._k_scales = None  # operands built on the old tensors (not _gen: same values)
+
+    def _widen_scales(self) -> None:
+        if self.bits == 4 and self.scales.dtype is torch.float16:
+            self.scales, self.mins = self.scales.float(), self.mins.float()
+            self._fast = self._k_w = self._k_scales = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._packed:  # the saved format is always nibbles
+            destination[prefix + "qweight"] = self.nibbles()
+        if self.bits == 4 and self.scales.dtype is torch.float16:  # ... and float32 scales (exact: see above)
+            destination[prefix + "scales"] = self.scales.float()
+            destination[prefix + "mins"] = self.mins.float()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._widen_scales()  # loaded values are copied into float32 buffers, never rounded to float16
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dequantized weight, for code that reads `.weight` (slow: a full float copy each time)."""
+        return self.dequantize()
+
+    def nbytes(self) -> int:
+        """Bytes of the quantized state (what a decode step reads)."""
+        return sum(t.numel() * t.element_size() for t in self.buffers(recurse=False))
+
+    # -- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (..., K) -> (..., N). The kernel path is kept short: ~200 of these calls run per decoded token.
+        fast = self._fast
+        if fast is None:
+            self._prepare_kernel()
+            fast = self._fast
+        if fast:
+            if self._own:
+                y = own_mm(x, self.bits, self.in_features, self.out_features, self._k_w, self._k_scales, self.bias,
+                           self.policy)
+            else:
+                y = kernel_mm(x, self.bits, self.in_features, self.out_features, self.group_size, self._k_w,
+                              self._k_scales, self.bias, self.policy, self._packed)
+            if y is not None:
+                return y
+        lead = x.shape[:-1]
+        y = self._dequant_mm(x.reshape(-1, self.in_features))  # (M, N)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _prepare_kernel(self) -> None:
+        """Decide once whether lmforge's or torch's packed kernel can run this layer, build its operands."""
+        own = None
+        if cpu_kernels.available():  # they read nibbles: a layer packed for torch's kernel is unpacked first
+            self._unpack()
+            self._compact_scales()
+            own = own_operands(self.bits, self.group_size, self.qweight, self.scales,
+                                self.mins if self.bits == 4 else None)
+        if own is not None:
+            self._fast, self._own = True, True
+            self._k_w, self._k_scales = ([own[0]], ([own[1][0]], [own[1][1]])) if self.bits == 4 else own
+            return
+        self._widen_scales()
+        if self.bits == 8 and self.qweight.device.type == "cpu" and (
+                self.qweight.data_ptr() % 64 or not self.qweight.is_contiguous()):
+            # the int8 kernel segfaults on unaligned operands (e.g. tensors assigned straight from a
+            # safetensors file): give it a fresh, 64-byte-aligned allocation
+            self.qweight = self.qweight.contiguous().clone()
+        ops = kernel_operands(self.bits, self.group_size, self.qweight, self.scales,
+                               self.mins if self.bits == 4 else None, self._packed)
+        self._fast = ops is not None
+        self._k_w, self._k_scales = ops if ops is not None else (None, None)
+        if ops is not None and self.bits == 4 and not self._packed:  # hold the integers once, in that layout
+            self.qweight, self._packed = ops[0], True
+
+    def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8 and self.scales.shape[1] == 1:  # per-channel: scale the N outputs, not N*K weights
+            return F.linear(x, self.qweight.to(x.dtype)) * self.scales.reshape(-1).to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def _drop_cache(self) -> None:
+        """Forget the kernel operands (after load_state_dict, .to(), ...): rebuilt on the next forward."""
+        self._fast: bool | None = None
+        self._own = False  # lmforge's AVX2 kernels (else torch's)
+        self._k_w = self._k_scales = None  # int8: qweight, bf16 scales; int4: packed layout, bf16 scales+zeros
+        self._gen = getattr(self, "_gen", 0) + 1  # tells a FusedQuantLinear over this layer to rebuild
+
+    def _apply(self, fn, recurse=True):
+        self._unpack()
+        self._widen_scales()
+        self._drop_cache()
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        g = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
+        return (f"in={self.in_features}, out={self.out_features}, int{self.bits}, {g}, "
+                f"bias={self.bias is not None}")
+
+
+class FusedQuantLinear(nn.Module):
+    """int4 QuantLinear layers that read the same input (q|k|v, gate|up), run as one kernel call per step:
+    3 and 2 calls become 1, which saves their per-call overhead, and the kernel is faster on the wider N.
+
+    Inference only, and stateless: the parts stay where they are (their owner's state dict does not change),
+    and the concatenated packed operands are a cache, rebuilt when a part's integers change. Rows the kernel
+    does not take (prefill above its policy's max_m_int4, gradients) run each part's dequantize path, so the parts
+    never build packed copies of their own."""
+
+    def __init__(self, parts: Sequence[QuantLinear]) -> None:
+        super().__init__()
+        if not self.fusable(parts):
+            raise QuantError("FusedQuantLinear: the parts must be int4 QuantLinear layers of one input width, "
+                             "group size and dtype")
+        self.parts = tuple(parts)  # a plain tuple: not submodules, so not in the state dict twice
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+        self.policy: KernelPolicy = parts[0].policy
+        self._key: tuple | None = None
+        self._fast = self._own = False
+        self._w = self._sz = self._bias = None
+
+    @staticmethod
+    def fusable(parts: Sequence[nn.Module]) -> bool:
+        p0 = parts[0]
+        return len(parts) > 1 and all(
+            isinstance(p, QuantLinear) and p.bits == 4 and p.in_features == p0.in_features
+            and p.group_size == p0.group_size and p.dtype == p0.dtype
+            and (p.bias is None) == (p0.bias is None) for p in parts)
+
+    def serves(self, *parts: nn.Module) -> bool:
+        """Whether this fuses exactly these modules (a part replaced since, e.g. by LoRA, turns it off)."""
+        return len(parts) == len(self.parts) and all(a is b for a, b in zip(parts, self.parts))
+
+    def _prepare(self, key: tuple) -> None:
+        ps = self.parts
+        own = []
+        if cpu_kernels.available():
+            for p in ps:
+                p._unpack()
+            for p in ps:
+                p._compact_scales()
+            if any(p.scales.dtype is not torch.float16 for p in ps):  # one scale type for the kernel's list
+                for p in ps:
+                    p._widen_scales()
+            own = [own_operands(4, p.group_size, p.qweight, p.scales, p.mins) for p in ps]
+        if own and all(o is not None for o in own):  # lmforge's kernel takes the parts as a list: nothing is copied
+            self._fast = self._own = True
+            self._w = [o[0] for o in own]
+            self._sz = ([o[1][0] for o in own], [o[1][1] for o in own])
+            self._bias = None if ps[0].bias is None else torch.cat([p.bias for p in ps])
+            self._key = key
+            return
+        self._own = False
+        for p in ps:
+            p._widen_scales()
+        with torch.no_grad():
+            ops = kernel_operands(4, ps[0].group_size, torch.cat([p.nibbles() for p in ps]),
+                                   torch.cat([p.scales for p in ps]), torch.cat([p.mins for p in ps]))
+            self._bias = None if ps[0].bias is None else torch.cat([p.bias for p in ps])
+        self._fast = ops is not None
+        self._w, self._sz = ops if ops is not None else (None, None)
+        self._key = key
+        block = int4pack_row_block() if ops is not None else None
+        if block and all(p.out_features % block == 0 for p in ps):
+            # the packed rows of each part are its own packed layout: the parts keep views, not copies
+            r = 0
+            for p in ps:
+                p.qweight, p._packed = self._w[r: r + p.out_features], True
+                p._fast, p._k_w, p._k_scales = None, None, None  # (not _drop_cache: the integers did not change)
+                r += p.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x (..., K) -> (..., sum of the parts' N), the parts' outputs side by side
+        key = tuple(p._gen for p in self.parts)
+        if key != self._key:
+            self._prepare(key)
+        if self._own:
+            y = own_mm(x, 4, self.in_features, self.out_features, self._w, self._sz, self._bias, self.policy)
+            if y is not None:
+                return y
+        elif self._fast:
+            y = kernel_mm(x, 4, self.in_features, self.out_features, self.parts[0].group_size, self._w,
+                          self._sz, self._bias, self.policy, any_rows=True)
+            if y is not None:
+                return y
+        x2 = x.reshape(-1, self.in_features)
+        ys = [p._dequant_mm(x2) if p.bias is None else p._dequant_mm(x2) + p.bias.to(x2.dtype) for p in self.parts]
+        return torch.cat(ys, -1).reshape(*x.shape[:-1], self.out_features)
+
+    def _apply(self, fn, recurse=True):
+        self._key = None  # moved or cast: rebuild from the parts
+        self._w = self._sz = self._bias = None
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"fuses {len(self.parts)} int4 layers: in={self.in_features}, out={self.out_features}"
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Give each attention whose q, k, v are int4 QuantLinear a fused `qkv`, and each gated MLP a fused `gate_up`
+    (FusedQuantLinear: one kernel call instead of 3 and 2 per decoded token). Returns how many were fused."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "qkv") and all(hasattr(m, a) for a in ("q", "k", "v")):
+            parts = (m.q, m.k, m.v)
+            m.qkv = FusedQuantLinear(parts) if FusedQuantLinear.fusable(parts) else None
+            n += m.qkv is not None
+        if hasattr(m, "gate_up") and all(hasattr(m, a) for a in ("gate", "up")):
+            parts = (m.gate, m.up)
+            m.gate_up = FusedQuantLinear(parts) if FusedQuantLinear.fusable(parts) else None
+            n += m.gate_up is not None
+    return n
+
+
+def _after_load(module: QuantLinear, incompatible_keys) -> None:
+    module._packed = False  # loaded (copied or assigned) nibbles
+    module._drop_cache()  # new integers: the packed kernel copy must be rebuilt
+
+
+def prepare_kernels(model: nn.Module) -> None:
+    """Build every kernel layout now (fused layers first, so their parts share the fused integers), rather than
+    in the first forward, and hand the temporaries back to the OS: a loaded model then holds its integers once
+    and the first token allocates nothing large."""
+    served: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, FusedQuantLinear):
+            key = tuple(p._gen for p in m.parts)
+            if key != m._key:
+                m._prepare(key)
+                # the freed nibbles and packing temporaries are not reused by the next layer's allocations:
+                # trimming per layer lowers the load's peak
+                release_free_memory()
+            served.update(id(p) for p in m.parts)
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and id(m) not in served and m._fast is None:
+            m._prepare_kernel()
+            release_free_memory()
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding with int8 rows (one scale per token): a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype = torch.float32,
+                 device=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, dim, dtype
+        self.register_buffer("qweight", torch.zeros(num_embeddings, dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(num_embeddings, 1, device=device))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> QuantEmbedding:
+        w = emb.weight
+        m = cls(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device)
+        q, s = quantize_int8(w)
+        with torch.no_grad():
+            m.qweight.copy_(q)
+            m.scales.copy_(s)
+        return m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # ids (...) -> (..., D)
+        return F.embedding(ids, self.qweight).to(self.dtype) * F.embedding(ids, self.scales).to(self.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return (self.qweight.to(self.dtype) * self.scales.to(self.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+

@@ -1,0 +1,196 @@
+"""A tokenizer from a GGUF file's vocabulary metadata (`tokenizer.ggml.*`), as transformers converts it.
+
+The ids match `AutoTokenizer.from_pretrained(dir, gguf_file=name)` for the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as Backend
+from tokenizers.models import BPE
+
+from lmforge.errors import TokenizerError
+from lmforge.tokenizer.backends import bos_eos_processor, byte_alphabet, one_line
+
+# GGUF token types (llama.cpp's llama_token_type).
+_CONTROL, _USER_DEFINED = 3, 4
+# End-of-turn tokens that llama.cpp also stops on when a GGUF vocabulary holds them as control tokens.
+_END_OF_TURN = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
+                "<|end_of_text|>")
+
+# Split regexes for byte-level GGUF vocabularies whose `tokenizer.ggml.pre` differs from GPT-2's.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GGUF_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"),
+                    _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+}
+# Gemma vocabularies in GGUF: spaces are spelled "▁" in the model, and merges follow the token order.
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
+
+
+def _gguf_value(reader, key: str) -> Any:
+    field = reader.get_field(key) if hasattr(reader, "get_field") else reader.fields.get(key)
+    if field is None:
+        return None
+    if hasattr(field, "contents"):
+        return field.contents()
+    # gguf < 0.11: decode by hand (strings are uint8 parts; arrays list their element parts in `data`).
+    import gguf
+
+    def scalar(part, vtype):
+        if vtype == gguf.GGUFValueType.STRING:
+            return bytes(part).decode("utf-8")
+        return part.tolist()[0]
+
+    if field.types[0] == gguf.GGUFValueType.ARRAY:
+        return [scalar(field.parts[i], field.types[-1]) for i in field.data]
+    return scalar(field.parts[field.data[0]], field.types[0])
+
+
+def _merges_from_vocab(tokens: list[str], priority: list[float]) -> list[tuple[str, str]]:
+    """Merges implied by a vocabulary without merges (SentencePiece BPE), best first.
+
+    Each token yields every split into two vocabulary tokens. They are ordered by the token's priority
+    (higher first), then by the longer left and right piece, ties keeping vocabulary order: this is the
+    order transformers derives for the same GGUF, so the BPE results are the same.
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    best: dict[str, float] = {}
+    for t, p in zip(tokens, priority):
+        best[t] = p  # a repeated token keeps its first position but its last priority, like a dict update
+    found: list[tuple[float, int, int, str, str]] = []
+    for t, p in best.items():
+        splits = [(t[:k], t[k:]) for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab]
+        splits.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        found.extend((-p, -len(a), -len(b), a, b) for a, b in splits)
+    found.sort(key=lambda x: x[:3])  # stable: equal keys keep the order above
+    return [(a, b) for _, _, _, a, b in found]
+
+
+def load_gguf(path_or_reader) -> tuple[Backend, dict[str, Any]]:
+    """The backend and the `Tokenizer(...)` keyword arguments for a GGUF file's tokenizer metadata
+    (`tokenizer.ggml.model` "gpt2" or "llama"). Takes a path, a `GGUFFile` or a `gguf.GGUFReader`."""
+    from lmforge.gguf_file import GGUFFile
+
+    if isinstance(path_or_reader, (str, Path)):
+        name = str(path_or_reader)
+        if not Path(name).is_file():
+            raise TokenizerError(f"{name}: file not found")
+        try:
+            reader = GGUFFile(name)  # lazy metadata: no object per token until the tokens are read
+        except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
+            raise TokenizerError(f"{name}: not a readable GGUF file ({one_line(e)})") from None
+    else:
+        reader = path_or_reader
+        name = str(getattr(getattr(reader, "data", None), "filename", None) or "<gguf reader>")
+
+    kind = _gguf_value(reader, "tokenizer.ggml.model")
+    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
+    if kind is None or tokens is None:
+        raise TokenizerError(f"{name}: GGUF has no tokenizer metadata (tokenizer.ggml.model / tokens)")
+    arch = _gguf_value(reader, "general.architecture") or ""
+    types = _gguf_value(reader, "tokenizer.ggml.token_type") or []
+    ids = {k: _gguf_value(reader, f"tokenizer.ggml.{k}_token_id")
+           for k in ("bos", "eos", "unknown", "padding", "eot", "eom")}
+    add_bos = _gguf_value(reader, "tokenizer.ggml.add_bos_token")
+    add_eos = bool(_gguf_value(reader, "tokenizer.ggml.add_eos_token"))
+
+    if kind == "gpt2":
+        backend, spelled = _gguf_byte_level(reader, tokens, name)
+        control_ok = spelled
+        add_bos = bool(add_bos)
+    elif kind == "llama":
+        backend = _gguf_sentencepiece(reader, tokens, arch, ids["unknown"], name)
+        control_ok = None
+        add_bos = True if add_bos is None else bool(add_bos)  # llama.cpp's default for SentencePiece
+    else:
+        raise TokenizerError(f"{name}: unsupported tokenizer.ggml.model {kind!r} "
+                             "(supported: gpt2, llama)")
+
+    # Control tokens are special (whole in text, skipped on decode); user-defined ones are whole but kept.
+    vocab = backend.get_vocab()
+    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+               if ty == _CONTROL and (control_ok is None or set(t) <= control_ok)]
+    if control:
+        backend.add_special_tokens(control)
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types)
+            if ty == _USER_DEFINED and t in vocab]
+    if user:
+        backend.add_tokens(user)
+
+    def tok(key: str) -> str | None:
+        i = ids[key]
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    bos, eos = tok("bos"), tok("eos")
+    backend.post_processor = bos_eos_processor(bos, ids["bos"], eos, ids["eos"], add_bos, add_eos)
+    extra_eos = [ids[k] for k in ("eot", "eom") if ids[k] is not None]
+    extra_eos += [i for i, (t, ty) in enumerate(zip(tokens, types))
+                  if ty == _CONTROL and t in _END_OF_TURN]
+    ctx = _gguf_value(reader, f"{arch}.context_length") if arch else None
+    return backend, dict(bos_token=bos, eos_token=eos, unk_token=tok("unknown"), pad_token=tok("padding"),
+                         chat_template=_gguf_value(reader, "tokenizer.chat_template"),
+                         model_max_length=int(ctx) if ctx else None, add_bos=add_bos and bos is not None,
+                         extra_eos_ids=extra_eos, token_type_ids=False, source=name)
+
+
+def _gguf_byte_level(reader, tokens: list[str], name: str) -> tuple[Backend, set[str]]:
+    """`tokenizer.ggml.model == "gpt2"`: byte-level BPE with the file's merges and split regex."""
+    alphabet = byte_alphabet()
+    spelled = set(alphabet.values())
+    vocab = {t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8")): i
+             for i, t in enumerate(tokens)}
+    raw = _gguf_value(reader, "tokenizer.ggml.merges")
+    if raw is None:
+        raise TokenizerError(f"{name}: byte-level GGUF tokenizer without tokenizer.ggml.merges")
+    merges = [tuple(m.split(" ", 1)) for m in raw]
+    backend = Backend(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
+                          fuse_unk=False))
+    split = _GGUF_SPLITS.get(_gguf_value(reader, "tokenizer.ggml.pre") or "")
+    if split is None:  # GPT-2's own regex (what transformers uses for the other `pre` names too)
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.decoder = decoders.ByteLevel()
+    return backend, spelled
+
+
+def _gguf_sentencepiece(reader, tokens: list[str], arch: str, unk_id: int | None, name: str) -> Backend:
+    """`tokenizer.ggml.model == "llama"`: SentencePiece BPE with byte fallback; merges come from the vocab."""
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    if arch in _GEMMA_ARCHS:
+        # Runs of spaces are stored as real spaces; the model spells them with "▁". Gemma's scores do
+        # not follow its merge order, the token order does.
+        tokens = [t.replace(" ", "\u2581") if " " in t and not t.strip() else t for t in tokens]
+        priority = [-float(i) for i in range(len(tokens))]
+    else:
+        scores = _gguf_value(reader, "tokenizer.ggml.scores")
+        if scores is None:
+            raise TokenizerError(f"{name}: SentencePiece GGUF tokenizer without tokenizer.ggml.scores")
+        priority = [float(s) for s in scores]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = Backend(BPE(vocab=vocab, merges=_merges_from_vocab(tokens, priority), unk_token=unk,
+                          fuse_unk=True, byte_fallback=True))
+    if arch in _GEMMA_ARCHS:
+        backend.normalizer = normalizers.Replace(" ", "\u2581")
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                             decoders.Fuse()])
+    else:
+        prefix = _gguf_value(reader, "tokenizer.ggml.add_space_prefix")
+        prefix = True if prefix is None else bool(prefix)
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581",
+                                                         prepend_scheme="first" if prefix else "never",
+                                                         split=False)
+        steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return backend
