@@ -117,8 +117,9 @@ def _forward(m: torch.nn.Module, impl: str, encoder: bool, ids: torch.Tensor, ma
     return out.last_hidden_state if encoder else out.logits
 
 
-def _greedy(impl: str, ours, hf, ids: torch.Tensor, new: int, opts) -> torch.Tensor:
-    """(B, new) greedy tokens, never stopping early."""
+def _greedy(impl: str, ours, hf, ids: torch.Tensor, new: int, opts, runtime=None) -> torch.Tensor:
+    """(B, new) greedy tokens, never stopping early. runtime: lmforge's DecodeRuntime, kept across calls so the
+    compiled step is made once."""
     from lmforge.decoding import GenerationConfig, stream_tokens
 
     with torch.inference_mode():
@@ -127,7 +128,7 @@ def _greedy(impl: str, ours, hf, ids: torch.Tensor, new: int, opts) -> torch.Ten
                               do_sample=False, pad_token_id=2)
             return out[:, ids.shape[1]:]
         gc = GenerationConfig(max_new_tokens=new, stop_token_ids=[])
-        return torch.stack([t for t, _ in stream_tokens(ours, ids, None, gc, opts)], 1)
+        return torch.stack([t for t, _ in stream_tokens(ours, ids, None, gc, opts, runtime)], 1)
 
 
 def bench_forward(dirs: dict[str, Path], dev: torch.device, dtype: torch.dtype, iters: int) -> list[dict]:
@@ -167,9 +168,10 @@ def bench_generate(d: Path, dev: torch.device, dtype: torch.dtype, new: int, bat
     import transformers
 
     from lmforge.checkpoints import load_checkpoint
-    from lmforge.decoding import DecodeOptions, compiler_missing
+    from lmforge.decoding import DecodeOptions, DecodeRuntime, compiler_missing
 
     ours = load_checkpoint(d, dtype=dtype, device=dev, tokenizer=False).model.eval()
+    runtime = DecodeRuntime(ours)
     hf = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(dev).eval()
     rows = []
     impls = ["lmforge eager", *(["lmforge compiled"] if compiled else []), "transformers"]
@@ -181,7 +183,7 @@ def bench_generate(d: Path, dev: torch.device, dtype: torch.dtype, new: int, bat
                 rows.append({"workload": f"generate B={B}", "impl": impl, "note": f"skipped: {why}"})
                 continue
             opts = DecodeOptions("on" if impl == "lmforge compiled" else "off")
-            run = functools.partial(_greedy, impl, ours, hf, ids, new, opts)
+            run = functools.partial(_greedy, impl, ours, hf, ids, new, opts, runtime)
             s = timed(run, dev, iters=3, warmup=2 if impl == "lmforge compiled" else 1)
             toks[impl] = run()
             rows.append({"workload": f"generate B={B}, 30+{new}", "impl": impl, "ms": round(s * 1e3, 1),
