@@ -1,7 +1,8 @@
 """ModelConfig: one dataclass whose fields select the variant of every part of the Transformer.
 
-GPT-2, Llama (SmolLM2), Gemma-3 and BERT (MiniLM) are all points in this space; `from_hf` and
-`to_hf` translate to and from a Hugging Face `config.json` so checkpoints travel both ways.
+Every family (GPT-2, Llama, Mistral, Qwen2/3, OLMo 2, Phi-3, Gemma 2/3, BERT) is a point in this space; `from_hf`
+and `to_hf` translate to and from a Hugging Face `config.json` through lmforge/families.py, so checkpoints travel
+both ways.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lmforge import families
 from lmforge.errors import ConfigError
 
-Family = Literal["gpt2", "llama", "gemma3", "bert"]
+Family = Literal["gpt2", "llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3", "bert"]
 Norm = Literal["layernorm", "rmsnorm"]
-NormPlacement = Literal["pre", "post", "sandwich"]
+NormPlacement = Literal["pre", "post", "sandwich", "output"]
+QkNormScope = Literal["head", "all"]
 MlpKind = Literal["gelu", "swiglu", "geglu"]
 Activation = Literal["gelu", "gelu_tanh", "silu", "relu"]
 Position = Literal["learned", "sinusoidal", "rotary", "none"]
@@ -37,7 +40,7 @@ _AT_LEAST_0 = ("type_vocab_size", "bos_token_id", "pad_token_id")
 
 @dataclass
 class ModelConfig:
-    family: Family = "llama"  # gpt2 | llama | gemma3 | bert: the HF model_type we map to and from
+    family: Family = "llama"  # the HF model_type we map to and from (lmforge/families.py)
     vocab_size: int = 32000
     context_length: int = 2048  # max positions the model was trained for
     d_model: int = 512
@@ -51,7 +54,9 @@ class ModelConfig:
     norm: Norm = "rmsnorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_offset: float = 0.0  # gemma stores RMSNorm weight as w-1: y = x * (offset + w)
-    norm_placement: NormPlacement = "pre"  # pre (gpt2, llama) | post (bert) | sandwich (gemma3: pre and post)
+    # pre (gpt2, llama) | post: after the residual add (bert) | sandwich: before and on the output (gemma) |
+    # output: on the attention / MLP output before the residual add, none before (olmo2)
+    norm_placement: NormPlacement = "pre"
     final_norm: bool = True  # a norm after the last block (not in bert)
     embed_norm: bool = False  # LayerNorm after the embeddings (bert)
     mlp: MlpKind = "swiglu"  # gelu (fc1 -> act -> fc2) | swiglu | geglu (gate * up -> down)
@@ -67,7 +72,8 @@ class ModelConfig:
     causal: bool = True
     type_vocab_size: int = 0  # token-type (segment) embeddings, bert
     tie_embeddings: bool = True
-    qk_norm: bool = False  # RMSNorm on per-head queries and keys (gemma3)
+    qk_norm: bool = False  # RMSNorm on queries and keys (gemma3, qwen3, olmo2)
+    qk_norm_scope: QkNormScope = "head"  # head: over each head's dims | all: over the whole projection (olmo2)
     sliding_window: int | None = None
     layer_types: list[LayerType] | None = None  # per layer: "full" | "sliding"
     embed_scale: float | None = None  # multiply token embeddings (gemma: sqrt(d_model))
@@ -152,20 +158,23 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Build from a Hugging Face config.json dict (model_type gpt2, llama, gemma3/gemma3_text, bert)."""
+        """Build from a Hugging Face config.json dict of a family in lmforge/families.py; a key that changes the
+        computation and is not implemented is refused by name."""
         if not isinstance(hf, dict):
             raise ConfigError(f"{source}: expected a JSON object, got a JSON {type(hf).__name__}")
         mt = hf.get("model_type")
-        build = _FROM_HF.get(mt) if isinstance(mt, str) else None
-        if build is None:
-            raise ConfigError(f"{source}: unsupported model_type {mt!r} (supported: gpt2, llama, gemma3_text, bert)")
+        spec = families.BY_HF_TYPE.get(mt) if isinstance(mt, str) else None
+        if spec is None:
+            raise ConfigError(f"{source}: unsupported model_type {mt!r} (supported: {', '.join(families.BY_HF_TYPE)};"
+                              " `lmforge info --families` lists them)")
         if mt == "gemma3":
             hf = hf.get("text_config", hf)
             if not isinstance(hf, dict):
                 raise ConfigError(f"{source}: field 'text_config': expected an object, got {_short(hf)}")
         try:
             _check_hf_numbers(hf)
-            return build(hf)
+            spec.check_keys(hf)
+            return cls(**spec.from_hf(hf))
         except KeyError as e:
             raise ConfigError(f"{source}: missing field {e.args[0]!r} for model_type {mt!r}") from None
         except ConfigError as e:
@@ -175,7 +184,7 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json that transformers' Auto classes load for this model."""
-        return _TO_HF[self.family](self)
+        return families.BY_NAME[self.family].to_hf(self)
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
@@ -283,195 +292,6 @@ def _check_hf_numbers(hf: dict[str, Any]) -> None:
             raise ConfigError(f"field {key!r}: expected a finite number, got {_short(v)}")
         if v <= 0:
             raise ConfigError(f"field {key!r}: must be > 0, got {v}")
-
-
-def _common_tokens(hf: dict[str, Any]) -> dict[str, Any]:
-    id2label = hf.get("id2label")
-    if id2label is not None and not isinstance(id2label, dict):
-        raise ConfigError(f"field 'id2label': expected an object, got {_short(id2label)}")
-    # HF writes a default {0: LABEL_0, 1: LABEL_1} even for LMs; only keep labels a task set.
-    if id2label and all(str(v) == f"LABEL_{k}" for k, v in id2label.items()) and not hf.get("finetuning_task"):
-        if not any("ForSequenceClassification" in a for a in hf.get("architectures") or []):
-            id2label = None
-    return dict(
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
-        pad_token_id=hf.get("pad_token_id"),
-        id2label=id2label,
-        dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
-    )
-
-
-def _act(name: str) -> str:
-    return {
-        "gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-        "silu": "silu", "swish": "silu", "relu": "relu",
-    }.get(name, name)
-
-
-def _rope(hf: dict[str, Any], key: str | None = None) -> tuple[float, dict[str, Any] | None]:
-    """(theta, scaling) from either v5 `rope_parameters` or v4 `rope_theta`/`rope_scaling`."""
-    rp = hf.get("rope_parameters")
-    if rp and key is not None and key in rp:
-        rp = rp[key]
-    if rp and "rope_theta" in rp:
-        theta = float(rp["rope_theta"])
-        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-    else:
-        theta = float(hf.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling")
-    if scaling is not None and not isinstance(scaling, dict):
-        raise ConfigError(f"field 'rope_scaling': expected an object, got {_short(scaling)}")
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        scaling = None
-    return theta, scaling
-
-
-def _from_hf_gpt2(hf: dict[str, Any]) -> ModelConfig:
-    d = hf["n_embd"]
-    return ModelConfig(
-        family="gpt2", vocab_size=hf["vocab_size"], context_length=hf["n_positions"], d_model=d,
-        n_layers=hf["n_layer"], n_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
-        norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), norm_placement="pre",
-        mlp="gelu", activation=_act(hf.get("activation_function", "gelu_new")), attn_bias=True, mlp_bias=True,
-        position="learned", causal=True, tie_embeddings=hf.get("tie_word_embeddings", True),
-        **_common_tokens(hf),
-    )
-
-
-def _from_hf_llama(hf: dict[str, Any]) -> ModelConfig:
-    theta, scaling = _rope(hf)
-    return ModelConfig(
-        family="llama", vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048),
-        d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads"), head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
-        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu",
-        activation=_act(hf.get("hidden_act", "silu")), attn_bias=hf.get("attention_bias", False),
-        mlp_bias=hf.get("mlp_bias", False), position="rotary", rope_theta=theta, rope_scaling=scaling,
-        causal=True, tie_embeddings=hf.get("tie_word_embeddings", False), **_common_tokens(hf),
-    )
-
-
-def _from_hf_gemma3(hf: dict[str, Any]) -> ModelConfig:
-    n_layers = hf["num_hidden_layers"]
-    layer_types = hf.get("layer_types")
-    if layer_types is None:
-        pattern = hf.get("sliding_window_pattern", 6)
-        layer_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
-    theta, scaling = _rope(hf, "full_attention")
-    local_theta, _ = _rope(hf, "sliding_attention")
-    if "rope_local_base_freq" in hf:
-        local_theta = float(hf["rope_local_base_freq"])
-    if "rope_parameters" not in hf and "rope_theta" not in hf:
-        theta = 1_000_000.0
-    d = hf["hidden_size"]
-    head_dim = hf.get("head_dim", 256)
-    return ModelConfig(
-        family="gemma3", vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 32768),
-        d_model=d, n_layers=n_layers, n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads"), head_dim=head_dim, d_ff=hf["intermediate_size"],
-        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), norm_offset=1.0, norm_placement="sandwich",
-        mlp="geglu", activation=_act(hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"),
-        attn_bias=hf.get("attention_bias", False), position="rotary", rope_theta=theta, rope_scaling=scaling,
-        rope_local_theta=local_theta, causal=True, tie_embeddings=hf.get("tie_word_embeddings", True),
-        qk_norm=True, sliding_window=hf.get("sliding_window"),
-        layer_types=["sliding" if t == "sliding_attention" else "full" for t in layer_types],
-        embed_scale=math.sqrt(d), attn_scale=hf.get("query_pre_attn_scalar", head_dim) ** -0.5,
-        attn_softcap=hf.get("attn_logit_softcapping"), final_softcap=hf.get("final_logit_softcapping"),
-        **_common_tokens(hf),
-    )
-
-
-def _from_hf_bert(hf: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(
-        family="bert", vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 512),
-        d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-        d_ff=hf["intermediate_size"], norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-12),
-        norm_placement="post", final_norm=False, embed_norm=True, mlp="gelu",
-        activation=_act(hf.get("hidden_act", "gelu")), attn_bias=True, mlp_bias=True, position="learned",
-        causal=False, type_vocab_size=hf.get("type_vocab_size", 2), tie_embeddings=True, pooler=True,
-        **_common_tokens(hf),
-    )
-
-
-def _hf_common(c: ModelConfig, arch: str) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "architectures": [arch], "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
-        "pad_token_id": c.pad_token_id, "dtype": c.dtype, "tie_word_embeddings": c.tie_embeddings,
-    }
-    if c.id2label:
-        out["id2label"] = {str(k): v for k, v in c.id2label.items()}
-        out["label2id"] = {v: k for k, v in c.id2label.items()}
-    return out
-
-
-_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
-
-
-def _to_hf_gpt2(c: ModelConfig) -> dict[str, Any]:
-    arch = "GPT2ForSequenceClassification" if c.id2label else "GPT2LMHeadModel"
-    return {
-        "model_type": "gpt2", "vocab_size": c.vocab_size, "n_positions": c.context_length, "n_embd": c.d_model,
-        "n_layer": c.n_layers, "n_head": c.n_heads, "n_inner": c.d_ff, "layer_norm_epsilon": c.norm_eps,
-        "activation_function": "gelu_new" if c.activation == "gelu_tanh" else _HF_ACT[c.activation],
-        "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
-        **_hf_common(c, arch),
-    }
-
-
-def _to_hf_llama(c: ModelConfig) -> dict[str, Any]:
-    arch = "LlamaForSequenceClassification" if c.id2label else "LlamaForCausalLM"
-    rope: dict[str, Any] = {"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta}
-    return {
-        "model_type": "llama", "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length,
-        "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-        "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.d_ff,
-        "rms_norm_eps": c.norm_eps, "hidden_act": _HF_ACT[c.activation], "attention_bias": c.attn_bias,
-        "mlp_bias": c.mlp_bias, "rope_parameters": rope, "rope_theta": c.rope_theta,
-        "rope_scaling": c.rope_scaling, "attention_dropout": c.dropout,
-        **_hf_common(c, arch),
-    }
-
-
-def _to_hf_gemma3(c: ModelConfig) -> dict[str, Any]:
-    arch = "Gemma3ForSequenceClassification" if c.id2label else "Gemma3ForCausalLM"
-    assert c.layer_types is not None and c.head_dim is not None
-    full = {"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta}
-    local = {"rope_type": "default", "rope_theta": c.rope_local_theta or 10000.0}
-    scale = c.attn_scale if c.attn_scale is not None else c.head_dim ** -0.5
-    return {
-        "model_type": "gemma3_text", "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length,
-        "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-        "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "intermediate_size": c.d_ff,
-        "rms_norm_eps": c.norm_eps, "hidden_activation": _HF_ACT[c.activation], "attention_bias": c.attn_bias,
-        "rope_parameters": {"full_attention": full, "sliding_attention": local},
-        "sliding_window": c.sliding_window,
-        "layer_types": ["sliding_attention" if t == "sliding" else "full_attention" for t in c.layer_types],
-        "query_pre_attn_scalar": _int_if_close(scale ** -2), "attn_logit_softcapping": c.attn_softcap,
-        "final_logit_softcapping": c.final_softcap, "use_bidirectional_attention": not c.causal,
-        **_hf_common(c, arch),
-    }
-
-
-def _to_hf_bert(c: ModelConfig) -> dict[str, Any]:
-    arch = "BertForSequenceClassification" if c.id2label else "BertModel"
-    return {
-        "model_type": "bert", "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length,
-        "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-        "intermediate_size": c.d_ff, "layer_norm_eps": c.norm_eps, "hidden_act": _HF_ACT[c.activation],
-        "type_vocab_size": c.type_vocab_size, "hidden_dropout_prob": c.dropout,
-        "attention_probs_dropout_prob": c.dropout, "position_embedding_type": "absolute",
-        **_hf_common(c, arch),
-    }
-
-
-def _int_if_close(x: float) -> int | float:
-    return int(round(x)) if abs(x - round(x)) < 1e-3 else x
-
-
-_FROM_HF = {"gpt2": _from_hf_gpt2, "llama": _from_hf_llama, "mistral": _from_hf_llama, "qwen2": _from_hf_llama,
-            "gemma3_text": _from_hf_gemma3, "gemma3": _from_hf_gemma3, "bert": _from_hf_bert}
-_TO_HF = {"gpt2": _to_hf_gpt2, "llama": _to_hf_llama, "gemma3": _to_hf_gemma3, "bert": _to_hf_bert}
 
 
 # ---- named presets, for pretraining from scratch -------------------------------------------------

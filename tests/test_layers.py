@@ -20,7 +20,7 @@ PKG = ROOT / "lmforge"
 
 # Lowest first. A module may import its own layer and any below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("model", "quant", "cpu_kernels", "tokenizer", "gguf_file", "io", "errors", "config", "device"),
+    ("model", "quant", "cpu_kernels", "tokenizer", "gguf_file", "io", "errors", "config", "families", "device"),
     ("checkpoints",),
     ("decoding", "generator", "train", "data", "metrics", "flops"),
     ("tasks",),

@@ -21,27 +21,49 @@ from lmforge.errors import CheckpointError, ModelNotFoundError
 from lmforge.io import atomic_write
 
 # (HF name relative to the backbone prefix, our name); {i} is the layer index.
-_LLAMA = [
-    ("embed_tokens.weight", "embed.tok.weight"),
+_ATTN = [
     ("layers.{i}.self_attn.q_proj.{p}", "blocks.{i}.attn.q.{p}"),
     ("layers.{i}.self_attn.k_proj.{p}", "blocks.{i}.attn.k.{p}"),
     ("layers.{i}.self_attn.v_proj.{p}", "blocks.{i}.attn.v.{p}"),
+]
+_CORE = [
+    ("embed_tokens.weight", "embed.tok.weight"),
     ("layers.{i}.self_attn.o_proj.{p}", "blocks.{i}.attn.o.{p}"),
-    ("layers.{i}.mlp.gate_proj.{p}", "blocks.{i}.mlp.gate.{p}"),
-    ("layers.{i}.mlp.up_proj.{p}", "blocks.{i}.mlp.up.{p}"),
     ("layers.{i}.mlp.down_proj.{p}", "blocks.{i}.mlp.down.{p}"),
-    ("layers.{i}.input_layernorm.weight", "blocks.{i}.norm1.weight"),
     ("norm.weight", "norm.weight"),
 ]
+_GATED = [
+    ("layers.{i}.mlp.gate_proj.{p}", "blocks.{i}.mlp.gate.{p}"),
+    ("layers.{i}.mlp.up_proj.{p}", "blocks.{i}.mlp.up.{p}"),
+]
+_QK_NORM = [
+    ("layers.{i}.self_attn.q_norm.weight", "blocks.{i}.attn.q_norm.weight"),
+    ("layers.{i}.self_attn.k_norm.weight", "blocks.{i}.attn.k_norm.weight"),
+]
+_PRE_NORMS = [
+    ("layers.{i}.input_layernorm.weight", "blocks.{i}.norm1.weight"),
+    ("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.norm2.weight"),
+]
+_SANDWICH = [
+    ("layers.{i}.input_layernorm.weight", "blocks.{i}.norm1.weight"),
+    ("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.post_norm1.weight"),
+    ("layers.{i}.pre_feedforward_layernorm.weight", "blocks.{i}.norm2.weight"),
+    ("layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.post_norm2.weight"),
+]
+_LLAMA = _ATTN + _CORE + _GATED + _PRE_NORMS
 _NAMES: dict[str, list[tuple[str, str]]] = {
-    "llama": _LLAMA + [("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.norm2.weight")],
-    "gemma3": _LLAMA + [
-        ("layers.{i}.self_attn.q_norm.weight", "blocks.{i}.attn.q_norm.weight"),
-        ("layers.{i}.self_attn.k_norm.weight", "blocks.{i}.attn.k_norm.weight"),
-        ("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.post_norm1.weight"),
-        ("layers.{i}.pre_feedforward_layernorm.weight", "blocks.{i}.norm2.weight"),
-        ("layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.post_norm2.weight"),
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA + _QK_NORM,
+    "olmo2": _ATTN + _CORE + _GATED + _QK_NORM + [
+        ("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.norm1.weight"),
+        ("layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.norm2.weight"),
     ],
+    # Phi-3 fuses q|k|v (qkv_proj) and gate|up (gate_up_proj): split on load, fused on save (FUSED below)
+    "phi3": _CORE + _PRE_NORMS,
+    "gemma2": _ATTN + _CORE + _GATED + _SANDWICH,
+    "gemma3": _ATTN + _CORE + _GATED + _SANDWICH + _QK_NORM,
     "gpt2": [
         ("wte.weight", "embed.tok.weight"),
         ("wpe.weight", "embed.pos.weight"),
@@ -69,7 +91,11 @@ _NAMES: dict[str, list[tuple[str, str]]] = {
     ],
 }
 # HF prefix of the backbone inside task models, per family.
-_PREFIX = {"llama": "model.", "gemma3": "model.", "gpt2": "transformer.", "bert": "bert."}
+_PREFIX = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "qwen3": "model.", "olmo2": "model.",
+           "phi3": "model.", "gemma2": "model.", "gemma3": "model.", "gpt2": "transformer.", "bert": "bert."}
+# fused HF tensors of a family: HF module -> (our modules, in the order they are stacked along the output dim)
+FUSED = {"phi3": {"layers.{i}.self_attn.qkv_proj": ("blocks.{i}.attn.q", "blocks.{i}.attn.k", "blocks.{i}.attn.v"),
+                  "layers.{i}.mlp.gate_up_proj": ("blocks.{i}.mlp.gate", "blocks.{i}.mlp.up")}}
 # task-head tensors: HF name -> our name (outside the backbone)
 _HEADS = {"score.weight": "score.weight", "score.bias": "score.bias",
           "classifier.weight": "score.weight", "classifier.bias": "score.bias",
@@ -84,6 +110,15 @@ def _regex(template: str) -> re.Pattern:
 
 
 _COMPILED = {fam: [(_regex(h), h, o) for h, o in names] for fam, names in _NAMES.items()}
+_FUSED_RX = {fam: [(_regex(h + ".{p}"), h, parts) for h, parts in table.items()] for fam, table in FUSED.items()}
+
+
+def fused_sizes(cfg: ModelConfig, parts: tuple[str, ...]) -> list[int]:
+    """Output rows of each of our modules stacked in one fused HF tensor (q/k/v or gate/up)."""
+    assert cfg.head_dim is not None and cfg.n_kv_heads is not None
+    rows = {"q": cfg.n_heads * cfg.head_dim, "k": cfg.n_kv_heads * cfg.head_dim, "v": cfg.n_kv_heads * cfg.head_dim,
+            "gate": cfg.d_ff, "up": cfg.d_ff}
+    return [rows[p.rsplit(".", 1)[1]] for p in parts]
 _REVERSE = {fam: [(_regex(o), h) for h, o in names] for fam, names in _NAMES.items()}  # ours -> HF
 
 
@@ -107,6 +142,10 @@ def hf_module_name(family: str, ours: str) -> str:
         m = re.fullmatch(r"blocks\.(\d+)\.attn\.[qkv]", ours)
         if m:
             return f"h.{m.group(1)}.attn.c_attn"
+    for hf_t, parts in FUSED.get(family, {}).items():
+        if any(re.fullmatch(_regex(p).pattern[1:-1], ours) for p in parts):
+            raise CheckpointError(f"{ours}: {family} stores it fused in {hf_t.split('.')[-1]}, which a PEFT adapter of "
+                                  "its parts cannot name: export the merged model instead (lmforge export)")
     for rx, hf_t in _REVERSE[family]:
         m = rx.match(ours + ".weight")
         if m:
@@ -165,6 +204,16 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor], source: st
                 for key, part in zip("qkv", parts):
                     body[f"blocks.{i}.attn.{key}.{p}"] = part.contiguous()
                 continue
+        fused = next(((m, parts) for rx, _h, parts in _FUSED_RX.get(fam, ()) if (m := rx.match(rel))), None)
+        if fused is not None:  # one HF tensor stacking several of our modules along the output dim
+            m, parts = fused
+            sizes = fused_sizes(cfg, parts)
+            if t.shape[0] != sum(sizes):
+                raise CheckpointError(f"{source or 'checkpoint'}: {name} has {t.shape[0]} rows, the config gives "
+                                      f"{sum(sizes)} ({' + '.join(map(str, sizes))})")
+            for part, piece in zip(parts, t.split(sizes, dim=0)):
+                body[part.format(**m.groupdict()) + "." + m.group("p")] = piece.contiguous()
+            continue
         for rx, _h, ours in _COMPILED[fam]:
             m = rx.match(rel)
             if m:
@@ -200,6 +249,9 @@ def to_hf_state_dict(cfg: ModelConfig, body: dict[str, torch.Tensor], heads: dic
             m = re.match(r"^blocks\.(\d+)\.attn\.([qkv])\.(weight|bias)$", name)
             if m:
                 continue  # fused below
+        if any(re.fullmatch(_regex(p + ".{p}").pattern[1:-1], name) for parts in FUSED.get(fam, {}).values()
+               for p in parts):
+            continue  # fused below
         for rx, h in reverse:
             m = rx.match(name)
             if m:
@@ -209,6 +261,12 @@ def to_hf_state_dict(cfg: ModelConfig, body: dict[str, torch.Tensor], heads: dic
                 break
         else:
             raise CheckpointError(f"internal: no HF name for tensor {name!r} of family {fam!r}")
+    for hf_t, parts in FUSED.get(fam, {}).items():  # Phi-3's qkv_proj and gate_up_proj
+        for i in range(cfg.n_layers):
+            for p in ("weight", "bias"):
+                names = [part.format(i=i) + "." + p for part in parts]
+                if all(n in body for n in names):
+                    out[prefix + hf_t.format(i=i) + "." + p] = torch.cat([body[n] for n in names], 0).contiguous()
     if fam == "gpt2":
         for i in range(cfg.n_layers):
             w = torch.cat([body[f"blocks.{i}.attn.{k}.weight"] for k in "qkv"], 0)  # (3D, D)

@@ -8,7 +8,27 @@ import json
 from lmforge.cli.common import DEVICE_HELP, EPILOG, positive_int, read_texts
 
 
+def print_families() -> int:
+    """`lmforge info --families`: the families lmforge loads, the model_type values they read, and what they add."""
+    from lmforge.checkpoints.gguf import SUPPORTED_ARCHITECTURES as GGUF_FAMILIES
+    from lmforge.families import SPECS
+
+    rows = [("family", "model_type", "kind", "formats", "notes")]
+    rows += [(s.name, ", ".join(s.hf_types), s.kind, "HF dir" + (", GGUF" if s.name in GGUF_FAMILIES else ""),
+              s.note) for s in SPECS]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
+    if a.families:
+        return print_families()
+    if a.model is None:
+        from lmforge.errors import ConfigError
+
+        raise ConfigError("info: give a MODEL (a built-in name, a directory or a .gguf file), or --families")
     from lmforge.checkpoints import load_full
     from lmforge.device import resolve_device
 
@@ -129,7 +149,9 @@ def cmd_embed(a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("info", help="describe a model: family, size, shapes, where it was loaded from",
                        epilog=EPILOG)
-    s.add_argument("model", metavar="MODEL")
+    s.add_argument("model", metavar="MODEL", nargs="?")
+    s.add_argument("--families", action="store_true",
+                   help="list the model families lmforge loads (HF model_type, formats) and exit")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--device", default="auto", help=DEVICE_HELP + "; the paths shown are the ones it would run")
     s.set_defaults(func=cmd_info)

@@ -94,25 +94,53 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
         mid = (1 - smooth) * scaled / factor + smooth * scaled
         is_mid = ~(wavelen < old / hi) & ~(wavelen > old / lo)
         return torch.where(is_mid, mid, scaled)
-    raise ConfigError(f"config field 'rope_scaling': unsupported rope_type {kind!r} (linear | llama3)")
+    if kind == "longrope":
+        return inv / torch.tensor(scaling["short_factor"], dtype=torch.float32)  # the long factors: Rotary
+    raise ConfigError(f"config field 'rope_scaling': unsupported rope_type {kind!r} (linear | llama3 | longrope)")
+
+
+def longrope(dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor, int, float]:
+    """Phi-3's longrope: (the inverse frequencies past the original context, that context, the cos/sin scale)."""
+    orig = scaling.get("original_max_position_embeddings")
+    if not isinstance(orig, int) or orig < 1:
+        raise ConfigError("config field 'rope_scaling': longrope needs original_max_position_embeddings")
+    for key in ("short_factor", "long_factor"):
+        if not isinstance(scaling.get(key), list) or len(scaling[key]) != dim // 2:
+            raise ConfigError(f"config field 'rope_scaling': longrope's {key} must be a list of {dim // 2} numbers")
+    factor = scaling.get("factor") or scaling.get("max_position_embeddings", orig) / orig
+    scale = scaling.get("attention_factor") or (
+        1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(orig)))
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # (dim/2,)
+    return inv / torch.tensor(scaling["long_factor"], dtype=torch.float32), orig, float(scale)
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding (rotate-half layout, as in HF checkpoints) on the first `rot_dim` dims."""
+    """Rotary position embedding (rotate-half layout, as in HF checkpoints) on the first `rot_dim` dims.
+    longrope (Phi-3) switches to its long frequencies for a whole forward once its positions pass the original
+    context, as transformers does, and scales cos and sin."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None = None, fraction: float = 1.0) -> None:
         super().__init__()
         self.rot_dim = int(head_dim * fraction)
         self.register_buffer("inv_freq", rope_inv_freq(self.rot_dim, theta, scaling), persistent=False)
+        self.switch_at, self.scale = None, 1.0  # longrope: positions from which the long frequencies apply
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "longrope":
+            long, self.switch_at, self.scale = longrope(self.rot_dim, theta, scaling)
+            self.register_buffer("long_inv_freq", long, persistent=False)
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids: (B, T) -> cos, signed sin: (B, 1, T, rot_dim), computed in float32 like HF. The sin's
         first half is negated, so that apply_rotary's rotate-half is a roll (the sign flip is exact)."""
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :].float()  # (B, T, rot/2)
+        inv = self.inv_freq
+        if self.switch_at is not None and int(position_ids.max()) + 1 > self.switch_at:  # one sync: longrope only
+            inv = self.long_inv_freq
+        freqs = position_ids[:, :, None].float() * inv[None, None, :].float()  # (B, T, rot/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rot)
-        sin = emb.sin()
+        cos, sin = emb.cos(), emb.sin()
+        if self.scale != 1.0:
+            cos, sin = cos * self.scale, sin * self.scale
         sin[..., : self.rot_dim // 2].neg_()
-        return emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]
+        return cos.to(dtype)[:, None], sin.to(dtype)[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -256,8 +284,11 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.v = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attn_bias)
         self.o = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=out_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        # qk_norm_scope "head": over each head's dims, on (B, H, T, hd); "all": over the whole projection (B, T, H*hd)
+        self.qk_all = cfg.qk_norm and cfg.qk_norm_scope == "all"
+        qd, kd = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim) if self.qk_all else (cfg.head_dim,) * 2
+        self.q_norm = RMSNorm(qd, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(kd, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
         self.scale = cfg.attn_scale
         self.softcap = cfg.attn_softcap
         self.dropout = cfg.dropout
@@ -271,7 +302,11 @@ class Attention(nn.Module):
         if isinstance(cache, StaticKV) and self._one_pass(x, rope, mask, cache):
             return self._decode_one_pass(x, rope, mask, cache)
         qkv = self.qkv
-        if qkv is not None and qkv.serves(self.q, self.k, self.v):
+        if self.qk_all:  # norms over the whole projections, before the split into heads
+            q = self.q_norm(self.q(x)).view(B, T, H, self.hd).transpose(1, 2)  # (B, H, T, hd)
+            k = self.k_norm(self.k(x)).view(B, T, KV, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+            v = self.v(x).view(B, T, KV, self.hd).transpose(1, 2)  # (B, KV, T, hd)
+        elif qkv is not None and qkv.serves(self.q, self.k, self.v):
             y = qkv(x).view(B, T, H + 2 * KV, self.hd).transpose(1, 2)  # (B, H+2KV, T, hd)
             if self.q_norm is None and rope is not None:  # rotate q and k in one go
                 qk = apply_rotary(y[:, : H + KV], *rope)
@@ -283,7 +318,7 @@ class Attention(nn.Module):
             q = self.q(x).view(B, T, H, self.hd).transpose(1, 2)  # (B, H, T, hd)
             k = self.k(x).view(B, T, KV, self.hd).transpose(1, 2)  # (B, KV, T, hd)
             v = self.v(x).view(B, T, KV, self.hd).transpose(1, 2)  # (B, KV, T, hd)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.qk_all:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)

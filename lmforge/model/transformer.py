@@ -1,7 +1,7 @@
 """Block and Transformer: the backbone shared by every family and task.
 
-The norm placement of a block (pre, post or sandwich) and every other variant come from ModelConfig, so
-one class serves GPT-2, Llama, Gemma-3 and BERT.
+The norm placement of a block (pre, post, sandwich or output) and every other variant come from ModelConfig, so
+one class serves every family.
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ def right_padded(attention_mask: torch.Tensor) -> bool:
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.placement = cfg.norm_placement  # pre | post | sandwich
+        self.placement = cfg.norm_placement  # pre | post | sandwich | output
         self.attn = Attention(cfg, layer)
         self.mlp = make_mlp(cfg)
-        self.norm1 = make_norm(cfg)  # pre: before attention; post: after the attention residual
-        self.norm2 = make_norm(cfg)  # pre: before the MLP; post: after the MLP residual
+        # pre: before attention / the MLP; post: after their residual add; output: on their output, before the add
+        self.norm1 = make_norm(cfg)
+        self.norm2 = make_norm(cfg)
         if self.placement == "sandwich":
             self.post_norm1 = make_norm(cfg)  # on the attention output, before the residual
             self.post_norm2 = make_norm(cfg)  # on the MLP output, before the residual
@@ -70,6 +71,9 @@ class Block(nn.Module):
         if self.placement == "sandwich":
             x = x + self._drop(self.post_norm1(self.attn(self.norm1(x), rope, mask, cache)))
             return x + self._drop(self.post_norm2(self.mlp(self.norm2(x))))
+        if self.placement == "output":
+            x = x + self._drop(self.norm1(self.attn(x, rope, mask, cache)))
+            return x + self._drop(self.norm2(self.mlp(x)))
         x = self.norm1(x + self._drop(self.attn(x, rope, mask, cache)))
         return self.norm2(x + self._drop(self.mlp(x)))
 
