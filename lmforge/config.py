@@ -20,7 +20,8 @@ from typing import Any, Literal
 from lmforge import families
 from lmforge.errors import ConfigError
 
-Family = Literal["gpt2", "llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gemma2", "gemma3", "bert"]
+Family = Literal["gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "phi3", "gemma2",
+                 "gemma3", "bert"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post", "sandwich", "output"]
 QkNormScope = Literal["head", "all"]
@@ -32,10 +33,10 @@ FAMILIES: tuple[str, ...] = typing.get_args(Family)
 
 # Range rules checked after the type checks: field -> (lowest allowed, whether the bound itself is allowed).
 _AT_LEAST_1 = ("vocab_size", "context_length", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff",
-               "sliding_window")
+               "sliding_window", "expert_d_ff")
 _POSITIVE = ("norm_eps", "rope_theta", "rope_local_theta", "embed_scale", "attn_scale", "attn_softcap",
              "final_softcap")
-_AT_LEAST_0 = ("type_vocab_size", "bos_token_id", "pad_token_id")
+_AT_LEAST_0 = ("type_vocab_size", "bos_token_id", "pad_token_id", "n_experts", "n_experts_active")
 
 
 @dataclass
@@ -81,6 +82,12 @@ class ModelConfig:
     attn_softcap: float | None = None
     final_softcap: float | None = None
     pooler: bool = False  # bert pooler (dense + tanh on [CLS])
+    # mixture of experts (mixtral, qwen3_moe): 0 experts = a dense MLP in every layer
+    n_experts: int = 0
+    n_experts_active: int = 0  # top-k experts per token
+    expert_d_ff: int | None = None  # an expert's hidden width; None = d_ff
+    moe_norm_topk: bool = True  # renormalise the top-k router probabilities to sum to 1
+    dense_layers: list[int] | None = None  # layers that keep the dense MLP (d_ff) in a mixture model
 
     # special tokens
     bos_token_id: int | None = None
@@ -119,6 +126,11 @@ class ModelConfig:
             self.head_dim = self.d_model // self.n_heads
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"config: n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.n_experts and not 1 <= self.n_experts_active <= self.n_experts:
+            raise ConfigError(f"config field 'n_experts_active': must be in 1..n_experts={self.n_experts}, "
+                              f"got {self.n_experts_active}")
+        if any(not 0 <= i < self.n_layers for i in self.dense_layers or []):
+            raise ConfigError(f"config field 'dense_layers': layer indices must be in 0..{self.n_layers - 1}")
         if self.layer_types is not None and len(self.layer_types) != self.n_layers:
             raise ConfigError(f"config field 'layer_types' has {len(self.layer_types)} entries for "
                               f"{self.n_layers} layers")
@@ -138,6 +150,9 @@ class ModelConfig:
     @property
     def num_labels(self) -> int:
         return len(self.id2label) if self.id2label else 0
+
+    def is_moe(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer not in (self.dense_layers or [])
 
     def is_sliding(self, layer: int) -> bool:
         return bool(self.sliding_window) and self.layer_types is not None and self.layer_types[layer] == "sliding"

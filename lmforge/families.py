@@ -240,6 +240,43 @@ def _to_qwen3(c: Any) -> dict[str, Any]:
     return hf_decoder_base(c, "qwen3", "Qwen3") | _qwen_window(c) | {"attention_bias": c.attn_bias}
 
 
+def _experts(hf: dict[str, Any]) -> int:
+    n = hf.get("num_local_experts", hf.get("num_experts"))
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"field 'num_local_experts': expected an integer >= 1, got {_short(n)}")
+    return n
+
+
+def _from_qwen3_moe(hf: dict[str, Any]) -> dict[str, Any]:
+    n, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1)
+    dense = sorted({*hf.get("mlp_only_layers", []), *(i for i in range(n) if (i + 1) % step)})
+    return _from_qwen3(hf) | dict(family="qwen3_moe", n_experts=_experts(hf),
+                                  n_experts_active=hf["num_experts_per_tok"], expert_d_ff=hf["moe_intermediate_size"],
+                                  moe_norm_topk=hf.get("norm_topk_prob", False), dense_layers=dense or None)
+
+
+def _to_qwen3_moe(c: Any) -> dict[str, Any]:
+    out = _to_qwen3(c) | {"model_type": "qwen3_moe", "num_experts": c.n_experts,
+                          "num_experts_per_tok": c.n_experts_active, "moe_intermediate_size": c.expert_d_ff or c.d_ff,
+                          "norm_topk_prob": c.moe_norm_topk, "decoder_sparse_step": 1,
+                          "mlp_only_layers": list(c.dense_layers or [])}
+    out["architectures"] = [arch(c, "Qwen3Moe")]
+    return out
+
+
+def _from_mixtral(hf: dict[str, Any]) -> dict[str, Any]:
+    return _from_mistral(hf) | dict(family="mixtral", n_experts=_experts(hf),
+                                    n_experts_active=hf["num_experts_per_tok"], moe_norm_topk=True)
+
+
+def _to_mixtral(c: Any) -> dict[str, Any]:
+    require(c, "mixtral", moe_norm_topk=True, dense_layers=None, expert_d_ff=None)
+    out = _to_mistral(c) | {"model_type": "mixtral", "num_local_experts": c.n_experts,
+                            "num_experts_per_tok": c.n_experts_active}
+    out["architectures"] = [arch(c, "Mixtral")]
+    return out
+
+
 def _from_olmo2(hf: dict[str, Any]) -> dict[str, Any]:
     return decoder_base(hf, "olmo2", 2048) | dict(
         attn_bias=hf.get("attention_bias", False), norm_placement="output", qk_norm=True, qk_norm_scope="all")
@@ -386,6 +423,14 @@ SPECS: tuple[FamilySpec, ...] = (
                note="Qwen2 / Qwen2.5: q/k/v biases"),
     FamilySpec("qwen3", ("qwen3",), "decoder", _from_qwen3, _to_qwen3, _DECODER_READS | _QWEN | {"attention_bias"},
                note="per-head q/k RMSNorm"),
+    FamilySpec("qwen3_moe", ("qwen3_moe",), "decoder", _from_qwen3_moe, _to_qwen3_moe,
+               _DECODER_READS | _QWEN | {"attention_bias", "num_experts", "num_local_experts", "num_experts_per_tok",
+                                         "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                                         "mlp_only_layers"},
+               note="mixture of experts (top-k router, per-expert SwiGLU), qwen3 attention"),
+    FamilySpec("mixtral", ("mixtral",), "decoder", _from_mixtral, _to_mixtral,
+               _DECODER_READS | _WINDOW | {"num_local_experts", "num_experts_per_tok"},
+               note="mixture of experts (top-2 router), mistral attention"),
     FamilySpec("olmo2", ("olmo2",), "decoder", _from_olmo2, _to_olmo2, _DECODER_READS | {"attention_bias"},
                note="norms after attention and MLP; q/k norm over the whole projection"),
     FamilySpec("phi3", ("phi3",), "decoder", _from_phi3, _to_phi3,

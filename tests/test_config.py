@@ -34,8 +34,7 @@ LLAMA = {"model_type": "llama", "vocab_size": 96, "hidden_size": 64, "num_hidden
     ("activation", "tanh", "config field 'activation': expected one of gelu | gelu_tanh | silu | relu"),
     ("position", "alibi", "config field 'position': expected one of learned | sinusoidal | rotary | none"),
     ("norm_placement", "middle", "config field 'norm_placement': expected one of pre | post | sandwich"),
-    ("family", "mamba", "config field 'family': expected one of gpt2 | llama | mistral | qwen2 | qwen3 | olmo2 | "
-                        "phi3 | gemma2 | gemma3 | bert"),
+    ("family", "mamba", "config field 'family': expected one of gpt2 | llama | mistral | mixtral | qwen2 | qwen3 "),
     ("norm_eps", 0.0, "config field 'norm_eps': must be > 0, got 0.0"),
     ("norm_eps", float("nan"), "config field 'norm_eps': expected a finite number, got nan"),
     ("rope_theta", float("inf"), "config field 'rope_theta': expected a finite number, got inf"),

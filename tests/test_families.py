@@ -52,6 +52,11 @@ CASES = {
                       transformers.Qwen3ForCausalLM),
     "olmo2": lambda: (transformers.Olmo2Config(**SMALL), transformers.Olmo2ForCausalLM),
     "phi3": _phi3,
+    "qwen3_moe": lambda: (transformers.Qwen3MoeConfig(**SMALL, num_experts=4, num_experts_per_tok=2,
+                                                      moe_intermediate_size=32, norm_topk_prob=True,
+                                                      mlp_only_layers=[1]), transformers.Qwen3MoeForCausalLM),
+    "mixtral": lambda: (transformers.MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2,
+                                                   sliding_window=6), transformers.MixtralForCausalLM),
     "gemma2": lambda: (transformers.Gemma2Config(**SMALL, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
                                                  attn_logit_softcapping=5.0, final_logit_softcapping=3.0),
                        transformers.Gemma2ForCausalLM),
@@ -220,3 +225,26 @@ def test_int8_and_int4_decode_paths(case, bits, dirs):
         out = greedy(q, ids[1:], 8)  # the decode steps through the cache, kernels on
     assert float((got - want).abs().max() / want.abs().max()) < 0.06  # int8 activation blocks, 3 layers
     assert out.shape == ref.shape == (1, 22)
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe", "mixtral"])
+def test_a_decode_step_runs_only_the_chosen_experts(case, dirs):
+    """One token runs k of the E experts in each mixture layer, never the others (qwen3_moe's mlp_only_layers
+    keep their dense MLP)."""
+    from lmforge.model.moe import MoE
+
+    model = load_checkpoint(dirs[case], tokenizer=False).model.eval()
+    ran: list[tuple[int, int]] = []
+    for li, block in enumerate(model.blocks):
+        if isinstance(block.mlp, MoE):
+            for e, expert in enumerate(block.mlp.experts):
+                expert.register_forward_hook(lambda m, a, o, li=li, e=e: ran.append((li, e)))
+    moe_layers = [i for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoE)]
+    assert moe_layers == ([0, 2] if case == "qwen3_moe" else [0, 1, 2])
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
+    for t in range(ids.shape[1]):  # one token per forward, as a decode step feeds it
+        ran.clear()
+        with torch.no_grad():
+            model(ids[:, t:t + 1], position_ids=torch.tensor([[t]]))
+        k = model.cfg.n_experts_active
+        assert all(sum(1 for la, _ in ran if la == li) == k for li in moe_layers), ran

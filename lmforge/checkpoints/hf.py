@@ -29,12 +29,13 @@ _ATTN = [
 _CORE = [
     ("embed_tokens.weight", "embed.tok.weight"),
     ("layers.{i}.self_attn.o_proj.{p}", "blocks.{i}.attn.o.{p}"),
-    ("layers.{i}.mlp.down_proj.{p}", "blocks.{i}.mlp.down.{p}"),
     ("norm.weight", "norm.weight"),
 ]
+_DOWN = [("layers.{i}.mlp.down_proj.{p}", "blocks.{i}.mlp.down.{p}")]
 _GATED = [
     ("layers.{i}.mlp.gate_proj.{p}", "blocks.{i}.mlp.gate.{p}"),
     ("layers.{i}.mlp.up_proj.{p}", "blocks.{i}.mlp.up.{p}"),
+    *_DOWN,
 ]
 _QK_NORM = [
     ("layers.{i}.self_attn.q_norm.weight", "blocks.{i}.attn.q_norm.weight"),
@@ -61,7 +62,20 @@ _NAMES: dict[str, list[tuple[str, str]]] = {
         ("layers.{i}.post_feedforward_layernorm.weight", "blocks.{i}.norm2.weight"),
     ],
     # Phi-3 fuses q|k|v (qkv_proj) and gate|up (gate_up_proj): split on load, fused on save (FUSED below)
-    "phi3": _CORE + _PRE_NORMS,
+    "phi3": _CORE + _DOWN + _PRE_NORMS,
+    # mixtures: a router and per-expert gated MLPs ({e}) in the layers that have them; dense MLPs elsewhere
+    "qwen3_moe": _LLAMA + _QK_NORM + [
+        ("layers.{i}.mlp.gate.weight", "blocks.{i}.mlp.router.weight"),
+        ("layers.{i}.mlp.experts.{e}.gate_proj.{p}", "blocks.{i}.mlp.experts.{e}.gate.{p}"),
+        ("layers.{i}.mlp.experts.{e}.up_proj.{p}", "blocks.{i}.mlp.experts.{e}.up.{p}"),
+        ("layers.{i}.mlp.experts.{e}.down_proj.{p}", "blocks.{i}.mlp.experts.{e}.down.{p}"),
+    ],
+    "mixtral": _ATTN + _CORE + _PRE_NORMS + [
+        ("layers.{i}.block_sparse_moe.gate.weight", "blocks.{i}.mlp.router.weight"),
+        ("layers.{i}.block_sparse_moe.experts.{e}.w1.{p}", "blocks.{i}.mlp.experts.{e}.gate.{p}"),
+        ("layers.{i}.block_sparse_moe.experts.{e}.w3.{p}", "blocks.{i}.mlp.experts.{e}.up.{p}"),
+        ("layers.{i}.block_sparse_moe.experts.{e}.w2.{p}", "blocks.{i}.mlp.experts.{e}.down.{p}"),
+    ],
     "gemma2": _ATTN + _CORE + _GATED + _SANDWICH,
     "gemma3": _ATTN + _CORE + _GATED + _SANDWICH + _QK_NORM,
     "gpt2": [
@@ -91,7 +105,8 @@ _NAMES: dict[str, list[tuple[str, str]]] = {
     ],
 }
 # HF prefix of the backbone inside task models, per family.
-_PREFIX = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "qwen3": "model.", "olmo2": "model.",
+_PREFIX = {"llama": "model.", "mistral": "model.", "mixtral": "model.", "qwen2": "model.", "qwen3": "model.",
+           "qwen3_moe": "model.", "olmo2": "model.",
            "phi3": "model.", "gemma2": "model.", "gemma3": "model.", "gpt2": "transformer.", "bert": "bert."}
 # fused HF tensors of a family: HF module -> (our modules, in the order they are stacked along the output dim)
 FUSED = {"phi3": {"layers.{i}.self_attn.qkv_proj": ("blocks.{i}.attn.q", "blocks.{i}.attn.k", "blocks.{i}.attn.v"),
@@ -106,6 +121,7 @@ _CONV1D = re.compile(r"^h\.\d+\.(attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 
 def _regex(template: str) -> re.Pattern:
     pat = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    pat = pat.replace(r"\{e\}", r"(?P<e>\d+)")  # an expert's index
     return re.compile("^" + pat + "$")
 
 

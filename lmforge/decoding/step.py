@@ -107,6 +107,8 @@ def static_step_unsupported(model: nn.Module) -> str | None:
         return "the model is in training mode (dropout)"
     if hooked(model):
         return "forward hooks are registered on the model (a captured step would skip them)"
+    if model.cfg.n_experts:
+        return "a mixture of experts (each token picks its experts; a captured step would fix the choice)"
     if getattr(getattr(model, "rope", None), "switch_at", None) is not None:
         return "longrope rotary (its frequencies change with the positions; a captured step would fix them)"
     return None

@@ -388,11 +388,12 @@ class MLP(nn.Module):
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU (llama) or GeGLU (gemma)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, d_ff: int | None = None) -> None:
         super().__init__()
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
-        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+        d_ff = d_ff or cfg.d_ff  # an expert of a mixture has its own width
+        self.gate = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
+        self.up = nn.Linear(cfg.d_model, d_ff, bias=cfg.mlp_bias)
+        self.down = nn.Linear(d_ff, cfg.d_model, bias=cfg.mlp_bias)
         self.act = activation(cfg.activation)
         self.gate_up: nn.Module | None = None  # gate|up as one matmul at decode time (quant.fuse_projections)
 

@@ -15,6 +15,7 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
 from lmforge.model.layers import Attention, Embeddings, KVCache, Rotary, StaticKV, make_mlp, make_norm
+from lmforge.model.moe import MoE
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -49,7 +50,7 @@ class Block(nn.Module):
         super().__init__()
         self.placement = cfg.norm_placement  # pre | post | sandwich | output
         self.attn = Attention(cfg, layer)
-        self.mlp = make_mlp(cfg)
+        self.mlp = MoE(cfg) if cfg.is_moe(layer) else make_mlp(cfg)
         # pre: before attention / the MLP; post: after their residual add; output: on their output, before the add
         self.norm1 = make_norm(cfg)
         self.norm2 = make_norm(cfg)
