@@ -21,7 +21,7 @@ from lmforge import families
 from lmforge.errors import ConfigError
 
 Family = Literal["gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "phi3", "gemma2",
-                 "gemma3", "bert"]
+                 "gemma3", "bert", "roberta", "xlm-roberta"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post", "sandwich", "output"]
 QkNormScope = Literal["head", "all"]
@@ -36,7 +36,7 @@ _AT_LEAST_1 = ("vocab_size", "context_length", "d_model", "n_layers", "n_heads",
                "sliding_window", "expert_d_ff")
 _POSITIVE = ("norm_eps", "rope_theta", "rope_local_theta", "embed_scale", "attn_scale", "attn_softcap",
              "final_softcap")
-_AT_LEAST_0 = ("type_vocab_size", "bos_token_id", "pad_token_id", "n_experts", "n_experts_active")
+_AT_LEAST_0 = ("type_vocab_size", "bos_token_id", "pad_token_id", "n_experts", "n_experts_active", "position_offset")
 
 
 @dataclass
@@ -72,6 +72,7 @@ class ModelConfig:
     rotary_fraction: float = 1.0
     causal: bool = True
     type_vocab_size: int = 0  # token-type (segment) embeddings, bert
+    position_offset: int = 0  # learned positions start here (roberta: padding index + 1)
     tie_embeddings: bool = True
     qk_norm: bool = False  # RMSNorm on queries and keys (gemma3, qwen3, olmo2)
     qk_norm_scope: QkNormScope = "head"  # head: over each head's dims | all: over the whole projection (olmo2)

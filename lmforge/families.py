@@ -58,8 +58,8 @@ class FamilySpec:
     def check_keys(self, hf: dict[str, Any]) -> None:
         """Refuse a key this family neither reads nor knows to be inert, unless it holds an empty value."""
         for k, v in hf.items():
-            if k in self.reads or k in self.inert or k in COMMON_INERT or k.startswith("_"):
-                continue
+            if k in self.reads or k in self.inert or k in COMMON_INERT or k.startswith(("_", "lmforge_")):
+                continue  # lmforge_*: lmforge's own records (a classifier's pooling), read by the task that wrote them
             if isinstance(v, (bool, int, float, str, list, dict, type(None))) and v in _EMPTY:
                 continue
             raise ConfigError(f"field {k!r} = {_short(v)} is not implemented for model_type {hf.get('model_type')!r}; "
@@ -408,7 +408,28 @@ def _to_bert(c: Any) -> dict[str, Any]:
             **hf_common(c, "BertForSequenceClassification" if c.id2label else "BertModel")}
 
 
+def _from_roberta(hf: dict[str, Any]) -> dict[str, Any]:
+    """BERT with positions counted from the padding index + 1 (the learned table keeps those first rows)."""
+    out = _from_bert(hf) | dict(family="xlm-roberta" if hf.get("model_type") == "xlm-roberta" else "roberta")
+    offset = (hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 1) + 1
+    if out["context_length"] <= offset:
+        raise ConfigError(f"field 'max_position_embeddings' = {out['context_length']} leaves no position after "
+                          f"the padding offset {offset}")
+    return out | dict(context_length=out["context_length"] - offset, position_offset=offset,
+                      type_vocab_size=hf.get("type_vocab_size", 1))
+
+
+def _to_roberta(c: Any) -> dict[str, Any]:
+    require(c, c.family, position_offset=(c.pad_token_id if c.pad_token_id is not None else 1) + 1)
+    stem = "XLMRoberta" if c.family == "xlm-roberta" else "Roberta"
+    return _to_bert(c) | {"model_type": c.family, "max_position_embeddings": c.context_length + c.position_offset,
+                          "architectures": [f"{stem}ForSequenceClassification" if c.id2label else f"{stem}Model"]}
+
+
 _WINDOW = frozenset({"sliding_window", "layer_types"})
+_BERT_READS = frozenset({"vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
+                         "num_attention_heads", "intermediate_size", "layer_norm_eps", "hidden_act", "type_vocab_size",
+                         "position_embedding_type", "tie_word_embeddings"})
 _QWEN = _WINDOW | {"use_sliding_window", "max_window_layers"}
 _GEMMA = frozenset({"attention_bias", "sliding_window", "layer_types", "sliding_window_pattern",
                     "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
@@ -448,11 +469,12 @@ SPECS: tuple[FamilySpec, ...] = (
                frozenset({"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
                           "layer_norm_epsilon", "activation_function", "tie_word_embeddings", "scale_attn_weights"}),
                inert=frozenset({"n_ctx"}), note="learned positions, fused c_attn"),
-    FamilySpec("bert", ("bert",), "encoder", _from_bert, _to_bert,
-               frozenset({"vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
-                          "num_attention_heads", "intermediate_size", "layer_norm_eps", "hidden_act",
-                          "type_vocab_size", "position_embedding_type", "tie_word_embeddings"}),
+    FamilySpec("bert", ("bert",), "encoder", _from_bert, _to_bert, _BERT_READS,
                inert=frozenset({"gradient_checkpointing"}), note="BERT-family encoders (MiniLM)"),
+    FamilySpec("roberta", ("roberta",), "encoder", _from_roberta, _to_roberta, _BERT_READS,
+               note="positions offset by the padding index"),
+    FamilySpec("xlm-roberta", ("xlm-roberta",), "encoder", _from_roberta, _to_roberta, _BERT_READS,
+               note="multilingual roberta"),
 )
 BY_NAME = MappingProxyType({s.name: s for s in SPECS})
 BY_HF_TYPE = MappingProxyType({t: s for s in SPECS for t in s.hf_types})

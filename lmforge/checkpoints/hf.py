@@ -104,10 +104,15 @@ _NAMES: dict[str, list[tuple[str, str]]] = {
         ("pooler.dense.{p}", "pooler.{p}"),
     ],
 }
+_NAMES["roberta"] = _NAMES["xlm-roberta"] = _NAMES["bert"]
 # HF prefix of the backbone inside task models, per family.
 _PREFIX = {"llama": "model.", "mistral": "model.", "mixtral": "model.", "qwen2": "model.", "qwen3": "model.",
            "qwen3_moe": "model.", "olmo2": "model.",
-           "phi3": "model.", "gemma2": "model.", "gemma3": "model.", "gpt2": "transformer.", "bert": "bert."}
+           "phi3": "model.", "gemma2": "model.", "gemma3": "model.", "gpt2": "transformer.", "bert": "bert.",
+           "roberta": "roberta.", "xlm-roberta": "roberta."}
+_ENCODERS = ("bert", "roberta", "xlm-roberta")  # a bare encoder (BertModel, RobertaModel) is saved unprefixed
+# roberta's classification head is dense + tanh + out_proj: the dense layer is our pooler, out_proj our score
+_ROBERTA_HEAD = {"classifier.dense.weight": "pooler.weight", "classifier.dense.bias": "pooler.bias"}
 # fused HF tensors of a family: HF module -> (our modules, in the order they are stacked along the output dim)
 FUSED = {"phi3": {"layers.{i}.self_attn.qkv_proj": ("blocks.{i}.attn.q", "blocks.{i}.attn.k", "blocks.{i}.attn.v"),
                   "layers.{i}.mlp.gate_up_proj": ("blocks.{i}.mlp.gate", "blocks.{i}.mlp.up")}}
@@ -149,7 +154,7 @@ def strip_prefix(name: str, family: str) -> tuple[str, bool]:
 # ---- module names (what PEFT adapter files use) ---------------------------------------------------
 def hf_prefix(family: str, has_heads: bool) -> str:
     """The backbone prefix save_pretrained writes: none for a bare BERT, else model. / transformer. / bert."""
-    return "" if family == "bert" and not has_heads else _PREFIX[family]
+    return "" if family in _ENCODERS and not has_heads else _PREFIX[family]
 
 
 def hf_module_name(family: str, ours: str) -> str:
@@ -187,6 +192,8 @@ def head_hf_name(family: str, name: str) -> str:
     """Our task-head tensor name -> its HF name (BERT's classifier is `classifier`, ours `score`)."""
     if family == "bert" and name.startswith("score."):
         return "classifier." + name[len("score."):]  # BertForSequenceClassification's name
+    if family in ("roberta", "xlm-roberta") and name.startswith("score."):
+        return "classifier.out_proj." + name[len("score."):]
     return name
 
 
@@ -201,10 +208,19 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor], source: st
     body: dict[str, torch.Tensor] = {}
     heads: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
+    roberta = fam in ("roberta", "xlm-roberta")
     for name, t in hf.items():
+        if roberta and name in _ROBERTA_HEAD:
+            body[_ROBERTA_HEAD[name]] = t
+            continue
+        if roberta and name.startswith("classifier.out_proj."):
+            heads["score." + name.rsplit(".", 1)[1]] = t
+            continue
         if name in _HEADS:
             heads[_HEADS[name]] = t
             continue
+        if not cfg.causal and name.startswith("lm_head."):
+            continue  # an encoder's masked-LM head (roberta): not part of the backbone, nor of our heads
         if name == "lm_head.weight":
             body["lm_head.weight"] = t
             continue
@@ -254,12 +270,16 @@ def to_hf_state_dict(cfg: ModelConfig, body: dict[str, torch.Tensor], heads: dic
     fam = cfg.family
     reverse = _REVERSE[fam]
     prefix = _PREFIX[fam] if with_prefix else ""
-    if fam == "bert" and not heads:
-        prefix = ""  # BertModel keeps no prefix
+    if fam in _ENCODERS and not heads:
+        prefix = ""  # BertModel / RobertaModel keep no prefix
     out: dict[str, torch.Tensor] = {}
+    to_head = {v: k for k, v in _ROBERTA_HEAD.items()} if heads and fam in ("roberta", "xlm-roberta") else {}
     for name, t in body.items():
         if name == "lm_head.weight":
             out["lm_head.weight"] = t
+            continue
+        if name in to_head:  # RobertaForSequenceClassification has no pooler: its classifier.dense is ours
+            out[to_head[name]] = t.contiguous()
             continue
         if fam == "gpt2":
             m = re.match(r"^blocks\.(\d+)\.attn\.([qkv])\.(weight|bias)$", name)
@@ -369,7 +389,7 @@ def save_hf(path: Path, cfg: ModelConfig, body: dict, heads: dict | None = None,
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    tensors = to_hf_state_dict(cfg, body, heads, with_prefix=bool(heads) or cfg.family != "bert")
+    tensors = to_hf_state_dict(cfg, body, heads, with_prefix=bool(heads) or cfg.family not in _ENCODERS)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path / "model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
     if tokenizer is not None:

@@ -184,8 +184,9 @@ class SequenceClassifier(nn.Module):
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
         self.drop = nn.Dropout(cfg.dropout)
-        # HF decoders (GPT2/Llama/Gemma3ForSequenceClassification) use a bias-free `score`; bert a `classifier`.
-        self.score = nn.Linear(cfg.d_model, num_labels, bias=cfg.family == "bert")
+        # HF decoders (GPT2/Llama/Gemma3ForSequenceClassification) use a bias-free `score`; encoders a biased
+        # `classifier` (roberta: `classifier.out_proj`, after its `classifier.dense`, which is our pooler)
+        self.score = nn.Linear(cfg.d_model, num_labels, bias=not cfg.causal)
         nn.init.normal_(self.score.weight, std=0.02)
         if self.score.bias is not None:
             nn.init.zeros_(self.score.bias)

@@ -170,7 +170,7 @@ class Embeddings(nn.Module):
         self.cfg = cfg
         self.tok = _table(cfg.vocab_size, cfg.d_model)
         if cfg.position == "learned":
-            self.pos = _table(cfg.context_length, cfg.d_model)
+            self.pos = _table(cfg.context_length + cfg.position_offset, cfg.d_model)
         if cfg.position == "sinusoidal":
             self.register_buffer("sin_table", torch.empty(0), persistent=False)
         if cfg.type_vocab_size:
@@ -193,7 +193,7 @@ class Embeddings(nn.Module):
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)  # rounded to the weights' dtype, as HF does
         if cfg.position == "learned":
-            x = x + self.pos(position_ids)
+            x = x + self.pos(position_ids + cfg.position_offset if cfg.position_offset else position_ids)
         elif cfg.position == "sinusoidal":
             x = x + self.sin_table[position_ids].to(x.dtype)
         if cfg.type_vocab_size:

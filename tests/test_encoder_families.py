@@ -1,0 +1,97 @@
+"""Encoder families beyond BERT (issue 35): roberta and xlm-roberta, on tiny random models transformers builds from
+their own config classes (positions counted from the padding index + 1, as those models do):
+
+- hidden states and the pooler equal transformers' (float32) on unpadded, left- and right-padded batches;
+- a RobertaForSequenceClassification checkpoint loads as lmforge's SequenceClassifier with equal logits, and
+  lmforge's save_pretrained of it loads back in transformers with equal logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.checkpoints import load_checkpoint, save_pretrained
+from lmforge.checkpoints.hf import load_into
+from lmforge.model.heads import SequenceClassifier
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5
+VOCAB = 96
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+             max_position_embeddings=40, pad_token_id=1, type_vocab_size=1)
+CASES = {"roberta": transformers.RobertaConfig, "xlm-roberta": transformers.XLMRobertaConfig}
+MODELS = {"roberta": (transformers.RobertaModel, transformers.RobertaForSequenceClassification),
+          "xlm-roberta": (transformers.XLMRobertaModel, transformers.XLMRobertaForSequenceClassification)}
+
+
+def make(case: str, head: bool = False):
+    torch.manual_seed(0)
+    cfg = CASES[case](**SMALL, num_labels=3)
+    model = MODELS[case][1 if head else 0](cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.float().eval()
+
+
+def batch(padding: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, VOCAB, (2, 14), generator=g)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[0, :5] = 0
+    elif padding == "right":
+        mask[0, -5:] = 0
+    return ids.masked_fill(mask == 0, SMALL["pad_token_id"]), mask
+
+
+def hf_positions(mask: torch.Tensor) -> torch.Tensor:
+    """What transformers computes from the ids for right padding, for any padding: real tokens from pad + 1."""
+    return (mask.cumsum(-1) * mask + SMALL["pad_token_id"]).long()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_hidden_states_and_pooler_match(case, padding, tmp_path):
+    hf = make(case)
+    hf.save_pretrained(tmp_path)
+    ours = load_checkpoint(tmp_path, tokenizer=False).model
+    assert ours.cfg.family == case and ours.cfg.position_offset == 2 and ours.cfg.context_length == 38
+    ids, mask = batch(padding)
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=hf_positions(mask))
+        h = ours(ids, mask)
+    real = mask.bool()
+    assert (h - ref.last_hidden_state)[real].abs().max() < TOL
+    assert (torch.tanh(ours.pooler(h[:, 0])) - ref.pooler_output)[mask[:, 0].bool()].abs().max() < TOL
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sequence_classifier_loads_and_saves_back(case, tmp_path):
+    hf = make(case, head=True)
+    hf.save_pretrained(tmp_path / "hf")
+    ck = load_checkpoint(tmp_path / "hf", tokenizer=False)
+    model = SequenceClassifier(ck.model, 3).eval()
+    load_into(model.score, {k.split(".", 1)[1]: v for k, v in ck.heads.items()}, "test")
+    ids, mask = batch("right")
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask).logits
+        got = model(ids, mask)
+    assert (got - want).abs().max() < TOL
+    save_pretrained(model, tmp_path / "ours")
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ours").eval()
+    assert type(back).__name__ == type(hf).__name__
+    with torch.no_grad():
+        assert (back(ids, attention_mask=mask).logits - want).abs().max() < TOL
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_config_field_is_read_or_inert(case):
+    from lmforge.families import BY_NAME, COMMON_INERT
+
+    spec = BY_NAME[case]
+    fields = set(CASES[case](**SMALL).to_dict())
+    unknown = sorted(f for f in fields if f not in spec.reads | spec.inert | COMMON_INERT and not f.startswith("_"))
+    assert not unknown, f"{case}: config fields neither read nor known inert: {unknown}"
