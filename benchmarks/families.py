@@ -1,0 +1,228 @@
+"""Prefill and batch-1 decode of real-size family shapes (random weights: speed does not depend on the values).
+
+    python benchmarks/families.py [--shapes qwen2.5-0.5b,llama-3.2-1b,qwen3-moe,qwen3-moe-dense]
+                                  [--impls lmforge-int4,lmforge-int8,transformers,llama.cpp-q4_0,llama.cpp-q8_0]
+                                  [--prompt-tokens 512] [--new-tokens 32] [--threads 2] [--moe-layers 2]
+                                  [--out benchmarks/results/families.json]
+
+Shapes: Qwen2.5-0.5B and Llama-3.2-1B at their real widths and depths; Qwen3-30B-A3B's layer (128 experts of
+width 768, top 8, hidden 2048) with --moe-layers of its 48 layers (the whole model does not fit this machine's
+memory in float32), and `qwen3-moe-dense`: the same layers with one dense MLP as wide as the 8 active experts
+together (8 x 768), i.e. the same active parameters. Decode time that follows active, not total, parameters shows
+as qwen3-moe's decode tokens/s close to qwen3-moe-dense's, though it holds 16x the MLP weights.
+
+Each shape is built once by transformers from its config class (random init), saved in bfloat16 under
+benchmarks/.cache/families/. lmforge-int4 / -int8 load that directory with --quantize 4 / 8 (int4 blocks + int8
+head / int8), the int4/int8 default path of a quantized GGUF; transformers runs it in float32. llama.cpp (when
+llama-cpp-python is installed) runs the GGUF that `lmforge export --type q4_0 / q8_0` writes, for the families
+lmforge exports (llama). Every implementation in its own subprocess, 2 threads; the prompt is random ids.
+  prefill_s   time to the first new token for the prompt (one forward of prompt_tokens, one step)
+  decode_tok_s  new tokens per second after the first
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    format_table,
+    machine_info,
+    measured_peaks,
+    peak_rss_mb,
+    report,
+    run_worker,
+    set_threads,
+    write_json,
+)
+
+CACHE = REPO_ROOT / "benchmarks" / ".cache" / "families"
+SHAPES = ("qwen2.5-0.5b", "llama-3.2-1b", "qwen3-moe", "qwen3-moe-dense")
+IMPLS = ("lmforge-int4", "lmforge-int8", "transformers", "llama.cpp-q4_0", "llama.cpp-q8_0")
+
+
+def hf_config(shape: str, moe_layers: int):
+    import transformers
+
+    if shape == "qwen2.5-0.5b":
+        return transformers.Qwen2Config(vocab_size=151936, hidden_size=896, num_hidden_layers=24,
+                                        num_attention_heads=14, num_key_value_heads=2, intermediate_size=4864,
+                                        max_position_embeddings=32768, tie_word_embeddings=True,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    if shape == "llama-3.2-1b":
+        return transformers.LlamaConfig(vocab_size=128256, hidden_size=2048, num_hidden_layers=16,
+                                        num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
+                                        max_position_embeddings=131072, tie_word_embeddings=True,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    common = dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=moe_layers, num_attention_heads=32,
+                  num_key_value_heads=4, head_dim=128, max_position_embeddings=40960, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    if shape == "qwen3-moe":
+        return transformers.Qwen3MoeConfig(**common, num_experts=128, num_experts_per_tok=8,
+                                           moe_intermediate_size=768, intermediate_size=6144, norm_topk_prob=True)
+    return transformers.Qwen3Config(**common, intermediate_size=8 * 768)  # qwen3-moe-dense: the active width
+
+
+def build(shape: str, moe_layers: int) -> Path:
+    """The shape's HF directory (random weights, bfloat16), built once."""
+    d = CACHE / (shape if not shape.startswith("qwen3-moe") else f"{shape}-{moe_layers}l")
+    if (d / "config.json").is_file():
+        return d
+    import torch
+    import transformers
+
+    cfg = hf_config(shape, moe_layers)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    d.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(d)
+    return d
+
+
+def export_gguf(d: Path, kind: str) -> Path:
+    out = d / f"model.{kind}.gguf"
+    if not out.is_file():
+        from lmforge.checkpoints import load
+
+        model, _ = load(d)
+        from lmforge.tasks.export import export
+
+        export(model, out, format="gguf", type=kind)
+    return out
+
+
+def params(d: Path) -> tuple[int, int]:
+    """(total, active per token) parameters of the model in `d`."""
+    from lmforge.config import ModelConfig
+
+    c = ModelConfig.load(d / "config.json")
+    attn = c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.d_model
+    dense = 3 * c.d_model * c.d_ff
+    expert = 3 * c.d_model * (c.expert_d_ff or c.d_ff)
+    embed = c.vocab_size * c.d_model * (1 if c.tie_embeddings else 2)
+    total = active = embed
+    for i in range(c.n_layers):
+        mlp_total = c.n_experts * expert if c.is_moe(i) else dense
+        mlp_active = c.n_experts_active * expert if c.is_moe(i) else dense
+        total += attn + mlp_total
+        active += attn + mlp_active
+    return total, active
+
+
+def worker(impl: str, d: Path, n_prompt: int, new: int, threads: int, reps: int) -> dict:
+    import torch
+
+    set_threads(threads)
+    ids = torch.randint(10, 30000, (1, n_prompt), generator=torch.Generator().manual_seed(0))
+    if impl.startswith("lmforge"):
+        from lmforge.checkpoints import load_checkpoint
+        from lmforge.decoding import DecodeOptions, DecodeRuntime, GenerationConfig, stream_tokens
+        from lmforge.quant import DECODE_PRESETS, quantize_model
+
+        # what Generator.load(quantize=4 | 8) builds (these random directories have no tokenizer)
+        model = quantize_model(load_checkpoint(d, tokenizer=False).model, **DECODE_PRESETS[int(impl[-1])])
+        runtime, gc = DecodeRuntime(model), GenerationConfig(max_new_tokens=new, stop_token_ids=[])
+
+        def run() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            first = None
+            for _ in stream_tokens(model, ids, None, gc, DecodeOptions("auto"), runtime):
+                first = first or time.perf_counter() - t0
+            return first, time.perf_counter() - t0
+    elif impl == "transformers":
+        import transformers
+
+        m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+
+        def run() -> tuple[float, float]:
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+                first = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False)
+                return first, time.perf_counter() - t1  # the full run, timed apart from the first token
+    else:
+        import llama_cpp
+
+        path = export_gguf(d, impl.split("-")[1])
+        llm = llama_cpp.Llama(model_path=str(path), n_threads=threads, n_threads_batch=threads,
+                              n_ctx=n_prompt + new + 8, n_batch=512, verbose=False)
+
+        def run() -> tuple[float, float]:
+            llm.reset()
+            t0 = time.perf_counter()
+            first, n = None, 0
+            for _t in llm.generate(ids[0].tolist(), temp=0.0, top_k=1, reset=True):
+                n += 1
+                first = first or time.perf_counter() - t0
+                if n == new:
+                    break
+            return first, time.perf_counter() - t0
+
+    run()  # warm-up (kernel operands, the trace)
+    res = [run() for _ in range(reps)]
+    ttft = statistics.median(f for f, _ in res)
+    total = statistics.median(t for _, t in res)
+    return {"impl": impl, "prefill_s": round(ttft, 3), "prefill_tok_s": round(n_prompt / ttft, 1),
+            "decode_tok_s": round((new - 1) / max(total - ttft, 1e-9), 2), "peak_mb": round(peak_rss_mb())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--moe-layers", type=int, default=2, help="how many of Qwen3-30B-A3B's 48 layers to build")
+    ap.add_argument("--out", default=str(RESULTS_DIR / "families.json"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        report(worker(a.worker, Path(a.dir), a.prompt_tokens, a.new_tokens, a.threads, a.reps))
+        return
+    rows = []
+    for shape in a.shapes.split(","):
+        print(f"building {shape} ...", file=sys.stderr, flush=True)
+        d = build(shape, a.moe_layers)
+        total, active = params(d)
+        for impl in a.impls.split(","):
+            if impl.startswith("llama.cpp") and not shape.startswith("llama"):
+                rows.append({"shape": shape, "impl": impl, "note": "lmforge exports llama, gemma3, gpt2 GGUFs only"})
+                continue
+            print(f"running {impl} on {shape} ...", file=sys.stderr, flush=True)
+            r = run_worker([__file__, "--worker", impl, "--dir", str(d), "--prompt-tokens", str(a.prompt_tokens),
+                            "--new-tokens", str(a.new_tokens), "--threads", str(a.threads), "--reps", str(a.reps)],
+                           a.threads, timeout=3600)
+            r.update(shape=shape, impl=impl, total_params_m=round(total / 1e6), active_params_m=round(active / 1e6))
+            rows.append(r)
+            print(r, file=sys.stderr, flush=True)
+    for shape in {r["shape"] for r in rows}:
+        ref = {r["impl"]: r for r in rows if r["shape"] == shape and "decode_tok_s" in r}
+        for r in rows:
+            if r["shape"] == shape and "decode_tok_s" in r:
+                for peer, key in (("transformers", "vs_transformers"), ("llama.cpp-q4_0", "vs_llamacpp_q4_0")):
+                    if peer in ref and r["impl"] != peer:
+                        r[key] = round(r["decode_tok_s"] / ref[peer]["decode_tok_s"], 2)
+    cols = [("shape", "shape"), ("impl", "impl"), ("total_params_m", "total M"), ("active_params_m", "active M"),
+            ("prefill_s", "prefill s"), ("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"),
+            ("vs_transformers", "decode vs transformers"), ("vs_llamacpp_q4_0", "decode vs llama.cpp q4_0"),
+            ("peak_mb", "peak MB"), ("note", "note"), ("error", "error")]
+    print(format_table(rows, cols))
+    machine = {**machine_info(), "peaks": measured_peaks(a.threads)}
+    write_json(a.out, {"machine": machine, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+                       "threads": a.threads, "moe_layers": a.moe_layers, "rows": rows})
+    print(f"wrote {a.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
