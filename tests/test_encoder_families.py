@@ -95,3 +95,21 @@ def test_every_config_field_is_read_or_inert(case):
     fields = set(CASES[case](**SMALL).to_dict())
     unknown = sorted(f for f in fields if f not in spec.reads | spec.inert | COMMON_INERT and not f.startswith("_"))
     assert not unknown, f"{case}: config fields neither read nor known inert: {unknown}"
+
+
+def test_a_masked_lm_checkpoint_without_pooler_loads(tmp_path, caplog):
+    """roberta-base ships as RobertaForMaskedLM: no pooler, an lm_head. The encoder loads (the MLM head is not part
+    of it; the pooler starts untrained, said once) and computes transformers' hidden states."""
+    import logging
+
+    torch.manual_seed(0)
+    hf = transformers.RobertaForMaskedLM(transformers.RobertaConfig(**SMALL)).eval()
+    hf.save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        ours = load_checkpoint(tmp_path, tokenizer=False).model
+    assert any("no pooler in the checkpoint" in r.getMessage() for r in caplog.records)
+    ids, mask = batch("right")
+    with torch.no_grad():
+        want = hf.roberta(ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, mask)
+    assert (got - want)[mask.bool()].abs().max() < TOL

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +57,14 @@ def build_model(cfg: ModelConfig, body: dict[str, torch.Tensor], source: str,
                                   f"the config gives {tuple(own[name].shape)}")
     missing = sorted(set(own) - set(body))
     extra = sorted(set(body) - set(own))
+    if missing == ["pooler.bias", "pooler.weight"] and not cfg.causal:
+        # an encoder saved without its pooler (roberta-base's masked-LM file): transformers starts it untrained too
+        logging.getLogger("lmforge").warning("%s: no pooler in the checkpoint; it starts untrained (normal(0, 0.02), "
+                                             "seeded), as transformers does", source)
+        g = torch.Generator().manual_seed(0)
+        body = {**body, "pooler.weight": torch.randn(cfg.d_model, cfg.d_model, generator=g) * 0.02,
+                "pooler.bias": torch.zeros(cfg.d_model)}
+        missing = []
     if missing:
         raise CheckpointError(f"{source}: checkpoint lacks tensor {missing[0]!r} that the config needs"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
