@@ -21,7 +21,8 @@ from lmforge import families
 from lmforge.errors import ConfigError
 
 Family = Literal["gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "phi3", "gemma2",
-                 "gemma3", "bert", "roberta", "xlm-roberta"]
+                 "gemma3", "bert", "roberta", "xlm-roberta", "distilbert"]
+PoolerAct = Literal["tanh", "relu"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post", "sandwich", "output"]
 QkNormScope = Literal["head", "all"]
@@ -82,7 +83,8 @@ class ModelConfig:
     attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5
     attn_softcap: float | None = None
     final_softcap: float | None = None
-    pooler: bool = False  # bert pooler (dense + tanh on [CLS])
+    pooler: bool = False  # bert pooler (dense + tanh on [CLS]); distilbert's pre_classifier (dense + relu)
+    pooler_act: PoolerAct = "tanh"
     # mixture of experts (mixtral, qwen3_moe): 0 experts = a dense MLP in every layer
     n_experts: int = 0
     n_experts_active: int = 0  # top-k experts per token

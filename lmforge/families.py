@@ -426,6 +426,27 @@ def _to_roberta(c: Any) -> dict[str, Any]:
                           "architectures": [f"{stem}ForSequenceClassification" if c.id2label else f"{stem}Model"]}
 
 
+def _from_distilbert(hf: dict[str, Any]) -> dict[str, Any]:
+    """Post-norm encoder without token types; a classifier checkpoint's pre_classifier (dense + relu) is our
+    pooler. sinusoidal_pos_embds only fills the stored position table, which is loaded as it is."""
+    head = any("ForSequenceClassification" in a for a in hf.get("architectures") or [])
+    return dict(family="distilbert", vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 512),
+                d_model=hf["dim"], n_layers=hf["n_layers"], n_heads=hf["n_heads"], d_ff=hf["hidden_dim"],
+                norm="layernorm", norm_eps=1e-12, norm_placement="post", final_norm=False, embed_norm=True,
+                mlp="gelu", activation=act(hf.get("activation", "gelu")), attn_bias=True, mlp_bias=True,
+                position="learned", causal=False, type_vocab_size=0, tie_embeddings=True, pooler=head,
+                pooler_act="relu", **common_tokens(hf))
+
+
+def _to_distilbert(c: Any) -> dict[str, Any]:
+    require(c, "distilbert", norm="layernorm", norm_placement="post", type_vocab_size=0, pooler_act="relu")
+    return {"model_type": "distilbert", "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length,
+            "dim": c.d_model, "n_layers": c.n_layers, "n_heads": c.n_heads, "hidden_dim": c.d_ff,
+            "activation": HF_ACT[c.activation], "dropout": c.dropout, "attention_dropout": c.dropout,
+            "sinusoidal_pos_embds": False,
+            **hf_common(c, "DistilBertForSequenceClassification" if c.id2label else "DistilBertModel")}
+
+
 _WINDOW = frozenset({"sliding_window", "layer_types"})
 _BERT_READS = frozenset({"vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
                          "num_attention_heads", "intermediate_size", "layer_norm_eps", "hidden_act", "type_vocab_size",
@@ -475,6 +496,11 @@ SPECS: tuple[FamilySpec, ...] = (
                note="positions offset by the padding index"),
     FamilySpec("xlm-roberta", ("xlm-roberta",), "encoder", _from_roberta, _to_roberta, _BERT_READS,
                note="multilingual roberta"),
+    FamilySpec("distilbert", ("distilbert",), "encoder", _from_distilbert, _to_distilbert,
+               frozenset({"vocab_size", "max_position_embeddings", "dim", "n_layers", "n_heads", "hidden_dim",
+                          "activation", "tie_word_embeddings"}),
+               inert=frozenset({"dropout", "qa_dropout", "seq_classif_dropout", "sinusoidal_pos_embds"}),
+               note="6-layer distilled BERT; pre_classifier + relu head"),
 )
 BY_NAME = MappingProxyType({s.name: s for s in SPECS})
 BY_HF_TYPE = MappingProxyType({t: s for s in SPECS for t in s.hf_types})

@@ -113,3 +113,60 @@ def test_a_masked_lm_checkpoint_without_pooler_loads(tmp_path, caplog):
         want = hf.roberta(ids, attention_mask=mask).last_hidden_state
         got = ours(ids, mask)
     assert (got - want)[mask.bool()].abs().max() < TOL
+
+
+DISTIL = dict(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=96, max_position_embeddings=40,
+              pad_token_id=0)
+
+
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_distilbert_hidden_states_match(padding, tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.DistilBertModel(transformers.DistilBertConfig(**DISTIL)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp_path)
+    ours = load_checkpoint(tmp_path, tokenizer=False).model
+    assert ours.cfg.family == "distilbert" and ours.pooler is None
+    ids, mask = batch(padding)
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask).last_hidden_state
+        got = ours(ids, None if padding == "none" else mask)
+    # transformers numbers positions 0..T-1 whatever the padding; lmforge counts real tokens (left padding moves
+    # them), so compare left-padded rows on the unpadded one only
+    rows = mask.bool() if padding != "left" else mask.bool() & (torch.arange(2) == 1)[:, None]
+    assert (got - want)[rows].abs().max() < TOL
+
+
+def test_distilbert_classifier_loads_trains_and_saves_back(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(**DISTIL, num_labels=3))
+    hf = hf.eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ck = load_checkpoint(tmp_path / "hf", tokenizer=False)
+    model = SequenceClassifier(ck.model, 3).eval()
+    load_into(model.score, {k.split(".", 1)[1]: v for k, v in ck.heads.items()}, "test")
+    ids, mask = batch("right")
+    with torch.no_grad():
+        want = hf(ids, attention_mask=mask).logits
+        assert (model(ids, mask) - want).abs().max() < TOL
+    # a classifier built on the bare encoder gets distilbert's pre_classifier, and saves as transformers' class
+    base = transformers.DistilBertModel(transformers.DistilBertConfig(**DISTIL))
+    base.save_pretrained(tmp_path / "base")
+    fresh = SequenceClassifier(load_checkpoint(tmp_path / "base", tokenizer=False).model, 3).eval()
+    fresh.backbone.cfg.id2label = {0: "a", 1: "b", 2: "c"}
+    save_pretrained(fresh, tmp_path / "ours")
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ours").eval()
+    assert type(back).__name__ == "DistilBertForSequenceClassification"
+    with torch.no_grad():
+        assert (back(ids, attention_mask=mask).logits - fresh(ids, mask)).abs().max() < TOL
+
+
+def test_distilbert_config_fields_are_read_or_inert():
+    from lmforge.families import BY_NAME, COMMON_INERT
+
+    spec = BY_NAME["distilbert"]
+    fields = set(transformers.DistilBertConfig(**DISTIL).to_dict())
+    unknown = sorted(f for f in fields if f not in spec.reads | spec.inert | COMMON_INERT and not f.startswith("_"))
+    assert not unknown, f"distilbert: config fields neither read nor known inert: {unknown}"

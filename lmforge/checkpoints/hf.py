@@ -105,14 +105,28 @@ _NAMES: dict[str, list[tuple[str, str]]] = {
     ],
 }
 _NAMES["roberta"] = _NAMES["xlm-roberta"] = _NAMES["bert"]
+_NAMES["distilbert"] = [
+    ("embeddings.word_embeddings.weight", "embed.tok.weight"),
+    ("embeddings.position_embeddings.weight", "embed.pos.weight"),
+    ("embeddings.LayerNorm.{p}", "embed.norm.{p}"),
+    ("transformer.layer.{i}.attention.q_lin.{p}", "blocks.{i}.attn.q.{p}"),
+    ("transformer.layer.{i}.attention.k_lin.{p}", "blocks.{i}.attn.k.{p}"),
+    ("transformer.layer.{i}.attention.v_lin.{p}", "blocks.{i}.attn.v.{p}"),
+    ("transformer.layer.{i}.attention.out_lin.{p}", "blocks.{i}.attn.o.{p}"),
+    ("transformer.layer.{i}.sa_layer_norm.{p}", "blocks.{i}.norm1.{p}"),
+    ("transformer.layer.{i}.ffn.lin1.{p}", "blocks.{i}.mlp.fc1.{p}"),
+    ("transformer.layer.{i}.ffn.lin2.{p}", "blocks.{i}.mlp.fc2.{p}"),
+    ("transformer.layer.{i}.output_layer_norm.{p}", "blocks.{i}.norm2.{p}"),
+]
 # HF prefix of the backbone inside task models, per family.
 _PREFIX = {"llama": "model.", "mistral": "model.", "mixtral": "model.", "qwen2": "model.", "qwen3": "model.",
            "qwen3_moe": "model.", "olmo2": "model.",
            "phi3": "model.", "gemma2": "model.", "gemma3": "model.", "gpt2": "transformer.", "bert": "bert.",
-           "roberta": "roberta.", "xlm-roberta": "roberta."}
-_ENCODERS = ("bert", "roberta", "xlm-roberta")  # a bare encoder (BertModel, RobertaModel) is saved unprefixed
+           "roberta": "roberta.", "xlm-roberta": "roberta.", "distilbert": "distilbert."}
+_ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")  # saved bare (BertModel, ...): no prefix
 # roberta's classification head is dense + tanh + out_proj: the dense layer is our pooler, out_proj our score
 _ROBERTA_HEAD = {"classifier.dense.weight": "pooler.weight", "classifier.dense.bias": "pooler.bias"}
+_DISTILBERT_HEAD = {"pre_classifier.weight": "pooler.weight", "pre_classifier.bias": "pooler.bias"}  # + relu
 # fused HF tensors of a family: HF module -> (our modules, in the order they are stacked along the output dim)
 FUSED = {"phi3": {"layers.{i}.self_attn.qkv_proj": ("blocks.{i}.attn.q", "blocks.{i}.attn.k", "blocks.{i}.attn.v"),
                   "layers.{i}.mlp.gate_up_proj": ("blocks.{i}.mlp.gate", "blocks.{i}.mlp.up")}}
@@ -190,8 +204,8 @@ def module_from_hf(family: str, hf_path: str) -> str | None:
 
 def head_hf_name(family: str, name: str) -> str:
     """Our task-head tensor name -> its HF name (BERT's classifier is `classifier`, ours `score`)."""
-    if family == "bert" and name.startswith("score."):
-        return "classifier." + name[len("score."):]  # BertForSequenceClassification's name
+    if family in ("bert", "distilbert") and name.startswith("score."):
+        return "classifier." + name[len("score."):]  # Bert/DistilBertForSequenceClassification's name
     if family in ("roberta", "xlm-roberta") and name.startswith("score."):
         return "classifier.out_proj." + name[len("score."):]
     return name
@@ -209,9 +223,10 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor], source: st
     heads: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     roberta = fam in ("roberta", "xlm-roberta")
+    pooler_names = _ROBERTA_HEAD if roberta else _DISTILBERT_HEAD if fam == "distilbert" else {}
     for name, t in hf.items():
-        if roberta and name in _ROBERTA_HEAD:
-            body[_ROBERTA_HEAD[name]] = t
+        if name in pooler_names:
+            body[pooler_names[name]] = t
             continue
         if roberta and name.startswith("classifier.out_proj."):
             heads["score." + name.rsplit(".", 1)[1]] = t
@@ -273,7 +288,9 @@ def to_hf_state_dict(cfg: ModelConfig, body: dict[str, torch.Tensor], heads: dic
     if fam in _ENCODERS and not heads:
         prefix = ""  # BertModel / RobertaModel keep no prefix
     out: dict[str, torch.Tensor] = {}
-    to_head = {v: k for k, v in _ROBERTA_HEAD.items()} if heads and fam in ("roberta", "xlm-roberta") else {}
+    to_head = {}
+    if heads and fam in ("roberta", "xlm-roberta", "distilbert"):  # their classifiers hold the pooler's dense
+        to_head = {v: k for k, v in (_DISTILBERT_HEAD if fam == "distilbert" else _ROBERTA_HEAD).items()}
     for name, t in body.items():
         if name == "lm_head.weight":
             out["lm_head.weight"] = t

@@ -174,7 +174,9 @@ def default_pooling(cfg: ModelConfig) -> str:
 
 
 class SequenceClassifier(nn.Module):
-    """Backbone + pooling + linear classifier. Names follow HF: `score` for decoders, `classifier` for bert."""
+    """Backbone + pooling + linear classifier. Names follow HF: `score` for decoders, `classifier` for encoders
+    (roberta's `classifier.out_proj`; the dense layer before it is the backbone's pooler, as is distilbert's
+    `pre_classifier`)."""
 
     def __init__(self, backbone: Transformer, num_labels: int, pooling: str | None = None) -> None:
         super().__init__()
@@ -184,6 +186,13 @@ class SequenceClassifier(nn.Module):
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling {self.pooling!r} is not one of {POOLINGS}")
         self.drop = nn.Dropout(cfg.dropout)
+        if cfg.family == "distilbert" and backbone.pooler is None and self.pooling == "cls":
+            # DistilBertForSequenceClassification's head starts with pre_classifier (dense + relu): our pooler
+            ref = backbone.embed.tok.weight
+            backbone.pooler = nn.Linear(cfg.d_model, cfg.d_model, device=ref.device, dtype=ref.dtype)
+            nn.init.normal_(backbone.pooler.weight, std=0.02)
+            nn.init.zeros_(backbone.pooler.bias)
+            cfg.pooler, cfg.pooler_act = True, "relu"
         # HF decoders (GPT2/Llama/Gemma3ForSequenceClassification) use a bias-free `score`; encoders a biased
         # `classifier` (roberta: `classifier.out_proj`, after its `classifier.dense`, which is our pooler)
         self.score = nn.Linear(cfg.d_model, num_labels, bias=not cfg.causal)
@@ -195,8 +204,9 @@ class SequenceClassifier(nn.Module):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = self.backbone(input_ids, attention_mask, token_type_ids=token_type_ids)  # (B, T, D)
         pooled = pool(h, attention_mask, self.pooling)  # (B, D)
-        if self.pooling == "cls" and self.backbone.pooler is not None:
-            pooled = torch.tanh(self.backbone.pooler(pooled))  # bert's pooler, as HF's classifier uses
+        if self.pooling == "cls" and self.backbone.pooler is not None:  # bert's pooler, as HF's classifier uses
+            pooled = self.backbone.pooler(pooled)
+            pooled = torch.relu(pooled) if self.backbone.cfg.pooler_act == "relu" else torch.tanh(pooled)
         return self.score(self.drop(pooled))  # (B, num_labels)
 
 
