@@ -1,7 +1,7 @@
 """ModelConfig: one dataclass whose fields select the variant of every part of the Transformer.
 
 Every family (GPT-2, Llama, Mistral, Qwen2/3, OLMo 2, Phi-3, Gemma 2/3, BERT) is a point in this space; `from_hf`
-and `to_hf` translate to and from a Hugging Face `config.json` through lmforge/families.py, so checkpoints travel
+and `to_hf` translate to and from a Hugging Face `config.json` through lmforge/families/, so checkpoints travel
 both ways.
 """
 
@@ -42,7 +42,7 @@ _AT_LEAST_0 = ("type_vocab_size", "bos_token_id", "pad_token_id", "n_experts", "
 
 @dataclass
 class ModelConfig:
-    family: Family = "llama"  # the HF model_type we map to and from (lmforge/families.py)
+    family: Family = "llama"  # the HF model_type we map to and from (lmforge/families/)
     vocab_size: int = 32000
     context_length: int = 2048  # max positions the model was trained for
     d_model: int = 512
@@ -176,7 +176,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        """Build from a Hugging Face config.json dict of a family in lmforge/families.py; a key that changes the
+        """Build from a Hugging Face config.json dict of a family in lmforge/families/; a key that changes the
         computation and is not implemented is refused by name."""
         if not isinstance(hf, dict):
             raise ConfigError(f"{source}: expected a JSON object, got a JSON {type(hf).__name__}")

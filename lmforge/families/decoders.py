@@ -1,158 +1,27 @@
-"""The model families lmforge loads, as data: how each Hugging Face config.json maps onto ModelConfig's fields and
-back, which of its keys are read, and which are known not to change the computation.
-
-A family is one `FamilySpec` here plus a tensor-name table (checkpoints/hf.py), never a model class of its own.
-A config.json key that is neither read nor known to be inert, and holds a value other than null / false / 0, is
-refused with its name: a field that changes the computation is implemented or refused, never dropped.
-Builders return ModelConfig keyword arguments (this module does not import config.py, which imports it).
-"""
+"""Decoder families: Llama-like (llama, mistral, qwen2, qwen3, olmo2, phi3), the mixtures (qwen3_moe, mixtral),
+Gemma 2/3 and GPT-2; each a config.json <-> ModelConfig translation and a FamilySpec."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from lmforge.errors import ConfigError
-
-# Keys any transformers config.json may carry that do not change what the network computes: bookkeeping,
-# generation defaults, tokenizer ids, training-only dropout, the attention backend, task-head labels.
-COMMON_INERT = frozenset({
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache", "initializer_range",
-    "output_attentions", "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type",
-    "finetuning_task", "tokenizer_class", "prefix", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id",
-    "decoder_start_token_id", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
-    "tie_encoder_decoder", "cross_attention_hidden_size", "pruned_heads", "torchscript", "task_specific_params",
-    "tf_legacy_loss", "use_bfloat16", "_name_or_path", "_attn_implementation", "_attn_implementation_autoset",
-    "attention_dropout", "hidden_dropout", "embd_pdrop", "resid_pdrop", "attn_pdrop", "hidden_dropout_prob",
-    "attention_probs_dropout_prob", "classifier_dropout", "summary_activation", "summary_first_dropout",
-    "summary_proj_to_labels", "summary_type", "summary_use_proj", "max_length", "min_length", "do_sample",
-    "early_stopping", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty", "length_penalty",
-    "no_repeat_ngram_size", "num_return_sequences", "bad_words_ids", "forced_bos_token_id", "forced_eos_token_id",
-    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-    "diversity_penalty", "encoder_no_repeat_ngram_size", "num_beam_groups", "typical_p", "output_scores",
-    "return_dict_in_generate", "encoder_hidden_size", "pretraining_tp", "mlp_only_layers_dropout",
-    "output_router_logits", "router_aux_loss_coef", "router_jitter_noise", "use_return_dict", "label_smoothing",
-    "chat_template", "is_composition", "keys_to_ignore_at_inference", "base_model_tp_plan", "base_model_pp_plan",
-    "gradient_checkpointing", "auto_map", "default_theta",
-})
-_EMPTY = (None, False, 0, "", [], {})
-
-
-@dataclass(frozen=True)
-class FamilySpec:
-    """One family: its ModelConfig name, the HF model_type values it reads, whether it decodes, the keys its
-    builder reads and those of its own that are inert, and the two translations."""
-
-    name: str
-    hf_types: tuple[str, ...]
-    kind: str  # "decoder" | "encoder"
-    from_hf: Callable[[dict[str, Any]], dict[str, Any]]
-    to_hf: Callable[[Any], dict[str, Any]]
-    reads: frozenset[str]
-    inert: frozenset[str] = field(default_factory=frozenset)
-    note: str = ""  # what `lmforge info --families` says of it
-
-    def check_keys(self, hf: dict[str, Any]) -> None:
-        """Refuse a key this family neither reads nor knows to be inert, unless it holds an empty value."""
-        for k, v in hf.items():
-            if k in self.reads or k in self.inert or k in COMMON_INERT or k.startswith(("_", "lmforge_")):
-                continue  # lmforge_*: lmforge's own records (a classifier's pooling), read by the task that wrote them
-            if isinstance(v, (bool, int, float, str, list, dict, type(None))) and v in _EMPTY:
-                continue
-            raise ConfigError(f"field {k!r} = {_short(v)} is not implemented for model_type {hf.get('model_type')!r}; "
-                              "lmforge refuses it rather than compute something else")
-
-
-def _short(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 60 else r[:57] + "..."
-
-
-# ---- shared pieces ---------------------------------------------------------------------------------------
-def common_tokens(hf: dict[str, Any]) -> dict[str, Any]:
-    id2label = hf.get("id2label")
-    if id2label is not None and not isinstance(id2label, dict):
-        raise ConfigError(f"field 'id2label': expected an object, got {_short(id2label)}")
-    # HF writes a default {0: LABEL_0, 1: LABEL_1} even for LMs; only keep labels a task set.
-    if id2label and all(str(v) == f"LABEL_{k}" for k, v in id2label.items()) and not hf.get("finetuning_task"):
-        if not any("ForSequenceClassification" in a for a in hf.get("architectures") or []):
-            id2label = None
-    return dict(bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-                pad_token_id=hf.get("pad_token_id"), id2label=id2label,
-                dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"))
-
-
-def act(name: str) -> str:
-    return {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-            "silu": "silu", "swish": "silu", "relu": "relu"}.get(name, name)
-
-
-HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "silu": "silu", "relu": "relu"}
-
-
-def rope(hf: dict[str, Any], key: str | None = None) -> tuple[float, dict[str, Any] | None]:
-    """(theta, scaling) from either v5 `rope_parameters` or v4 `rope_theta`/`rope_scaling`."""
-    rp = hf.get("rope_parameters")
-    if rp and key is not None and key in rp:
-        rp = rp[key]
-    if rp and "rope_theta" in rp:
-        theta = float(rp["rope_theta"])
-        scaling = {k: v for k, v in rp.items() if k != "rope_theta"}
-    else:
-        theta = float(hf.get("rope_theta", 10000.0))
-        scaling = hf.get("rope_scaling")
-    if scaling is not None and not isinstance(scaling, dict):
-        raise ConfigError(f"field 'rope_scaling': expected an object, got {_short(scaling)}")
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
-        scaling = None
-    return theta, scaling
-
-
-def hf_rope(c: Any) -> dict[str, Any]:
-    return {"rope_type": "default", **(c.rope_scaling or {}), "rope_theta": c.rope_theta}
-
-
-def layer_types(hf: dict[str, Any], n: int, default: Callable[[int], bool]) -> list[str]:
-    """Per layer "sliding" | "full": config.json's `layer_types` when present, else `default(i)` (True = sliding)."""
-    lt = hf.get("layer_types")
-    if lt is None:
-        return ["sliding" if default(i) else "full" for i in range(n)]
-    if not isinstance(lt, list) or any(t not in ("sliding_attention", "full_attention") for t in lt):
-        raise ConfigError(f"field 'layer_types': expected a list of 'sliding_attention' | 'full_attention', "
-                          f"got {_short(lt)}")
-    return ["sliding" if t == "sliding_attention" else "full" for t in lt]
-
-
-def hf_layer_types(c: Any) -> list[str]:
-    return ["sliding_attention" if c.is_sliding(i) else "full_attention" for i in range(c.n_layers)]
-
-
-def hf_common(c: Any, arch: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"architectures": [arch], "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
-                           "pad_token_id": c.pad_token_id, "dtype": c.dtype, "tie_word_embeddings": c.tie_embeddings}
-    if c.id2label:
-        out["id2label"] = {str(k): v for k, v in c.id2label.items()}
-        out["label2id"] = {v: k for k, v in c.id2label.items()}
-    return out
-
-
-def require(c: Any, family: str, **fixed: Any) -> None:
-    """to_hf of a family whose HF class hard-codes these variant fields: refuse a config that differs."""
-    for k, v in fixed.items():
-        if getattr(c, k) != v:
-            raise ConfigError(f"config field {k!r} = {getattr(c, k)!r}: the {family} format fixes it to {v!r}")
-
-
-def int_if_close(x: float) -> int | float:
-    return int(round(x)) if abs(x - round(x)) < 1e-3 else x
-
-
-def arch(c: Any, stem: str) -> str:
-    return f"{stem}ForSequenceClassification" if c.id2label else f"{stem}ForCausalLM"
-
+from lmforge.families.spec import (
+    HF_ACT,
+    FamilySpec,
+    act,
+    arch,
+    common_tokens,
+    hf_common,
+    hf_layer_types,
+    hf_rope,
+    int_if_close,
+    layer_types,
+    require,
+    rope,
+    short,
+)
 
 # ---- decoders --------------------------------------------------------------------------------------------
 _DECODER_READS = frozenset({
@@ -243,7 +112,7 @@ def _to_qwen3(c: Any) -> dict[str, Any]:
 def _experts(hf: dict[str, Any]) -> int:
     n = hf.get("num_local_experts", hf.get("num_experts"))
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ConfigError(f"field 'num_local_experts': expected an integer >= 1, got {_short(n)}")
+        raise ConfigError(f"field 'num_local_experts': expected an integer >= 1, got {short(n)}")
     return n
 
 
@@ -365,7 +234,8 @@ def _to_gemma(c: Any, family: str) -> dict[str, Any]:
     return out
 
 
-# ---- encoders and GPT-2 ----------------------------------------------------------------------------------
+
+# ---- GPT-2 ---------------------------------------------------------------------------------------------
 def _from_gpt2(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("scale_attn_weights", True) is not True:
         raise ConfigError("field 'scale_attn_weights' = false is not implemented for model_type 'gpt2'")
@@ -386,77 +256,13 @@ def _to_gpt2(c: Any) -> dict[str, Any]:
             **hf_common(c, "GPT2ForSequenceClassification" if c.id2label else "GPT2LMHeadModel")}
 
 
-def _from_bert(hf: dict[str, Any]) -> dict[str, Any]:
-    pet = hf.get("position_embedding_type", "absolute")
-    if pet != "absolute":
-        raise ConfigError(f"field 'position_embedding_type' = {pet!r} is not implemented (absolute only)")
-    return dict(family="bert", vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 512),
-                d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-                d_ff=hf["intermediate_size"], norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-12),
-                norm_placement="post", final_norm=False, embed_norm=True, mlp="gelu",
-                activation=act(hf.get("hidden_act", "gelu")), attn_bias=True, mlp_bias=True, position="learned",
-                causal=False, type_vocab_size=hf.get("type_vocab_size", 2), tie_embeddings=True, pooler=True,
-                **common_tokens(hf))
-
-
-def _to_bert(c: Any) -> dict[str, Any]:
-    return {"model_type": "bert", "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length,
-            "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-            "intermediate_size": c.d_ff, "layer_norm_eps": c.norm_eps, "hidden_act": HF_ACT[c.activation],
-            "type_vocab_size": c.type_vocab_size, "hidden_dropout_prob": c.dropout,
-            "attention_probs_dropout_prob": c.dropout, "position_embedding_type": "absolute",
-            **hf_common(c, "BertForSequenceClassification" if c.id2label else "BertModel")}
-
-
-def _from_roberta(hf: dict[str, Any]) -> dict[str, Any]:
-    """BERT with positions counted from the padding index + 1 (the learned table keeps those first rows)."""
-    out = _from_bert(hf) | dict(family="xlm-roberta" if hf.get("model_type") == "xlm-roberta" else "roberta")
-    offset = (hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 1) + 1
-    if out["context_length"] <= offset:
-        raise ConfigError(f"field 'max_position_embeddings' = {out['context_length']} leaves no position after "
-                          f"the padding offset {offset}")
-    return out | dict(context_length=out["context_length"] - offset, position_offset=offset,
-                      type_vocab_size=hf.get("type_vocab_size", 1))
-
-
-def _to_roberta(c: Any) -> dict[str, Any]:
-    require(c, c.family, position_offset=(c.pad_token_id if c.pad_token_id is not None else 1) + 1)
-    stem = "XLMRoberta" if c.family == "xlm-roberta" else "Roberta"
-    return _to_bert(c) | {"model_type": c.family, "max_position_embeddings": c.context_length + c.position_offset,
-                          "architectures": [f"{stem}ForSequenceClassification" if c.id2label else f"{stem}Model"]}
-
-
-def _from_distilbert(hf: dict[str, Any]) -> dict[str, Any]:
-    """Post-norm encoder without token types; a classifier checkpoint's pre_classifier (dense + relu) is our
-    pooler. sinusoidal_pos_embds only fills the stored position table, which is loaded as it is."""
-    head = any("ForSequenceClassification" in a for a in hf.get("architectures") or [])
-    return dict(family="distilbert", vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 512),
-                d_model=hf["dim"], n_layers=hf["n_layers"], n_heads=hf["n_heads"], d_ff=hf["hidden_dim"],
-                norm="layernorm", norm_eps=1e-12, norm_placement="post", final_norm=False, embed_norm=True,
-                mlp="gelu", activation=act(hf.get("activation", "gelu")), attn_bias=True, mlp_bias=True,
-                position="learned", causal=False, type_vocab_size=0, tie_embeddings=True, pooler=head,
-                pooler_act="relu", **common_tokens(hf))
-
-
-def _to_distilbert(c: Any) -> dict[str, Any]:
-    require(c, "distilbert", norm="layernorm", norm_placement="post", type_vocab_size=0, pooler_act="relu")
-    return {"model_type": "distilbert", "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length,
-            "dim": c.d_model, "n_layers": c.n_layers, "n_heads": c.n_heads, "hidden_dim": c.d_ff,
-            "activation": HF_ACT[c.activation], "dropout": c.dropout, "attention_dropout": c.dropout,
-            "sinusoidal_pos_embds": False,
-            **hf_common(c, "DistilBertForSequenceClassification" if c.id2label else "DistilBertModel")}
-
-
 _WINDOW = frozenset({"sliding_window", "layer_types"})
-_BERT_READS = frozenset({"vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
-                         "num_attention_heads", "intermediate_size", "layer_norm_eps", "hidden_act", "type_vocab_size",
-                         "position_embedding_type", "tie_word_embeddings"})
 _QWEN = _WINDOW | {"use_sliding_window", "max_window_layers"}
 _GEMMA = frozenset({"attention_bias", "sliding_window", "layer_types", "sliding_window_pattern",
                     "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
                     "hidden_activation", "rope_local_base_freq", "use_bidirectional_attention"})
 
-SPECS: tuple[FamilySpec, ...] = (
+DECODERS: tuple[FamilySpec, ...] = (
     FamilySpec("llama", ("llama",), "decoder", _from_llama, _to_llama,
                _DECODER_READS | {"attention_bias", "mlp_bias"}, note="Llama 2/3.x (llama3 rope scaling), SmolLM2"),
     FamilySpec("mistral", ("mistral",), "decoder", _from_mistral, _to_mistral, _DECODER_READS | _WINDOW,
@@ -490,17 +296,4 @@ SPECS: tuple[FamilySpec, ...] = (
                frozenset({"vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner",
                           "layer_norm_epsilon", "activation_function", "tie_word_embeddings", "scale_attn_weights"}),
                inert=frozenset({"n_ctx"}), note="learned positions, fused c_attn"),
-    FamilySpec("bert", ("bert",), "encoder", _from_bert, _to_bert, _BERT_READS,
-               inert=frozenset({"gradient_checkpointing"}), note="BERT-family encoders (MiniLM)"),
-    FamilySpec("roberta", ("roberta",), "encoder", _from_roberta, _to_roberta, _BERT_READS,
-               note="positions offset by the padding index"),
-    FamilySpec("xlm-roberta", ("xlm-roberta",), "encoder", _from_roberta, _to_roberta, _BERT_READS,
-               note="multilingual roberta"),
-    FamilySpec("distilbert", ("distilbert",), "encoder", _from_distilbert, _to_distilbert,
-               frozenset({"vocab_size", "max_position_embeddings", "dim", "n_layers", "n_heads", "hidden_dim",
-                          "activation", "tie_word_embeddings"}),
-               inert=frozenset({"dropout", "qa_dropout", "seq_classif_dropout", "sinusoidal_pos_embds"}),
-               note="6-layer distilled BERT; pre_classifier + relu head"),
 )
-BY_NAME = MappingProxyType({s.name: s for s in SPECS})
-BY_HF_TYPE = MappingProxyType({t: s for s in SPECS for t in s.hf_types})

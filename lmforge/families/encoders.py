@@ -1,0 +1,96 @@
+"""Encoder families: BERT, RoBERTa / XLM-RoBERTa (positions offset by the padding index) and DistilBERT; each a
+config.json <-> ModelConfig translation and a FamilySpec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmforge.errors import ConfigError
+from lmforge.families.spec import (
+    HF_ACT,
+    FamilySpec,
+    act,
+    common_tokens,
+    hf_common,
+    require,
+)
+
+
+def _from_bert(hf: dict[str, Any]) -> dict[str, Any]:
+    pet = hf.get("position_embedding_type", "absolute")
+    if pet != "absolute":
+        raise ConfigError(f"field 'position_embedding_type' = {pet!r} is not implemented (absolute only)")
+    return dict(family="bert", vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 512),
+                d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                d_ff=hf["intermediate_size"], norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-12),
+                norm_placement="post", final_norm=False, embed_norm=True, mlp="gelu",
+                activation=act(hf.get("hidden_act", "gelu")), attn_bias=True, mlp_bias=True, position="learned",
+                causal=False, type_vocab_size=hf.get("type_vocab_size", 2), tie_embeddings=True, pooler=True,
+                **common_tokens(hf))
+
+
+def _to_bert(c: Any) -> dict[str, Any]:
+    return {"model_type": "bert", "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length,
+            "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+            "intermediate_size": c.d_ff, "layer_norm_eps": c.norm_eps, "hidden_act": HF_ACT[c.activation],
+            "type_vocab_size": c.type_vocab_size, "hidden_dropout_prob": c.dropout,
+            "attention_probs_dropout_prob": c.dropout, "position_embedding_type": "absolute",
+            **hf_common(c, "BertForSequenceClassification" if c.id2label else "BertModel")}
+
+
+def _from_roberta(hf: dict[str, Any]) -> dict[str, Any]:
+    """BERT with positions counted from the padding index + 1 (the learned table keeps those first rows)."""
+    out = _from_bert(hf) | dict(family="xlm-roberta" if hf.get("model_type") == "xlm-roberta" else "roberta")
+    offset = (hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 1) + 1
+    if out["context_length"] <= offset:
+        raise ConfigError(f"field 'max_position_embeddings' = {out['context_length']} leaves no position after "
+                          f"the padding offset {offset}")
+    return out | dict(context_length=out["context_length"] - offset, position_offset=offset,
+                      type_vocab_size=hf.get("type_vocab_size", 1))
+
+
+def _to_roberta(c: Any) -> dict[str, Any]:
+    require(c, c.family, position_offset=(c.pad_token_id if c.pad_token_id is not None else 1) + 1)
+    stem = "XLMRoberta" if c.family == "xlm-roberta" else "Roberta"
+    return _to_bert(c) | {"model_type": c.family, "max_position_embeddings": c.context_length + c.position_offset,
+                          "architectures": [f"{stem}ForSequenceClassification" if c.id2label else f"{stem}Model"]}
+
+
+def _from_distilbert(hf: dict[str, Any]) -> dict[str, Any]:
+    """Post-norm encoder without token types; a classifier checkpoint's pre_classifier (dense + relu) is our
+    pooler. sinusoidal_pos_embds only fills the stored position table, which is loaded as it is."""
+    head = any("ForSequenceClassification" in a for a in hf.get("architectures") or [])
+    return dict(family="distilbert", vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 512),
+                d_model=hf["dim"], n_layers=hf["n_layers"], n_heads=hf["n_heads"], d_ff=hf["hidden_dim"],
+                norm="layernorm", norm_eps=1e-12, norm_placement="post", final_norm=False, embed_norm=True,
+                mlp="gelu", activation=act(hf.get("activation", "gelu")), attn_bias=True, mlp_bias=True,
+                position="learned", causal=False, type_vocab_size=0, tie_embeddings=True, pooler=head,
+                pooler_act="relu", **common_tokens(hf))
+
+
+def _to_distilbert(c: Any) -> dict[str, Any]:
+    require(c, "distilbert", norm="layernorm", norm_placement="post", type_vocab_size=0, pooler_act="relu")
+    return {"model_type": "distilbert", "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length,
+            "dim": c.d_model, "n_layers": c.n_layers, "n_heads": c.n_heads, "hidden_dim": c.d_ff,
+            "activation": HF_ACT[c.activation], "dropout": c.dropout, "attention_dropout": c.dropout,
+            "sinusoidal_pos_embds": False,
+            **hf_common(c, "DistilBertForSequenceClassification" if c.id2label else "DistilBertModel")}
+
+
+_BERT_READS = frozenset({"vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
+                         "num_attention_heads", "intermediate_size", "layer_norm_eps", "hidden_act", "type_vocab_size",
+                         "position_embedding_type", "tie_word_embeddings"})
+
+ENCODERS: tuple[FamilySpec, ...] = (
+    FamilySpec("bert", ("bert",), "encoder", _from_bert, _to_bert, _BERT_READS,
+               inert=frozenset({"gradient_checkpointing"}), note="BERT-family encoders (MiniLM)"),
+    FamilySpec("roberta", ("roberta",), "encoder", _from_roberta, _to_roberta, _BERT_READS,
+               note="positions offset by the padding index"),
+    FamilySpec("xlm-roberta", ("xlm-roberta",), "encoder", _from_roberta, _to_roberta, _BERT_READS,
+               note="multilingual roberta"),
+    FamilySpec("distilbert", ("distilbert",), "encoder", _from_distilbert, _to_distilbert,
+               frozenset({"vocab_size", "max_position_embeddings", "dim", "n_layers", "n_heads", "hidden_dim",
+                          "activation", "tie_word_embeddings"}),
+               inert=frozenset({"dropout", "qa_dropout", "seq_classif_dropout", "sinusoidal_pos_embds"}),
+               note="6-layer distilled BERT; pre_classifier + relu head"),
+)
