@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import functools
 import os
 import shutil
@@ -21,6 +22,31 @@ from pathlib import Path
 TMP_PREFIX = ".tmp-"
 
 Writer = Callable[[Path], object]  # writes the content to the given (temp) path
+
+# The write failures that are the disk's, not lmforge's: reported in one line naming the path, never a traceback.
+DISK_CAUSES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system"}
+_SHORT_WRITE_FREE = 1 << 20  # a short write with less free space than this beside the file is a full disk
+
+
+def disk_errno(e: BaseException, where: str | Path | None = None) -> int | None:
+    """The DISK_CAUSES errno behind a failed write, else None.
+
+    Libraries do not always keep the errno: safetensors raises SafetensorError("... No space left on device"),
+    numpy's tofile OSError("N requested and M written") with none; the first is matched by its strerror text,
+    the second by the free space left in `where` (the directory written to)."""
+    if isinstance(e, OSError) and e.errno in DISK_CAUSES:
+        return e.errno
+    text = str(e)
+    for code in DISK_CAUSES:
+        if os.strerror(code) in text:
+            return code
+    if isinstance(e, OSError) and e.errno is None and "written" in text and where is not None:
+        with contextlib.suppress(OSError):
+            st = os.statvfs(where)
+            if st.f_bavail * st.f_frsize < _SHORT_WRITE_FREE:
+                return errno.ENOSPC
+    return None
 
 
 def _umask() -> int:
@@ -64,9 +90,12 @@ def atomic_write(path: str | Path, data: bytes | str | Writer) -> Path:
         os.chmod(tmp, default_mode())
         fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        code = disk_errno(e, path.parent)
+        if code is not None and not (isinstance(e, OSError) and e.errno == code):  # a library's own error type
+            raise OSError(code, os.strerror(code), str(path)) from e
         raise
     fsync_path(path.parent)
     return path

@@ -16,7 +16,6 @@ hard-codes differently) is an ExportError rather than a file that silently behav
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from lmforge.checkpoints.gguf import TENSOR_NAMES
 from lmforge.checkpoints.hf import to_hf_state_dict
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
+from lmforge.io import atomic_write
 
 __all__ = ["ExportError", "GGUF_TYPES", "GGUF_ARCHITECTURES", "check_exportable", "write_gguf"]
 
@@ -271,7 +271,8 @@ def write_gguf(path: str | Path, cfg: ModelConfig, body: dict[str, torch.Tensor]
                type: str = "f16", name: str = "lmforge export", source: str = "model") -> Path:
     """Write `body` (our Transformer state dict, LoRA already merged) and its tokenizer as one GGUF file.
 
-    The file appears whole or not at all (written next to `path`, then renamed).
+    The file appears whole or not at all (lmforge.io.atomic_write: written next to `path`, then renamed);
+    a disk that is full, over quota or read-only raises OSError with that errno (tasks.export reports it).
     """
     import gguf
 
@@ -291,22 +292,24 @@ def write_gguf(path: str | Path, cfg: ModelConfig, body: dict[str, torch.Tensor]
     meta = {"general.name": ("str", name), "general.file_type": ("uint32", int(ftype)),
             "general.quantization_version": ("uint32", gguf.GGML_QUANT_VERSION)}
     meta |= _arch_metadata(cfg) | _tokenizer_metadata(tokenizer, cfg.family, cfg.vocab_size, source)
-    tmp = path.with_name(f".{path.name}.tmp")
-    w = gguf.GGUFWriter(str(tmp), cfg.family)
-    try:
-        for key, (kind, value) in meta.items():
-            _add(w, key, kind, value, gguf)
-        for tname, t in _gguf_tensors(cfg, body, source).items():
-            arr, raw = _encode(t, qtype)
-            w.add_tensor(tname, arr, raw_dtype=raw)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    tensors = _gguf_tensors(cfg, body, source)
+
+    def write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(str(tmp), cfg.family)
+        try:
+            for key, (kind, value) in meta.items():
+                _add(w, key, kind, value, gguf)
+            for tname, t in tensors.items():
+                arr, raw = _encode(t, qtype)
+                w.add_tensor(tname, arr, raw_dtype=raw)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
+
+    # a temp file beside `path`, renamed over it; a failed write (a full disk included) leaves nothing
+    return atomic_write(path, write)
 
 
 def _add(w, key: str, kind: str, value: Any, gguf) -> None:

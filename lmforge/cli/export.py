@@ -23,7 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "transformers directory.", epilog=EPILOG)
     p.add_argument("model", help="run dir (its best/ or final/ model), HF dir, adapters dir, GGUF file or "
                    "built-in name")
-    p.add_argument("--output", "-o", required=True, help="output .gguf file (--format gguf) or directory (hf)")
+    p.add_argument("--output", "-o", required=True,
+                   help="output .gguf file (--format gguf) or directory (hf): a new path, or an existing regular "
+                   "file (gguf) or directory (hf, other files in it are left alone). Devices, FIFOs and sockets are "
+                   "refused. A symbolic link is followed: its target is written, and stderr says so. A full disk, "
+                   "quota or read-only file system is one error line (exit 2) and leaves no partial output")
     p.add_argument("--format", default="gguf", help="gguf (default) or hf")
     # not argparse choices: a bad value is our one-line error (exit 2), like every other bad input
     p.add_argument("--type", default=None, help="f32 | f16 | bf16 | q8_0 | q4_0 (default f16 for gguf, "

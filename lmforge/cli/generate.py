@@ -108,12 +108,18 @@ def run_task_verb(gen, a: argparse.Namespace, task: str, sources: list[str], pro
     as the inputs before it are done; Ctrl-C prints every finished output before it stops. Unless --no-check,
     each output whose numbers, amounts or names are not in its source gets a warning line on stderr."""
     from lmforge.tasks.grounding import check, warning_line
-    from lmforge.tasks.textgen import run_prompts
+    from lmforge.tasks.textgen import cut_prompts, prompt_cut, run_prompts
 
     if len(prompts) == 1:
         if fewshot is not None:
             kw = {**kw, "stop_strings": [*(kw.get("stop_strings") or []), *fewshot.stop_strings]}
-        text = emit(gen, prompts[0], a, chat=fewshot is None, kw=kw).strip()
+        prompt, chat = prompts[0], fewshot is None
+        cut = prompt_cut(gen, max_new_tokens=kw.get("max_new_tokens"), max_prompt_tokens=a.max_prompt_tokens,
+                         truncate=a.truncate)
+        if cut is not None:  # cut as fine-tuning cuts (a fine-tuned run dir: to the length it was trained with)
+            [prompt], chat, special = cut_prompts(gen, [prompt], cut, chat, task)
+            kw = kw if special is None else {**kw, "add_special_tokens": special}
+        text = emit(gen, prompt, a, chat=chat, kw=kw).strip()
         if a.check and (items := check(sources[0], text, task)):
             print(warning_line(items), file=sys.stderr)
         return
@@ -134,7 +140,7 @@ def run_task_verb(gen, a: argparse.Namespace, task: str, sources: list[str], pro
 
     try:
         run_prompts(gen, task, sources, prompts, fewshot=fewshot, batch_size=a.batch_size, progress=True,
-                    truncate=a.truncate, on_output=finished, **kw)
+                    truncate=a.truncate, max_prompt_tokens=a.max_prompt_tokens, on_output=finished, **kw)
     except KeyboardInterrupt:  # what is finished is printed, never lost
         n_done = shown[0] + len(ready)
         for i in sorted(ready):
@@ -284,6 +290,14 @@ def add_task_flags(s: argparse.ArgumentParser, shot_fields: str | None,
     from lmforge.tasks.prompts import FEWSHOT_HELP
 
     s.add_argument("--batch-size", type=positive_int, default=8, help="inputs decoded together (left-padded)")
+    s.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
+                   help="cut longer prompts to their first N/2 and last N/2 tokens, as fine-tuning does (default: "
+                   "the prompt length a fine-tuned run dir was trained with; else only with --truncate, to the "
+                   "context length less --max-new-tokens); stderr says so once")
+    for action in s._actions:  # the task verbs cut as fine-tuning does, not add_gen_flags' last tokens
+        if action.dest == "truncate":
+            action.help = ("cut a prompt too long for the context to its first and last tokens (as fine-tuning "
+                           "does) instead of failing")
     s.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help=f"warn on stderr about {check} in the output that the input does not contain")
     if shot_fields is None:

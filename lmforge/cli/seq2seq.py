@@ -67,6 +67,9 @@ EVAL_HELP = """Score a model on a task:
              (--from en --to es; other names with --input-field / --target-field)
   qa         exact match and F1 on a SQuAD v1.1 JSON file (a `qa train` run dir, or an instruct model)
 A row that lacks a field fails in one line naming the file, line and field.
+A long input is cut to its first and last tokens, as fine-tuning cuts it: to the prompt length a fine-tuned run
+dir was trained with, else to the context length less --max-new-tokens (--max-prompt-tokens sets it); stderr
+says so once.
 Every output is checked against its source: `unsupported%` is the share of outputs with a number, amount, year,
 century or capitalised name (names not for translate) that the source does not contain.
 --quantize auto (the default) decodes a quantized GGUF file quantized, as `generate` does.
@@ -127,7 +130,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
                    input_field=a.input_field, target_field=a.target_field, to=a.to, src=a.src, batch_size=a.batch_size,
                    max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, output=out, tail=a.tail,
                    quantize=a.quantize, shots=a.shots or 0, shots_file=a.shots_file, sentences=a.sentences,
-                   device=a.device)
+                   device=a.device, max_prompt_tokens=a.max_prompt_tokens)
     s = evaluate_task(c, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(s, indent=1) if a.json else format_summary(s))
     return 0
@@ -171,6 +174,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="summarize: sentence budget stated in the prompt (default: the one a fine-tuned model was "
                    "trained with, else \"two or three\")")
     s.add_argument("--num-beams", type=positive_int, default=1)
+    s.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
+                   help="cut longer prompts to their first N/2 and last N/2 tokens, as fine-tuning does (default: "
+                   "the prompt length a fine-tuned run dir was trained with, else the context length less "
+                   "--max-new-tokens)")
     s.add_argument("--quantize", choices=["auto", "none", "8", "4"], default="auto",
                    help="auto: a quantized GGUF decodes on its int4/int8 path, other models in float; none: float; "
                    "8|4: int8/int4 weights from the floats")

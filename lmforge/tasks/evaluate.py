@@ -6,13 +6,17 @@ Predictions go to a JSONL file beside the summary, so a score can always be trac
 Each output is checked against its source (tasks/grounding.py): `unsupported_rate` is the share of outputs
 with at least one number, amount, year, century or name (names not for translate) that the source lacks.
 With `shots` > 0 (summarize, translate) a base model sees a few-shot prompt (prompts.FewShot) whose examples
-come from `shots_file` and are never evaluated rows.
+come from `shots_file` and are never evaluated rows. A prompt too long for the model (or, for a fine-tuned
+run dir, longer than the prompts it was trained on) is cut to its start and end as fine-tuning cuts it
+(textgen.prompt_cut), said once on stderr.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ class EvalConfig:
     sentences: int | None = None  # summarize: the prompt's sentence budget (None: what the model was trained with)
     ensemble: tuple[str, ...] = ()  # qa: more extractive run dirs whose span logits are averaged with model's
     device: str = "cpu"  # auto | cpu | cuda[:N] (lmforge.device.resolve_device)
+    max_prompt_tokens: int | None = None  # longer prompts are cut to their start and end (textgen.prompt_cut)
 
 
 def _is_qa_run(model: str) -> bool:
@@ -62,6 +67,7 @@ def _lead_sentences(text: str, n: int = 3) -> str:
 
 
 PARTIAL_SUFFIX = ".partial"  # predictions.jsonl.partial: the outputs of an unfinished run, one JSON line each
+BAD_SUFFIX = ".bad"  # predictions.jsonl.partial.bad: a partial file that failed its check, set aside
 
 
 def _weight_files(name: str) -> list[list[Any]]:
@@ -82,33 +88,86 @@ def partial_key(models: list[str], settings: list[Any], inputs: list[str]) -> st
     return h.hexdigest()
 
 
+def text_output(v: Any) -> str | None:
+    """Why `v` is not a generated output as PartialOutputs.keep writes it (a str), else None."""
+    return None if isinstance(v, str) else f'"text" is {type(v).__name__}, not a string'
+
+
+_QA_NUMBERS = {"score": (int, float), "start": (int, type(None)), "end": (int, type(None)),
+               "logit": (int, float, type(None))}
+
+
+def qa_output(v: Any) -> str | None:
+    """Why `v` is not an extractive answer as qa.predict_examples gives it ({answer, score, start, end, logit})."""
+    if not isinstance(v, dict) or set(v) != {"answer", *_QA_NUMBERS}:
+        return '"text" is not an answer {answer, score, start, end, logit}'
+    if not isinstance(v["answer"], str):
+        return '"text"."answer" is not a string'
+    bad = [k for k, types in _QA_NUMBERS.items() if isinstance(v[k], bool) or not isinstance(v[k], types)]
+    return f'"text".{bad[0]!r} has the wrong type' if bad else None
+
+
 class PartialOutputs:
     """`predictions.jsonl.partial`: the outputs of an unfinished run, appended as each batch finishes, so an
     interrupted run loses at most one batch. The same command with the same --predictions reads them back
-    (`done`, by input index) when its key matches, i.e. same models, settings and inputs; else it starts over."""
+    (`done`, by input index) when its key matches, i.e. same models, settings and inputs; else it starts over.
 
-    def __init__(self, out: Path, key: str, total: int, log, what: str = "eval") -> None:
+    Each row read back is checked (`valid`: the output's type, as keep writes it; an index in [0, total),
+    none twice): the file is not trusted with a prediction. A file with a bad row is set aside as
+    `<name>.bad`, said in one line naming it and the row, and its outputs are decoded again. A last line cut
+    short by the interruption (no newline) is dropped, not bad."""
+
+    def __init__(self, out: Path, key: str, total: int, log, what: str = "eval",
+                 valid: Callable[[Any], str | None] = text_output) -> None:
         self.path, self.out = out.with_name(out.name + PARTIAL_SUFFIX), out
         self.total, self.log, self.what = total, log, what
         self.done: dict[int, Any] = {}
         header = json.dumps({"key": key})
         try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
+            text = self.path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
-            lines = []
+            text = ""
+        lines = text.splitlines()
         if lines and lines[0] == header:
-            for line in lines[1:]:
-                try:  # a line cut short by the interruption is ignored
-                    row = json.loads(line)
-                    self.done[int(row["i"])] = row["text"]
-                except (ValueError, KeyError, TypeError):
-                    continue
+            if not text.endswith("\n"):  # the interruption cut the last line short: drop it, append after the rest
+                lines.pop()
+                self._rewrite(lines)
+            bad = self._read(lines[1:], valid)
+            if bad is not None:
+                self.done = {}
+                aside = self.path.with_name(self.path.name + BAD_SUFFIX)
+                os.replace(self.path, aside)
+                log(f"{what}: {self.path}: line {bad[0]}: {bad[1]}; set aside as {aside}, its outputs are "
+                    "decoded again")
         if self.done:
             log(f"{what}: continuing an interrupted run: {len(self.done)} of {total} outputs read from {self.path}")
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(header + "\n", encoding="utf-8")
         self.kept = len(self.done)
+
+    def _read(self, lines: list[str], valid: Callable[[Any], str | None]) -> tuple[int, str] | None:
+        """Fill `done` from the rows; (line number, why) of the first bad row, else None."""
+        for n, line in enumerate(lines, start=2):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                return n, "not a JSON row"
+            if not isinstance(row, dict) or set(row) != {"i", "text"}:
+                return n, 'not a row {"i": index, "text": output}'
+            i = row["i"]
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.total:
+                return n, f"index {i!r} is not in [0, {self.total})"
+            if i in self.done:
+                return n, f"index {i} is there twice"
+            why = valid(row["text"])
+            if why is not None:
+                return n, why
+            self.done[i] = row["text"]
+        return None
+
+    def _rewrite(self, lines: list[str]) -> None:
+        atomic_write(self.path, "".join(line + "\n" for line in lines))
 
     def keep(self, batch: dict[int, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -126,14 +185,16 @@ def _generate_all(gen, prompts: list[str], c: EvalConfig, log, out: Path, fewsho
     """Batched (c.batch_size prompts per call, left-padded) generation through the chat template, or as plain
     text with the few-shot stop strings; a progress bar with an ETA on stderr. Finished batches are kept in
     PartialOutputs, so the same command with the same --predictions continues an interrupted run."""
-    from lmforge.tasks.textgen import generate_batched
+    from lmforge.tasks.textgen import generate_batched, prompt_cut
 
-    kept = PartialOutputs(out, partial_key([c.model, *c.ensemble], [c.quantize, c.max_new_tokens, c.num_beams],
-                                           prompts), len(prompts), log)
+    cut = prompt_cut(gen, c.model, max_new_tokens=c.max_new_tokens, max_prompt_tokens=c.max_prompt_tokens,
+                     truncate=True)
+    settings = [c.quantize, c.max_new_tokens, c.num_beams] + ([cut.limit] if cut else [])
+    kept = PartialOutputs(out, partial_key([c.model, *c.ensemble], settings, prompts), len(prompts), log)
     kw = dict(chat=False, stop_strings=fewshot.stop_strings) if fewshot else dict(chat=True)
     try:
         return generate_batched(gen, prompts, batch_size=c.batch_size or 8, desc=f"eval {c.task}", progress=True,
-                                done={i: str(t) for i, t in kept.done.items()}, on_batch=kept.keep, truncate=True,
+                                done=kept.done, on_batch=kept.keep, truncate=True, cut=cut, log=log,
                                 max_new_tokens=c.max_new_tokens, num_beams=c.num_beams, **kw)
     except KeyboardInterrupt:
         kept.interrupted()
@@ -148,7 +209,7 @@ def qa_answers(lq, examples, batch_size: int, out: Path, models: list[str], log,
     inputs = [json.dumps([ex.id, ex.question, ex.context]) for ex in examples]
     settings = [lq.max_length, lq.doc_stride, lq.max_question_length, lq.n_best, lq.max_answer_length,
                 lq.answer_selection, batch_size]
-    kept = PartialOutputs(out, partial_key(models, settings, inputs), len(examples), log, what)
+    kept = PartialOutputs(out, partial_key(models, settings, inputs), len(examples), log, what, valid=qa_output)
     try:
         return qa.predict_examples(lq, examples, batch_size, progress=True, done=kept.done, on_chunk=kept.keep)
     except KeyboardInterrupt:

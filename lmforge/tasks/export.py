@@ -7,8 +7,15 @@ onto its base model), a GGUF file, a built-in name. Everything that can be check
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -16,8 +23,9 @@ from torch import nn
 
 from lmforge.checkpoints import load_checkpoint, save_hf
 from lmforge.checkpoints.gguf_write import GGUF_TYPES, ExportError, write_gguf
+from lmforge.io import DISK_CAUSES, TMP_PREFIX, atomic_dir, disk_errno, fsync_path
 
-__all__ = ["ExportError", "FORMATS", "export"]
+__all__ = ["ExportError", "ExportWriteError", "FORMATS", "export"]
 
 FORMATS = ("gguf", "hf")
 _HF_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -25,11 +33,19 @@ _HEAD_TASKS = ("ForSequenceClassification", "ForQuestionAnswering", "ForTokenCla
 _NO_HEAD = "llama.cpp has no {what} head; export it with --format hf"
 
 
+class ExportWriteError(ExportError):
+    """The output could not be written (a full disk, a quota, a read-only file system, no permission); the
+    partial output was removed."""
+
+
 def export(model_or_run_dir: nn.Module | str | Path, path: str | Path, format: str = "gguf", type: str = "f16",
-           tokenizer=None) -> Path:
+           tokenizer=None, log: Callable[[str], None] | None = None) -> Path:
     """Write the model as one GGUF file (format="gguf") or a HF directory (format="hf"); returns `path`.
 
     type: f32 | f16 | bf16 | q8_0 | q4_0 (quantized types are GGUF only). LoRA adapters are merged first.
+    `path` must be a new path or an existing regular file (gguf) / directory (hf); a symbolic link is followed
+    and its target written, which `log` (default: stderr) says. A write that fails (a full disk, a quota, a
+    read-only file system) raises ExportWriteError naming `path` and leaves no partial output.
     """
     path = Path(path)
     if format not in FORMATS:
@@ -38,8 +54,7 @@ def export(model_or_run_dir: nn.Module | str | Path, path: str | Path, format: s
     if type not in types:
         why = "unknown type" if type not in GGUF_TYPES else "quantized types are for --format gguf only"
         raise ExportError(f"--type {type!r}: {why} (choose from {', '.join(types)})")
-    if not path.parent.is_dir():
-        raise ExportError(f"{path}: output directory {path.parent} does not exist")
+    target = check_output(path, format, log or (lambda m: print(m, file=sys.stderr)))
 
     if isinstance(model_or_run_dir, nn.Module):
         source = f"<{model_or_run_dir.__class__.__name__}>"
@@ -63,11 +78,89 @@ def export(model_or_run_dir: nn.Module | str | Path, path: str | Path, format: s
             raise ExportError(f"{source}: holds task-head tensors ({', '.join(sorted(heads))}); "
                               + _NO_HEAD.format(what="task"))
         name = Path(source).name if not source.startswith("<") else "lmforge export"
-        return write_gguf(path, backbone.cfg, backbone.state_dict(), tok, type=type, name=name, source=source)
+        with write_reported(path, target):
+            write_gguf(target, backbone.cfg, backbone.state_dict(), tok, type=type, name=name, source=source)
+        return path
     dtype = _HF_TYPES[type]
     body = {k: v.to(dtype) for k, v in backbone.state_dict().items()}
-    save_hf(path, backbone.cfg, body, {k: v.to(dtype) for k, v in heads.items()} or None, tokenizer=tok)
+    hf_heads = {k: v.to(dtype) for k, v in heads.items()} or None
+    with write_reported(path, target):
+        write_hf_dir(target, lambda d: save_hf(d, backbone.cfg, body, hf_heads, tokenizer=tok))
     return path
+
+
+# ---- the output path -----------------------------------------------------------------------------
+_NOT_A_FILE = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+               (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_output(path: Path, format: str, log: Callable[[str], None]) -> Path:
+    """The path to write: `path`, or the target of a symbolic link (said through `log`). Refuses devices,
+    FIFOs and sockets (writing there would replace them or block), a directory for a GGUF file and a file
+    for a HF directory, each error naming `path` as given."""
+    target = path
+    if path.is_symlink():
+        try:
+            target = path.resolve(strict=False)
+        except (OSError, RuntimeError) as e:  # a loop of links
+            raise ExportError(f"{path}: a symbolic link that does not resolve ({e})") from None
+    what = f"{path}: a symbolic link to {target}, which is" if target != path else f"{path}: is"
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        if not target.parent.is_dir():
+            raise ExportError(f"{path}: output directory {target.parent} does not exist") from None
+        st = None
+    except OSError as e:
+        raise ExportError(f"{path}: cannot use as the output ({e.strerror or e})") from None
+    if st is not None:
+        for test, kind in _NOT_A_FILE:
+            if test(st.st_mode):
+                raise ExportError(f"{what} {kind}; export writes only a regular file or a new path")
+        if format == "gguf" and stat.S_ISDIR(st.st_mode):
+            raise ExportError(f"{what} a directory; --format gguf writes one file: give a file name, e.g. "
+                              f"{path / 'model.gguf'}")
+        if format == "hf" and not stat.S_ISDIR(st.st_mode):
+            raise ExportError(f"{what} a file; --format hf writes a directory: give a directory or a new path")
+    if target != path:
+        log(f"export: {path} is a symbolic link: writing its target {target}")
+    return target
+
+
+@contextlib.contextmanager
+def write_reported(path: Path, target: Path) -> Iterator[None]:
+    """OS failures while writing `target` -> ExportWriteError naming `path` (as the user gave it) and the cause;
+    the writers below have already removed their partial output."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as e:
+        code = disk_errno(e, target.parent)
+        if code is not None:
+            cause = DISK_CAUSES[code]
+        elif isinstance(e, OSError) and e.errno is not None:
+            cause = os.strerror(e.errno).lower()
+        else:
+            raise
+        raise ExportWriteError(f"{path}: cannot write the export: {cause}; nothing was left behind") from e
+
+
+def write_hf_dir(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(dir)` into a temp dir, then in place: a new `path` is the temp dir renamed; into an existing
+    directory each file is renamed in (config.json last, other files left alone). A failure leaves nothing."""
+    if not path.exists():
+        with atomic_dir(path) as tmp:
+            write(tmp)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}export-", dir=path))  # inside: same file system
+    try:
+        write(tmp)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+            os.replace(f, path / f.name)
+        fsync_path(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- finding the model --------------------------------------------------------------------------

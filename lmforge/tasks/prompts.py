@@ -69,6 +69,24 @@ def instruct_prompt(instruction: str) -> str:
 TASK_PROMPTS = {"summarize": summarize_prompt, "instruct": instruct_prompt}
 
 
+# ---- long prompts ------------------------------------------------------------------------------------------
+def cut_middle(ids: list[int], limit: int) -> list[int]:
+    """`ids` cut to `limit` tokens the one way lmforge cuts a long prompt, in fine-tuning (seq2seq.build_example)
+    and at inference (eval, the task verbs): its first limit // 2 and last limit - limit // 2 tokens, so the
+    instruction (at the start) and the question or chat-template turn end (at the end) both survive."""
+    if len(ids) <= limit:
+        return ids
+    head = limit // 2
+    return ids[:head] + ids[len(ids) - (limit - head):]
+
+
+def cut_note(limit: int, n_cut: int, n_total: int, why: str) -> str:
+    """The one line that says how long inputs are cut (printed once per run)."""
+    head = limit // 2
+    return (f"inputs over {limit} tokens are cut to their first {head} and last {limit - head} tokens, as "
+            f"fine-tuning did ({why}): {n_cut} of {n_total} inputs")
+
+
 # ---- few-shot prompts for base models ----------------------------------------------------------------------
 FEWSHOT_HELP = """few-shot prompt (--shots K, for base models): plain text, no chat template, built as
   <instruction>                         "Translate English to Spanish." ("Translate each text to Spanish."

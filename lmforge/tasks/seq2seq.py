@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from lmforge.errors import DataError
 from lmforge.model.heads import IGNORE, lm_loss
 from lmforge.tasks.common import LoraArgs, TaskRun, apply_lora, check_resumable, export_model, run_training, write_json
-from lmforge.tasks.prompts import summarize_prompt, translate_prompt
+from lmforge.tasks.prompts import cut_middle, summarize_prompt, translate_prompt
 
 TASKS = ("summarize", "translate", "instruct")
 
@@ -51,16 +52,43 @@ def sentence_budget(sentences: int | None, model: str | None) -> int | None:
 def trained_sentences(model: str) -> int | None:
     """The summarize sentence budget a fine-tuned run dir was trained with (its finetune.json), else None:
     the task verbs and eval then prompt it as it was trained unless told otherwise."""
-    import json
-    from pathlib import Path
+    return finetune_info(model).get("sentences")
 
-    f = Path(model) / "finetune.json"
-    if not f.is_file():
+
+def trained_prompt_length(model: str) -> int | None:
+    """The prompt tokens a fine-tuned run dir was trained with, else None: finetune.json's max_prompt_length
+    (max_length less max_target_length); a run from before it was recorded: max_length less the
+    max_target_length of the run's finetune_config.json. Eval and the task verbs cut longer prompts to it."""
+    info = finetune_info(model)
+    length, prompt = info.get("max_length"), info.get("max_prompt_length")
+    if _count(prompt):
+        return prompt
+    if not _count(length):
         return None
+    for d in (Path(model), Path(model).parent):
+        target = _read_json(d / "finetune_config.json").get("max_target_length")
+        if _count(target) and target < length:
+            return length - target
+    return length
+
+
+def finetune_info(model: str) -> dict:
+    """A fine-tuned run dir's finetune.json ({} for any other model or an unreadable file)."""
+    return _read_json(Path(model) / "finetune.json")
+
+
+def _read_json(f: Path) -> dict:
+    import json
+
     try:
-        return json.loads(f.read_text(encoding="utf-8")).get("sentences")
+        info = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
     except (OSError, ValueError):
-        return None
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
 
 
 @dataclass
@@ -88,9 +116,7 @@ def build_example(tokenizer, prompt: str, target: str, max_length: int, max_targ
     if room < 8:
         raise DataError(f"--max-length {max_length} leaves no room for the prompt next to a {len(t_ids)}-token "
                         "target: raise --max-length or set --max-target-length")
-    if len(p_ids) > room:  # keep the start (instruction) and the end (chat-template suffix) of the prompt
-        head = room // 2
-        p_ids = p_ids[:head] + p_ids[len(p_ids) - (room - head):]
+    p_ids = cut_middle(p_ids, room)  # keep the start (instruction) and the end (chat-template suffix)
     return Seq2SeqExample(p_ids + t_ids, [IGNORE] * len(p_ids) + t_ids)
 
 
@@ -151,7 +177,6 @@ def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
     """Fine-tune a decoder on input/target pairs; the result is a HF model dir that `generate` loads."""
     from dataclasses import asdict
     from functools import partial
-    from pathlib import Path
 
     from lmforge.checkpoints import load_checkpoint
     from lmforge.data.squad import read_jsonl_pairs
@@ -204,7 +229,7 @@ def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
         return {"eval_loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
 
     meta = {"task": c.task, "to": c.to, "from": c.src, "base_model": c.model, "max_length": c.max_length,
-            "sentences": c.sentences}
+            "max_prompt_length": c.max_length - (c.max_target_length or 0), "sentences": c.sentences}
 
     def save_fn(m, d: Path, _sd) -> None:
         export_model(m, d, tok, c, c.model)
