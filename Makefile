@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench clean llamacpp
+.PHONY: install demo test test-all lint bench clean llamacpp llamacpp-convert
 
 install: $(VENV)/.installed
 
@@ -38,13 +38,29 @@ demo: install
 	$(VENV)/bin/lmforge ask --context examples/context.txt "How tall is the Eiffel Tower?" --verbose
 
 # CI runs the fast tests, the slow real-weight tests marked `ci` (MiniLM, SmolLM2) and the llama.cpp comparisons
-# (marked `llamacpp`; they skip, with the reason printed by -rs, when llama-cpp-python is not installed).
+# (marked `llamacpp`; they skip, with the reason printed by -rs, without llama-cpp-python or llama.cpp's converter).
 test: install
 	$(PY) -m pytest -q -rs -m "not slow or ci or llamacpp" $(PYTEST_ARGS)
 
 # llama-cpp-python (compiles llama.cpp: about 8 minutes on 2 cores; a portable build, not tuned to this CPU).
 llamacpp: install
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q "llama-cpp-python>=0.3"
+
+# llama.cpp's own HF -> GGUF converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), taken from the
+# pinned llama-cpp-python source release into .cache/llama.cpp/ (nothing compiled, about 2 MB kept); the GGUF
+# family tests (tests/test_gguf_families.py, marker llamacpp) convert tiny models with it, and skip without it.
+LLAMACPP_CONVERT_VERSION ?= 0.3.36
+LLAMACPP_CONVERT_DIR := .cache/llama.cpp
+llamacpp-convert: install
+	@test -f $(LLAMACPP_CONVERT_DIR)/llama_cpp_python-$(LLAMACPP_CONVERT_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py || { \
+		mkdir -p $(LLAMACPP_CONVERT_DIR) && \
+		$(PIP) download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMACPP_CONVERT_VERSION)" \
+			-d $(LLAMACPP_CONVERT_DIR) && \
+		tar -xzf $(LLAMACPP_CONVERT_DIR)/llama_cpp_python-$(LLAMACPP_CONVERT_VERSION).tar.gz -C $(LLAMACPP_CONVERT_DIR) \
+			--wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' \
+			'*/vendor/llama.cpp/gguf-py/*' && \
+		rm $(LLAMACPP_CONVERT_DIR)/llama_cpp_python-$(LLAMACPP_CONVERT_VERSION).tar.gz; }
+	@ls $(LLAMACPP_CONVERT_DIR)/llama_cpp_python-$(LLAMACPP_CONVERT_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py
 
 test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

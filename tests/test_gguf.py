@@ -326,7 +326,8 @@ def test_unsupported_architecture(tmp_path):
     w.close()
     with pytest.raises(CheckpointError) as e:
         read_gguf(p)
-    assert _one_line(e, p) == f"{p}: GGUF architecture 'mamba' is not supported (supported: llama, gemma3, gpt2)"
+    assert _one_line(e, p) == (f"{p}: GGUF architecture 'mamba' is not supported (supported: llama, qwen2, qwen3, "
+                               "qwen3moe, olmo2, phi3, gemma2, gemma3, gpt2)")
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.97, 0.002])  # in tensor data, in the last tensor, in the header
@@ -339,9 +340,10 @@ def test_truncated(tmp_path, keep):
     _one_line(e, p)
 
 
-def test_llama3_rope_factors_rejected(tmp_path):
+def test_rope_factors_of_no_llama3_curve_rejected(tmp_path):  # llama3 ones load: tests/test_gguf_families.py
+    factors = np.array([1, 3, 2, 8, 8, 8, 8, 8], dtype=np.float32)  # not monotone: no llama3 scaling gives them
     p = write_gguf_from_hf(tmp_path / "r.gguf", tiny_llama(True), "llama",
-                           extra_tensors={"rope_freqs.weight": np.ones(8, dtype=np.float32)})
+                           extra_tensors={"rope_freqs.weight": factors})
     with pytest.raises(CheckpointError) as e:
         read_gguf(p)
     assert "'rope_freqs.weight'" in _one_line(e, p)

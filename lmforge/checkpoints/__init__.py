@@ -131,10 +131,7 @@ def load_checkpoint(name_or_path: str | Path, dtype: torch.dtype = torch.float32
     if tokenizer:
         from lmforge.tokenizer import Tokenizer
 
-        try:
-            tok = Tokenizer.from_dir(path)
-        except Exception:  # a model dir without tokenizer files is still a model
-            tok = None
+        tok = Tokenizer.from_dir_if_present(path)  # none there: a model still; there and broken: an error naming it
     return Loaded(model, tok, cfg, path, source, "hf", _dir_size(path), heads=heads)
 
 

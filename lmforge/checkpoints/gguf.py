@@ -5,13 +5,20 @@ A GGUF file holds metadata (`{arch}.embedding_length`, `tokenizer.ggml.tokens`, 
 time, undo what llama.cpp's converter changed relative to the Hugging Face checkpoint, and then go through
 the HF names so `from_hf_state_dict` stays the one place that knows our names:
 
-- llama: the converter permutes the rows of Q and K (interleaved rotary pairs instead of HF's halves);
-- gemma3: the converter stores every RMSNorm weight as w + 1 (HF stores w and adds 1 at run time);
+- llama (Llama, Mistral, Mixtral): the converter permutes the rows of Q and K (interleaved rotary pairs instead
+  of HF's halves); the other architectures keep HF's order;
+- gemma2 / gemma3: the converter stores every RMSNorm weight as w + 1 (HF stores w and adds 1 at run time);
+- experts: one 3-D tensor per layer and kind (`blk.N.ffn_gate_exps`), read as one matrix per expert;
+- rope scaling as tensors: llama3's per-frequency factors (`rope_freqs.weight`), Phi-3's longrope factors;
 - a missing `output.weight` means the LM head is tied to the token embeddings;
 - gpt2: the converter transposes HF's Conv1D weights to (out, in), fused q/k/v included.
 
-Parts: gguf_config (metadata -> config), gguf_tensors (names, dequantization, converter undo), gguf_quant
-(quantized matrices kept as QuantLinear integers).
+What the converter drops cannot come back: Mistral's, Mixtral's and Qwen2's sliding windows (llama.cpp's llama
+and qwen2 have none), and qwen3moe's dense layers (which it cannot convert). Every `{arch}.*` key that is not
+read is refused with its name (gguf_config.check_keys).
+
+Parts: gguf_config (metadata -> config), gguf_rope (rope tensors -> rope parameters), gguf_tensors (names,
+dequantization, converter undo), gguf_quant (quantized matrices kept as QuantLinear integers).
 """
 
 from __future__ import annotations
@@ -23,18 +30,36 @@ from typing import Any
 
 import torch
 
-from lmforge.checkpoints.gguf_config import file_type_name, hf_config, meta_get, meta_opt, metadata_of, open_gguf
-from lmforge.checkpoints.gguf_quant import FLOAT_TYPES, INT4_TYPES, decode_bits, int4_grid, planned_spec, read_quantized
-from lmforge.checkpoints.gguf_tensors import TENSOR_NAMES, check_complete, convert_tensor, hf_name
+from lmforge.checkpoints.gguf_config import (
+    FAMILY_OF_ARCH,
+    file_type_name,
+    hf_config,
+    meta_get,
+    meta_opt,
+    metadata_of,
+    open_gguf,
+)
+from lmforge.checkpoints.gguf_quant import (
+    FLOAT_TYPES,
+    INT4_TYPES,
+    decode_bits,
+    int4_grid,
+    planned_spec,
+    read_quantized,
+    weight_tensors,
+)
+from lmforge.checkpoints.gguf_tensors import TENSOR_NAMES, check_complete, convert_tensor, hf_parts
 from lmforge.checkpoints.hf import from_hf_state_dict
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.quant import QuantSpec
 
-__all__ = ["FLOAT_TYPES", "INT4_TYPES", "SUPPORTED_ARCHITECTURES", "TENSOR_NAMES", "GGUFCheckpoint", "decode_bits",
-           "decode_path", "int4_grid", "read_gguf"]
+__all__ = ["FLOAT_TYPES", "GGUF_FAMILIES", "INT4_TYPES", "SUPPORTED_ARCHITECTURES", "TENSOR_NAMES", "GGUFCheckpoint",
+           "decode_bits", "decode_path", "int4_grid", "read_gguf"]
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3", "gpt2")
+SUPPORTED_ARCHITECTURES = tuple(FAMILY_OF_ARCH)  # general.architecture values read here
+# lmforge family -> the GGUF architecture its llama.cpp files carry (Mistral and Mixtral convert as llama)
+GGUF_FAMILIES = {**{fam: arch for arch, fam in FAMILY_OF_ARCH.items()}, "mistral": "llama", "mixtral": "llama"}
 
 
 @dataclass
@@ -42,7 +67,7 @@ class GGUFCheckpoint:
     """What a GGUF file holds, in our terms: config, HF config.json equivalent, dequantized tensors."""
 
     path: Path
-    architecture: str  # general.architecture: llama | gemma3
+    architecture: str  # general.architecture: llama | qwen2 | gemma3 | ... (SUPPORTED_ARCHITECTURES)
     cfg: ModelConfig
     hf_config: dict[str, Any]  # the config.json transformers would use for these weights (cfg.to_hf())
     body: dict[str, torch.Tensor]  # our tensor names (Transformer.state_dict()), dequantized; {} if tensors=False
@@ -61,7 +86,7 @@ class GGUFCheckpoint:
 
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, tensors: bool = True,
               quantized: bool = False) -> GGUFCheckpoint:
-    """Read a llama/gemma3 GGUF file; tensors=False reads only the metadata (fast, no dequantization).
+    """Read a GGUF file of a SUPPORTED_ARCHITECTURES model; tensors=False reads only the metadata (fast).
 
     quantized=True keeps the quantized matrices of the blocks (and the LM head) as QuantLinear integers, tensor
     by tensor, with no float copy of them: see `decode_bits` for which type becomes which path. `ck.quant_spec`
@@ -75,9 +100,6 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, tensors: boo
             f"{src}: GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
     names = [t.name for t in reader.tensors]
-    if "rope_freqs.weight" in names:  # llama 3.1+ bakes its rope scaling into a tensor of per-frequency factors
-        raise CheckpointError(f"{src}: GGUF rope frequency factors (tensor 'rope_freqs.weight', llama3-style "
-                              "rope scaling) are not supported")
     if "token_embd.weight" not in names:
         raise CheckpointError(f"{src}: GGUF file has no tensor 'token_embd.weight'")
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
@@ -102,12 +124,13 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32, tensors: boo
     if tensors and ck.quant_spec is None:
         reader.fields.clear()  # done with the parsed token/merge lists (large for a 262k vocab)
         hf_tensors = {}
-        for t in reader.tensors:  # dequantized one at a time, straight into its final tensor
-            hf_tensors[hf_name(arch, t.name, src)] = convert_tensor(t, arch, cfg, dtype, src)
+        for t in weight_tensors(reader):  # dequantized one at a time (an expert tensor: one matrix per expert)
+            for name, part in hf_parts(cfg.family, t, cfg.n_experts, src):
+                hf_tensors[name] = convert_tensor(part, arch, cfg, dtype, src)
             reader.release(t)
         ck.body, _heads = from_hf_state_dict(cfg, hf_tensors, src)
         del hf_tensors
-        check_complete(cfg, ck.body, arch, src)
+        check_complete(cfg, ck.body, src)
     return ck
 
 

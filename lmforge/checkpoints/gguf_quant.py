@@ -1,7 +1,9 @@
 """GGUF quantized matrices kept as integers (QuantLinear state) instead of dequantized floats.
 
 Q4_0 / Q4_1 / Q4_K become int4 groups of 32 straight from their blocks; other quantized types are requantized
-to int8 per output channel; one tensor at a time, with no float copy of the model.
+to int8 per output channel; one tensor at a time, with no float copy of the model. An expert tensor becomes one
+layer per expert, a fused one (phi3's q|k|v) one per module: quantized blocks run along rows, so both splits are
+exact.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ import torch
 
 from lmforge.checkpoints.gguf_tensors import (
     CHUNK_ROWS,
+    ROPE_TENSORS,
+    Part,
     check_complete,
     convert_tensor,
     dequantize_rows,
-    hf_name,
+    hf_parts,
+    rows_of,
     tensor_rows,
     unpermute_qk,
 )
@@ -37,10 +42,26 @@ def decode_bits(type_name: str) -> int | None:
     return 4 if type_name in INT4_TYPES else 8
 
 
-def _our_name(cfg: ModelConfig, hf: str, src: str) -> str | None:
-    """Our tensor name for one HF name (None: not part of the body, e.g. a tied lm_head)."""
-    body, _heads = from_hf_state_dict(cfg, {hf: torch.empty(0, device="meta")}, src)
-    return next(iter(body), None)
+def pieces(t, cfg: ModelConfig, src: str) -> list[tuple[str | None, Part]]:
+    """A GGUF tensor's matrices under our names: one per expert of an expert tensor, one per module stacked in a
+    fused one (phi3's q|k|v), else the tensor itself; the name is None for what is not in the body (a tied head)."""
+    out: list[tuple[str | None, Part]] = []
+    for hf, part in hf_parts(cfg.family, t, cfg.n_experts, src):
+        meta = torch.empty(tuple(reversed(part.shape)), device="meta")
+        body, _heads = from_hf_state_dict(cfg, {hf: meta}, src)
+        if len(body) <= 1:
+            out.append((next(iter(body), None), part))
+            continue
+        start = 0
+        for ours, piece in body.items():  # the fused tensor's row blocks, in order
+            out.append((ours, rows_of(part, start, start + piece.shape[0])))
+            start += piece.shape[0]
+    return out
+
+
+def weight_tensors(reader) -> list:
+    """The file's tensors that hold weights (not the rope factors the config was read from)."""
+    return [t for t in reader.tensors if t.name not in ROPE_TENSORS]
 
 
 def _linear_weights(cfg: ModelConfig) -> set[str]:
@@ -59,13 +80,13 @@ def _plan(reader, arch: str, cfg: ModelConfig, src: str) -> tuple[dict[str, int]
     linears = _linear_weights(cfg)
     layers: dict[str, int] = {}
     head_t = None
-    for t in reader.tensors:
+    for t in weight_tensors(reader):
         if t.name == "output.weight" or (t.name == "token_embd.weight" and head_t is None):
             head_t = t
         bits = decode_bits(t.tensor_type.name)
-        ours = _our_name(cfg, hf_name(arch, t.name, src), src) if bits else None
-        if ours in linears:
-            layers[ours.removesuffix(".weight")] = bits
+        for ours, _part in pieces(t, cfg, src) if bits else ():
+            if ours in linears:
+                layers[ours.removesuffix(".weight")] = bits
     return layers, decode_bits(head_t.tensor_type.name) if head_t is not None else None
 
 
@@ -98,21 +119,22 @@ def read_quantized(reader, arch: str, cfg: ModelConfig, dtype: torch.dtype, src:
     body: dict[str, torch.Tensor] = {}
     shapes: dict[str, tuple[int, ...]] = {}  # float shape of each weight kept as integers (for the checks)
     head_t = None
-    for t in reader.tensors:
+    for t in weight_tensors(reader):
         if t.name == "output.weight" or (t.name == "token_embd.weight" and head_t is None):
             head_t = t
-        ours = _our_name(cfg, hf_name(arch, t.name, src), src)
-        if ours is None:
-            continue
-        mod = ours.removesuffix(".weight")
-        if mod in layers or (shared and ours == "embed.tok.weight"):
-            body.update({f"{mod}.{k}": v for k, v in _int_state(t, layers.get(mod, 8), arch, cfg, src).items()})
-            shapes[ours] = tuple(int(s) for s in reversed(t.shape))
-        else:
-            body[ours] = convert_tensor(t, arch, cfg, dtype, src)
+        for ours, part in pieces(t, cfg, src):
+            if ours is None:
+                continue
+            mod = ours.removesuffix(".weight")
+            if mod in layers or (shared and ours == "embed.tok.weight"):
+                state = _int_state(part, layers.get(mod, 8), arch, cfg, src)
+                body.update({f"{mod}.{k}": v for k, v in state.items()})
+                shapes[ours] = tuple(int(s) for s in reversed(part.shape))
+            else:
+                body[ours] = convert_tensor(part, arch, cfg, dtype, src)
         if t is not head_t or shared:  # a separate int8 head is read again below
             reader.release(t)
-    check_complete(cfg, {**body, **{k: torch.empty(s, device="meta") for k, s in shapes.items()}}, arch, src)
+    check_complete(cfg, {**body, **{k: torch.empty(s, device="meta") for k, s in shapes.items()}}, src)
     if shared:
         body["quant_head.qweight"], body["quant_head.scales"] = body["embed.tok.qweight"], body["embed.tok.scales"]
     elif head_bits:

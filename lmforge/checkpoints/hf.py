@@ -340,10 +340,26 @@ def read_config(path: Path) -> ModelConfig:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF directory: model.safetensors, sharded safetensors, or pytorch_model.bin."""
+    """All tensors of a HF directory: model.safetensors, sharded safetensors, or pytorch_model.bin.
+
+    Other *.safetensors files there (a stray copy, shards no index names) are not loaded: one warning names
+    them, since silently loading or ignoring a second weight file can both be wrong. Files lmforge or PEFT
+    keep beside a model (LoRA adapters, the QA teacher-logit cache) are expected there and not named."""
+    import logging
+
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
+    companions = {"adapter_model.safetensors", "teacher_logits.safetensors"}  # peft.ADAPTER_WEIGHTS, qa's cache
+    present = sorted(f.name for f in path.glob("*.safetensors") if f.is_file()) if path.is_dir() else []
+
+    def warn_unused(used: set[str], source: str) -> None:
+        unused = [n for n in present if n not in used and n not in companions]
+        if unused:
+            logging.getLogger("lmforge").warning("%s: ignoring %s (not loaded: the weights come from %s)", path,
+                                                 ", ".join(unused), source)
+
     if single.is_file():
+        warn_unused({single.name}, single.name + (f", not {index.name}" if index.is_file() else ""))
         return load_safetensors(single)
     if index.is_file():
         try:
@@ -355,15 +371,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if not (path / s).is_file():
                 raise CheckpointError(f"{index}: names shard {s!r}, which is missing")
             sd.update(load_safetensors(path / s))
+        warn_unused(set(shards), f"the shards {index.name} names")
         return sd
     binf = path / "pytorch_model.bin"
     if binf.is_file():
         try:
-            return torch.load(binf, map_location="cpu", weights_only=True)
+            sd = torch.load(binf, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors, truncated files
             raise CheckpointError(f"{binf}: cannot be read safely with weights_only=True ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    raise CheckpointError(f"{path}: no weights found (model.safetensors, an index, or pytorch_model.bin)")
+        warn_unused(set(), binf.name)
+        return sd
+    found = [n for n in present if n not in companions]
+    seen = f"; found {', '.join(found[:5])}, which no index names" if found else ""
+    raise CheckpointError(f"{path}: no weights found (model.safetensors, an index, or pytorch_model.bin){seen}")
 
 
 def load_safetensors(f: Path) -> dict[str, torch.Tensor]:

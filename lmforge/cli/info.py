@@ -10,7 +10,7 @@ from lmforge.cli.common import DEVICE_HELP, EPILOG, positive_int, read_texts
 
 def print_families() -> int:
     """`lmforge info --families`: the families lmforge loads, the model_type values they read, and what they add."""
-    from lmforge.checkpoints.gguf import SUPPORTED_ARCHITECTURES as GGUF_FAMILIES
+    from lmforge.checkpoints.gguf import GGUF_FAMILIES
     from lmforge.families import SPECS
 
     rows = [("family", "model_type", "kind", "formats", "notes")]
@@ -34,6 +34,10 @@ def cmd_info(a: argparse.Namespace) -> int:
 
     dev = resolve_device(a.device, "--device")
     ck = load_full(a.model)
+    if ck.tokenizer is None and ck.format == "hf":  # a broken tokenizer file is an error (exit 2), not "no tokenizer"
+        from lmforge.tokenizer import Tokenizer
+
+        Tokenizer.from_dir_if_present(ck.path)
     cfg, model = ck.cfg, ck.model
     path = decode_path(ck, dev)
     info = {

@@ -126,5 +126,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(pass --api-key or set LMFORGE_API_KEY)", a.host)
     log.info("serving %s on http://%s:%d (chat page at /, API at /v1)", st.model_id, a.host, a.port)
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False)
+    from lmforge.serve.middleware import header_timeout_protocol
+
+    # keep-alive: an idle connection closes after 5 s; a request's headers must arrive within HEADER_TIMEOUT_S
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=False, timeout_keep_alive=5,
+                http=header_timeout_protocol())
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import random
 from collections import Counter, defaultdict
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge.data.bounds import MAX_FIELD_CHARS
 from lmforge.errors import DataError
 
 FORMATS = ("csv", "tsv", "jsonl")
@@ -209,7 +211,9 @@ def read_examples(
     """Read classification examples; ``label_column=None`` reads unlabelled text for prediction.
 
     Rows whose text (or text pair) is empty are skipped and counted, or rejected with ``strict=True``.
-    Labels are stripped and stringified, so JSON 0/1 become "0"/"1".
+    Labels are stripped and stringified, so JSON 0/1 become "0"/"1"; a number in a text field is used as its
+    text too, with one warning naming the first such row (it is usually a column mix-up). A text longer than
+    ``MAX_FIELD_CHARS`` is refused with the row named (see data/bounds.py).
     """
     path = Path(path)
     kind = detect_format(path, fmt)
@@ -222,9 +226,14 @@ def read_examples(
 
     examples: list[Example] = []
     skipped = 0
+    numeric: list[str] = []  # "line N: field 'text' (5)" of each row whose text field holds a number
 
     def add(where: str, raw_text: str | None, raw_label: str | None, raw_pair: str | None) -> None:
         nonlocal skipped
+        for col, raw in ((text_column, raw_text), (text_pair_column, raw_pair)):
+            if raw is not None and len(raw) > MAX_FIELD_CHARS:
+                raise DataError(f"{path}: {where}: field {col!r} holds {len(raw):,} characters, over the limit of "
+                                f"{MAX_FIELD_CHARS:,} for one text (split the document or drop the row)")
         t = (raw_text or "").strip()
         p = (raw_pair or "").strip() if text_pair_column is not None else None
         if not t or (text_pair_column is not None and not p):
@@ -267,6 +276,9 @@ def read_examples(
                         f"{path}: {where}: missing {what} field {col!r}; fields found: "
                         f"{', '.join(map(repr, obj.keys())) or '(none)'}"
                     )
+            for col in (text_column, text_pair_column):
+                if col is not None and isinstance(obj[col], (int, float)):  # bool too
+                    numeric.append(f"{where}: field {col!r} ({json.dumps(obj[col])})")
             add(
                 where,
                 _cell(obj[text_column], path, where, text_column),
@@ -275,6 +287,10 @@ def read_examples(
                 if text_pair_column is not None
                 else None,
             )
+    if numeric:
+        more = f" (and {len(numeric) - 1} more row(s))" if len(numeric) > 1 else ""
+        logging.getLogger("lmforge").warning("%s: %s holds a number, not text; it is used as the text%s", path,
+                                             numeric[0], more)
     return ReadResult(examples=examples, skipped_empty=skipped, path=path, fmt=kind, columns=list(columns))
 
 
@@ -305,6 +321,14 @@ def build_label_map(train_examples: Sequence[Example], path: str | Path | None =
             f"{where}training data has only one label ({next(iter(labels))!r}); a classifier needs at least two"
         )
     return sorted(labels, key=_label_sort_key(labels))  # type: ignore[arg-type]
+
+
+def case_collisions(labels: Iterable[str]) -> list[list[str]]:
+    """Groups of labels that differ only by case ("POS", "pos"): they are separate classes, which is rarely meant."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for label in labels:
+        groups[label.casefold()].append(label)
+    return [sorted(g) for _, g in sorted(groups.items()) if len(g) > 1]
 
 
 def check_eval_labels(eval_examples: Sequence[Example], labels: Sequence[str], path: str | Path) -> None:

@@ -46,6 +46,11 @@ _PIECE_CHARS = 1 << 16  # texts handed to the Rust tokenizer per batch item (it 
 # A cut right after a newline that ends a non-blank line and precedes non-space text does not change how
 # a byte-level (GPT-2 regex) pre-tokenizer splits the text, so chunks tokenize exactly like the whole file.
 _SAFE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+# A line longer than this many reads (or pieces) is cut before a single space between two non-space characters,
+# which starts a pre-token in every pre-tokenizer lmforge loads (byte-level, Metaspace, whitespace), so one huge
+# line never reaches the tokenizer whole; a line without such a space is cut where it stands.
+_SPACE_CUT = re.compile(r"(?<=\S) (?=\S)")
+_LONG_LINE = 4
 
 
 # ---- files -----------------------------------------------------------------------------------------
@@ -94,6 +99,8 @@ def read_text_chunks(path: Path, read_bytes: int = _READ_BYTES) -> Iterator[str]
                     yield pending
                 return
             cut = _last_safe_cut(pending)
+            if cut == 0 and len(pending) > _LONG_LINE * read_bytes:
+                cut = _last_space_cut(pending)
             if cut > 0:
                 yield pending[:cut]
                 pending = pending[cut:]
@@ -113,8 +120,17 @@ def _last_safe_cut(text: str) -> int:
     return 0
 
 
+def _last_space_cut(text: str) -> int:
+    """Index of the last space of `text` that may start a piece (see _SPACE_CUT), else len(text)."""
+    last = None
+    for last in _SPACE_CUT.finditer(text, max(0, len(text) - _PIECE_CHARS)):  # noqa: B007 - we want the last
+        pass
+    return last.start() if last is not None else len(text)
+
+
 def split_pieces(text: str, size: int = _PIECE_CHARS) -> list[str]:
-    """Cut `text` at safe points into pieces of about `size` characters (a piece may be longer)."""
+    """Cut `text` at safe points into pieces of about `size` characters (a piece may be longer, up to
+    _LONG_LINE x size before it is cut at spaces)."""
     if len(text) <= size:
         return [text]
     pieces, start = [], 0
@@ -123,7 +139,18 @@ def split_pieces(text: str, size: int = _PIECE_CHARS) -> list[str]:
             pieces.append(text[start:m.end()])
             start = m.end()
     pieces.append(text[start:])
-    return [p for p in pieces if p]
+    out = []
+    for p in pieces:
+        start = 0
+        while len(p) - start > _LONG_LINE * size:  # a long line: cut at its last space within `size`
+            last = None
+            for last in _SPACE_CUT.finditer(p, start + 1, start + size):  # noqa: B007 - we want the last match
+                pass
+            cut = last.start() if last is not None else start + size
+            out.append(p[start:cut])
+            start = cut
+        out.append(p[start:] if start else p)
+    return [p for p in out if p]
 
 
 def fingerprint_files(files: Sequence[Path]) -> list[list[Any]]:

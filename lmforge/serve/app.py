@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.errors import LmforgeError
 from lmforge.serve import openai_routes, server_routes, task_routes
 from lmforge.serve.errors import ApiError, error_response
-from lmforge.serve.middleware import Gate
+from lmforge.serve.middleware import Gate, header_timeout_protocol
 from lmforge.serve.server_routes import STATIC
 from lmforge.serve.settings import Embedder, ServeSettings
 from lmforge.serve.state import ServerState
@@ -85,7 +85,7 @@ class BackgroundServer:
         self.host, self.port = host, self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         cfg = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30,
-                             backlog=1024)
+                             backlog=1024, http=header_timeout_protocol())
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True,
                                        name="lmforge-uvicorn")

@@ -6,6 +6,9 @@ local server. A form or `text/plain` POST is a "simple" cross-site request that 
 requiring `application/json` forces a CORS preflight, which fails because we send no CORS headers (unless
 `cors_origin` names a trusted page). DNS rebinding (evil.example re-resolving to 127.0.0.1) makes the browser
 treat the server as same-origin, but the Host header still says evil.example, so we refuse foreign hosts.
+
+Below the ASGI layer, `header_timeout_protocol` closes connections whose request headers do not arrive in time:
+an ASGI middleware never sees a request whose headers are incomplete.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmforge.serve")
 LOCAL_NAMES = ("127.0.0.1", "localhost", "::1")
+HEADER_TIMEOUT_S = 10.0  # time a client has to send a request's headers (read when a wait starts)
 
 
 def host_name(host: str) -> str:
@@ -128,3 +132,48 @@ class Gate:
             (b"access-control-allow-headers", b"Authorization, Content-Type"),
             (b"access-control-max-age", b"600")]})
         await send({"type": "http.response.body", "body": b""})
+
+
+def header_timeout_protocol(seconds: float | None = None) -> type:
+    """uvicorn's HTTP protocol class (httptools when installed, else h11) that closes a connection whose request
+    headers are not complete `seconds` (default HEADER_TIMEOUT_S) after it opened or after the first byte of a
+    keep-alive connection's next request. Neither uvicorn nor h11 has such a timeout: a client that sends half a
+    header (slowloris) would otherwise hold a connection and a file descriptor forever."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderTimeoutProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+        _header_timer = None
+        _armed_cycle = None  # the request cycle current when the wait began: a new one means headers arrived
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            if self._header_timer is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm()  # the first byte of the next request on a keep-alive connection
+            super().data_received(data)
+            if self._header_timer is not None and self.cycle is not self._armed_cycle:
+                self._disarm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._armed_cycle = self.cycle
+            wait = HEADER_TIMEOUT_S if seconds is None else seconds
+            self._header_timer = self.loop.call_later(wait, self._headers_too_slow, wait)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self, wait: float) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                log.debug("closing a connection from %s: no complete request headers within %g s", self.client, wait)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol

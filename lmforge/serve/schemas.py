@@ -3,6 +3,9 @@
 Bounds here are what the model code can run without failing: a value the decoder cannot use (a seed beyond
 64 bits, a temperature so small that logits overflow, NaN) is a 400 naming the field, never a 500.
 
+Nothing is coerced: a value of the wrong JSON type (`max_tokens: true`, `n: "2"`, `stream: 1`) is a 400 naming the
+field (integers may be given for floats, as JSON does not tell them apart).
+
 Nothing is silently ignored: a field no schema declares is a 400 naming it, and OpenAI parameters that lmforge
 does not implement (tools, response_format with a schema, logit_bias, ...) are a 400 that says so, unless their
 value asks for nothing (`tools: []`, `response_format: {"type": "text"}`); see NOT_IMPLEMENTED.
@@ -57,7 +60,9 @@ NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 class RequestBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # unknown fields are a 400 naming them (see NOT_IMPLEMENTED)
+    # unknown fields are a 400 naming them (see NOT_IMPLEMENTED); strict: a value of the wrong JSON type is a 400
+    # naming the field, never coerced (`max_tokens: true` is not 1, `"5"` is not 5, `stream: 1` is not true)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 def _temperature(v: float) -> float:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data import datasets, readers
+from lmforge.data.bounds import clip_for_tokens
 from lmforge.data.readers import Example
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.tasks.common import (
@@ -125,20 +126,28 @@ def load_eval_examples(data: str, c: ClassifyConfig, limit: int | None = None) -
 # ---- features ----------------------------------------------------------------------------------------
 def encode(tokenizer, examples: list[Example], label_ids: dict[str, int] | None, max_length: int,
            glove: bool = False) -> list[dict[str, Any]]:
-    """Token ids (unpadded) + label id for each example; padding happens per batch (dynamic)."""
+    """Token ids (unpadded) + label id for each example; padding happens per batch (dynamic). Texts are cut by
+    characters before tokenizing, to what `max_length` tokens need (data/bounds.py)."""
     feats: list[dict[str, Any]] = []
     if glove:
-        for e in examples:
-            text = e.text if e.text_pair is None else f"{e.text} {e.text_pair}"
+        joined = [e.text if e.text_pair is None else f"{e.text} {e.text_pair}" for e in examples]
+        joined = clip_for_tokens(joined, max_length, lambda ts: [len(tokenizer.encode(t)) for t in ts])
+        for e, text in zip(examples, joined):
             ids = tokenizer.encode(text, max_length) or [tokenizer.pad_id]
             feats.append({"input_ids": ids, "label": label_ids[e.label] if label_ids else -1})
         return feats
+
+    def count(texts: list[str]) -> list[int]:
+        return [len(ids) for ids in tokenizer.encode_batch(texts, add_special_tokens=False, truncation=False,
+                                                           padding=False, return_tensors=None)["input_ids"]]
+
+    texts = clip_for_tokens([e.text for e in examples], max_length, count)
     pairs = [e.text_pair for e in examples] if any(e.text_pair is not None for e in examples) else None
     if pairs is not None:
-        pairs = [p or "" for p in pairs]
+        pairs = clip_for_tokens([p or "" for p in pairs], max_length, count)
     for s in range(0, len(examples), 1024):
         chunk = examples[s: s + 1024]
-        enc = tokenizer.encode_batch([e.text for e in chunk], pairs=None if pairs is None else pairs[s: s + 1024],
+        enc = tokenizer.encode_batch(texts[s: s + 1024], pairs=None if pairs is None else pairs[s: s + 1024],
                                      max_length=max_length, padding=False, return_tensors=None)
         for i, e in enumerate(chunk):
             f = {"input_ids": enc["input_ids"][i], "label": label_ids[e.label] if label_ids else -1}
@@ -239,6 +248,9 @@ def train(c: ClassifyConfig, tc, resume: bool = False, log=print) -> dict[str, A
     if c.padding_side not in ("left", "right"):
         raise ConfigError(f"--padding-side must be left or right, got {c.padding_side!r}")
     train_ex, eval_ex, labels, info = load_data(c, seed=tc.seed)
+    for group in readers.case_collisions(labels):
+        log(f"warning: labels {', '.join(map(repr, group))} differ only by case; they train as {len(group)} separate "
+            "classes (make them one spelling in the data to merge them)")
     check_validation(len(eval_ex), "classify")
     label_ids = {lab: i for i, lab in enumerate(labels)}
     seed_everything(tc.seed)

@@ -32,6 +32,7 @@ from lmforge.tokenizer.chat_template import render_chat_template
 from lmforge.tokenizer.gguf import load_gguf
 from lmforge.tokenizer.train import train_bpe_backend
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt")  # what from_dir builds from
 SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "cls_token", "sep_token", "mask_token")
 # transformers writes this "no limit" sentinel (int(1e30)) as model_max_length; we read it as None.
 _NO_LIMIT = 10**12
@@ -424,6 +425,15 @@ class Tokenizer:
                    clean_up_tokenization_spaces=bool(cfg.get("clean_up_tokenization_spaces", False)),
                    token_type_ids=("token_type_ids" in names) if isinstance(names, list) else None,
                    source=str(d))
+
+    @classmethod
+    def from_dir_if_present(cls, path: str | Path) -> Tokenizer | None:
+        """`from_dir`, or None when the directory holds no tokenizer files at all: a model directory without a
+        tokenizer is still a model, but a tokenizer file that is there and broken is an error naming it."""
+        d = Path(path)
+        if not any((d / name).is_file() for name in TOKENIZER_FILES):
+            return None
+        return cls.from_dir(d)
 
     @classmethod
     def from_gguf(cls, path_or_reader) -> Tokenizer:
