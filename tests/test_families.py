@@ -248,3 +248,26 @@ def test_a_decode_step_runs_only_the_chosen_experts(case, dirs):
             model(ids[:, t:t + 1], position_ids=torch.tensor([[t]]))
         k = model.cfg.n_experts_active
         assert all(sum(1 for la, _ in ran if la == li) == k for li in moe_layers), ran
+
+
+@pytest.mark.parametrize("case", ["qwen3_moe", "phi3"])
+def test_auto_decode_stays_eager_quietly_where_a_capture_cannot_hold(case, dirs, caplog):
+    """A mixture picks its experts per token and longrope its frequencies per position: "auto" runs them eagerly,
+    says why in the decode path, and does not warn (asking for "trace" by name does)."""
+    import logging
+
+    from lmforge.decoding import DecodeOptions, GenerationConfig, generate
+
+    model = load_checkpoint(dirs[case], tokenizer=False).model.eval()
+    ids = torch.randint(3, VOCAB, (1, 4), generator=torch.Generator().manual_seed(5))
+    want = greedy(model, ids, 20)[0, 4:].tolist()
+    opts = DecodeOptions("auto")
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        got = generate(model, ids, None, GenerationConfig(max_new_tokens=20, stop_token_ids=[]), opts)
+    assert got[0] == want
+    assert opts.path.startswith("eager (") and ("mixture" in opts.path or "longrope" in opts.path), opts.path
+    assert not caplog.records
+    opts = DecodeOptions("trace")
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        generate(model, ids, None, GenerationConfig(max_new_tokens=4), opts)
+    assert any("not traced" in r.getMessage() for r in caplog.records)

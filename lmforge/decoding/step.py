@@ -228,8 +228,9 @@ class DecodeRuntime:
             why = why or (f"an earlier trace failed: {self.trace_failed}" if self.trace_failed else None)
         if why:
             opts.path = f"eager ({why})"
-            _log.warning("decode step: not %s, running the eager step: %s",
-                         "compiled" if want == "compile" else "traced", why)
+            # asked for by name: a warning; chosen by "auto" for a model it cannot capture: said in the path only
+            log = _log.warning if opts.compile != "auto" else _log.info
+            log("decode step: not %s, running the eager step: %s", "compiled" if want == "compile" else "traced", why)
             return "eager"
         return want
 
