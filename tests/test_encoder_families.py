@@ -68,13 +68,19 @@ def test_hidden_states_and_pooler_match(case, padding, tmp_path):
     assert (torch.tanh(ours.pooler(h[:, 0])) - ref.pooler_output)[mask[:, 0].bool()].abs().max() < TOL
 
 
+def classifier_from(hf, path) -> SequenceClassifier:
+    """A transformers *ForSequenceClassification saved to `path`, loaded as lmforge's classifier (3 labels)."""
+    hf.save_pretrained(path)
+    ck = load_checkpoint(path, tokenizer=False)
+    model = SequenceClassifier(ck.model, 3).eval()
+    load_into(model.score, {k.split(".", 1)[1]: v for k, v in ck.heads.items()}, "test")
+    return model
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_sequence_classifier_loads_and_saves_back(case, tmp_path):
     hf = make(case, head=True)
-    hf.save_pretrained(tmp_path / "hf")
-    ck = load_checkpoint(tmp_path / "hf", tokenizer=False)
-    model = SequenceClassifier(ck.model, 3).eval()
-    load_into(model.score, {k.split(".", 1)[1]: v for k, v in ck.heads.items()}, "test")
+    model = classifier_from(hf, tmp_path / "hf")
     ids, mask = batch("right")
     with torch.no_grad():
         want = hf(ids, attention_mask=mask).logits
@@ -142,11 +148,7 @@ def test_distilbert_hidden_states_match(padding, tmp_path):
 def test_distilbert_classifier_loads_trains_and_saves_back(tmp_path):
     torch.manual_seed(0)
     hf = transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(**DISTIL, num_labels=3))
-    hf = hf.eval()
-    hf.save_pretrained(tmp_path / "hf")
-    ck = load_checkpoint(tmp_path / "hf", tokenizer=False)
-    model = SequenceClassifier(ck.model, 3).eval()
-    load_into(model.score, {k.split(".", 1)[1]: v for k, v in ck.heads.items()}, "test")
+    model = classifier_from(hf.eval(), tmp_path / "hf")
     ids, mask = batch("right")
     with torch.no_grad():
         want = hf(ids, attention_mask=mask).logits
