@@ -1,7 +1,8 @@
 """Prefill and batch-1 decode of real-size family shapes (random weights: speed does not depend on the values).
 
     python benchmarks/families.py [--shapes qwen2.5-0.5b,llama-3.2-1b,qwen3-moe,qwen3-moe-dense]
-                                  [--impls lmforge-int4,lmforge-int8,transformers,llama.cpp-q4_0,llama.cpp-q8_0]
+                                  [--impls lmforge-int4,lmforge-int8,transformers,lmforge-q4_0,llama.cpp-q4_0,
+                                           llama.cpp-q8_0]
                                   [--prompt-tokens 512] [--new-tokens 32] [--threads 2] [--moe-layers 2]
                                   [--out benchmarks/results/families.json]
 
@@ -12,10 +13,12 @@ together (8 x 768), i.e. the same active parameters. Decode time that follows ac
 as qwen3-moe's decode tokens/s close to qwen3-moe-dense's, though it holds 16x the MLP weights.
 
 Each shape is built once by transformers from its config class (random init), saved in bfloat16 under
-benchmarks/.cache/families/. lmforge-int4 / -int8 load that directory with --quantize 4 / 8 (int4 blocks + int8
-head / int8), the int4/int8 default path of a quantized GGUF; transformers runs it in float32. llama.cpp (when
-llama-cpp-python is installed) runs the GGUF that `lmforge export --type q4_0 / q8_0` writes, for the families
-lmforge exports (llama). Every implementation in its own subprocess, 2 threads; the prompt is random ids.
+benchmarks/.cache/families/ with a small byte-level tokenizer (a GGUF must carry one; the prompt is random ids, so
+its vocabulary does not matter). lmforge-int4 / -int8 load that directory with --quantize 4 / 8 (int4 blocks +
+int8 head / int8); transformers runs it in float32. For the families lmforge exports to GGUF (llama, qwen2, qwen3),
+`lmforge export --type q4_0 / q8_0` writes the file that llama.cpp-q4_0 / -q8_0 run (llama-cpp-python, when
+installed) and that lmforge-q4_0 loads on its default path (Generator.load: the Q4_0 blocks as int4 layers): the
+same file on both sides. Every implementation in its own subprocess, 2 threads.
   prefill_s   time to the first new token for the prompt (one forward of prompt_tokens, one step)
   decode_tok_s  new tokens per second after the first
 """
@@ -43,7 +46,8 @@ from common import (
 
 CACHE = REPO_ROOT / "benchmarks" / ".cache" / "families"
 SHAPES = ("qwen2.5-0.5b", "llama-3.2-1b", "qwen3-moe", "qwen3-moe-dense")
-IMPLS = ("lmforge-int4", "lmforge-int8", "transformers", "llama.cpp-q4_0", "llama.cpp-q8_0")
+IMPLS = ("lmforge-int4", "lmforge-int8", "transformers", "lmforge-q4_0", "llama.cpp-q4_0", "llama.cpp-q8_0")
+EXPORTS = {"qwen2.5-0.5b": "qwen2", "llama-3.2-1b": "llama", "qwen3-moe-dense": "qwen3"}  # shapes with a GGUF export
 
 
 def hf_config(shape: str, moe_layers: int):
@@ -72,6 +76,8 @@ def build(shape: str, moe_layers: int) -> Path:
     """The shape's HF directory (random weights, bfloat16), built once."""
     d = CACHE / (shape if not shape.startswith("qwen3-moe") else f"{shape}-{moe_layers}l")
     if (d / "config.json").is_file():
+        if not (d / "tokenizer.json").is_file():  # a directory built before the benchmark saved one
+            tokenizer().save(d)
         return d
     import torch
     import transformers
@@ -81,18 +87,33 @@ def build(shape: str, moe_layers: int) -> Path:
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     d.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(d)
+    tokenizer().save(d)
     return d
 
 
+def tokenizer():
+    """A byte-level BPE of a few hundred tokens (what a GGUF needs to carry; the benchmark feeds random ids)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from lmforge.tokenizer import Tokenizer
+
+    b = Backend(models.BPE())
+    b.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    b.decoder = decoders.ByteLevel()
+    b.train_from_iterator(["The quick brown fox jumps over the lazy dog."] * 4, trainers.BpeTrainer(
+        vocab_size=300, show_progress=False, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return Tokenizer(b, eos_token="<|endoftext|>", pad_token="<|endoftext|>", add_bos=False)
+
+
 def export_gguf(d: Path, kind: str) -> Path:
+    """lmforge's GGUF export of the directory (made once)."""
     out = d / f"model.{kind}.gguf"
     if not out.is_file():
-        from lmforge.checkpoints import load
-
-        model, _ = load(d)
         from lmforge.tasks.export import export
 
-        export(model, out, format="gguf", type=kind)
+        export(d, out, format="gguf", type=kind)
     return out
 
 
@@ -119,7 +140,20 @@ def worker(impl: str, d: Path, n_prompt: int, new: int, threads: int, reps: int)
 
     set_threads(threads)
     ids = torch.randint(10, 30000, (1, n_prompt), generator=torch.Generator().manual_seed(0))
-    if impl.startswith("lmforge"):
+    if impl == "lmforge-q4_0":
+        from lmforge.decoding import DecodeOptions, DecodeRuntime, GenerationConfig, stream_tokens
+        from lmforge.generator import Generator
+
+        model = Generator.load(export_gguf(d, "q4_0")).model  # the default path: the file's blocks as int4 layers
+        runtime, gc = DecodeRuntime(model), GenerationConfig(max_new_tokens=new, stop_token_ids=[])
+
+        def run() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            first = None
+            for _ in stream_tokens(model, ids, None, gc, DecodeOptions("auto"), runtime):
+                first = first or time.perf_counter() - t0
+            return first, time.perf_counter() - t0
+    elif impl.startswith("lmforge"):
         from lmforge.checkpoints import load_checkpoint
         from lmforge.decoding import DecodeOptions, DecodeRuntime, GenerationConfig, stream_tokens
         from lmforge.quant import DECODE_PRESETS, quantize_model
@@ -196,8 +230,8 @@ def main() -> None:
         d = build(shape, a.moe_layers)
         total, active = params(d)
         for impl in a.impls.split(","):
-            if impl.startswith("llama.cpp") and not shape.startswith("llama"):
-                rows.append({"shape": shape, "impl": impl, "note": "lmforge exports llama, gemma3, gpt2 GGUFs only"})
+            if impl.endswith(("q4_0", "q8_0")) and shape not in EXPORTS:
+                rows.append({"shape": shape, "impl": impl, "note": "no GGUF export for this family yet"})
                 continue
             print(f"running {impl} on {shape} ...", file=sys.stderr, flush=True)
             r = run_worker([__file__, "--worker", impl, "--dir", str(d), "--prompt-tokens", str(a.prompt_tokens),

@@ -32,7 +32,7 @@ from lmforge.io import atomic_write
 __all__ = ["ExportError", "GGUF_TYPES", "GGUF_ARCHITECTURES", "check_exportable", "write_gguf"]
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-GGUF_ARCHITECTURES = ("llama", "gemma3", "gpt2")  # families llama.cpp runs as causal LMs, same names there
+GGUF_ARCHITECTURES = ("llama", "gemma3", "gpt2", "qwen2", "qwen3")  # families exported, same arch names there
 _QK_BLOCK = 32  # q8_0 / q4_0 quantize rows in blocks of 32 values
 _GEMMA_SWA_PATTERN = 6  # llama.cpp's gemma3 hard-codes: every 6th layer global, the rest sliding
 
@@ -59,11 +59,16 @@ def check_exportable(cfg: ModelConfig, source: str) -> None:
         hint = " (bert embedding models: use --format hf)" if fam == "bert" else ""
         raise ExportError(f"{source}: family {fam!r} cannot be exported to GGUF; llama.cpp runs "
                           f"{', '.join(GGUF_ARCHITECTURES)} here{hint}")
-    want: dict[str, Any] = {"causal": True, "rotary_fraction": 1.0}
+    want: dict[str, Any] = {"causal": True, "rotary_fraction": 1.0, "n_experts": 0}
+    llama_like = dict(norm="rmsnorm", norm_offset=0.0, norm_placement="pre", mlp="swiglu", activation="silu",
+                      position="rotary", sliding_window=None, embed_scale=None, attn_softcap=None,
+                      final_softcap=None, mlp_bias=False)
     if fam == "llama":
-        want |= dict(norm="rmsnorm", norm_offset=0.0, norm_placement="pre", mlp="swiglu", activation="silu",
-                     position="rotary", qk_norm=False, sliding_window=None, embed_scale=None,
-                     attn_softcap=None, final_softcap=None)
+        want |= llama_like | dict(qk_norm=False)
+    elif fam == "qwen2":  # llama.cpp's qwen2: q/k/v biases, none on o; it runs no sliding window
+        want |= llama_like | dict(qk_norm=False, attn_bias=True, attn_out_bias=False)
+    elif fam == "qwen3":  # llama.cpp's qwen3: per-head q/k norms, no biases
+        want |= llama_like | dict(qk_norm=True, qk_norm_scope="head", attn_bias=False)
     elif fam == "gemma3":
         want |= dict(norm="rmsnorm", norm_offset=1.0, norm_placement="sandwich", mlp="geglu",
                      activation="gelu_tanh", position="rotary", qk_norm=True, attn_softcap=None,
