@@ -17,8 +17,8 @@ benchmarks/.cache/families/ with a small byte-level tokenizer (a GGUF must carry
 its vocabulary does not matter). lmforge-int4 / -int8 load that directory with --quantize 4 / 8 (int4 blocks +
 int8 head / int8); transformers runs it in float32. For the families lmforge exports to GGUF (llama, qwen2, qwen3),
 `lmforge export --type q4_0 / q8_0` writes the file that llama.cpp-q4_0 / -q8_0 run (llama-cpp-python, when
-installed) and that lmforge-q4_0 loads on its default path (Generator.load: the Q4_0 blocks as int4 layers): the
-same file on both sides. Every implementation in its own subprocess, 2 threads.
+installed) and that lmforge-q4_0 / -q8_0 load on the default path (Generator.load: the blocks as int4 / int8
+layers): the same file on both sides. Every implementation in its own subprocess, 2 threads.
   prefill_s   time to the first new token for the prompt (one forward of prompt_tokens, one step)
   decode_tok_s  new tokens per second after the first
 """
@@ -46,7 +46,8 @@ from common import (
 
 CACHE = REPO_ROOT / "benchmarks" / ".cache" / "families"
 SHAPES = ("qwen2.5-0.5b", "llama-3.2-1b", "qwen3-moe", "qwen3-moe-dense")
-IMPLS = ("lmforge-int4", "lmforge-int8", "transformers", "lmforge-q4_0", "llama.cpp-q4_0", "llama.cpp-q8_0")
+IMPLS = ("lmforge-int4", "lmforge-int8", "transformers", "lmforge-q4_0", "llama.cpp-q4_0", "lmforge-q8_0",
+         "llama.cpp-q8_0")
 EXPORTS = {"qwen2.5-0.5b": "qwen2", "llama-3.2-1b": "llama", "qwen3-moe-dense": "qwen3"}  # shapes with a GGUF export
 
 
@@ -140,11 +141,11 @@ def worker(impl: str, d: Path, n_prompt: int, new: int, threads: int, reps: int)
 
     set_threads(threads)
     ids = torch.randint(10, 30000, (1, n_prompt), generator=torch.Generator().manual_seed(0))
-    if impl == "lmforge-q4_0":
+    if impl in ("lmforge-q4_0", "lmforge-q8_0"):
         from lmforge.decoding import DecodeOptions, DecodeRuntime, GenerationConfig, stream_tokens
         from lmforge.generator import Generator
 
-        model = Generator.load(export_gguf(d, "q4_0")).model  # the default path: the file's blocks as int4 layers
+        model = Generator.load(export_gguf(d, impl.split("-")[1])).model  # default path: the blocks as int4/int8
         runtime, gc = DecodeRuntime(model), GenerationConfig(max_new_tokens=new, stop_token_ids=[])
 
         def run() -> tuple[float, float]:
@@ -244,12 +245,13 @@ def main() -> None:
         ref = {r["impl"]: r for r in rows if r["shape"] == shape and "decode_tok_s" in r}
         for r in rows:
             if r["shape"] == shape and "decode_tok_s" in r:
-                for peer, key in (("transformers", "vs_transformers"), ("llama.cpp-q4_0", "vs_llamacpp_q4_0")):
+                same_file = "llama.cpp-" + r["impl"].split("-")[1] if r["impl"].startswith("lmforge-q") else None
+                for peer, key in (("transformers", "vs_transformers"), (same_file, "vs_llamacpp_same_file")):
                     if peer in ref and r["impl"] != peer:
                         r[key] = round(r["decode_tok_s"] / ref[peer]["decode_tok_s"], 2)
     cols = [("shape", "shape"), ("impl", "impl"), ("total_params_m", "total M"), ("active_params_m", "active M"),
             ("prefill_s", "prefill s"), ("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s"),
-            ("vs_transformers", "decode vs transformers"), ("vs_llamacpp_q4_0", "decode vs llama.cpp q4_0"),
+            ("vs_transformers", "decode vs transformers"), ("vs_llamacpp_same_file", "decode vs llama.cpp, same file"),
             ("peak_mb", "peak MB"), ("note", "note"), ("error", "error")]
     print(format_table(rows, cols))
     machine = {**machine_info(), "peaks": measured_peaks(a.threads)}
