@@ -29,7 +29,7 @@ class Generator:
             raise TokenizerError(f"{name or 'model'}: no tokenizer found, cannot generate text")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.compile = DecodeOptions(compile).compile  # checked; a per-call compile=... overrides it
-        self.runtime = DecodeRuntime(model)  # what this Generator's decode steps captured (traces, compiles)
+        self._runtime = DecodeRuntime(model)  # what this Generator's decode steps captured (traces, compiles)
         self.decode_step = "eager (nothing decoded yet)"  # what the last call ran, and why (DecodeOptions.path)
 
     @classmethod
@@ -54,6 +54,20 @@ class Generator:
         if isinstance(mode, int):
             model = quantize_model(model, **DECODE_PRESETS[mode])
         return cls(model, tok, str(name_or_path), compile=compile)
+
+    @property
+    def runtime(self) -> DecodeRuntime:
+        """The DecodeRuntime of `self.model`; a new one when the model object was replaced (its captures belong to
+        the old one)."""
+        if self._runtime.model is not self.model:
+            self._runtime = DecodeRuntime(self.model)
+        return self._runtime
+
+    @runtime.setter
+    def runtime(self, runtime: DecodeRuntime) -> None:
+        if runtime.model is not self.model:
+            raise GenerationError("Generator.runtime: the DecodeRuntime belongs to another model")
+        self._runtime = runtime
 
     @property
     def runs_on(self) -> str:

@@ -162,3 +162,15 @@ def test_bad_arguments(pair):
             generate(ours, PROMPT, gc=GenerationConfig(top_p=bad))
     with pytest.raises(GenerationError, match="exceeds the model's context length"):
         generate(ours, torch.ones(1, 120, dtype=torch.long), gc=GenerationConfig(max_new_tokens=20))
+
+
+def test_a_runtime_serves_only_its_own_model(pair):
+    """Captures hold a model's tensors: a runtime passed with another model is refused, and a Generator whose model
+    object is replaced gets a new runtime instead of decoding through the old model's."""
+    from lmforge.decoding import DecodeRuntime, GenerationConfig, stream_tokens
+    from lmforge.errors import GenerationError
+
+    _, ours = pair
+    other = DecodeRuntime(torch.nn.Linear(2, 2))
+    with pytest.raises(GenerationError, match="belongs to another model"):
+        next(stream_tokens(ours, PROMPT, None, GenerationConfig(max_new_tokens=2), runtime=other))

@@ -38,6 +38,8 @@ def stream_tokens(model: Transformer, input_ids: torch.Tensor, attention_mask: t
     if gc.seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(gc.seed)
     stop = torch.tensor(stop_ids(model, gc), dtype=torch.long, device=input_ids.device)
+    if runtime is not None and runtime.model is not model:
+        raise GenerationError("stream_tokens: the DecodeRuntime belongs to another model")
     stepper = Stepper(runtime or DecodeRuntime(model), input_ids, attention_mask, gc.max_new_tokens, decode)
     try:
         yield from _sample_loop(model, input_ids, attention_mask, gc, gen, stop, stepper)
