@@ -141,26 +141,19 @@ def worker(impl: str, d: Path, n_prompt: int, new: int, threads: int, reps: int)
 
     set_threads(threads)
     ids = torch.randint(10, 30000, (1, n_prompt), generator=torch.Generator().manual_seed(0))
-    if impl in ("lmforge-q4_0", "lmforge-q8_0"):
+    if impl.startswith("lmforge"):
         from lmforge.decoding import DecodeOptions, DecodeRuntime, GenerationConfig, stream_tokens
-        from lmforge.generator import Generator
 
-        model = Generator.load(export_gguf(d, impl.split("-")[1])).model  # default path: the blocks as int4/int8
-        runtime, gc = DecodeRuntime(model), GenerationConfig(max_new_tokens=new, stop_token_ids=[])
+        if impl in ("lmforge-q4_0", "lmforge-q8_0"):
+            from lmforge.generator import Generator
 
-        def run() -> tuple[float, float]:
-            t0 = time.perf_counter()
-            first = None
-            for _ in stream_tokens(model, ids, None, gc, DecodeOptions("auto"), runtime):
-                first = first or time.perf_counter() - t0
-            return first, time.perf_counter() - t0
-    elif impl.startswith("lmforge"):
-        from lmforge.checkpoints import load_checkpoint
-        from lmforge.decoding import DecodeOptions, DecodeRuntime, GenerationConfig, stream_tokens
-        from lmforge.quant import DECODE_PRESETS, quantize_model
+            model = Generator.load(export_gguf(d, impl.split("-")[1])).model  # default path: the blocks as int4/8
+        else:
+            from lmforge.checkpoints import load_checkpoint
+            from lmforge.quant import DECODE_PRESETS, quantize_model
 
-        # what Generator.load(quantize=4 | 8) builds (these random directories have no tokenizer)
-        model = quantize_model(load_checkpoint(d, tokenizer=False).model, **DECODE_PRESETS[int(impl[-1])])
+            # what Generator.load(quantize=4 | 8) builds (these random directories have no tokenizer)
+            model = quantize_model(load_checkpoint(d, tokenizer=False).model, **DECODE_PRESETS[int(impl[-1])])
         runtime, gc = DecodeRuntime(model), GenerationConfig(max_new_tokens=new, stop_token_ids=[])
 
         def run() -> tuple[float, float]:
