@@ -41,7 +41,13 @@ def make_hf_model(family: str, seed: int = 0, vocab: int = 96):
         model = transformers.BertModel(cfg)
     else:  # pragma: no cover
         raise ValueError(family)
-    with torch.no_grad():  # move every weight off its init value (norms start at 1 or 0)
+    return perturbed(model)
+
+
+def perturbed(model):
+    """The transformers model with every weight moved off its init value (norms start at 1 or 0, biases at 0),
+    in float32 and eval mode: a parity test on untouched norms would not see them."""
+    with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     return model.float().eval()

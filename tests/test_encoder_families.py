@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import perturbed
 
 from lmforge.checkpoints import load_checkpoint, save_pretrained
 from lmforge.checkpoints.hf import load_into
@@ -30,10 +31,7 @@ def make(case: str, head: bool = False):
     torch.manual_seed(0)
     cfg = CASES[case](**SMALL, num_labels=3)
     model = MODELS[case][1 if head else 0](cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.float().eval()
+    return perturbed(model)
 
 
 def batch(padding: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,10 +126,7 @@ DISTIL = dict(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, hidden_dim=96, ma
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
 def test_distilbert_hidden_states_match(padding, tmp_path):
     torch.manual_seed(0)
-    hf = transformers.DistilBertModel(transformers.DistilBertConfig(**DISTIL)).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    hf = perturbed(transformers.DistilBertModel(transformers.DistilBertConfig(**DISTIL)))
     hf.save_pretrained(tmp_path)
     ours = load_checkpoint(tmp_path, tokenizer=False).model
     assert ours.cfg.family == "distilbert" and ours.pooler is None

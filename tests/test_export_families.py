@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import perturbed
 
 from lmforge.checkpoints import load_checkpoint
 from lmforge.checkpoints.gguf_write import ExportError
@@ -26,10 +27,7 @@ def build(kind: str, vocab: int):
         m = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(vocab_size=vocab, **SMALL))
     else:
         m = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(vocab_size=vocab, head_dim=16, **SMALL))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m.eval()
+    return perturbed(m)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import perturbed
 
 from lmforge.checkpoints import load_checkpoint, save_pretrained
 from lmforge.config import ModelConfig
@@ -67,10 +68,7 @@ def make(case: str, seed: int = 0):
     cfg, cls = CASES[case]()
     torch.manual_seed(seed)
     model = cls(cfg)
-    with torch.no_grad():  # move every weight off its init value (norms start at 1 or 0, biases at 0)
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.float().eval()
+    return perturbed(model)
 
 
 @pytest.fixture(scope="module")

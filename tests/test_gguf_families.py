@@ -24,6 +24,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import perturbed
 from test_families import CASES, SMALL, VOCAB, make
 
 from lmforge.checkpoints import build_model, load_checkpoint
@@ -75,10 +76,7 @@ def build(case: str):
     cfg, cls = FAMILY_CASES[case]()
     torch.manual_seed(0)
     model = cls(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model.float().eval()
+    return perturbed(model)
 
 
 # ---- tiny tokenizers the converter accepts -------------------------------------------------------------------

@@ -22,9 +22,14 @@ class Stepper:
         self.opts = opts if opts is not None else DecodeOptions()
         self.key = (B, cache_bucket(T + max_new), dtype, dev)
         self.compiled = self.cudagraphs = self.traced = False
-        if self.opts.compile != "off":
-            runtime.refresh()  # a trace made before a weight or kernel-policy change must not be reused
+        # a trace made before a weight or kernel-policy change must not be reused: check (a walk over every tensor)
+        # before a plan that may reuse one, or before making one
+        refreshed = self.opts.compile != "off" and bool(runtime.traces)
+        if refreshed:
+            runtime.refresh()
         plan = runtime.plan(self.opts, self.key, max_new - 1)
+        if plan == "trace" and not refreshed:
+            runtime.refresh()
         if plan != "eager":
             self._setup_static(attention_mask, plan)
         else:
