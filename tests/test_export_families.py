@@ -6,6 +6,7 @@ qwen2 would ignore, is refused."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import perturbed
@@ -68,5 +69,121 @@ def test_a_qwen2_sliding_window_is_refused(dirs, tmp_path):
 def test_llama_cpp_decodes_the_export_as_lmforge_does(kind, dirs, tmp_path):
     llm = _llama(export(dirs[kind], tmp_path / "m.gguf", type="f32"))
     src = load_checkpoint(dirs[kind])
+    prompt = src.tokenizer.encode("The quick brown fox")
+    assert _greedy_llama_cpp(llm, prompt, 32) == _greedy_ours(src.model, prompt, 32)
+
+
+# ---- every decoder family (issue 35): round trip, and the same file llama.cpp's converter writes ---------------
+from test_families import CASES  # noqa: E402
+from test_gguf_families import (  # noqa: E402, F401 (converted: the module-scoped fixture, shared)
+    NO_WINDOW,
+    converted,
+    gguf_file,
+    reference,
+    save_bpe_tokenizer,
+)
+
+from lmforge.checkpoints.gguf_config import metadata_of, open_gguf  # noqa: E402
+from lmforge.checkpoints.gguf_tensors import tensor_rows  # noqa: E402
+from lmforge.tokenizer import Tokenizer  # noqa: E402
+
+EXPORTED = ["llama3", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "phi3", "gemma2"]
+
+
+def family_model(case: str, vocab: int):
+    """test_families' tiny model of `case` with a vocabulary of `vocab` and no feature llama.cpp cannot run:
+    Mistral/Mixtral/Qwen2 without their window, qwen3_moe without its dense layer."""
+    cfg, cls = CASES[case]()
+    cfg.vocab_size = vocab
+    if case in NO_WINDOW:
+        cfg.sliding_window = None
+        cfg.use_sliding_window = False
+    if case == "qwen3_moe":
+        cfg.mlp_only_layers = []
+    if case == "qwen3":
+        cfg.attention_bias = False  # llama.cpp's qwen3 has no q/k/v biases (export refuses them)
+    torch.manual_seed(0)
+    return perturbed(cls(cfg))
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    tok = byte_level_tokenizer()
+    out = {}
+    for case in EXPORTED:
+        d = tmp_path_factory.mktemp(f"export-{case}")
+        family_model(case, tok.vocab_size + 4).save_pretrained(d)
+        tok.save(d)
+        out[case] = d
+    return out
+
+
+@pytest.mark.parametrize("case", EXPORTED)
+def test_every_decoder_family_round_trips_through_gguf(case, family_dirs, tmp_path):
+    src = load_checkpoint(family_dirs[case])
+    ids = torch.randint(3, src.tokenizer.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    back = load_checkpoint(export(family_dirs[case], tmp_path / "m.gguf", type="f32"))
+    want = {"llama3": "llama", "mistral": "llama"}.get(case, case)  # llama.cpp's llama has no mistral
+    assert back.cfg.family == want
+    with torch.no_grad():
+        assert (back.model.logits(ids) - src.model.logits(ids)).abs().max() < 1e-4
+    if case in ("mixtral", "phi3"):  # 3-D expert tensors and fused projections, quantized
+        q8 = load_checkpoint(export(family_dirs[case], tmp_path / "q.gguf", type="q8_0"), dtype=torch.float32)
+        with torch.no_grad():
+            assert (q8.model.logits(ids) - q8_reference(src.model).logits(ids)).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("case", ["mistral", "mixtral", "qwen3_moe"])
+def test_what_llama_cpp_cannot_run_is_refused(case, tmp_path):
+    """Mistral / Mixtral with a window shorter than the context (llama.cpp's llama has none), a qwen3_moe with a
+    dense layer (llama.cpp's qwen3moe has none)."""
+    tok = byte_level_tokenizer()
+    d = tmp_path / "m"
+    cfg, cls = CASES[case]()  # the test_families case: a window / mlp_only_layers=[1]
+    cfg.vocab_size = tok.vocab_size + 4
+    cls(cfg).save_pretrained(d)
+    tok.save(d)
+    with pytest.raises(ExportError, match="sliding_window" if case != "qwen3_moe" else "dense_layers"):
+        export(d, tmp_path / "m.gguf", type="f32")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("case", [c for c in EXPORTED if c != "qwen3"])  # test_gguf_families' qwen3 has biases
+def test_the_export_is_the_file_llama_cpp_converter_writes(case, converted, tmp_path):  # noqa: F811
+    """Same architecture, model keys and tensors (names, shapes, f32 values) as convert_hf_to_gguf.py's file of the
+    same directory; the tokenizer keys are not compared (the converter's tokenizer is another one)."""
+    theirs = gguf_file(converted, case if case != "qwen3_moe" else "qwen3_moe_sparse")
+    d = converted[case if case != "qwen3_moe" else "qwen3_moe_sparse"]["dir"]
+    model = reference(case, d)
+    save_bpe_tokenizer(tmp_path)
+    ours = export(model, tmp_path / "ours.gguf", type="f32", tokenizer=Tokenizer.from_dir(tmp_path))
+    a, b = open_gguf(ours), open_gguf(theirs)
+    ma, mb = metadata_of(a), metadata_of(b)
+    arch = mb["general.architecture"]
+    assert ma["general.architecture"] == arch
+    keys_b = {k for k in mb if k.startswith(arch + ".")}
+    keys_a = {k for k in ma if k.startswith(arch + ".")}
+    assert keys_b - keys_a == set(), f"keys the converter writes and lmforge does not: {keys_b - keys_a}"
+    for k in keys_b:
+        va, vb = ma[k], mb[k]
+        if isinstance(vb, float):
+            assert va == pytest.approx(vb, rel=1e-6), k
+        else:
+            assert va == vb, k
+    ta = {t.name: t for t in a.tensors}
+    tb = {t.name: t for t in b.tensors}
+    assert sorted(ta) == sorted(tb)
+    for name, t in tb.items():
+        assert list(ta[name].shape) == list(t.shape), name
+        np.testing.assert_allclose(np.asarray(tensor_rows(ta[name]), np.float32),
+                                   np.asarray(tensor_rows(t), np.float32), rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("case", EXPORTED)
+def test_llama_cpp_decodes_every_family_export_as_lmforge_does(case, family_dirs, tmp_path):
+    llm = _llama(export(family_dirs[case], tmp_path / "m.gguf", type="f32"))
+    src = load_checkpoint(family_dirs[case])
     prompt = src.tokenizer.encode("The quick brown fox")
     assert _greedy_llama_cpp(llm, prompt, 32) == _greedy_ours(src.model, prompt, 32)

@@ -3,8 +3,11 @@
 The mirror of gguf.py (the reader): tensor names come from the same table read backwards, and what the
 reader undoes is done here, so `read_gguf(write_gguf(...))` gives back the same model:
 
-- llama: Q and K rows permuted per head into llama.cpp's interleaved rotary order;
-- gemma3: every RMSNorm weight stored as w + 1 (llama.cpp adds nothing at run time);
+- llama (Mistral and Mixtral are llama.cpp's llama): Q and K rows permuted per head into llama.cpp's
+  interleaved rotary order; Llama 3 rope scaling as `rope_freqs.weight` (per-frequency divisors);
+- gemma2 / gemma3: every RMSNorm weight stored as w + 1 (llama.cpp adds nothing at run time);
+- mixtures (mixtral, qwen3_moe): each layer's experts stacked into one 3-D tensor per projection;
+- phi3: fused q|k|v and gate|up as they are, longrope as `rope_factors_long/short.weight`;
 - gpt2: q/k/v fused into `attn_qkv`, weights in (out, in) layout.
 
 The tokenizer is written as llama.cpp reads it (`tokenizer.ggml.*`): byte-level BPE as model "gpt2" with its
@@ -28,13 +31,16 @@ from lmforge.checkpoints.hf import to_hf_state_dict
 from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write
+from lmforge.model.layers import longrope, rope_inv_freq
 
-__all__ = ["ExportError", "GGUF_TYPES", "GGUF_ARCHITECTURES", "check_exportable", "write_gguf"]
+__all__ = ["ExportError", "GGUF_TYPES", "GGUF_ARCH", "check_exportable", "write_gguf"]
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
-GGUF_ARCHITECTURES = ("llama", "gemma3", "gpt2", "qwen2", "qwen3")  # families exported, same arch names there
+# lmforge family -> the llama.cpp architecture it is exported as (Mistral and Mixtral are llama.cpp's llama)
+GGUF_ARCH = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+             "qwen3_moe": "qwen3moe", "olmo2": "olmo2", "phi3": "phi3", "gemma2": "gemma2", "gemma3": "gemma3",
+             "gpt2": "gpt2"}
 _QK_BLOCK = 32  # q8_0 / q4_0 quantize rows in blocks of 32 values
-_GEMMA_SWA_PATTERN = 6  # llama.cpp's gemma3 hard-codes: every 6th layer global, the rest sliding
 
 # llama.cpp token types (llama_token_type)
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
@@ -52,84 +58,142 @@ class ExportError(LmforgeError):
 
 
 # ---- checks: what llama.cpp can run ---------------------------------------------------------------
+ANY = object()  # a field llama.cpp's architecture takes as it is (written to the file)
+_LLAMA_LIKE = dict(norm="rmsnorm", norm_offset=0.0, norm_placement="pre", mlp="swiglu", activation="silu",
+                   position="rotary", sliding_window=None, embed_scale=None, attn_softcap=None, final_softcap=None,
+                   mlp_bias=False, rotary_fraction=1.0, n_experts=0)
+_GEMMA = dict(norm="rmsnorm", norm_offset=1.0, norm_placement="sandwich", mlp="geglu", activation="gelu_tanh",
+              position="rotary", rotary_fraction=1.0, n_experts=0)
+# what llama.cpp's architecture computes, per family: a config field with another value is refused
+_WANT: dict[str, dict[str, Any]] = {
+    "llama": _LLAMA_LIKE | dict(qk_norm=False),
+    "mistral": _LLAMA_LIKE | dict(qk_norm=False, attn_bias=False),
+    "mixtral": _LLAMA_LIKE | dict(qk_norm=False, attn_bias=False, n_experts=ANY, moe_norm_topk=True,
+                                  dense_layers=None),
+    "qwen2": _LLAMA_LIKE | dict(qk_norm=False, attn_bias=True, attn_out_bias=False),  # it runs no window
+    "qwen3": _LLAMA_LIKE | dict(qk_norm=True, qk_norm_scope="head", attn_bias=False),
+    "qwen3_moe": _LLAMA_LIKE | dict(qk_norm=True, qk_norm_scope="head", attn_bias=False, n_experts=ANY,
+                                    moe_norm_topk=True),  # llama.cpp's qwen3moe: every layer sparse
+    "olmo2": _LLAMA_LIKE | dict(norm_placement="output", qk_norm=True, qk_norm_scope="all", attn_bias=False),
+    # phi3: partial rotary, longrope and the window are written (the window as llama.cpp's converter writes it)
+    "phi3": _LLAMA_LIKE | dict(qk_norm=False, attn_bias=False, rotary_fraction=ANY, sliding_window=ANY),
+    "gemma2": _GEMMA | dict(qk_norm=False),
+    "gemma3": _GEMMA | dict(qk_norm=True, attn_softcap=None, final_softcap=None),
+    "gpt2": dict(norm="layernorm", norm_placement="pre", mlp="gelu", activation="gelu_tanh", position="learned",
+                 attn_bias=True, mlp_bias=True),
+}
+_SWA_PERIOD = {"gemma2": 2, "gemma3": 6}  # llama.cpp hard-codes: every n-th layer global, the rest sliding
+
+
 def check_exportable(cfg: ModelConfig, source: str) -> None:
-    """Raise ExportError when llama.cpp's `cfg.family` architecture would compute something else."""
+    """Raise ExportError when llama.cpp's architecture for `cfg.family` would compute something else."""
     fam = cfg.family
-    if fam not in GGUF_ARCHITECTURES:
-        hint = " (bert embedding models: use --format hf)" if fam == "bert" else ""
+    if fam not in _WANT:
+        hint = " (encoder models: use --format hf)" if not cfg.causal else ""
         raise ExportError(f"{source}: family {fam!r} cannot be exported to GGUF; llama.cpp runs "
-                          f"{', '.join(GGUF_ARCHITECTURES)} here{hint}")
-    want: dict[str, Any] = {"causal": True, "rotary_fraction": 1.0, "n_experts": 0}
-    llama_like = dict(norm="rmsnorm", norm_offset=0.0, norm_placement="pre", mlp="swiglu", activation="silu",
-                      position="rotary", sliding_window=None, embed_scale=None, attn_softcap=None,
-                      final_softcap=None, mlp_bias=False)
-    if fam == "llama":
-        want |= llama_like | dict(qk_norm=False)
-    elif fam == "qwen2":  # llama.cpp's qwen2: q/k/v biases, none on o; it runs no sliding window
-        want |= llama_like | dict(qk_norm=False, attn_bias=True, attn_out_bias=False)
-    elif fam == "qwen3":  # llama.cpp's qwen3: per-head q/k norms, no biases
-        want |= llama_like | dict(qk_norm=True, qk_norm_scope="head", attn_bias=False)
-    elif fam == "gemma3":
-        want |= dict(norm="rmsnorm", norm_offset=1.0, norm_placement="sandwich", mlp="geglu",
-                     activation="gelu_tanh", position="rotary", qk_norm=True, attn_softcap=None,
-                     final_softcap=None)
-    else:
-        want |= dict(norm="layernorm", norm_placement="pre", mlp="gelu", activation="gelu_tanh",
-                     position="learned", attn_bias=True, mlp_bias=True)
+                          f"{', '.join(_WANT)} here{hint}")
+    want: dict[str, Any] = {"causal": True} | _WANT[fam]
+    if fam in ("mistral", "mixtral") and cfg.sliding_window and cfg.sliding_window >= cfg.context_length:
+        want["sliding_window"] = cfg.sliding_window  # a window over the whole context is no window
     for name, value in want.items():
+        if value is ANY:  # written as it is; n_experts: a mixture, any number of experts
+            if name == "n_experts" and not cfg.n_experts:
+                raise ExportError(f"{source}: config field 'n_experts' = 0: a {fam} model has experts")
+            continue
         if getattr(cfg, name) != value:
             raise ExportError(f"{source}: config field {name!r} = {getattr(cfg, name)!r} has no llama.cpp "
-                              f"{fam} equivalent (it assumes {value!r})")
+                              f"{GGUF_ARCH[fam]} equivalent (it assumes {value!r})")
+    if cfg.n_experts and cfg.expert_d_ff not in (None, cfg.d_ff) and fam == "mixtral":
+        raise ExportError(f"{source}: config field 'expert_d_ff' = {cfg.expert_d_ff} differs from 'd_ff' "
+                          f"= {cfg.d_ff}; llama.cpp's llama experts are d_ff wide")
+    if fam == "qwen3_moe" and cfg.dense_layers:
+        raise ExportError(f"{source}: config field 'dense_layers' = {cfg.dense_layers}: llama.cpp's qwen3moe has "
+                          "no dense MLP layers")
     if cfg.position == "rotary" and cfg.rope_scaling:
         kind = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
-        if kind != "linear":
-            raise ExportError(f"{source}: config field 'rope_scaling' type {kind!r} is not exported "
-                              "(only linear rope scaling is)")
-    if fam == "gemma3":
-        n = cfg.n_layers
-        expect = ["full" if (i + 1) % _GEMMA_SWA_PATTERN == 0 else "sliding" for i in range(n)]
-        if cfg.sliding_window and list(cfg.layer_types or []) != expect:
-            raise ExportError(f"{source}: config field 'layer_types' must put a global layer every "
-                              f"{_GEMMA_SWA_PATTERN}th layer, as llama.cpp's gemma3 hard-codes")
-        if (cfg.rope_local_theta or 10000.0) != 10000.0:
-            raise ExportError(f"{source}: config field 'rope_local_theta' = {cfg.rope_local_theta} differs "
-                              "from the 10000 llama.cpp's gemma3 hard-codes for sliding layers")
-        scale = (cfg.d_model // cfg.n_heads if n == 62 else cfg.head_dim) ** -0.5
-        if cfg.attn_scale is not None and abs(cfg.attn_scale - scale) > 1e-6 * scale:
-            raise ExportError(f"{source}: config field 'attn_scale' = {cfg.attn_scale} differs from the "
-                              f"{scale:.6g} llama.cpp's gemma3 uses")
-        if cfg.embed_scale is not None and abs(cfg.embed_scale - cfg.d_model ** 0.5) > 1e-3:
-            raise ExportError(f"{source}: config field 'embed_scale' = {cfg.embed_scale} is not "
-                              "sqrt(d_model), which llama.cpp's gemma3 uses")
+        ok = {"linear"} | ({"llama3"} if GGUF_ARCH[fam] == "llama" else set()) | \
+            ({"longrope"} if fam == "phi3" else set())
+        if kind not in ok:
+            raise ExportError(f"{source}: config field 'rope_scaling' type {kind!r} is not exported for "
+                              f"{fam} (only {', '.join(sorted(ok))})")
+    if fam in _SWA_PERIOD:
+        _check_gemma(cfg, source)
+
+
+def _check_gemma(cfg: ModelConfig, source: str) -> None:
+    fam, n, period = cfg.family, cfg.n_layers, _SWA_PERIOD[cfg.family]
+    expect = ["full" if (i + 1) % period == 0 else "sliding" for i in range(n)]
+    if cfg.sliding_window and list(cfg.layer_types or []) != expect:
+        raise ExportError(f"{source}: config field 'layer_types' must put a global layer every "
+                          f"{period}th layer, as llama.cpp's {fam} hard-codes")
+    if fam == "gemma2" and (cfg.attn_softcap is None or cfg.final_softcap is None):
+        raise ExportError(f"{source}: config fields 'attn_softcap' / 'final_softcap' must be set: llama.cpp's "
+                          "gemma2 always soft-caps")
+    if fam == "gemma2" and not cfg.sliding_window:
+        raise ExportError(f"{source}: config field 'sliding_window' is unset; llama.cpp's gemma2 slides every "
+                          "other layer (4096 when the file says nothing)")
+    local = cfg.rope_local_theta or (10000.0 if fam == "gemma3" else cfg.rope_theta)
+    if local != (10000.0 if fam == "gemma3" else cfg.rope_theta):
+        raise ExportError(f"{source}: config field 'rope_local_theta' = {cfg.rope_local_theta} differs from what "
+                          f"llama.cpp's {fam} uses for sliding layers")
+    big = n == (62 if fam == "gemma3" else 46)  # the 27B models: 1/sqrt(d_model / n_heads)
+    scale = (cfg.d_model // cfg.n_heads if big else cfg.head_dim) ** -0.5
+    if cfg.attn_scale is not None and abs(cfg.attn_scale - scale) > 1e-6 * scale:
+        raise ExportError(f"{source}: config field 'attn_scale' = {cfg.attn_scale} differs from the "
+                          f"{scale:.6g} llama.cpp's {fam} uses")
+    if cfg.embed_scale is not None and abs(cfg.embed_scale - cfg.d_model ** 0.5) > 1e-3:
+        raise ExportError(f"{source}: config field 'embed_scale' = {cfg.embed_scale} is not "
+                          f"sqrt(d_model), which llama.cpp's {fam} uses")
 
 
 # ---- tensors --------------------------------------------------------------------------------------
 def _gguf_tensors(cfg: ModelConfig, body: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """Our state dict -> GGUF name -> float32 tensor in llama.cpp's layout (torch order: slowest dim first)."""
-    arch = cfg.family
-    hf_to_gguf = {}
-    for g, h in TENSOR_NAMES[arch].items():
-        rx = re.compile("^" + re.escape(h).replace(r"\{i\}", r"(?P<i>\d+)") + r"\.(?P<p>weight|bias)$")
-        hf_to_gguf[rx] = g
+    """Our state dict -> GGUF name -> float32 tensor in llama.cpp's layout (torch order: slowest dim first).
+    Experts go into one 3-D tensor per layer and projection, (experts, rows, cols)."""
+    fam, arch = cfg.family, GGUF_ARCH[cfg.family]
+    names = TENSOR_NAMES["llama" if fam == "mistral" else fam]
+    rx = [(re.compile("^" + re.escape(h).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+                      + r"\.(?P<p>weight|bias)$"), g) for g, h in names.items()]
     out: dict[str, torch.Tensor] = {}
+    experts: dict[str, dict[int, torch.Tensor]] = {}
     for hf_name, t in to_hf_state_dict(cfg, body).items():
-        for rx, g in hf_to_gguf.items():
-            m = rx.match(hf_name)
-            if m:
-                name = g.format(i=m.groupdict().get("i")) + "." + m["p"]
-                break
-        else:
+        found = next(((m, g) for r, g in rx if (m := r.match(hf_name))), None)
+        if found is None:
             raise ExportError(f"{source}: tensor {hf_name!r} has no GGUF name for architecture {arch!r}")
+        m, g = found
+        name = g.format(i=m.groupdict().get("i")) + "." + m["p"]
         w = t.detach().to(device="cpu", dtype=torch.float32)
         if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
             w = _permute_qk(w, cfg.n_heads if ".attn_q." in name else cfg.n_kv_heads)
-        if arch == "gemma3" and name.endswith("norm.weight"):
+        if arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):
             w = w + 1.0  # llama.cpp multiplies by the stored weight; HF and we store w and add 1
         if arch == "gpt2" and w.ndim == 2 and name not in ("token_embd.weight", "position_embd.weight",
                                                               "output.weight"):
             w = w.t()  # HF Conv1D (in, out) -> (out, in)
-        out[name] = w.contiguous()
+        if m.groupdict().get("e") is not None:
+            experts.setdefault(name, {})[int(m["e"])] = w
+        else:
+            out[name] = w.contiguous()
+    for name, per_expert in experts.items():
+        if sorted(per_expert) != list(range(cfg.n_experts)):
+            raise ExportError(f"{source}: {name} has experts {sorted(per_expert)}, expected 0..{cfg.n_experts - 1}")
+        out[name] = torch.stack([per_expert[e] for e in range(cfg.n_experts)])  # (E, rows, cols)
+    out |= _rope_tensors(cfg)
     return out
+
+
+def _rope_tensors(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Rope scalings llama.cpp keeps as tensors: llama3 as per-frequency divisors of the base frequencies
+    (`rope_freqs`), Phi-3's longrope as its two factor lists."""
+    kind = (cfg.rope_scaling or {}).get("rope_type", (cfg.rope_scaling or {}).get("type"))
+    if kind == "llama3":
+        base = rope_inv_freq(cfg.head_dim, cfg.rope_theta, None).double()  # (head_dim/2,)
+        return {"rope_freqs.weight": (base / rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).double()
+                                      ).float()}
+    if kind == "longrope":
+        return {f"rope_factors_{k}.weight": torch.tensor(cfg.rope_scaling[f"{k}_factor"], dtype=torch.float32)
+                for k in ("long", "short")}
+    return {}
 
 
 def _permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -179,9 +243,9 @@ def _spm_prefix(backend: dict, arch: str, source: str) -> bool:
     norm, pre = backend.get("normalizer") or {}, backend.get("pre_tokenizer") or {}
     gemma_style = norm.get("type") == "Replace" and norm.get("content") == "\u2581" \
         and (pre.get("type") in (None, "Split"))
-    if arch == "gemma3" and gemma_style:
+    if arch in ("gemma2", "gemma3") and gemma_style:
         return False
-    if arch == "llama" and pre.get("type") == "Metaspace" and not norm:
+    if arch not in ("gemma2", "gemma3") and pre.get("type") == "Metaspace" and not norm:
         return pre.get("prepend_scheme", "always") != "never"
     raise ExportError(f"{source}: SentencePiece-style tokenizer (normalizer {norm.get('type')}, pre-tokenizer "
                       f"{pre.get('type')}) does not match what llama.cpp's {arch} expects")
@@ -243,7 +307,7 @@ def _tokenizer_metadata(tok, arch: str, n_vocab: int, source: str) -> dict[str, 
 
 # ---- the file -------------------------------------------------------------------------------------
 def _arch_metadata(cfg: ModelConfig) -> dict[str, tuple[str, Any]]:
-    a = cfg.family
+    fam, a = cfg.family, GGUF_ARCH[cfg.family]
     meta: dict[str, tuple[str, Any]] = {
         f"{a}.context_length": ("uint32", cfg.context_length),
         f"{a}.embedding_length": ("uint32", cfg.d_model),
@@ -262,13 +326,31 @@ def _arch_metadata(cfg: ModelConfig) -> dict[str, tuple[str, Any]]:
         f"{a}.rope.freq_base": ("float32", cfg.rope_theta),
         f"{a}.vocab_size": ("uint32", cfg.vocab_size),
     }
-    if a == "llama":
-        meta[f"{a}.rope.dimension_count"] = ("uint32", cfg.head_dim)
-    if cfg.rope_scaling:
+    if a in ("llama", "phi3"):
+        meta[f"{a}.rope.dimension_count"] = ("uint32", int(cfg.head_dim * cfg.rotary_fraction))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
         meta[f"{a}.rope.scaling.type"] = ("str", "linear")
-        meta[f"{a}.rope.scaling.factor"] = ("float32", float(cfg.rope_scaling.get("factor", 1.0)))
-    if a == "gemma3" and cfg.sliding_window:
+        meta[f"{a}.rope.scaling.factor"] = ("float32", float(scaling.get("factor", 1.0)))
+    if cfg.n_experts:
+        meta[f"{a}.expert_count"] = ("uint32", cfg.n_experts)
+        meta[f"{a}.expert_used_count"] = ("uint32", cfg.n_experts_active)
+        if a == "qwen3moe":
+            meta[f"{a}.expert_feed_forward_length"] = ("uint32", cfg.expert_d_ff or cfg.d_ff)
+    if fam == "phi3":
+        meta[f"{a}.attention.sliding_window"] = ("uint32", cfg.sliding_window or 0)
+        if kind == "longrope":
+            rot = int(cfg.head_dim * cfg.rotary_fraction)
+            _, orig, attn_factor = longrope(rot, cfg.rope_theta, scaling | {"max_position_embeddings":
+                                                                            cfg.context_length})
+            meta[f"{a}.rope.scaling.original_context_length"] = ("uint32", orig)
+            meta[f"{a}.rope.scaling.attn_factor"] = ("float32", attn_factor)
+    if a in ("gemma2", "gemma3") and cfg.sliding_window:
         meta[f"{a}.attention.sliding_window"] = ("uint32", cfg.sliding_window)
+    if a == "gemma2":  # llama.cpp's gemma2 caps at 50 / 30 unless the file says otherwise
+        meta[f"{a}.attn_logit_softcapping"] = ("float32", cfg.attn_softcap)
+        meta[f"{a}.final_logit_softcapping"] = ("float32", cfg.final_softcap)
     return meta
 
 
@@ -296,11 +378,11 @@ def write_gguf(path: str | Path, cfg: ModelConfig, body: dict[str, torch.Tensor]
 
     meta = {"general.name": ("str", name), "general.file_type": ("uint32", int(ftype)),
             "general.quantization_version": ("uint32", gguf.GGML_QUANT_VERSION)}
-    meta |= _arch_metadata(cfg) | _tokenizer_metadata(tokenizer, cfg.family, cfg.vocab_size, source)
+    meta |= _arch_metadata(cfg) | _tokenizer_metadata(tokenizer, GGUF_ARCH[cfg.family], cfg.vocab_size, source)
     tensors = _gguf_tensors(cfg, body, source)
 
     def write(tmp: Path) -> None:
-        w = gguf.GGUFWriter(str(tmp), cfg.family)
+        w = gguf.GGUFWriter(str(tmp), GGUF_ARCH[cfg.family])
         try:
             for key, (kind, value) in meta.items():
                 _add(w, key, kind, value, gguf)
