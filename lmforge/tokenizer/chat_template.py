@@ -55,6 +55,18 @@ def render_chat_template(source: str, context: dict[str, Any], what: str, *, tim
         _BUDGET.reset(token)
 
 
+@functools.lru_cache(maxsize=16)
+def template_variables(source: str) -> frozenset[str]:
+    """The names a template reads from its context (e.g. whether it renders `tools`); empty if it does not parse."""
+    from jinja2 import meta
+
+    try:
+        env = _compile_template(source).environment
+        return frozenset(meta.find_undeclared_variables(env.parse(source)))
+    except Exception:  # the template is data from a model file: rendering it will report the problem
+        return frozenset()
+
+
 class LimitExceeded(Exception):
     """A render went over its time or size limit (the message names the limit)."""
 
@@ -192,11 +204,9 @@ def _guard_filter(name: str, func):
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False):
-    """Jinja's own tojson escapes HTML characters; chat templates expect plain JSON."""
-    from markupsafe import Markup
-
-    return Markup(json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                             sort_keys=sort_keys))
+    """Jinja's own tojson escapes HTML characters; chat templates expect plain JSON. A plain str, as transformers'
+    filter returns: a Markup would HTML-escape whatever string is added to it (`'"' + key + '": ' + v|tojson`)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _template_cause(e: Exception) -> str:

@@ -21,15 +21,31 @@ _CONTROL, _USER_DEFINED = 3, 4
 _END_OF_TURN = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
                 "<|end_of_text|>")
 
-# Split regexes for byte-level GGUF vocabularies whose `tokenizer.ggml.pre` differs from GPT-2's.
+# Byte-level GGUF vocabularies: `tokenizer.ggml.pre` names the pre-tokenizer (llama.cpp's table). Each entry is the
+# split regexes of the original tokenizer.json, applied in turn (HF `Split`, isolated), and whether a word that is a
+# token is kept whole without merging (`ignore_merges`, tiktoken-style vocabularies: Llama 3, Mistral's Tekken).
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GGUF_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"),
-                    _LLAMA3_SPLIT),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
+_QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+                 r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+_PRE_SPLITS: dict[str, tuple[tuple[str, ...], bool]] = {
+    **dict.fromkeys(("gpt-2", "phi-2"), ((_GPT2,), False)),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), ((_LLAMA3_SPLIT,), True)),
+    **dict.fromkeys(("dbrx", "smaug-bpe"), ((_LLAMA3_SPLIT,), False)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), ((_QWEN2_SPLIT,), False)),
+    "qwen35": ((_QWEN35_SPLIT,), False),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+                    ((r"\p{N}", _GPT2), False)),
+    "deepseek-coder": ((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"), False),
+    "falcon": ((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"), False),
+    "tekken": ((_TEKKEN_SPLIT,), True),
 }
 # Gemma vocabularies in GGUF: spaces are spelled "▁" in the model, and merges follow the token order.
 _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
@@ -151,15 +167,19 @@ def _gguf_byte_level(reader, tokens: list[str], name: str) -> tuple[Backend, set
     if raw is None:
         raise TokenizerError(f"{name}: byte-level GGUF tokenizer without tokenizer.ggml.merges")
     merges = [tuple(m.split(" ", 1)) for m in raw]
+    pre = _gguf_value(reader, "tokenizer.ggml.pre") or "default"
+    if pre != "default" and pre not in _PRE_SPLITS:
+        raise TokenizerError(f"{name}: GGUF key 'tokenizer.ggml.pre' = {pre!r} names a pre-tokenizer lmforge does not "
+                             f"implement (supported: default, {', '.join(sorted(_PRE_SPLITS))})")
+    splits, ignore_merges = _PRE_SPLITS.get(pre, ((), False))
     backend = Backend(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
-                          fuse_unk=False))
-    split = _GGUF_SPLITS.get(_gguf_value(reader, "tokenizer.ggml.pre") or "")
-    if split is None:  # GPT-2's own regex (what transformers uses for the other `pre` names too)
+                          fuse_unk=False, ignore_merges=ignore_merges))
+    if not splits:  # "default" (or none): GPT-2's own regex, inside the ByteLevel step
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in splits]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     backend.decoder = decoders.ByteLevel()
     return backend, spelled
 
@@ -188,9 +208,9 @@ def _gguf_sentencepiece(reader, tokens: list[str], arch: str, unk_id: int | None
     else:
         prefix = _gguf_value(reader, "tokenizer.ggml.add_space_prefix")
         prefix = True if prefix is None else bool(prefix)
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581",
-                                                         prepend_scheme="first" if prefix else "never",
-                                                         split=False)
+        # as transformers' Llama converter: a "▁" before the text, then every space spelled "▁" (so " " is "▁▁")
+        steps_n = [normalizers.Prepend("\u2581")] if prefix else []
+        backend.normalizer = normalizers.Sequence([*steps_n, normalizers.Replace(" ", "\u2581")])
         steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
         backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
     return backend
