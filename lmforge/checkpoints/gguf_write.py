@@ -247,6 +247,12 @@ def _spm_prefix(backend: dict, arch: str, source: str) -> bool:
         return False
     if arch not in ("gemma2", "gemma3") and pre.get("type") == "Metaspace" and not norm:
         return pre.get("prepend_scheme", "always") != "never"
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    kinds = [(n.get("type"), n.get("prepend") or (n.get("pattern") or {}).get("String"), n.get("content"))
+             for n in steps]
+    if arch not in ("gemma2", "gemma3") and not pre and kinds[-1:] == [("Replace", " ", "\u2581")] \
+            and kinds[:-1] in ([], [("Prepend", "\u2581", None)]):  # transformers' Llama converter (legacy=False)
+        return bool(kinds[:-1])
     raise ExportError(f"{source}: SentencePiece-style tokenizer (normalizer {norm.get('type')}, pre-tokenizer "
                       f"{pre.get('type')}) does not match what llama.cpp's {arch} expects")
 
