@@ -15,7 +15,7 @@ as qwen3-moe's decode tokens/s close to qwen3-moe-dense's, though it holds 16x t
 Each shape is built once by transformers from its config class (random init), saved in bfloat16 under
 benchmarks/.cache/families/ with a small byte-level tokenizer (a GGUF must carry one; the prompt is random ids, so
 its vocabulary does not matter). lmforge-int4 / -int8 load that directory with --quantize 4 / 8 (int4 blocks +
-int8 head / int8); transformers runs it in float32. For the families lmforge exports to GGUF (llama, qwen2, qwen3),
+int8 head / int8); transformers runs it in float32. Every shape is exported to GGUF:
 `lmforge export --type q4_0 / q8_0` writes the file that llama.cpp-q4_0 / -q8_0 run (llama-cpp-python, when
 installed) and that lmforge-q4_0 / -q8_0 load on the default path (Generator.load: the blocks as int4 / int8
 layers): the same file on both sides. Every implementation in its own subprocess, 2 threads.
@@ -48,7 +48,8 @@ CACHE = REPO_ROOT / "benchmarks" / ".cache" / "families"
 SHAPES = ("qwen2.5-0.5b", "llama-3.2-1b", "qwen3-moe", "qwen3-moe-dense")
 IMPLS = ("lmforge-int4", "lmforge-int8", "transformers", "lmforge-q4_0", "llama.cpp-q4_0", "lmforge-q8_0",
          "llama.cpp-q8_0")
-EXPORTS = {"qwen2.5-0.5b": "qwen2", "llama-3.2-1b": "llama", "qwen3-moe-dense": "qwen3"}  # shapes with a GGUF export
+EXPORTS = {"qwen2.5-0.5b": "qwen2", "llama-3.2-1b": "llama", "qwen3-moe": "qwen3_moe",
+           "qwen3-moe-dense": "qwen3"}  # shapes with a GGUF export
 
 
 def hf_config(shape: str, moe_layers: int):
