@@ -42,6 +42,11 @@ def _has_isa() -> bool:
     return {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
+@functools.cache
+def _has_amx() -> bool:  # cached: `available()` is asked on eager forwards, and /proc/cpuinfo costs ~1 ms a read
+    return "amx_bf16" in cpu_flags()
+
+
 def policy() -> str:
     """LMFORGE_CPU_KERNELS, read on each call (so a test or a process can change it between loads)."""
     p = os.environ.get("LMFORGE_CPU_KERNELS", "auto").strip().lower() or "auto"
@@ -57,7 +62,7 @@ def _wanted() -> str | None:
         return "LMFORGE_CPU_KERNELS=off"
     if not _has_isa():
         return "the CPU lacks AVX2, FMA or F16C"
-    if p == "auto" and "amx_bf16" in cpu_flags():
+    if p == "auto" and _has_amx():
         return "torch's own kernels are used on AMX CPUs"
     return None
 
