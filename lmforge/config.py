@@ -21,8 +21,9 @@ from lmforge import families
 from lmforge.errors import ConfigError
 
 Family = Literal["gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "olmo2", "phi3", "gemma2",
-                 "gemma3", "bert", "roberta", "xlm-roberta", "distilbert"]
-PoolerAct = Literal["tanh", "relu"]
+                 "gemma3", "bert", "roberta", "xlm-roberta", "distilbert", "modernbert"]
+PoolerAct = Literal["tanh", "relu", "gelu", "gelu_tanh", "silu"]
+Pooling = Literal["last", "cls", "mean"]
 Norm = Literal["layernorm", "rmsnorm"]
 NormPlacement = Literal["pre", "post", "sandwich", "output"]
 QkNormScope = Literal["head", "all"]
@@ -56,10 +57,12 @@ class ModelConfig:
     norm: Norm = "rmsnorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     norm_offset: float = 0.0  # gemma stores RMSNorm weight as w-1: y = x * (offset + w)
+    norm_bias: bool = True  # LayerNorms have a bias (modernbert's have none)
     # pre (gpt2, llama) | post: after the residual add (bert) | sandwich: before and on the output (gemma) |
     # output: on the attention / MLP output before the residual add, none before (olmo2)
     norm_placement: NormPlacement = "pre"
     final_norm: bool = True  # a norm after the last block (not in bert)
+    first_attn_norm: bool = True  # layer 0 normalises its attention input (modernbert: no, its embeddings are)
     embed_norm: bool = False  # LayerNorm after the embeddings (bert)
     mlp: MlpKind = "swiglu"  # gelu (fc1 -> act -> fc2) | swiglu | geglu (gate * up -> down)
     activation: Activation = "silu"  # gelu (exact) | gelu_tanh | silu | relu
@@ -77,7 +80,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     qk_norm: bool = False  # RMSNorm on queries and keys (gemma3, qwen3, olmo2)
     qk_norm_scope: QkNormScope = "head"  # head: over each head's dims | all: over the whole projection (olmo2)
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # causal: q - k < W; bidirectional (causal False): |q - k| < W
     layer_types: list[LayerType] | None = None  # per layer: "full" | "sliding"
     embed_scale: float | None = None  # multiply token embeddings (gemma: sqrt(d_model))
     attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5
@@ -85,6 +88,9 @@ class ModelConfig:
     final_softcap: float | None = None
     pooler: bool = False  # bert pooler (dense + tanh on [CLS]); distilbert's pre_classifier (dense + relu)
     pooler_act: PoolerAct = "tanh"
+    pooler_bias: bool = True  # the pooler's dense layer has a bias (modernbert's classifier_bias)
+    pooler_norm: bool = False  # a LayerNorm after the pooler's activation (modernbert's prediction head)
+    pooling: Pooling | None = None  # the classifier's pooling the checkpoint names (modernbert); None = task default
     # mixture of experts (mixtral, qwen3_moe): 0 experts = a dense MLP in every layer
     n_experts: int = 0
     n_experts_active: int = 0  # top-k experts per token
@@ -287,8 +293,10 @@ def _at_least(name: str, v: int | None, low: int) -> None:
 # HF config keys whose values we read as numbers: checked by their own names before any arithmetic on them.
 _HF_COUNTS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "max_position_embeddings",
               "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-              "intermediate_size", "sliding_window", "sliding_window_pattern")
-_HF_POSITIVE = ("layer_norm_epsilon", "rms_norm_eps", "layer_norm_eps", "rope_theta", "rope_local_base_freq",
+              "intermediate_size", "sliding_window", "sliding_window_pattern", "local_attention",
+              "global_attn_every_n_layers")
+_HF_POSITIVE = ("layer_norm_epsilon", "rms_norm_eps", "layer_norm_eps", "norm_eps", "global_rope_theta",
+                "local_rope_theta", "rope_theta", "rope_local_base_freq",
                 "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping")
 
 

@@ -11,8 +11,16 @@ from pathlib import Path
 import torch
 
 from lmforge.checkpoints import as_dtype, load, load_checkpoint
+from lmforge.decoding.constraints import ConstraintCompiler, constraint_options
 from lmforge.decoding.loop import generate, stream_tokens
 from lmforge.decoding.sampling import GenerationConfig, stop_ids
+from lmforge.decoding.speculative import (
+    DEFAULT_DRAFT_TOKENS,
+    SpeculativeOptions,
+    check_draft,
+    resolve_speculative,
+    speculative_tokens,
+)
 from lmforge.decoding.step import DecodeOptions, DecodeRuntime, decode_plan
 from lmforge.decoding.stream import TextStreamer
 from lmforge.errors import GenerationError, TokenizerError
@@ -31,6 +39,12 @@ class Generator:
         self.compile = DecodeOptions(compile).compile  # checked; a per-call compile=... overrides it
         self._runtime = DecodeRuntime(model)  # what this Generator's decode steps captured (traces, compiles)
         self.decode_step = "eager (nothing decoded yet)"  # what the last call ran, and why (DecodeOptions.path)
+        # speculative decoding (decoding/speculative.py): the default for calls that pass speculative=None, the
+        # draft model set_draft attached, k, and the last call's counters (None: it did not speculate)
+        self.speculative, self.draft, self.draft_tokens = "off", None, DEFAULT_DRAFT_TOKENS
+        self.last_speculative: SpeculativeOptions | None = None
+        self.finish_reasons: list[str] = []  # per row of the last generate(): "stop" | "length" (cut by max_new_tokens)
+        self._constraints: ConstraintCompiler | None = None
 
     @classmethod
     def load(cls, name_or_path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
@@ -77,6 +91,25 @@ class Generator:
         kind = "/".join(f"int{b}" for b in bits) if bits else str(p.dtype).removeprefix("torch.")
         return f"{p.device}, {kind} weights"
 
+    @property
+    def constraints(self) -> ConstraintCompiler:
+        """The compiler (and cache) of json_schema / regex / grammar / choices constraints for this tokenizer;
+        built on first use (the library's vocabulary takes about a second)."""
+        if self._constraints is None or self._constraints.tokenizer is not self.tokenizer:
+            self._constraints = ConstraintCompiler(self.tokenizer, self.model.cfg.vocab_size)
+        return self._constraints
+
+    def _config(self, gen: dict) -> GenerationConfig:
+        """GenerationConfig from the keyword options; json_schema / regex / grammar (Lark or GBNF text) /
+        choices compile into its constraint (ConstraintError when the library cannot compile them)."""
+        opts = {k: gen.pop(k) for k in ("json_schema", "regex", "grammar", "choices") if k in gen}
+        gc = GenerationConfig(**gen)
+        picked = constraint_options(**opts)
+        if picked is not None:
+            gc.constraint = self.constraints.compile(*picked)
+        gc.validate()
+        return gc
+
     # -- prompts
     def format_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The model's chat template, or a plain instruction format for base models without one."""
@@ -115,6 +148,38 @@ class Generator:
         mask = torch.tensor([[0] * (T - len(r)) + [1] * len(r) for r in ids], device=dev)  # (B, T)
         return input_ids, mask
 
+    # -- speculative decoding
+    def set_draft(self, draft: Generator | None, name: str = "draft") -> None:
+        """Attach a draft model (another Generator of the same tokenizer; refused in one line otherwise) for
+        speculative="draft" (and "auto"); None detaches it."""
+        if draft is not None:
+            check_draft(self.model, self.tokenizer, draft.model, draft.tokenizer, name)
+        self.draft = draft
+
+    def _speculation(self, method: str | None, draft_tokens: int | None, batch: int,
+                     gc: GenerationConfig) -> SpeculativeOptions | None:
+        """This call's speculative options, or None to decode without (see resolve_speculative)."""
+        if getattr(gc, "constraint", None) is not None:  # a constraint masks each step: not verified here
+            if method not in (None, "auto", "off") or self.speculative not in ("auto", "off"):
+                raise GenerationError("speculative decoding with a constraint is not supported: speculative='off'")
+            return None
+        quantized = any(isinstance(m, QuantLinear) for m in self.model.modules())
+        mode = resolve_speculative(self.speculative if method is None else method, batch, gc, self.draft is not None,
+                                   quantized)
+        if mode == "off":
+            return None
+        return SpeculativeOptions(mode, draft_tokens or self.draft_tokens,
+                                  draft=self.draft.model if mode == "draft" else None)
+
+    def _speculative_rows(self, ids: torch.Tensor, mask: torch.Tensor, gc: GenerationConfig,
+                          opts: DecodeOptions, spec: SpeculativeOptions) -> list[list[int]]:
+        """Each row decoded alone (its padding dropped) by speculative_tokens; the counters add up in `spec`."""
+        rows = []
+        for r in range(ids.shape[0]):
+            row = ids[r: r + 1, int((mask[r] == 0).sum()):]  # (1, T_r)
+            rows.append(list(speculative_tokens(self.model, row, gc, spec, opts, self.runtime)))
+        return rows
+
     def _decode_options(self, compile: str | None) -> DecodeOptions:
         return DecodeOptions(self.compile if compile is None else compile)
 
@@ -122,51 +187,70 @@ class Generator:
         return TextStreamer(lambda t: self.tokenizer.decode(t, skip_special_tokens=True), gc.stop_strings)
 
     def stream(self, prompt: str, *, chat: bool = False, add_special_tokens: bool | None = None,
-               truncate: bool = False, compile: str | None = None, **gen) -> Iterator[str]:
+               truncate: bool = False, compile: str | None = None, speculative: str | None = None,
+               draft_tokens: int | None = None, **gen) -> Iterator[str]:
         """Yield text pieces as they are decoded (never half a character; stop strings are cut).
-        compile: this call's decode step ("auto" | "on" | "off"; None = the Generator's)."""
+        compile: this call's decode step ("auto" | "on" | "off"; None = the Generator's). speculative / draft_tokens:
+        as in generate."""
         opts = self._decode_options(compile)
-        gc = GenerationConfig(**gen)
-        gc.validate()
+        gc = self._config(gen)
         text = self.format_chat([{"role": "user", "content": prompt}]) if chat else prompt
         special = (not chat) if add_special_tokens is None else add_special_tokens
         ids, mask = self._encode([text], special, gc.max_new_tokens, truncate)
         streamer = self._streamer(gc)
         stop = set(stop_ids(self.model, gc))
-        for tok, done in stream_tokens(self.model, ids, mask, gc, opts, self.runtime):
+        spec = self.last_speculative = self._speculation(speculative, draft_tokens, 1, gc)
+        steps = (stream_tokens(self.model, ids, mask, gc, opts, self.runtime) if spec is None else
+                 ((torch.tensor([t]), torch.tensor([False]))
+                  for t in speculative_tokens(self.model, ids, gc, spec, opts, self.runtime)))
+        self.finish_reasons = ["length"]  # until a stop id or stop string ends it
+        for tok, done in steps:
             self.decode_step = opts.path  # set once the stepper is built; a failed compile changes it
             t = int(tok[0])
             if bool(done[0]) or t in stop:
+                self.finish_reasons = ["stop"]
                 break
             piece = streamer.put(t)
             if piece:
                 yield piece
             if streamer.stopped:
+                self.finish_reasons = ["stop"]
                 return
         tail = streamer.end()
         if tail:
             yield tail
 
     def generate(self, prompt: str | list[str], *, chat: bool = False, add_special_tokens: bool | None = None,
-                 truncate: bool = False, compile: str | None = None, **gen) -> str | list[str]:
+                 truncate: bool = False, compile: str | None = None, speculative: str | None = None,
+                 draft_tokens: int | None = None, **gen) -> str | list[str]:
         """Complete one prompt (-> str) or a batch (-> list[str], left-padded together).
-        compile: this call's decode step ("auto" | "on" | "off"; None = the Generator's)."""
+        speculative: "off" | "prompt-lookup" | "draft" (the model set_draft attached) | "auto" (the draft when
+        attached, else prompt lookup for one prompt, else off); None = the Generator's `speculative`. A
+        speculating batch decodes row by row; greedy text is that of decoding each row alone without speculation
+        (docs/generation.md), and `last_speculative` holds the acceptance counters. draft_tokens: k per forward.
+        compile: this call's decode step ("auto" | "on" | "off"; None = the Generator's). json_schema (a dict or
+        JSON text), regex, grammar (Lark or GBNF) or choices (a list of strings): every row's output follows it;
+        `finish_reasons` then tells a complete one ("stop") from one cut by max_new_tokens ("length")."""
         opts = self._decode_options(compile)
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
-        gc = GenerationConfig(**gen)
-        gc.validate()
+        gc = self._config(gen)
         texts = [self.format_chat([{"role": "user", "content": p}]) if chat else p for p in prompts]
         special = (not chat) if add_special_tokens is None else add_special_tokens
         ids, mask = self._encode(texts, special, gc.max_new_tokens, truncate)
         stop = set(stop_ids(self.model, gc))
         outs = []
-        rows = generate(self.model, ids, mask, gc, opts, self.runtime)
+        spec = self.last_speculative = self._speculation(speculative, draft_tokens, len(prompts), gc)
+        rows = (generate(self.model, ids, mask, gc, opts, self.runtime) if spec is None
+                else self._speculative_rows(ids, mask, gc, opts, spec))
         self.decode_step = opts.path
+        self.finish_reasons = []
         for row in rows:
-            row = row[:-1] if row and row[-1] in stop else row
+            ended = bool(row) and row[-1] in stop
+            row = row[:-1] if ended else row
             st = self._streamer(gc)
             outs.append("".join(st.put(t) for t in row) + st.end())
+            self.finish_reasons.append("stop" if ended or st.stopped else "length")
         return outs[0] if single else outs
 
     def chat(self, messages: list[dict[str, str]], **gen) -> str:

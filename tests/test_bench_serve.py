@@ -72,6 +72,21 @@ def test_targets_pass_and_fail_where_the_issue_says():
     assert target(16, "first token")["met"]
     rows[0]["tokens_per_s"] = 95.0
     assert target(1, "within 10%")["met"]
+    rows.append(_row("lmforge-plain", 16, 125.0, 0.5))  # invariance + chunked prefill off, the same run
+    assert target(16, "cost <= 10%")["ratio"] == pytest.approx(0.88) and not target(16, "cost <= 10%")["met"]
+    rows[-1]["tokens_per_s"] = 120.0
+    assert target(16, "cost <= 10%")["met"]
+
+
+def test_long_prompt_gaps_and_text():
+    from benchmarks.serve_longprompt import gaps_within, long_text
+
+    times = [0.0, 0.1, 0.2, 1.5, 1.6, 3.0]
+    assert gaps_within(times, 0.15, 1.0) == pytest.approx(1.3)  # the gap that spans the window counts
+    assert gaps_within(times, 1.55, 1.58) == pytest.approx(0.1)
+    assert gaps_within(times, 5.0, 6.0) == 0.0 and gaps_within([1.0], 0.0, 2.0) == 0.0
+    assert gaps_within(times, -1e18, 1e18) == pytest.approx(1.4)
+    assert len(long_text(4000).split()) > 4000 and long_text(10) != long_text(11)
 
 
 def _sse(*pieces: str) -> bytes:
@@ -108,3 +123,20 @@ def test_a_stale_connection_is_retried_once_and_other_failures_are_recorded():
     assert r["error"].startswith("RemoteProtocolError") and len(calls) == 2
     r = asyncio.run(go([httpx.ReadTimeout("slow")]))  # not a stale connection: no retry
     assert r["error"].startswith("ReadTimeout") and len(calls) == 1
+
+
+def test_long_prompt_scenario_runs_against_a_server(gen):
+    """The scenario end to end on a tiny in-thread server: every field comes back and is consistent."""
+    pytest.importorskip("fastapi")
+    from test_serve import start_server
+
+    from benchmarks.serve_longprompt import long_prompt_run
+
+    srv = start_server(gen, settings={"max_tokens": 64, "prefill_chunk": 16})
+    try:
+        r = asyncio.run(long_prompt_run(srv.url, streams=2, stream_tokens=30, prompt_words=6, delay_s=0.05))
+    finally:
+        srv.stop()
+    assert "error" not in r, r
+    assert r["streams"] == 2 and r["prompt_tokens"] > 6 and r["long_ttft_s"] > 0
+    assert 0 <= r["worst_gap_during_s"] <= r["worst_gap_s"] and r["stream_tokens"] > 0

@@ -148,6 +148,7 @@ def test_auto_policy_uses_them_on_avx512_but_leaves_amx_to_torch(monkeypatch):
     """auto: the kernels wherever AVX2/FMA/F16C exist (AVX-512 CPUs included), except on AMX CPUs, where torch's
     kernels are the measured default (docs/benchmarks.md)."""
     monkeypatch.setattr(cpu_kernels, "_has_isa", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "_has_amx", lambda: "amx_bf16" in cpu_kernels.cpu_flags())  # cached for real
     monkeypatch.setenv("LMFORGE_CPU_KERNELS", "auto")
     monkeypatch.setattr(cpu_kernels, "cpu_flags", lambda: frozenset({"avx2", "fma", "f16c", "avx512f", "avx512_vnni",
                                                                      "avx512_bf16"}))

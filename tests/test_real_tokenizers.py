@@ -130,3 +130,23 @@ def test_real_chat_templates_render_as_transformers(name):
                 assert tok.apply_chat_template(conv, **kw) == want, (conv, gen, tools)
                 rendered += 1
     assert rendered >= 2, refused
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", ["llama-bpe", "qwen2", "phi-3", "starcoder", "deepseek-coder"])
+def test_a_real_vocabulary_survives_gguf_export(name, tmp_path):
+    """A model exported with a tokenizer read from GGUF carries the same tokenizer (pre-tokenizer name, whole-word
+    flag, SentencePiece spaces): the file read back gives the original tokenizer's ids."""
+    if MODELS is None:
+        pytest.skip(MISSING)
+    from lmforge.checkpoints import load_checkpoint
+    from lmforge.config import ModelConfig
+    from lmforge.model.transformer import Transformer
+    from lmforge.tasks.export import export
+
+    tok = Tokenizer.from_gguf(MODELS / f"ggml-vocab-{name}.gguf")
+    cfg = ModelConfig(family="llama", vocab_size=tok.vocab_size, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                      context_length=64)
+    back = load_checkpoint(export(Transformer(cfg), tmp_path / "m.gguf", type="f16", tokenizer=tok)).tokenizer
+    wrong = [s for s, want in _cases(name) if back.encode(s, add_special_tokens=False) != want]
+    assert not wrong, f"{len(wrong)} strings differ after export, first: {wrong[0]!r}"

@@ -202,11 +202,16 @@ def test_n3_with_a_seed_is_reproducible_while_other_requests_run(gen, sched):
 
 
 # ---- prefix reuse ----------------------------------------------------------------------------------------------
-def test_prefix_reuse_returns_the_same_tokens_as_no_reuse(gen):
+@pytest.mark.parametrize("invariant", [True, False])
+def test_prefix_reuse_returns_the_same_tokens_as_no_reuse(gen, invariant):
+    """Batch-invariant (the default): the first turn's prompt is reused up to the last 16-token chunk boundary
+    (what a fresh prefill computes the same way); the reply's columns came from decode steps, so they are not.
+    Without invariance: the prompt and the reply fed back are reused whole (the same tokens, not the same bits)."""
     turn1 = ids_of(gen, 5, repeat=6)[:60]
     more = gen.tokenizer.encode(" the cat sat on the mat", add_special_tokens=False)
-    with_reuse = Scheduler(gen.model, gen.tokenizer, prefix_cache_bytes=1 << 20)
-    without = Scheduler(gen.model, gen.tokenizer, prefix_cache_bytes=0)
+    kw = {"batch_invariant": invariant, "prefill_chunk": 16}
+    with_reuse = Scheduler(gen.model, gen.tokenizer, prefix_cache_bytes=1 << 20, **kw)
+    without = Scheduler(gen.model, gen.tokenizer, prefix_cache_bytes=0, **kw)
     try:
         r1, c1 = request(turn1, max_tokens=20)
         with_reuse.submit(r1)
@@ -219,11 +224,13 @@ def test_prefix_reuse_returns_the_same_tokens_as_no_reuse(gen):
     finally:
         with_reuse.close()
         without.close()
-    assert with_reuse.stats["reused_tokens"] >= len(turn1)  # the whole first turn was not prefilled again
+    if invariant:
+        assert with_reuse.stats["reused_tokens"] == 48  # 60 prompt tokens, on the 16-token grid
+        assert got[1].logprobs == ref[1].logprobs  # the same bits
+    else:
+        assert with_reuse.stats["reused_tokens"] >= len(turn1)  # the whole first turn was not prefilled again
     assert without.stats["reused_tokens"] == 0
     assert got[1].tokens == ref[1].tokens and got[1].text == ref[1].text
-    assert got[1].tokens == alone(gen, turn2, 16)[2]
-    assert torch.allclose(torch.tensor(got[1].logprobs), torch.tensor(ref[1].logprobs), atol=1e-4)
 
 
 def test_prefix_cache_keeps_the_longest_and_evicts_the_least_recently_used():
@@ -241,6 +248,8 @@ def test_prefix_cache_keeps_the_longest_and_evicts_the_least_recently_used():
     assert pc.lookup(b + [1]) is None and pc.lookup(c[:5] + [9])[0] == 5
     m, k, _ = pc.lookup(a)  # all of a: one token is left to prefill
     assert m == 19 and k[0].shape == (2, 19, 4)
+    m, k, _ = pc.lookup(a, align=8)  # the batch-invariant engine's chunk grid: 19 -> 16
+    assert m == 16 and k[0].shape == (2, 16, 4)
     assert PrefixCache(0).lookup(a) is None
 
 

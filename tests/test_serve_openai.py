@@ -249,12 +249,14 @@ def test_stop_string_or_list(server, gen):
 
 # ---- parameters we do not implement ----------------------------------------------------------------------------
 @pytest.mark.parametrize("path, extra, param", [
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),
+    ("/v1/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),  # chat only
+    ("/v1/chat/completions", {"tool_choice": "auto"}, "tool_choice"),  # without tools
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}],
+                              "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "functions"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-     "response_format"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"$ref": "#/nowhere"}}}}, "response_format"),  # the library cannot compile it
     ("/v1/chat/completions", {"logit_bias": {"5": 10}}, "logit_bias"),
     ("/v1/chat/completions", {"audio": {"voice": "alloy"}}, "audio"),
     ("/v1/chat/completions", {"modalities": ["text", "audio"]}, "modalities"),

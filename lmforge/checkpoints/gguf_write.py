@@ -32,6 +32,7 @@ from lmforge.config import ModelConfig
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write
 from lmforge.model.layers import longrope, rope_inv_freq
+from lmforge.tokenizer.gguf import PRE_SPLITS
 
 __all__ = ["ExportError", "GGUF_TYPES", "GGUF_ARCH", "check_exportable", "write_gguf"]
 
@@ -218,7 +219,7 @@ def _encode(w: torch.Tensor, qtype):
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------
-def _split_name(pre: dict | None, source: str) -> str:
+def _split_name(pre: dict | None, source: str, ignore_merges: bool = False) -> str:
     """The `tokenizer.ggml.pre` name whose split regex equals this byte-level pre-tokenizer's."""
     def is_bytelevel(p: dict, regex: bool) -> bool:
         return p.get("type") == "ByteLevel" and bool(p.get("use_regex", True)) == regex \
@@ -234,6 +235,12 @@ def _split_name(pre: dict | None, source: str) -> str:
         name = _SPLIT_NAMES.get((steps[0].get("pattern") or {}).get("Regex"))
         if name:
             return name
+    if len(steps) >= 2 and all(p.get("type") == "Split" for p in steps[:-1]) and is_bytelevel(steps[-1], False):
+        # the form lmforge's GGUF reader builds (lmforge.tokenizer.gguf): its table, read backwards
+        regexes = tuple((p.get("pattern") or {}).get("Regex") for p in steps[:-1])
+        for name, (splits, whole_words) in PRE_SPLITS.items():
+            if splits == regexes and whole_words == ignore_merges:
+                return name
     raise ExportError(f"{source}: the byte-level tokenizer's pre-tokenizer ({json.dumps(pre)[:80]}) has no "
                       "llama.cpp equivalent (supported: GPT-2, SmolLM, Llama-3 and Qwen2 splits)")
 
@@ -295,7 +302,8 @@ def _tokenizer_metadata(tok, arch: str, n_vocab: int, source: str) -> dict[str, 
                  "tokenizer.ggml.add_space_prefix": ("bool", _spm_prefix(spec, arch, source))}
     else:
         meta |= {"tokenizer.ggml.model": ("str", "gpt2"),
-                 "tokenizer.ggml.pre": ("str", _split_name(spec.get("pre_tokenizer"), source)),
+                 "tokenizer.ggml.pre": ("str", _split_name(spec.get("pre_tokenizer"), source,
+                                                                 bool(model.get("ignore_merges")))),
                  "tokenizer.ggml.merges": ("array", merges),
                  "tokenizer.ggml.add_space_prefix": ("bool", False)}
     eos = tok.eos_id

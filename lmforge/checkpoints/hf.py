@@ -118,18 +118,34 @@ _NAMES["distilbert"] = [
     ("transformer.layer.{i}.ffn.lin2.{p}", "blocks.{i}.mlp.fc2.{p}"),
     ("transformer.layer.{i}.output_layer_norm.{p}", "blocks.{i}.norm2.{p}"),
 ]
+_NAMES["modernbert"] = [  # Wqkv and Wi are fused (FUSED below); Wi's halves are GeGLU's act input, then its gate
+    ("embeddings.tok_embeddings.weight", "embed.tok.weight"),
+    ("embeddings.norm.{p}", "embed.norm.{p}"),
+    ("layers.{i}.attn_norm.{p}", "blocks.{i}.norm1.{p}"),
+    ("layers.{i}.attn.Wo.{p}", "blocks.{i}.attn.o.{p}"),
+    ("layers.{i}.mlp_norm.{p}", "blocks.{i}.norm2.{p}"),
+    ("layers.{i}.mlp.Wo.{p}", "blocks.{i}.mlp.down.{p}"),
+    ("final_norm.{p}", "norm.{p}"),
+]
 # HF prefix of the backbone inside task models, per family.
 _PREFIX = {"llama": "model.", "mistral": "model.", "mixtral": "model.", "qwen2": "model.", "qwen3": "model.",
            "qwen3_moe": "model.", "olmo2": "model.",
            "phi3": "model.", "gemma2": "model.", "gemma3": "model.", "gpt2": "transformer.", "bert": "bert.",
-           "roberta": "roberta.", "xlm-roberta": "roberta.", "distilbert": "distilbert."}
-_ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert")  # saved bare (BertModel, ...): no prefix
+           "roberta": "roberta.", "xlm-roberta": "roberta.", "distilbert": "distilbert.", "modernbert": "model."}
+_ENCODERS = ("bert", "roberta", "xlm-roberta", "distilbert", "modernbert")  # saved bare (BertModel, ...): no prefix
 # roberta's classification head is dense + tanh + out_proj: the dense layer is our pooler, out_proj our score
 _ROBERTA_HEAD = {"classifier.dense.weight": "pooler.weight", "classifier.dense.bias": "pooler.bias"}
 _DISTILBERT_HEAD = {"pre_classifier.weight": "pooler.weight", "pre_classifier.bias": "pooler.bias"}  # + relu
+# ModernBertPredictionHead (dense -> act -> LayerNorm), in every ModernBERT task model outside its `model.`
+_MODERNBERT_HEAD = {"head.dense.weight": "pooler.weight", "head.dense.bias": "pooler.bias",
+                    "head.norm.weight": "pooler_norm.weight", "head.norm.bias": "pooler_norm.bias"}
+_POOLER_NAMES = {"roberta": _ROBERTA_HEAD, "xlm-roberta": _ROBERTA_HEAD, "distilbert": _DISTILBERT_HEAD,
+                 "modernbert": _MODERNBERT_HEAD}  # families whose task head holds our pooler
 # fused HF tensors of a family: HF module -> (our modules, in the order they are stacked along the output dim)
 FUSED = {"phi3": {"layers.{i}.self_attn.qkv_proj": ("blocks.{i}.attn.q", "blocks.{i}.attn.k", "blocks.{i}.attn.v"),
-                  "layers.{i}.mlp.gate_up_proj": ("blocks.{i}.mlp.gate", "blocks.{i}.mlp.up")}}
+                  "layers.{i}.mlp.gate_up_proj": ("blocks.{i}.mlp.gate", "blocks.{i}.mlp.up")},
+         "modernbert": {"layers.{i}.attn.Wqkv": ("blocks.{i}.attn.q", "blocks.{i}.attn.k", "blocks.{i}.attn.v"),
+                        "layers.{i}.mlp.Wi": ("blocks.{i}.mlp.gate", "blocks.{i}.mlp.up")}}
 # task-head tensors: HF name -> our name (outside the backbone)
 _HEADS = {"score.weight": "score.weight", "score.bias": "score.bias",
           "classifier.weight": "score.weight", "classifier.bias": "score.bias",
@@ -204,8 +220,10 @@ def module_from_hf(family: str, hf_path: str) -> str | None:
 
 def head_hf_name(family: str, name: str) -> str:
     """Our task-head tensor name -> its HF name (BERT's classifier is `classifier`, ours `score`)."""
-    if family in ("bert", "distilbert") and name.startswith("score."):
+    if family in ("bert", "distilbert", "modernbert") and name.startswith("score."):
         return "classifier." + name[len("score."):]  # Bert/DistilBertForSequenceClassification's name
+    if family == "modernbert" and name.startswith("qa_outputs."):
+        return "classifier." + name[len("qa_outputs."):]  # ModernBertForQuestionAnswering's name
     if family in ("roberta", "xlm-roberta") and name.startswith("score."):
         return "classifier.out_proj." + name[len("score."):]
     return name
@@ -223,7 +241,7 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor], source: st
     heads: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     roberta = fam in ("roberta", "xlm-roberta")
-    pooler_names = _ROBERTA_HEAD if roberta else _DISTILBERT_HEAD if fam == "distilbert" else {}
+    pooler_names = _POOLER_NAMES.get(fam, {})
     for name, t in hf.items():
         if name in pooler_names:
             body[pooler_names[name]] = t
@@ -234,7 +252,7 @@ def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor], source: st
         if name in _HEADS:
             heads[_HEADS[name]] = t
             continue
-        if not cfg.causal and name.startswith("lm_head."):
+        if not cfg.causal and name.startswith("lm_head.") or fam == "modernbert" and name.startswith("decoder."):
             continue  # an encoder's masked-LM head (roberta): not part of the backbone, nor of our heads
         if name == "lm_head.weight":
             body["lm_head.weight"] = t
@@ -289,9 +307,11 @@ def to_hf_state_dict(cfg: ModelConfig, body: dict[str, torch.Tensor], heads: dic
         prefix = ""  # BertModel / RobertaModel keep no prefix
     out: dict[str, torch.Tensor] = {}
     to_head = {}
-    if heads and fam in ("roberta", "xlm-roberta", "distilbert"):  # their classifiers hold the pooler's dense
-        to_head = {v: k for k, v in (_DISTILBERT_HEAD if fam == "distilbert" else _ROBERTA_HEAD).items()}
+    if heads and fam in _POOLER_NAMES:  # their classifiers hold the pooler's dense
+        to_head = {v: k for k, v in _POOLER_NAMES[fam].items()}
     for name, t in body.items():
+        if fam == "modernbert" and name.startswith("pooler") and not to_head:
+            continue  # ModernBertModel has no head (a masked-LM checkpoint's head.* loaded as our pooler)
         if name == "lm_head.weight":
             out["lm_head.weight"] = t
             continue
@@ -433,6 +453,8 @@ def save_hf(path: Path, cfg: ModelConfig, body: dict, heads: dict | None = None,
     if tokenizer is not None:
         tokenizer.save(path)
     hf_cfg = cfg.to_hf()
+    if cfg.family == "modernbert" and heads and "qa_outputs.weight" in heads:  # its span layer is `classifier`:
+        hf_cfg["architectures"] = ["ModernBertForQuestionAnswering"]  # the architecture tells it from a classifier
     hf_cfg.update(extra_config or {})
     hf_cfg["dtype"] = str(next(iter(body.values())).dtype).replace("torch.", "")
     atomic_write(path / "config.json", json.dumps(hf_cfg, indent=2) + "\n")

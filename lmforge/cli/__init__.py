@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmforge.cli import classify, common, export, generate, info, pretrain, qa, seq2seq, serve
+from lmforge.cli import classify, common, export, generate, info, pretrain, qa, seq2seq, serve, structured
 
 # The verb groups, in --help order; each module's register(sub) adds its verbs.
-VERBS = [info, generate, classify, seq2seq, qa, pretrain, serve, export]
+VERBS = [info, generate, structured, classify, seq2seq, qa, pretrain, serve, export]
 
 
 def build_parser() -> argparse.ArgumentParser:

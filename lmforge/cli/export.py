@@ -28,8 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "file (gguf) or directory (hf, other files in it are left alone). Devices, FIFOs and sockets are "
                    "refused. A symbolic link is followed: its target is written, and stderr says so. A full disk, "
                    "quota or read-only file system is one error line (exit 2) and leaves no partial output")
-    p.add_argument("--format", default="gguf", help="gguf (default) or hf")
+    p.add_argument("--format", default="gguf", help="gguf (default), hf, or gguf-lora: the LoRA adapters alone as a "
+                   "GGUF adapter llama.cpp loads over the base file (--lora FILE); from an adapters-only run")
     # not argparse choices: a bad value is our one-line error (exit 2), like every other bad input
     p.add_argument("--type", default=None, help="f32 | f16 | bf16 | q8_0 | q4_0 (default f16 for gguf, "
-                   "f32 for hf; quantized types are gguf only)")
+                   "f32 for hf and gguf-lora; quantized types are gguf only; gguf-lora: f32 | f16)")
     p.set_defaults(func=cmd_export)

@@ -45,6 +45,9 @@ def emit(gen, prompt: str, a: argparse.Namespace, chat: bool, kw: dict | None = 
         speed_line(gen, prompt, chat, text, t0, first, time.perf_counter())
         if (step := getattr(gen, "decode_step", None)) is not None:  # a Generator's (tests pass stand-ins)
             print(f"decode step: {step}", file=sys.stderr)
+        spec = getattr(gen, "last_speculative", None)
+        if spec is not None and spec.summary() not in str(step):  # streamed: the path was read before the end
+            print(spec.summary(), file=sys.stderr)
     return text
 
 
@@ -65,10 +68,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise LmforgeError("generate: empty prompt (pass --prompt TEXT or text on stdin)")
-    gen_kwargs(a)  # bad flags fail before the model loads
+    from lmforge.cli.structured import check_complete, with_constraint
+
+    kw = with_constraint(a, gen_kwargs(a), GENERATE_DEFAULTS)  # bad flags and files fail before the model loads
     gen = load_generator(a.model, a.quantize, a.dtype, a.device)
     gen.compile = a.compile_decode
-    emit(gen, prompt, a, chat=a.chat)
+    speculate(gen, a)
+    emit(gen, prompt, a, chat=a.chat, kw=kw)
+    check_complete(gen, kw)
     return 0
 
 
@@ -110,6 +117,7 @@ def run_task_verb(gen, a: argparse.Namespace, task: str, sources: list[str], pro
     from lmforge.tasks.grounding import check, warning_line
     from lmforge.tasks.textgen import cut_prompts, prompt_cut, run_prompts
 
+    speculate(gen, a)
     if len(prompts) == 1:
         if fewshot is not None:
             kw = {**kw, "stop_strings": [*(kw.get("stop_strings") or []), *fewshot.stop_strings]}
@@ -200,6 +208,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
     kw = gen_kwargs(a)
     gen = load_generator(a.model, a.quantize, a.dtype, a.device)
     gen.compile = a.compile_decode
+    speculate(gen, a)
     history: list[dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
     print(f"chatting with {a.model}; /reset clears the history, /exit (or Ctrl-D) quits", file=sys.stderr)
     while True:
@@ -234,6 +243,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     add_gen_flags(s, GENERATE_DEFAULTS)
     add_compile_flag(s)
+    add_speculative_flags(s, draft=True)
+    from lmforge.cli.structured import add_constraint_flags
+
+    add_constraint_flags(s)
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="interactive chat with the model's chat template (/reset, /exit)",
@@ -241,6 +254,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--system", default=None, help="system message")
     add_gen_flags(s, CHAT_DEFAULTS)
     add_compile_flag(s)
+    add_speculative_flags(s, draft=True)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("summarize", help="summarize text files (or stdin) with an instruct model, or a base model "
@@ -251,6 +265,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--sentences", type=positive_int, default=None, metavar="N",
                    help="sentence budget stated in the prompt (default: the one a fine-tuned model was trained "
                    "with, else \"two or three\"; not used with --shots)")
+    add_speculative_flags(s)
     s.set_defaults(func=cmd_summarize)
 
     s = sub.add_parser("translate", help="translate text files (or stdin) with an instruct model, or a base model "
@@ -261,6 +276,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_gen_flags(s, TRANSLATE_DEFAULTS, {"max_new_tokens": "tokens to generate at most (default: twice the "
                                                             "input's tokens + 16)"})
     add_task_flags(s, "the --from and --to codes, e.g. en,es", check="numbers and amounts")
+    add_speculative_flags(s)
     s.set_defaults(func=cmd_translate)
 
     s = sub.add_parser("ask", help="answer questions from a context file with an instruct model", epilog=EPILOG)
@@ -268,7 +284,46 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--context", required=True, metavar="FILE", help="text file the answer must come from")
     add_gen_flags(s, ASK_DEFAULTS)
     add_task_flags(s, None)
+    add_speculative_flags(s)
     s.set_defaults(func=cmd_ask)
+
+
+def add_speculative_flags(s: argparse.ArgumentParser, draft: bool = False) -> None:
+    """--speculative and --draft-tokens (and --draft MODEL for generate/chat): decoding/speculative.py."""
+    from lmforge.decoding.speculative import DEFAULT_DRAFT_TOKENS
+
+    g = s.add_argument_group("speculative decoding (greedy output as without it, see docs/generation.md; "
+                             "sampling keeps the distribution)")
+    g.add_argument("--speculative", choices=["auto", "off", "prompt-lookup"], default="auto",
+                   help="prompt-lookup: draft the continuation of the latest earlier match of the last tokens in "
+                   "the prompt and output, verify the drafts in one forward. auto: " + (
+                       "the --draft model when given, else off" if draft else
+                       "prompt lookup when inputs are decoded one at a time (one input, or --batch-size 1) on "
+                       "float weights; off for batches and on int4/int8 weights (where a k-token verification "
+                       "costs about k/3 steps, so it did not measure faster: ask for prompt-lookup by name)"))
+    if draft:
+        g.add_argument("--draft", default=None, metavar="MODEL",
+                       help="a smaller model of the same tokenizer drafts tokens for --model to verify (loaded "
+                       "with the same --quantize, --dtype and --device)")
+    g.add_argument("--draft-tokens", type=positive_int, default=DEFAULT_DRAFT_TOKENS, metavar="K",
+                   help="drafted tokens verified per forward (1..31)")
+
+
+def speculate(gen, a: argparse.Namespace) -> None:
+    """Set the Generator's speculative default from the flags; load and attach --draft (a draft of another
+    tokenizer is refused in one line)."""
+    method = getattr(a, "speculative", None)
+    if method is None:  # a verb without the flags
+        return
+    if not 1 <= a.draft_tokens <= 31:
+        raise LmforgeError(f"--draft-tokens: must be in 1..31, got {a.draft_tokens}")
+    draft = getattr(a, "draft", None)
+    if draft:
+        gen.set_draft(load_generator(draft, a.quantize, a.dtype, a.device), draft)
+    if hasattr(a, "draft"):  # generate/chat: free text rarely quotes its prompt; auto speculates with a draft only
+        method = "off" if method == "auto" and not draft else method
+        method = "draft" if method == "auto" else method
+    gen.speculative, gen.draft_tokens = method, a.draft_tokens
 
 
 def add_compile_flag(s: argparse.ArgumentParser) -> None:

@@ -43,6 +43,9 @@ FINETUNE_FLAGS: dict[str, dict] = {
     "max_train_samples": dict(type=positive_int, help="subsample the training pairs"),
     "max_eval_samples": dict(type=positive_int, help="validation pairs"),
     **LORA_FLAGS,
+    "quantize": dict(choices=["none", "auto", "8", "4"], help="LoRA: hold the frozen base in integers (QLoRA): "
+                     "auto keeps a quantized GGUF's own int4/int8 blocks, 8|4 quantize float weights at load; "
+                     "the run saves the adapters alone (default none: a float base)"),
     "lora": dict(action=argparse.BooleanOptionalAction,
                  help="train low-rank adapters on a frozen model (--no-lora: full fine-tuning)"),
 }
@@ -130,7 +133,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
                    input_field=a.input_field, target_field=a.target_field, to=a.to, src=a.src, batch_size=a.batch_size,
                    max_new_tokens=a.max_new_tokens, num_beams=a.num_beams, output=out, tail=a.tail,
                    quantize=a.quantize, shots=a.shots or 0, shots_file=a.shots_file, sentences=a.sentences,
-                   device=a.device, max_prompt_tokens=a.max_prompt_tokens)
+                   device=a.device, max_prompt_tokens=a.max_prompt_tokens, speculative=a.speculative,
+                   draft_tokens=a.draft_tokens)
     s = evaluate_task(c, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps(s, indent=1) if a.json else format_summary(s))
     return 0
@@ -174,6 +178,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="summarize: sentence budget stated in the prompt (default: the one a fine-tuned model was "
                    "trained with, else \"two or three\")")
     s.add_argument("--num-beams", type=positive_int, default=1)
+    from lmforge.cli.generate import add_speculative_flags
+
+    add_speculative_flags(s)
     s.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
                    help="cut longer prompts to their first N/2 and last N/2 tokens, as fine-tuning does (default: "
                    "the prompt length a fine-tuned run dir was trained with, else the context length less "

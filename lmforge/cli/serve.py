@@ -26,6 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--model", default=DEFAULT_LM, help="text-generation model")
     s.add_argument("--classifier", default=None, metavar="RUN_DIR",
                    help="a `lmforge classify train` run directory, for /v1/classify and the page's classify box")
+    s.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
+                   help="serve a LoRA adapter over the --model base as NAME (repeatable): a `--lora "
+                        "--save-adapters-only` run dir of finetune (generation: a request names it in 'model', as "
+                        "NAME or BASE:NAME) or of classify train (/v1/classify), or a PEFT LoRA dir. More load and "
+                        "unload at run time: POST/DELETE /v1/adapters (docs/adapters.md)")
+    s.add_argument("--max-adapters", type=positive_int, default=8, metavar="N",
+                   help="adapters loaded at once (default: 8)")
     s.add_argument("--embedder", default=None, metavar="MODEL",
                    help="model for /v1/embeddings, e.g. minilm-l6 (default: the generator's own hidden states)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -39,6 +46,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--prefix-cache-mb", type=non_negative_int, default=256, metavar="MB",
                    help="memory for keys/values of earlier prompts, reused by a chat's next turn (0: off; "
                         "default: 256)")
+    s.add_argument("--batch-invariant", choices=["on", "off"], default="on",
+                   help="on: a request's tokens and logprobs are the same whatever else the server is running "
+                        "(decode rows on one kernel path, per-row attention, prefix reuse on the prefill chunk grid "
+                        "only); off: the fastest kernels for each batch size, whose last bits depend on it "
+                        "(default: on; its cost: docs/serving.md)")
+    s.add_argument("--prefill-chunk", type=non_negative_int, default=128, metavar="N",
+                   help="prompt tokens prefilled per step between the running rows' decode steps, so a long prompt "
+                        "delays them by one chunk's time per token (0: whole prompts at once; default: 128)")
     s.add_argument("--max-tokens", type=positive_int, default=1024, metavar="N",
                    help="largest max_tokens a request may ask for (default: 1024)")
     s.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
@@ -79,8 +94,19 @@ def build_app(a: argparse.Namespace):
                              max_concurrent=a.max_concurrent,
                              max_queue=a.max_queue, max_tokens=a.max_tokens, max_prompt_tokens=a.max_prompt_tokens,
                              max_body_bytes=a.max_body_bytes, prefix_cache_mb=a.prefix_cache_mb,
+                             batch_invariant=getattr(a, "batch_invariant", "on") == "on",
+                             prefill_chunk=getattr(a, "prefill_chunk", 128),
                              default_max_tokens=min(256, a.max_tokens))
+    settings.max_adapters = getattr(a, "max_adapters", 8)
     settings.validate()
+    adapters = []
+    for spec in getattr(a, "adapter", None) or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise LmforgeError(f"--adapter {spec!r}: give NAME=RUN_DIR (e.g. sentiment=runs/sentiment)")
+        if any(name == n for n, _ in adapters):
+            raise LmforgeError(f"--adapter {spec!r}: the name {name!r} is given twice")
+        adapters.append((name, path))
     compile_mode = server_compile(getattr(a, "compile_decode", "auto"))  # "on" is a ConfigError, before any load
     device = getattr(a, "device", "auto")
     gen = load_generator(a.model, a.quantize, device=device)
@@ -99,7 +125,10 @@ def build_app(a: argparse.Namespace):
     embedder = None
     if a.embedder:
         embedder = Embedder.load(a.embedder, device=device)
-    return create_app(gen, embedder=embedder, classifier=classifier, settings=settings)
+    app = create_app(gen, embedder=embedder, classifier=classifier, settings=settings)
+    for name, path in adapters:  # a bad one stops the start with one line naming it
+        app.state.lmforge.load_adapter(name, path)
+    return app
 
 
 def _is_loopback(host: str) -> bool:

@@ -11,6 +11,12 @@ from lmforge.decoding.sampling import (
     next_token,
 )
 from lmforge.decoding.search import beam_search
+from lmforge.decoding.speculative import (
+    SPECULATIVE_CHOICES,
+    SpeculativeOptions,
+    speculative_generate,
+    speculative_tokens,
+)
 from lmforge.decoding.step import (
     AUTO_COMPILE_STEPS,
     AUTO_TRACE_STEPS,
@@ -28,7 +34,9 @@ from lmforge.decoding.stream import TextStreamer
 
 __all__ = [
     "AUTO_COMPILE_STEPS", "AUTO_TRACE_STEPS", "CACHE_BUCKET", "COMPILE_CHOICES", "DecodeOptions", "DecodeRuntime",
-    "GenerationConfig", "Stepper", "TextStreamer", "apply_repetition_penalty", "ban_repeated_ngrams",
+    "GenerationConfig", "SPECULATIVE_CHOICES", "SpeculativeOptions", "Stepper", "TextStreamer",
+    "apply_repetition_penalty", "ban_repeated_ngrams",
     "beam_search", "cache_bucket", "compiler_missing", "describe_decode_step", "filter_logits", "generate",
-    "greedy", "next_token", "static_step_unsupported", "stream_tokens",
+    "greedy", "next_token", "speculative_generate", "speculative_tokens", "static_step_unsupported",
+    "stream_tokens",
 ]

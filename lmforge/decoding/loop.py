@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+from lmforge.decoding.constraints import Matcher, apply_matchers
 from lmforge.decoding.sampling import (
     GenerationConfig,
     apply_repetition_penalty,
@@ -40,16 +41,29 @@ def stream_tokens(model: Transformer, input_ids: torch.Tensor, attention_mask: t
     stop = torch.tensor(stop_ids(model, gc), dtype=torch.long, device=input_ids.device)
     if runtime is not None and runtime.model is not model:
         raise GenerationError("stream_tokens: the DecodeRuntime belongs to another model")
+    matchers = row_matchers(gc, input_ids.shape[0], stop.tolist())
     stepper = Stepper(runtime or DecodeRuntime(model), input_ids, attention_mask, gc.max_new_tokens, decode)
     try:
-        yield from _sample_loop(model, input_ids, attention_mask, gc, gen, stop, stepper)
+        yield from _sample_loop(model, input_ids, attention_mask, gc, gen, stop, stepper, matchers)
     finally:
         stepper.close()
 
 
+def row_matchers(gc: GenerationConfig, B: int, stop: list[int]) -> list[Matcher | None] | None:
+    """One constraint matcher per row (None: a free row) from gc.constraint; None when no row is constrained."""
+    if gc.constraint is None:
+        return None
+    per_row = gc.constraint if isinstance(gc.constraint, (list, tuple)) else [gc.constraint] * B
+    if len(per_row) != B:
+        raise GenerationError(f"constraint: {len(per_row)} given for a batch of {B} rows")
+    if not stop and any(c is not None for c in per_row):
+        raise GenerationError("constraint: a constrained generation needs a stop token id to end on")
+    return [c.matcher(stop) if c is not None else None for c in per_row]
+
+
 def _sample_loop(model: Transformer, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 gc: GenerationConfig, gen: torch.Generator | None, stop: torch.Tensor, stepper: Stepper
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 gc: GenerationConfig, gen: torch.Generator | None, stop: torch.Tensor, stepper: Stepper,
+                 matchers: list[Matcher | None] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     B = input_ids.shape[0]
     seen = seen_tokens(input_ids, attention_mask, model.cfg.vocab_size) if gc.repetition_penalty != 1.0 else None
     finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -60,9 +74,16 @@ def _sample_loop(model: Transformer, input_ids: torch.Tensor, attention_mask: to
             logits = apply_repetition_penalty(logits, seen, gc.repetition_penalty)
         if gc.no_repeat_ngram_size:
             logits = ban_repeated_ngrams(logits, out, gc.no_repeat_ngram_size)
+        if matchers is not None:  # last, so no processor can bring a disallowed token back
+            logits = apply_matchers(logits, [None if d else m for m, d in zip(matchers, finished.tolist())])
         tok = next_token(logits, gc, gen)  # (B,)
         if stop.numel():
             tok = torch.where(finished, stop[0], tok)
+        if matchers is not None:
+            for m, t, d in zip(matchers, tok.tolist(), finished.tolist()):
+                if m is not None and not d:
+                    m.advance(t)
+                    m.prefetch()  # the next mask, computed while the model runs the step below
         if seen is not None:
             seen[torch.arange(B, device=seen.device), tok] = True
         newly = torch.isin(tok, stop) if stop.numel() else torch.zeros_like(finished)

@@ -4,6 +4,7 @@ n-gram ban, top-k / top-p / min-p) and the choice of the next token (argmax or a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,6 +26,8 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None  # None = the model's eos ids
     seed: int | None = None
+    # decoding.constraints.Constraint for every row, or a list with one per row (None = a free row)
+    constraint: Any = None
 
     def validate(self) -> None:
         if self.max_new_tokens <= 0:
@@ -45,6 +48,9 @@ class GenerationConfig:
             raise GenerationError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.temperature > 0:
             raise GenerationError("beam search with sampling is not supported: set temperature=0 or num_beams=1")
+        if self.constraint is not None and self.num_beams > 1:
+            raise GenerationError("beam search with a constraint (json_schema / regex / grammar / choices) is not "
+                                  "supported: set num_beams=1")
         if any(not s for s in self.stop_strings):
             raise GenerationError("stop_strings must not contain an empty string")
 

@@ -135,6 +135,32 @@ class Stepper:
             h = self.model(tokens[:, None], cache=self.cache)
         return self.model.lm_logits(h[:, -1]).float()  # (B, V)
 
+    # ---- speculative decoding (decoding/speculative.py): one unpadded row --------------------------------------
+    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed n tokens (1, n) in one eager forward over the cache (the n drafts a speculative step verifies)
+        -> float32 logits (n, V), one per position. Each position's attention runs as this batch's one-token
+        step runs it (Attention._verify_rows: the projections are one call, attention one call per position),
+        so the logits are the step's bit for bit where the other ops are row-invariant; not for sliding-window
+        models, whose step masks differ per layer (there the n positions run as one masked SDPA call)."""
+        cfg = self.model.cfg
+        sliding = bool(cfg.sliding_window) and cfg.layer_types is not None and "sliding" in cfg.layer_types
+        self.cache.verify_rows = None if sliding else ("static" if self.compiled or self.traced else "eager")
+        try:
+            h = self.model(tokens, cache=self.cache)  # (1, n, D)
+        finally:
+            self.cache.verify_rows = None
+        return self.model.lm_logits(h[0]).float()  # (n, V)
+
+    def keep(self, length: int) -> None:
+        """Roll the cache back to its first `length` columns (the rejected drafts' keys and values are left to be
+        overwritten); the static step's column, position and valid columns follow."""
+        self.cache.length = length
+        if self.compiled or self.traced:
+            self.col.fill_(length - 1)
+            self.spos.fill_(length - 1)
+            self.valid[:, :length] = True
+            self.valid[:, length:] = False
+
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
         self.mask = self.mask.index_select(0, index)

@@ -1,5 +1,6 @@
-"""Encoder families: BERT, RoBERTa / XLM-RoBERTa (positions offset by the padding index) and DistilBERT; each a
-config.json <-> ModelConfig translation and a FamilySpec."""
+"""Encoder families: BERT, RoBERTa / XLM-RoBERTa (positions offset by the padding index), DistilBERT and ModernBERT
+(rotary, alternating local / global attention, GeGLU); each a config.json <-> ModelConfig translation and a
+FamilySpec."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from lmforge.families.spec import (
     act,
     common_tokens,
     hf_common,
+    hf_layer_types,
+    layer_types,
     require,
+    rope,
+    short,
 )
 
 
@@ -77,6 +82,62 @@ def _to_distilbert(c: Any) -> dict[str, Any]:
             **hf_common(c, "DistilBertForSequenceClassification" if c.id2label else "DistilBertModel")}
 
 
+def _from_modernbert(hf: dict[str, Any]) -> dict[str, Any]:
+    """Pre-norm bidirectional encoder: embedding LayerNorm, no attention norm in layer 0, fused Wqkv and Wi (GeGLU),
+    bias-free LayerNorms, rotary with a theta per layer type, and local layers that see |i - j| <= local_attention
+    // 2. The head of every task checkpoint (dense -> act -> LayerNorm, `head.*`) is our pooler + pooler_norm; a
+    bare ModernBertModel has none."""
+    n = hf["num_hidden_layers"]
+    every = hf.get("global_attn_every_n_layers", 3)  # the pre-layer_types spelling, still on the Hub
+    types = layer_types(hf, n, lambda i: bool(i % every))
+    thetas = {}
+    for key, old, default in (("full_attention", "global_rope_theta", 160000.0),
+                              ("sliding_attention", "local_rope_theta", 10000.0)):
+        theta, scaling = rope(hf, key) if hf.get("rope_parameters") else (float(hf.get(old, default)), None)
+        if scaling:
+            raise ConfigError(f"field 'rope_parameters' = {short(scaling)} ({key}) is not implemented (default only)")
+        thetas[key] = theta
+    pooling = hf.get("classifier_pooling", "cls")
+    if pooling not in ("cls", "mean"):
+        raise ConfigError(f"field 'classifier_pooling' = {pooling!r}: expected 'cls' or 'mean'")
+    head = any(a != "ModernBertModel" for a in hf.get("architectures") or [])
+    return dict(family="modernbert", vocab_size=hf["vocab_size"],
+                context_length=hf.get("max_position_embeddings", 8192), d_model=hf["hidden_size"], n_layers=n,
+                n_heads=hf["num_attention_heads"],
+                d_ff=hf["intermediate_size"], norm="layernorm", norm_eps=hf.get("norm_eps", 1e-5),
+                norm_bias=hf.get("norm_bias") or False, norm_placement="pre", final_norm=True,
+                first_attn_norm=False, embed_norm=True, mlp="geglu",
+                activation=act(hf.get("hidden_activation", "gelu")),
+                attn_bias=hf.get("attention_bias") or False, mlp_bias=hf.get("mlp_bias") or False,
+                position="rotary", rope_theta=thetas["full_attention"], rope_local_theta=thetas["sliding_attention"],
+                causal=False, type_vocab_size=0, tie_embeddings=True,
+                sliding_window=hf.get("local_attention", 128) // 2 + 1, layer_types=types, pooler=head,
+                pooler_act=act(hf.get("classifier_activation", "gelu")),
+                pooler_bias=hf.get("classifier_bias") or False, pooler_norm=True, pooling=pooling,
+                **common_tokens(hf))
+
+
+def _to_modernbert(c: Any) -> dict[str, Any]:
+    require(c, "modernbert", norm="layernorm", norm_placement="pre", final_norm=True, first_attn_norm=False,
+            embed_norm=True, mlp="geglu", position="rotary", causal=False, type_vocab_size=0, rotary_fraction=1.0,
+            rope_scaling=None, pooler_norm=True)
+    if c.pooling not in (None, "cls", "mean"):
+        raise ConfigError(f"config field 'pooling' = {c.pooling!r}: ModernBERT's classifier pools by cls or mean")
+    return {"model_type": "modernbert", "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length,
+            "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+            "intermediate_size": c.d_ff, "hidden_activation": HF_ACT[c.activation], "norm_eps": c.norm_eps,
+            "norm_bias": c.norm_bias, "attention_bias": c.attn_bias, "mlp_bias": c.mlp_bias,
+            "layer_types": hf_layer_types(c),
+            "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": c.rope_theta},
+                                "sliding_attention": {"rope_type": "default",
+                                                      "rope_theta": c.rope_local_theta or c.rope_theta}},
+            "local_attention": 2 * (c.sliding_window - 1) if c.sliding_window else 128,
+            "classifier_pooling": c.pooling or "cls", "classifier_bias": c.pooler_bias,
+            "classifier_activation": HF_ACT.get(c.pooler_act, c.pooler_act), "attention_dropout": c.dropout,
+            "embedding_dropout": c.dropout, "mlp_dropout": c.dropout,
+            **hf_common(c, "ModernBertForSequenceClassification" if c.id2label else "ModernBertModel")}
+
+
 _BERT_READS = frozenset({"vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
                          "num_attention_heads", "intermediate_size", "layer_norm_eps", "hidden_act", "type_vocab_size",
                          "position_embedding_type", "tie_word_embeddings"})
@@ -93,4 +154,17 @@ ENCODERS: tuple[FamilySpec, ...] = (
                           "activation", "tie_word_embeddings"}),
                inert=frozenset({"dropout", "qa_dropout", "seq_classif_dropout", "sinusoidal_pos_embds"}),
                note="6-layer distilled BERT; pre_classifier + relu head"),
+    FamilySpec("modernbert", ("modernbert",), "encoder", _from_modernbert, _to_modernbert,
+               frozenset({"vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
+                          "num_attention_heads", "intermediate_size", "hidden_activation", "norm_eps", "norm_bias",
+                          "attention_bias", "mlp_bias", "layer_types", "global_attn_every_n_layers",
+                          "rope_parameters", "global_rope_theta", "local_rope_theta", "local_attention",
+                          "classifier_pooling", "classifier_activation", "classifier_bias", "tie_word_embeddings"}),
+               # decoder_bias / sparse_*: the masked-LM head, not loaded; layer_norm_eps and position_embedding_type
+               # are in the Hub's configs but not read by transformers' ModernBERT either
+               inert=frozenset({"embedding_dropout", "mlp_dropout", "initializer_cutoff_factor", "cls_token_id",
+                                "decoder_bias", "sparse_prediction", "sparse_pred_ignore_index",
+                                "deterministic_flash_attn", "reference_compile", "repad_logits_with_grad",
+                                "layer_norm_eps", "position_embedding_type"}),
+               note="rotary, alternating local / global attention, GeGLU; dense + act + LayerNorm head"),
 )

@@ -13,6 +13,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError, TokenizerError
+from lmforge.model.layers import activation, make_norm
 from lmforge.model.transformer import Transformer
 
 POOLINGS = ("last", "cls", "mean")
@@ -99,9 +100,11 @@ def lm_head_loss(backbone: Transformer, h: torch.Tensor, labels: torch.Tensor, r
         h, y = h[keep], y[keep]
     if y.numel() == 0:  # no target in the batch: a zero that still reaches every weight in backward
         return h.sum() * 0.0
+    if backbone.quant_head is not None:  # (an int8 embedding's .weight would be a whole float copy, unused)
+        return F.cross_entropy(backbone.lm_logits(h).float(), y, reduction=reduction)  # logits: (N, V)
     w = backbone.embed.tok.weight if backbone.lm_head is None else backbone.lm_head.weight  # (V, D)
     if (fused and h.dtype == w.dtype == torch.float32 and backbone.cfg.final_softcap is None
-            and backbone.quant_head is None and reduction in ("mean", "sum")
+            and reduction in ("mean", "sum")
             and not torch.is_autocast_enabled(h.device.type)):  # autocast (bf16 training): bf16 logits below
         need = torch.is_grad_enabled() and (h.requires_grad or w.requires_grad)
         return _HeadCrossEntropy.apply(h, w, y, {} if workspace is None else workspace, reduction == "mean", need)
@@ -170,7 +173,31 @@ def pool(h: torch.Tensor, attention_mask: torch.Tensor | None, how: str) -> torc
 
 
 def default_pooling(cfg: ModelConfig) -> str:
-    return "last" if cfg.causal else "cls"
+    return cfg.pooling or ("last" if cfg.causal else "cls")  # cfg.pooling: what the checkpoint's config names
+
+
+def prediction_head(backbone: Transformer) -> None:
+    """Give a backbone whose family's task heads start with a dense + act + LayerNorm head (modernbert's `head`,
+    our pooler + pooler_norm) one, untrained, when its checkpoint had none (a bare ModernBertModel)."""
+    cfg = backbone.cfg
+    if not cfg.pooler_norm or backbone.pooler is not None:
+        return
+    ref = backbone.embed.tok.weight
+    backbone.pooler = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.pooler_bias, device=ref.device, dtype=ref.dtype)
+    nn.init.normal_(backbone.pooler.weight, std=0.02)
+    if backbone.pooler.bias is not None:
+        nn.init.zeros_(backbone.pooler.bias)
+    backbone.pooler_norm = make_norm(cfg).to(device=ref.device, dtype=ref.dtype)
+    cfg.pooler = True
+
+
+def pooler_head(backbone: Transformer, pooled: torch.Tensor) -> torch.Tensor:
+    """The encoder's dense layer before the classifier: (..., D) -> (..., D). bert's pooler (dense + tanh),
+    distilbert's pre_classifier (+ relu), ModernBertPredictionHead (dense + gelu + LayerNorm)."""
+    cfg = backbone.cfg
+    x = backbone.pooler(pooled)
+    x = torch.tanh(x) if cfg.pooler_act == "tanh" else activation(cfg.pooler_act)(x)
+    return backbone.pooler_norm(x) if backbone.pooler_norm is not None else x
 
 
 class SequenceClassifier(nn.Module):
@@ -193,6 +220,9 @@ class SequenceClassifier(nn.Module):
             nn.init.normal_(backbone.pooler.weight, std=0.02)
             nn.init.zeros_(backbone.pooler.bias)
             cfg.pooler, cfg.pooler_act = True, "relu"
+        if cfg.family == "modernbert":
+            cfg.pooling = self.pooling  # saved as classifier_pooling
+            prediction_head(backbone)
         # HF decoders (GPT2/Llama/Gemma3ForSequenceClassification) use a bias-free `score`; encoders a biased
         # `classifier` (roberta: `classifier.out_proj`, after its `classifier.dense`, which is our pooler)
         self.score = nn.Linear(cfg.d_model, num_labels, bias=not cfg.causal)
@@ -204,23 +234,25 @@ class SequenceClassifier(nn.Module):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = self.backbone(input_ids, attention_mask, token_type_ids=token_type_ids)  # (B, T, D)
         pooled = pool(h, attention_mask, self.pooling)  # (B, D)
-        if self.pooling == "cls" and self.backbone.pooler is not None:  # bert's pooler, as HF's classifier uses
-            pooled = self.backbone.pooler(pooled)
-            pooled = torch.relu(pooled) if self.backbone.cfg.pooler_act == "relu" else torch.tanh(pooled)
+        if self.backbone.pooler is not None and (self.pooling == "cls" or self.backbone.cfg.pooler_norm):
+            pooled = pooler_head(self.backbone, pooled)  # bert's pooler on [CLS]; modernbert's head on any pooling
         return self.score(self.drop(pooled))  # (B, num_labels)
 
 
 class SpanHead(nn.Module):
-    """Start/end logits for extractive QA (HF name: qa_outputs)."""
+    """Start/end logits for extractive QA (HF name: qa_outputs; ModernBERT's: head, then classifier)."""
 
     def __init__(self, backbone: Transformer) -> None:
         super().__init__()
         self.backbone = backbone
+        prediction_head(backbone)  # modernbert: ModernBertForQuestionAnswering's head on every token
         self.qa_outputs = nn.Linear(backbone.cfg.d_model, 2)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.backbone(input_ids, attention_mask, token_type_ids=token_type_ids)  # (B, T, D)
+        if self.backbone.cfg.pooler_norm:
+            h = pooler_head(self.backbone, h)  # (B, T, D)
         start, end = self.qa_outputs(h).unbind(-1)  # (B, T) each
         return start, end
 

@@ -50,7 +50,7 @@ class RMSNorm(nn.Module):
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or cfg.d_model
     if cfg.norm == "layernorm":
-        return nn.LayerNorm(dim, eps=cfg.norm_eps)
+        return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
     return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset)  # ModelConfig allows only these two
 
 
@@ -135,8 +135,12 @@ class Rotary(nn.Module):
         if self.switch_at is not None and int(position_ids.max()) + 1 > self.switch_at:  # one sync: longrope only
             inv = self.long_inv_freq
         freqs = position_ids[:, :, None].float() * inv[None, None, :].float()  # (B, T, rot/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rot)
-        cos, sin = emb.cos(), emb.sin()
+        pad = -self.rot_dim % 16  # each row a multiple of 16 values: cos/sin take their vectorized path for every
+        # value (a scalar tail would round some positions differently depending on how many rows the call has)
+        emb = torch.cat((freqs, freqs, freqs.new_zeros(*freqs.shape[:2], pad)) if pad else (freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()  # (B, T, rot + pad)
+        if pad:
+            cos, sin = cos[..., : self.rot_dim].contiguous(), sin[..., : self.rot_dim].contiguous()
         if self.scale != 1.0:
             cos, sin = cos * self.scale, sin * self.scale
         sin[..., : self.rot_dim // 2].neg_()
@@ -294,6 +298,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.causal = cfg.causal  # False for bidirectional encoders (bert)
         self.qkv: nn.Module | None = None  # q|k|v as one matmul at decode time (lmforge.quant.fuse_projections)
+        self.invariant = False  # one new token per row attends to its row's columns only (model.invariant)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: KVCache | StaticKV | None) -> torch.Tensor:
@@ -301,6 +306,8 @@ class Attention(nn.Module):
         H, KV = self.n_heads, self.n_kv
         if isinstance(cache, StaticKV) and self._one_pass(x, rope, mask, cache):
             return self._decode_one_pass(x, rope, mask, cache)
+        if T > 1 and isinstance(cache, KVCache) and getattr(cache, "verify_rows", None):
+            return self._verify_rows(x, rope, cache)
         qkv = self.qkv
         if self.qk_all:  # norms over the whole projections, before the split into heads
             q = self.q_norm(self.q(x)).view(B, T, H, self.hd).transpose(1, 2)  # (B, H, T, hd)
@@ -324,7 +331,10 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, KV, S, hd)
-        if self.softcap is not None:
+        if self.invariant and T == 1 and cache is not None and not (torch.jit.is_tracing()
+                                                                   or torch.compiler.is_compiling()):
+            y = self._rows_attention(q, k, v, mask)  # (B, H, 1, hd); reads Python ints: never captured
+        elif self.softcap is not None:
             y = self._softcapped(q, k, v, mask)
         else:
             is_causal = mask is None and self.causal and T > 1  # else the model passed a mask
@@ -333,6 +343,64 @@ class Attention(nn.Module):
                 is_causal=is_causal, scale=self.scale, enable_gqa=self.n_kv != self.n_heads,
             )  # (B, H, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    def _rows_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor | None) -> torch.Tensor:
+        """One new token per row, each row's attention over exactly its own allowed columns: q (B, H, 1, hd),
+        k, v (B, KV, S, hd), mask (B, 1, 1, S) bool or additive, or None (every column) -> (B, H, 1, hd). The
+        call for a row has the same shapes and values whatever the other rows are (padding, cache width)."""
+        allowed = None
+        if mask is not None:
+            allowed = mask[:, 0, -1] if mask.dtype is torch.bool else mask[:, 0, -1] == 0  # (B or 1, S)
+            allowed = allowed.expand(q.shape[0], -1)  # (B, S)
+        out = []
+        for b in range(q.shape[0]):
+            kb, vb = k[b: b + 1], v[b: b + 1]  # (1, KV, S, hd)
+            if allowed is not None:
+                idx = allowed[b].nonzero()[:, 0]  # (n,)
+                first, n = int(idx[0]), idx.numel()
+                if int(idx[-1]) - first + 1 == n:  # one contiguous run (left padding): a view
+                    kb, vb = kb.narrow(2, first, n), vb.narrow(2, first, n)
+                else:
+                    kb, vb = kb.index_select(2, idx), vb.index_select(2, idx)
+            if self.softcap is not None:
+                out.append(self._softcapped(q[b: b + 1], kb, vb, None))
+            else:
+                out.append(F.scaled_dot_product_attention(q[b: b + 1], kb, vb, scale=self.scale,
+                                                          enable_gqa=self.n_kv != self.n_heads))
+        return torch.cat(out)
+
+    def _verify_rows(self, x: torch.Tensor, rope, cache: KVCache) -> torch.Tensor:
+        """T new tokens of one row (speculative decoding's verification, decoding/speculative.py), each query's
+        attention run as the one-token decode step runs it: the same call on the same columns, so that the T
+        verified positions give the numbers of T steps bit for bit (the projections around it are row-invariant).
+        cache.verify_rows: "static" (the traced / compiled step: StaticKV over every column with an additive
+        mask, decode_attn where it runs) or "eager" (the eager step: SDPA over the first length + 1 columns)."""
+        past, static = cache.length, cache.verify_rows == "static"
+        L, dev = cache.k[self.layer].shape[2], x.device
+        out = []
+        for i in range(x.shape[1]):
+            xi = x[:, i: i + 1]  # (1, 1, D)
+            ri = None if rope is None else tuple(t[:, :, i: i + 1].contiguous() for t in rope)  # (1, 1, 1, rot)
+            if static:
+                allowed = (torch.arange(L, device=dev) <= past + i)[None, None, None, :]  # (1, 1, 1, L)
+                mask = allowed if self.softcap is not None else torch.zeros(
+                    allowed.shape, dtype=x.dtype, device=dev).masked_fill(~allowed, float("-inf"))
+                col = torch.full((1,), past + i, dtype=torch.long, device=dev)
+                out.append(self.forward(xi, ri, mask, StaticKV(cache.k, cache.v, col)))
+            else:
+                cache.length = past + i
+                try:
+                    out.append(self.forward(xi, ri, None, cache))
+                finally:
+                    cache.length = past
+        return torch.cat(out, 1)  # (1, T, D)
+
+    def one_pass_capable(self, cache_dtype: torch.dtype) -> bool:
+        """Whether a decode step's attention here runs lmforge's decode_attn (`_one_pass`, given a float32 CPU
+        step): a traced step may then hold it (the per-row path of `_rows_attention` reads Python ints)."""
+        return (self.hd % 8 == 0 and self.q_norm is None and self.softcap is None and cache_dtype is torch.float32
+                and cpu_kernels.available())
 
     def _one_pass(self, x: torch.Tensor, rope, mask: torch.Tensor | None, cache: StaticKV) -> bool:
         """Whether lmforge's CPU kernels can run this static decode step's attention as one op: one token per

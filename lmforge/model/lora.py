@@ -7,6 +7,9 @@ Design choices:
   code that reads `module.weight` keeps working.
 - Adapters are kept in float32 (or wider) even on a bf16/fp16 base: they are the master weights of the
   only thing being trained. They are cast to the input dtype inside forward.
+- A quantized base layer (lmforge.quant's QuantLinear: int4/int8 integers) is kept whole as `base`, frozen,
+  and its state keeps its own names (`blocks.0.attn.q.qweight`, not `...q.base.qweight`): LoRA over the
+  integers a GGUF file holds, with gradients through them and no float copy of the model (QLoRA's idea).
 - Only torch modules live here; the adapter files (PEFT layout) are read and written by
   `lmforge.checkpoints.peft`, which builds on `inject_adapters` / `lora_candidates` below.
 """
@@ -31,6 +34,7 @@ __all__ = [
     "has_lora",
     "inject_adapters",
     "inject_lora",
+    "is_quantized_linear",
     "lora_candidates",
     "lora_config_of",
     "lora_state_dict",
@@ -80,23 +84,40 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+def is_quantized_linear(m: nn.Module) -> bool:
+    """A quantized linear layer LoRA can wrap (lmforge.quant's QuantLinear), told by its interface: model/ sits
+    below quant/ and does not import it."""
+    return hasattr(m, "qweight") and callable(getattr(m, "dequantize", None)) and hasattr(m, "in_features")
+
+
 class LoraLinear(nn.Module):
-    """y = x W^T + b + (dropout(x) A^T B^T) * alpha / rank, with W, b the wrapped layer's own Parameters.
+    """y = x W^T + b + (dropout(x) A^T B^T) * alpha / rank, with W, b the wrapped layer's own Parameters, or
+    y = base(x) + ... over a frozen quantized `base` (which then runs its own gradient path).
 
     A is kaiming-uniform and B zero, so a freshly wrapped layer computes exactly what the base layer did.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # (out, in): the same Parameter object, so nothing is copied
-        self.register_parameter("bias", base.bias)  # (out,) or None
+        if isinstance(base, nn.Linear):
+            self.base = None
+            self.weight = base.weight  # (out, in): the same Parameter object, so nothing is copied
+            self.register_parameter("bias", base.bias)  # (out,) or None
+            w = base.weight
+            device, wdtype = w.device, w.dtype
+        elif is_quantized_linear(base):
+            self.base = base  # frozen integers; state saved and loaded under this layer's names (hooks below)
+            device, wdtype = base.qweight.device, base.dtype
+            self._register_state_dict_hook(_flatten_base)
+            self._register_load_state_dict_pre_hook(_nest_base, with_module=True)
+        else:
+            raise ConfigError(f"LoRA: cannot wrap a {type(base).__name__} (an nn.Linear or a quantized linear)")
         self.rank, self.alpha = int(rank), float(alpha)
         self.scale = self.alpha / self.rank
-        w = base.weight
-        dtype = torch.promote_types(w.dtype, torch.float32) if w.is_floating_point() else torch.float32
-        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=w.device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.rank, device=w.device, dtype=dtype))
+        dtype = torch.promote_types(wdtype, torch.float32) if wdtype.is_floating_point else torch.float32
+        self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, self.rank, device=device, dtype=dtype))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora()
 
@@ -106,7 +127,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out); no data-dependent branches, so torch.compile traces one graph
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.base is None else self.base(x)
         a = F.linear(self.lora_dropout(x), self.lora_A.to(x.dtype))  # (..., r)
         return y + F.linear(a, self.lora_B.to(x.dtype)) * self.scale
 
@@ -115,7 +136,17 @@ class LoraLinear(nn.Module):
         return (self.lora_B.float() @ self.lora_A.float()) * self.scale
 
     def merged(self) -> nn.Linear:
-        """A plain nn.Linear with the adapter folded in (reusing this layer's weight/bias Parameters)."""
+        """A plain nn.Linear with the adapter folded in (reusing this layer's weight/bias Parameters). Over a
+        quantized base, a float layer: the dequantized weight plus the update (int4 cannot hold the sum)."""
+        if self.base is not None:
+            b = self.base
+            with torch.no_grad():
+                w = (b.dequantize(torch.float32) + self.delta_weight()).to(b.dtype)  # (out, in)
+            with torch.device("meta"):
+                lin = nn.Linear(self.in_features, self.out_features, bias=b.bias is not None)
+            lin.weight = nn.Parameter(w, requires_grad=False)
+            lin.bias = None if b.bias is None else nn.Parameter(b.bias.detach().clone(), requires_grad=False)
+            return lin
         with torch.no_grad():
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
         with torch.device("meta"):
@@ -125,8 +156,24 @@ class LoraLinear(nn.Module):
         return lin
 
     def extra_repr(self) -> str:
+        bias = (self.base if self.base is not None else self).bias is not None
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, rank={self.rank}, alpha={self.alpha:g}")
+                f"bias={bias}, rank={self.rank}, alpha={self.alpha:g}")
+
+
+def _flatten_base(module: LoraLinear, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict hook: a quantized base's tensors under the layer's own names (`q.qweight`, as unadapted)."""
+    for k in [k for k in state if k.startswith(prefix + "base.")]:
+        state[prefix + k[len(prefix) + 5:]] = state.pop(k)
+
+
+def _nest_base(module: LoraLinear, state: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook: the flat names back under `base.` (the inverse of _flatten_base)."""
+    own = [n for n, _ in module.base.named_buffers(recurse=False)] + \
+        [n for n, _ in module.base.named_parameters(recurse=False)]
+    for name in own:
+        if prefix + name in state:
+            state[prefix + "base." + name] = state.pop(prefix + name)
 
 
 # ---- injection -----------------------------------------------------------------------------------
@@ -150,7 +197,7 @@ def lora_candidates(backbone: nn.Module) -> dict[str, nn.Module]:
     out = {}
     for name, m in backbone.named_modules():
         if name.startswith("blocks.") and name.rsplit(".", 1)[-1] in LORA_TARGETS \
-                and isinstance(m, (nn.Linear, LoraLinear)):
+                and (isinstance(m, (nn.Linear, LoraLinear)) or is_quantized_linear(m)):
             out[name] = m
     return out
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
+from lmforge.model.invariant import linear_rows
 from lmforge.model.layers import Attention, Embeddings, KVCache, Rotary, StaticKV, make_mlp, make_norm
 from lmforge.model.moe import MoE
 
@@ -52,7 +53,7 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.mlp = MoE(cfg) if cfg.is_moe(layer) else make_mlp(cfg)
         # pre: before attention / the MLP; post: after their residual add; output: on their output, before the add
-        self.norm1 = make_norm(cfg)
+        self.norm1 = make_norm(cfg) if layer or cfg.first_attn_norm else nn.Identity()  # modernbert: none in layer 0
         self.norm2 = make_norm(cfg)
         if self.placement == "sandwich":
             self.post_norm1 = make_norm(cfg)  # on the attention output, before the residual
@@ -96,7 +97,9 @@ class Transformer(nn.Module):
         self.norm = make_norm(cfg) if cfg.final_norm else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         self.quant_head: nn.Module | None = None
-        self.pooler = nn.Linear(d, d) if cfg.pooler else None
+        self.row_block, self.row_block_max = 0, 0  # > 0: a float LM head in fixed row blocks (model.invariant)
+        self.pooler = nn.Linear(d, d, bias=cfg.pooler_bias) if cfg.pooler else None
+        self.pooler_norm = make_norm(cfg) if cfg.pooler and cfg.pooler_norm else None  # modernbert's head.norm
         self.init_buffers()
         if not self.embed.tok.weight.is_meta:  # a meta model is a shell for loaded weights; and normal_ on meta
             self.apply(self._init_weights)  # imports torch._dynamo (~3 s, ~70 MB) for nothing
@@ -240,7 +243,8 @@ class Transformer(nn.Module):
             allowed = allowed & attention_mask[:, None, None, :S].bool()  # (B, 1, T, S)
         local = None
         if has_sliding:
-            local = allowed & (q_idx - k_idx < cfg.sliding_window)[None, None]
+            dist = q_idx - k_idx if cfg.causal else (q_idx - k_idx).abs()  # (T, S); bidirectional: both sides
+            local = allowed & (dist < cfg.sliding_window)[None, None]
             local = local | ~local.any(-1, keepdim=True)
         # a padded query row that may see nothing would give NaN: let it see everything (its output is unused)
         allowed = allowed | ~allowed.any(-1, keepdim=True)
@@ -252,7 +256,10 @@ class Transformer(nn.Module):
             logits = self.quant_head(h)
         else:
             w = self.embed.tok.weight if self.lm_head is None else self.lm_head.weight
-            logits = F.linear(h, w)
+            if self.row_block and h.numel() // h.shape[-1] <= self.row_block_max:  # batch-invariant decode rows
+                logits = linear_rows(h, w, None, self.row_block)
+            else:
+                logits = F.linear(h, w)
         if self.cfg.final_softcap is not None:
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits

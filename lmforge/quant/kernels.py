@@ -11,6 +11,11 @@ sends a call to one of them or back to the dequantize path (the layer's own, in 
   stored nibbles / int8 rows directly (no packed copy).
 Each call gets the layer's KernelPolicy (lmforge.quant.policy), which picks the path by rows. Speeds and errors
 of each path: docs/quantization.md and docs/benchmarks.md.
+
+Batch invariance: on the integer path each output is one accumulator summed over K in one fixed order, whatever
+the tile shape or the number of rows, so a row's result does not depend on the other rows of the call (tested);
+the dense path above `max_m_own` is torch's GEMM, whose order depends on M. The server keeps its decode rows
+on one path for any batch size with `policy.cover_rows` (docs/serving.md, "Guarantees").
 """
 
 from __future__ import annotations

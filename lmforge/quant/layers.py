@@ -5,6 +5,10 @@ set up their kernels (fuse_projections, prepare_kernels).
 A layer's state dict is always the portable format (int8 rows or nibbles, float32 scales); kernel layouts and
 operands are caches built on the first forward (or by prepare_kernels) and dropped on load, move or cast. Which
 matmul runs is the layer's `policy` (lmforge.quant.policy), passed to the dispatch in lmforge.quant.kernels.
+
+Training through a frozen quantized base (LoRA on it: QLoRA's idea): an input that needs a gradient runs
+`_FrozenQuantMatmul`, which saves no float weight and dequantizes the integers again in row blocks for the
+backward, so the model's integers are the only copy of its weights while it trains.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) \
             if bias else None
         self.policy: KernelPolicy = DEFAULT_POLICY  # which matmul runs (lmforge.quant.policy)
+        self.training = False  # an inference layer until a model's .train() says otherwise (see forward)
         self._packed = False  # int4: qweight holds the kernel's packed layout instead of our nibbles
         self._drop_cache()  # kernel operands: plain attributes (not state), built on the first forward
         self.register_load_state_dict_post_hook(_after_load)
@@ -96,14 +101,19 @@ class QuantLinear(nn.Module):
     # -- float views
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight the integers stand for, (N, K)."""
+        return self.dequantize_rows(0, self.out_features, dtype)
+
+    def dequantize_rows(self, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows start:stop of the float weight, (stop - start, K): what the gradient paths hold at a time."""
         dtype = dtype or self.dtype
-        N, K = self.out_features, self.in_features
+        n, K = stop - start, self.in_features
         G = self.scales.shape[1]
+        s = self.scales[start:stop, :, None].to(dtype)  # (n, G, 1)
         if self.bits == 8:
-            q = self.qweight.reshape(N, G, K // G).to(dtype)
-            return (q * self.scales[..., None].to(dtype)).reshape(N, K)
-        q = unpack_nibbles(self.nibbles()).reshape(N, G, K // G).to(dtype)
-        return (q * self.scales[..., None].to(dtype) + self.mins[..., None].to(dtype)).reshape(N, K)
+            q = self.qweight[start:stop].reshape(n, G, K // G).to(dtype)
+            return (q * s).reshape(n, K)
+        q = unpack_nibbles(self.nibbles()[start:stop]).reshape(n, G, K // G).to(dtype)
+        return (q * s + self.mins[start:stop, :, None].to(dtype)).reshape(n, K)
 
     def nibbles(self) -> torch.Tensor:
         """int4: the integers as our portable (N, K/2) nibbles (unpacked from the kernel's layout if need be);
@@ -157,6 +167,10 @@ class QuantLinear(nn.Module):
     # -- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., K) -> (..., N). The kernel path is kept short: ~200 of these calls run per decoded token.
+        if (self.training or x.requires_grad) and torch.is_grad_enabled():  # training (LoRA on the frozen base)
+            # exact float products through torch alone: the C++ kernels' OpenMP pool, alternating with torch's
+            # own in a training step, makes both spin-wait for the cores (10x slower steps on 2 cores)
+            return _FrozenQuantMatmul.apply(x, self) if x.requires_grad else self._blocked_mm(x)
         fast = self._fast
         if fast is None:
             self._prepare_kernel()
@@ -206,6 +220,38 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.qweight.to(x.dtype)) * self.scales.reshape(-1).to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype))
 
+    # -- the gradient paths (_FrozenQuantMatmul): exact float products, a block of dequantized rows at a time
+    def _row_blocks(self) -> range:
+        self._unpack()  # the torch kernel's packed layout would be unpacked whole on every block: once, here
+        step = max(16, GRAD_BLOCK_ELEMS // self.in_features)
+        return range(0, self.out_features, step)
+
+    def _blocked_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N) = x W^T + b, W dequantized a row block at a time (no whole float copy)."""
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        blocks = self._row_blocks()
+        if len(blocks) == 1:
+            y = x2 @ self.dequantize(x2.dtype).t()  # (M, N)
+        else:
+            y = x2.new_empty(x2.shape[0], self.out_features)  # (M, N)
+            for n0 in blocks:
+                n1 = min(n0 + blocks.step, self.out_features)
+                y[:, n0:n1] = x2 @ self.dequantize_rows(n0, n1, x2.dtype).t()  # (M, n)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _blocked_grad(self, gy: torch.Tensor) -> torch.Tensor:
+        """dL/dx (..., K) = gy (..., N) @ W, summed over row blocks of W (dequantized one at a time)."""
+        g2 = gy.reshape(-1, self.out_features)  # (M, N)
+        blocks = self._row_blocks()
+        gx = None
+        for n0 in blocks:
+            n1 = min(n0 + blocks.step, self.out_features)
+            w = self.dequantize_rows(n0, n1, g2.dtype)  # (n, K)
+            gx = g2[:, n0:n1] @ w if gx is None else gx.addmm_(g2[:, n0:n1], w)  # (M, K)
+        return gx.reshape(*gy.shape[:-1], self.in_features)
+
     def _drop_cache(self) -> None:
         """Forget the kernel operands (after load_state_dict, .to(), ...): rebuilt on the next forward."""
         self._fast: bool | None = None
@@ -223,6 +269,26 @@ class QuantLinear(nn.Module):
         g = "per-channel" if self.group_size is None else f"group_size={self.group_size}"
         return (f"in={self.in_features}, out={self.out_features}, int{self.bits}, {g}, "
                 f"bias={self.bias is not None}")
+
+
+GRAD_BLOCK_ELEMS = 1 << 21  # weights the gradient paths dequantize at once: 8 MiB of float32 per block
+
+
+class _FrozenQuantMatmul(torch.autograd.Function):
+    """y = x W^T + b through a frozen QuantLinear, differentiable in x only (the base gets no weight gradient).
+
+    It saves the layer, not a dequantized weight (F.linear on `dequantize()` would keep a float copy of every
+    layer alive until the backward): the backward dequantizes W again, a row block at a time, for
+    dL/dx = dL/dy @ W. Both directions are exact float products of the integers' values."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer, ctx.dtype = layer, x.dtype
+        return layer._blocked_mm(x)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        return ctx.layer._blocked_grad(gy).to(ctx.dtype), None
 
 
 class FusedQuantLinear(nn.Module):
@@ -243,6 +309,7 @@ class FusedQuantLinear(nn.Module):
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
         self.policy: KernelPolicy = parts[0].policy
+        self.training = False  # as QuantLinear's
         self._key: tuple | None = None
         self._fast = self._own = False
         self._w = self._sz = self._bias = None
@@ -299,6 +366,8 @@ class FusedQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., K) -> (..., sum of the parts' N), the parts' outputs side by side
+        if (self.training or x.requires_grad) and torch.is_grad_enabled():  # training: the parts' own paths
+            return torch.cat([p(x) for p in self.parts], -1)
         key = tuple(p._gen for p in self.parts)
         if key != self._key:
             self._prepare(key)

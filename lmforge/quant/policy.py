@@ -50,6 +50,16 @@ def kernel_policy(model: nn.Module) -> KernelPolicy:
     return next((m.policy for m in _holders(model)), DEFAULT_POLICY)
 
 
+def cover_rows(model: nn.Module, rows: int) -> None:
+    """Let every call of up to `rows` rows take the same path as one row does (the integer / packed kernels), so
+    that a decode step's row gives the same numbers in a batch of any size up to `rows` (batch invariance: on
+    those paths each output's sum runs over K in one fixed order, whatever the tile shape). Only raises limits."""
+    for m in _holders(model):
+        p = m.policy
+        m.policy = replace(p, max_m_int8=max(p.max_m_int8, rows), max_m_int4=max(p.max_m_int4, rows),
+                           max_m_own=max(p.max_m_own, rows))
+
+
 @contextlib.contextmanager
 def kernel_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """Force "kernel", "dequant" or "auto" on `model`'s quantized layers for the block (e.g. to measure accuracy),

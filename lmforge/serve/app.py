@@ -6,6 +6,7 @@ Endpoints (all JSON; errors in OpenAI's shape `{"error": {"message", "type", "pa
   POST /v1/embeddings        (the --embedder model, else the generator's own mean-pooled hidden states)
   GET  /v1/models, GET /v1/models/{id}
   POST /v1/classify, /v1/summarize, /v1/translate, /v1/answer   (lmforge's task endpoints)
+  GET/POST /v1/adapters, DELETE /v1/adapters/{name}   (LoRA adapters over the base, adapter_routes.py)
   GET  /health, GET /metrics (Prometheus text format), GET / (the chat page), /static/*
 
 Settings live in settings.py, the shared state in state.py, the handlers in openai_routes.py, task_routes.py
@@ -25,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.errors import LmforgeError
-from lmforge.serve import openai_routes, server_routes, task_routes
+from lmforge.serve import adapter_routes, openai_routes, server_routes, task_routes
 from lmforge.serve.errors import ApiError, error_response
 from lmforge.serve.middleware import Gate, header_timeout_protocol
 from lmforge.serve.server_routes import STATIC
@@ -66,7 +67,7 @@ def create_app(generator, embedder=None, classifier=None, settings: ServeSetting
     app.state.lmforge = ServerState(generator, Embedder.of(embedder), classifier, settings)
     for exc in (StarletteHTTPException, LmforgeError, Exception):  # Exception alone would reach only the 500 layer
         app.add_exception_handler(exc, on_error)
-    for routes in (server_routes, openai_routes, task_routes):
+    for routes in (server_routes, openai_routes, task_routes, adapter_routes):
         app.include_router(routes.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(Gate, settings=settings, metrics=app.state.lmforge.metrics)

@@ -8,6 +8,12 @@ Continuous batching: while rows decode, new requests wait in a FIFO queue; befor
 step the worker admits every waiting request that fits (`max_batch` rows, `max_batch_tokens` positions),
 prefills each alone (reusing a cached prompt prefix when one matches, see serve/prefix_cache.py), gives it
 its first token and merges it into the running batch (serve/engine.py: left-padding whichever side is shorter).
+Prefill is chunked: each worker iteration runs prefill chunks of joining prompts (FIFO) up to `prefill_chunk`
+tokens (at least one chunk), then one decode step of the running rows, so a long prompt delays the running
+streams by about one chunk's time per token, not by its whole prefill.
+
+Batch invariance (`batch_invariant`, on by default): a row's tokens and logprobs do not depend on which other
+rows share its steps (serve/engine.py, lmforge/model/invariant.py; guarantees and costs: docs/serving.md).
 A row leaves the batch as soon as it ends: its stop string, EOS or max_tokens, or its client going away
 (`cancel`, seen at the next step). Each row has its own sampling parameters, stop strings, max_tokens and
 logprobs request; a seeded row has its own torch.Generator (choice j of a request with seed s uses
@@ -34,8 +40,10 @@ from lmforge.decoding.step import DecodeRuntime
 from lmforge.decoding.stream import TextStreamer
 from lmforge.errors import LmforgeError
 from lmforge.model.layers import KVCache
-from lmforge.serve.engine import BatchDecoder, RowSampler, row_seed
+from lmforge.model.multi_lora import AdapterRef, AdapterRows
+from lmforge.serve.engine import DEFAULT_PREFILL_CHUNK, BatchDecoder, PrefillJob, RowSampler, row_seed
 from lmforge.serve.prefix_cache import PrefixCache
+from lmforge.serve.scoring import ScoreRequest, score_prompts, take_batch
 
 log = logging.getLogger("lmforge.serve")
 
@@ -66,6 +74,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
     group: int | None = None  # the rows of one request (its n choices): a seed gives each choice its own stream
+    constraint: object | None = None  # a decoding.constraints.Constraint the text follows (each row its own matcher)
+    stop_logprob: bool = False  # logprobs also for the EOS token that ends the row (echo: OpenAI lists it)
+    adapter: AdapterRef | None = None  # the LoRA adapter the row runs with (serve/adapters.py); None: the base
 
 
 @dataclass
@@ -122,8 +133,12 @@ class Scheduler:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, max_batch_tokens: int = 1 << 17,
                  metrics=None, prefix_cache_bytes: int = 0, compile: str = "auto",
-                 runtime: DecodeRuntime | None = None) -> None:
-        """runtime: the model's DecodeRuntime to share (e.g. `Generator.runtime`, so the server reuses the traces
+                 runtime: DecodeRuntime | None = None, lora: AdapterRows | None = None,
+                 batch_invariant: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        """batch_invariant: a row's numbers never depend on the other rows (engine.BatchDecoder `invariant`);
+        prefill_chunk: prompt tokens per prefill forward and per worker iteration (0: a whole prompt at once).
+        lora: the model's multi-LoRA row slots (serve/adapters.py), so rows run their SamplingParams.adapter.
+        runtime: the model's DecodeRuntime to share (e.g. `Generator.runtime`, so the server reuses the traces
         the Generator made); None builds one for this scheduler."""
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_concurrent must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
@@ -135,15 +150,23 @@ class Scheduler:
         self._cond = threading.Condition()
         self._waiting: deque[GenRequest] = deque()
         self._running: set[GenRequest] = set()
+        self._scoring: deque[ScoreRequest] = deque()  # prompts to score (echo), run between decode steps
         self._thread: threading.Thread | None = None
         self._closed = False
         self._busy_s = 0.0  # EMA of batch wall time: the Retry-After estimate
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "max_rows": 0, "reused_tokens": 0}
         self.metrics = metrics  # optional observer: batch(rows), first_token(seconds) (serve/metrics.py)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self._engine = BatchDecoder(model, self.prefix_cache, compile=compile, runtime=runtime)  # the batch-1 step
+        self.prefill_chunk = prefill_chunk
+        self._engine = BatchDecoder(model, self.prefix_cache, compile=compile, runtime=runtime, lora=lora,
+                                    invariant=batch_invariant, prefill_chunk=prefill_chunk, max_rows=max_batch)
 
     # ---- admission (any thread) ---------------------------------------------------------------------
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether rows' numbers are independent of the batch (asked for, and on a CPU: docs/serving.md)."""
+        return self._engine.invariant
+
     @property
     def decode_step(self) -> str:
         """The step batch-1 decoding ran last ("traced (...)" or "eager (why)"); batches of several rows: eager."""
@@ -194,6 +217,18 @@ class Scheduler:
             self._running.discard(req)
             self._cond.notify_all()
 
+    def submit_score(self, reqs: list[ScoreRequest]) -> None:
+        """Prompts to score (echo): the worker runs them between decode steps; they share the queue's limit."""
+        with self._cond:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._scoring) + len(reqs) > self.max_batch + self.max_queue:
+                raise Overloaded(f"server busy: {len(self._scoring)} prompts waiting to be scored (limit "
+                                 f"{self.max_batch + self.max_queue}); retry later", self.retry_after())
+            self._scoring.extend(reqs)
+            self._cond.notify_all()
+        self.start()
+
     def retry_after(self) -> int:
         return int(min(60, max(1, math.ceil(self._busy_s or 1.0))))
 
@@ -209,9 +244,14 @@ class Scheduler:
             self._closed = True
             pending = list(self._waiting)
             self._waiting.clear()
+            scoring = list(self._scoring)
+            self._scoring.clear()
             self._cond.notify_all()
         for r in pending:
             self._finish_error(r, ShuttingDown("the server is shutting down"))
+        for q in scoring:
+            q.finished = True
+            q.done(None, ShuttingDown("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -219,20 +259,26 @@ class Scheduler:
     def _loop(self) -> None:
         """Continuous batching: waiting requests join the running batch before each decode step."""
         rows: list[_Row] = []
+        pending: list[tuple[_Row, PrefillJob]] = []  # admitted, prefill under way
         try:
             while True:
                 with self._cond:
-                    while not self._waiting and not rows and not self._closed:
+                    while not self._waiting and not rows and not pending and not self._scoring and not self._closed:
                         self._cond.wait()
                     if self._closed:
                         break
-                    joiners = self._admit(rows)
+                    joiners = self._admit(rows + [row for row, _ in pending])
+                    scoring = take_batch(self._scoring)
+                if scoring:
+                    self._score(scoring)
                 try:
-                    if joiners:
-                        if not rows:
-                            self.stats["batches"] += 1
-                        prefilled = [j for r in joiners if (j := self._prefill(r)) is not None]
-                        self._engine.join([(cache, row.req.prompt_ids) for row, cache in prefilled])
+                    if joiners and not rows and not pending:
+                        self.stats["batches"] += 1
+                    pending += [j for r in joiners if (j := self._begin(r)) is not None]
+                    if pending:
+                        prefilled = self._prefill_some(pending)
+                        self._engine.join([(cache, row.req.prompt_ids) for row, cache in prefilled],
+                                          [row.req.params.adapter for row, _ in prefilled])
                         rows += [row for row, _ in prefilled]
                         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
                         if self.metrics is not None:
@@ -246,9 +292,25 @@ class Scheduler:
                     rows.clear()
                     self._engine.reset()
         finally:
-            for row in rows:
+            for row in rows + [row for row, _ in pending]:
                 self._finish_error(row.req, ShuttingDown("the server is shutting down"))
             self._engine.reset()
+
+    def _score(self, reqs: list[ScoreRequest]) -> None:
+        """One scoring forward for these prompts (serve/scoring.py); a failure fails them, never the worker."""
+        try:
+            results = score_prompts(self.model, [q.prompt_ids for q in reqs], [q.top for q in reqs])
+        except Exception as e:
+            log.exception("scoring %d prompts failed", len(reqs))
+            results, error = [None] * len(reqs), e
+        else:
+            error = None
+        for q, res in zip(reqs, results):
+            q.finished = True
+            try:
+                q.done(res, error)
+            except Exception:  # the receiving event loop is gone (shutdown): nothing to tell
+                pass
 
     def _admit(self, rows: list[_Row]) -> list[GenRequest]:
         """Waiting requests (FIFO) that fit next to the running rows (max_batch rows, max_batch_tokens)."""
@@ -265,9 +327,8 @@ class Scheduler:
             span = s
         return out
 
-    @torch.inference_mode()
-    def _prefill(self, r: GenRequest) -> tuple[_Row, KVCache] | None:
-        """Prefill one request alone and give it its first token -> its row and cache, unless it already ended."""
+    def _begin(self, r: GenRequest) -> tuple[_Row, PrefillJob] | None:
+        """A request's row (sampler, streamer) and its prefill job, unless it was cancelled or fails to start."""
         if r.cancelled:
             return None
         p = r.params
@@ -277,22 +338,55 @@ class Scheduler:
                                  repetition_penalty=p.repetition_penalty,
                                  seed=None if p.seed is None else row_seed(p.seed, r.choice),
                                  prompt_ids=r.prompt_ids, vocab_size=self.model.cfg.vocab_size,
-                                 device=self._engine.device)
+                                 device=self._engine.device,
+                                 constraint=None if p.constraint is None else p.constraint.matcher(sorted(self.eos)))
             row = _Row(r, sampler, TextStreamer(self._decode, list(p.stop)))
-            cache, logits, reused = self._engine.prefill(r.prompt_ids)  # (1, V)
-            self.stats["reused_tokens"] += reused
-            logp = logits.log_softmax(-1) if p.logprobs is not None else None
-            tok = int(logits.argmax(-1)) if sampler.plain_greedy else sampler(logits)
-            self.stats["rows"] += 1
-            if self._deliver(row, tok, None if logp is None else logp[0]):
-                return row, cache
-            if self.prefix_cache is not None:
-                n = len(r.prompt_ids)
-                self.prefix_cache.store(r.prompt_ids, [t[0, :, :n] for t in cache.k], [t[0, :, :n] for t in cache.v])
+            job = self._engine.begin_prefill(r.prompt_ids, p.adapter)
+            self.stats["reused_tokens"] += job.reused
+            return row, job
         except Exception as e:  # a failed prefill fails its request, never the batch
             log.exception("prefill of a %d-token prompt failed", len(r.prompt_ids))
             self._finish_error(r, e)
         return None
+
+    def _prefill_some(self, pending: list[tuple[_Row, PrefillJob]]) -> list[tuple[_Row, KVCache]]:
+        """Prefill chunks of the pending prompts, first come first, up to `prefill_chunk` tokens (at least one
+        chunk); the prompts that finish get their first token -> the rows to join (those that did not end)."""
+        budget = self.prefill_chunk or math.inf
+        out: list[tuple[_Row, KVCache]] = []
+        while pending and budget > 0:
+            row, job = pending[0]
+            r = row.req
+            if r.cancelled:
+                pending.pop(0)
+                continue
+            try:
+                budget -= self._engine.prefill_chunk(job)
+                if job.logits is None:
+                    continue
+                pending.pop(0)
+                if self._first(row, job):
+                    out.append((row, job.cache))
+            except Exception as e:  # a failed prefill fails its request, never the batch
+                pending.pop(0)
+                log.exception("prefill of a %d-token prompt failed", len(r.prompt_ids))
+                self._finish_error(r, e)
+        return out
+
+    @torch.inference_mode()
+    def _first(self, row: _Row, job: PrefillJob) -> bool:
+        """A prefilled request's first token; False when it ended there. Its prompt's keys/values go to the prefix
+        cache now when they are exactly what a fresh prefill computes (engine.reuse_exact), else when it ended."""
+        r, p, logits = row.req, row.req.params, job.logits  # (1, V)
+        logp = logits.log_softmax(-1) if p.logprobs is not None else None
+        tok = int(logits.argmax(-1)) if row.sampler.plain_greedy else row.sampler(logits)
+        self.stats["rows"] += 1
+        going = self._deliver(row, tok, None if logp is None else logp[0])
+        if self.prefix_cache is not None and (self._engine.reuse_exact or not (going or self.batch_invariant)):
+            n, cache = len(r.prompt_ids), job.cache
+            self.prefix_cache.store(r.prompt_ids, [t[0, :, :n] for t in cache.k], [t[0, :, :n] for t in cache.v],
+                                    None if p.adapter is None else p.adapter.key)
+        return going
 
     @torch.inference_mode()
     def _decode_step(self, rows: list[_Row]) -> None:
@@ -304,7 +398,11 @@ class Scheduler:
         steps_left = max(row.req.params.max_tokens - row.req.completion_tokens for row in rows)
         logits = self._engine.step([row.next for row in rows], steps_left)  # (B, V)
         greedy = logits.argmax(-1).tolist() if any(row.sampler.plain_greedy for row in rows) else None
-        logp = logits.log_softmax(-1) if any(row.req.params.logprobs is not None for row in rows) else None
+        logp = None
+        if any(row.req.params.logprobs is not None for row in rows):
+            # invariant: one call per row, so each row's reduction is the call a lone row makes
+            logp = (torch.cat([logits[b: b + 1].log_softmax(-1) for b in range(len(rows))]) if self.batch_invariant
+                    else logits.log_softmax(-1))  # (B, V)
         ended = []
         for b, row in enumerate(rows):
             if row.req.cancelled:
@@ -318,10 +416,10 @@ class Scheduler:
     def _drop(self, rows: list[_Row], idx: list[int], store: bool) -> None:
         if not idx:
             return
-        if store and self.prefix_cache is not None:
+        if store and self.prefix_cache is not None and not self.batch_invariant:  # (invariant: prompts only, _first)
             for b in idx:
                 if not rows[b].req.cancelled:
-                    self.prefix_cache.store(*self._engine.row_kv(b))
+                    self.prefix_cache.store(*self._engine.row_kv(b), self._engine.row_ns(b))
         self._engine.drop(idx)
         for b in sorted(idx, reverse=True):
             del rows[b]
@@ -334,6 +432,10 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.first_token(r.first_token_at - r.enqueued_at)
         if tok in self.eos:
+            if r.params.stop_logprob and r.params.logprobs is not None and logp is not None:
+                top = logp.topk(min(r.params.logprobs, logp.shape[-1])) if r.params.logprobs > 0 else None
+                alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+                r.pending_logprobs.append(TokenLogprob(tok, float(logp[tok]), alts))
             self._finish(r, streamer, "stop")
             return False
         r.completion_tokens += 1

@@ -6,6 +6,12 @@ its own cache, reusing a cached prefix when one matches), then its keys/values a
 batch's cache by left-padding whichever side is shorter. A row that ends is dropped with index_select, and
 leading columns that became padding in every row are cut, so the cache is never wider than its longest row.
 
+A prompt is prefilled in chunks (`PrefillJob`, `prefill_chunk` tokens per forward) so the scheduler can run
+the running rows' decode steps between them. Batch invariance (`invariant`): the model's float linears run rows
+in fixed blocks and its attention per row (lmforge.model.invariant), quantized layers keep every decode row on
+one kernel path (quant.policy.cover_rows), and prefill chunks sit on a grid counted from the prompt's first
+token, so a prompt's numbers never depend on the batch nor on a reused prefix (docs/serving.md, "Guarantees").
+
 Each row samples on its own (`RowSampler`): its temperature / top-k / top-p / min-p / repetition penalty, and
 its own torch.Generator when seeded, so a seeded row draws the same tokens whatever else is in the batch.
 
@@ -19,16 +25,23 @@ and go.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
+from lmforge.decoding.constraints import Matcher
 from lmforge.decoding.sampling import GenerationConfig, apply_repetition_penalty, next_token
 from lmforge.decoding.step import DecodeOptions, DecodeRuntime, cache_bucket, hooked, static_step_unsupported
 from lmforge.errors import GenerationError
-from lmforge.model.layers import KVCache, StaticKV
+from lmforge.model.invariant import set_batch_invariant
+from lmforge.model.layers import Attention, KVCache, StaticKV
+from lmforge.model.multi_lora import AdapterRef, AdapterRows
+from lmforge.quant.policy import cover_rows
 from lmforge.serve.prefix_cache import PrefixCache
 
 log = logging.getLogger("lmforge.serve")
+
+DEFAULT_PREFILL_CHUNK = 128  # prompt tokens per prefill forward (the server's --prefill-chunk): docs/serving.md
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -41,7 +54,10 @@ class RowSampler:
 
     def __init__(self, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: int | None = None, prompt_ids: list[int] | None = None,
-                 vocab_size: int = 0, device=None) -> None:
+                 vocab_size: int = 0, device=None, constraint: Matcher | None = None) -> None:
+        """constraint: this row's matcher (decoding.constraints): its mask is applied last, and it is advanced with
+        each token drawn here."""
+        self.constraint = constraint
         self.gc = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                    repetition_penalty=repetition_penalty)
         self.gen = torch.Generator(device=device or "cpu").manual_seed(seed) if seed is not None else None
@@ -53,31 +69,67 @@ class RowSampler:
     @property
     def plain_greedy(self) -> bool:
         """argmax of the raw logits: the engine may take it from one batched argmax."""
-        return self.gc.temperature == 0.0 and self.seen is None
+        return self.gc.temperature == 0.0 and self.seen is None and self.constraint is None
 
     def __call__(self, logits: torch.Tensor) -> int:
         """logits (1, V) raw float32 -> the next token id."""
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.gc.repetition_penalty)
+        if self.constraint is not None:
+            logits = self.constraint.apply(logits)  # (1, V): disallowed tokens at -inf
         tok = next_token(logits, self.gc, self.gen)  # (1,)
         if self.seen is not None:
             self.seen[0, tok] = True
+        if self.constraint is not None:
+            self.constraint.advance(int(tok[0]))
+            self.constraint.prefetch()  # the next mask, on the mask thread while the model runs the next step
         return int(tok[0])
+
+
+@dataclass(eq=False)
+class PrefillJob:
+    """A prompt being prefilled alone, a chunk per call of `BatchDecoder.prefill_chunk` (the scheduler runs decode
+    steps of the running rows between chunks, so a long prompt holds none of them for more than a chunk)."""
+
+    ids: list[int]
+    cache: KVCache  # (1, ...) with room for the prompt; `cache.length` tokens done
+    adapter: AdapterRef | None
+    reused: int  # tokens taken from the prefix cache
+    logits: torch.Tensor | None = None  # (1, V) float32 once the last chunk ran
+
+
+def _attentions(model) -> list[Attention]:
+    return [m for m in model.modules() if isinstance(m, Attention)]
 
 
 class BatchDecoder:
     """The running batch's KV cache, attention mask and positions; rows are addressed by index 0..rows-1."""
 
     def __init__(self, model, prefix_cache: PrefixCache | None = None, headroom: int = 64,
-                 compile: str = "auto", runtime: DecodeRuntime | None = None) -> None:
+                 compile: str = "auto", runtime: DecodeRuntime | None = None, lora: AdapterRows | None = None,
+                 invariant: bool = False, prefill_chunk: int = 0, max_rows: int = 64) -> None:
         """compile: the batch-1 step. "trace": the traced static step; "auto": that, once the runtime's rule says
         a trace pays for itself; "off": always eager. runtime: the model's DecodeRuntime to share (its traces and
-        step counts), e.g. the Generator's; None builds one."""
+        step counts), e.g. the Generator's; None builds one. lora: the model's multi-LoRA row slots
+        (lmforge.model.multi_lora), set before each model call from the rows' adapters.
+        invariant: batch-invariant decode steps (lmforge.model.invariant, quant.policy.cover_rows) for up to
+        max_rows rows, and prefills on the chunk grid (see `PrefillJob`); prefill_chunk: tokens per prefill
+        forward (0: a prompt in one forward)."""
+        if prefill_chunk < 0:
+            raise GenerationError(f"BatchDecoder prefill_chunk must be >= 0, got {prefill_chunk}")
         self.model, self.prefix_cache, self.headroom = model, prefix_cache, headroom
+        self.device = next(model.parameters()).device
+        if invariant and self.device.type != "cpu":  # GPU kernels pick their own reduction orders: not covered
+            log.info("batch invariance is for CPU decoding; %s runs without it", self.device)
+            invariant = False
+        self.invariant, self.chunk = invariant, prefill_chunk
+        set_batch_invariant(model, invariant, max_rows=max(64, max_rows))
+        if invariant:
+            cover_rows(model, max_rows)
+        self.lora = lora
         self.runtime = runtime if runtime is not None else DecodeRuntime(model)
         if self.runtime.model is not model:
             raise GenerationError("BatchDecoder: the runtime belongs to another model")
-        self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         if compile not in ("auto", "trace", "off"):
             raise GenerationError(f"BatchDecoder compile: {compile!r} is not one of auto | trace | off")
@@ -85,6 +137,8 @@ class BatchDecoder:
         why = static_step_unsupported(model)
         self.static_ok = compile != "off" and why is None
         self.batched_ok = why is None  # untraced steps: decode_hidden, eagerly (compile "off" included)
+        if invariant and self.static_ok and not all(a.one_pass_capable(self.dtype) for a in _attentions(model)):
+            self.static_ok = False  # the per-row attention of invariant steps reads Python ints: no trace of it
         self.path = "eager" if why is None else f"eager ({why})"  # what batch-1 steps ran last, and why
         self.reset()
 
@@ -94,22 +148,45 @@ class BatchDecoder:
         self.pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (B, 1) position of the last fed token
         self.n_real: list[int] = []  # real (non-padding) columns per row
         self.tokens: list[list[int]] = []  # the tokens behind each row's real columns (for the prefix cache)
+        self.adapters: list[AdapterRef | None] = []  # each row's LoRA adapter (None: the base)
+        self._lora_rows(None)
 
     @property
     def rows(self) -> int:
         return len(self.n_real)
+
+    def _lora_rows(self, adapters: list[AdapterRef | None] | None) -> bool:
+        """The next model call's rows run these adapters (None: every row the base); True when any has one. Reset
+        to None after each call, so other work on this thread (scoring) runs the base."""
+        if self.lora is None:
+            return False
+        return self.lora.use(None if adapters is None else [0 if a is None else a.slot for a in adapters])
+
+    def row_ns(self, b: int) -> int | None:
+        """Row b's prefix-cache namespace: its adapter's load key (None: the base)."""
+        a = self.adapters[b]
+        return None if a is None else a.key
 
     @property
     def width(self) -> int:
         return self.cache.length if self.cache is not None else 0
 
     # ---- joining ------------------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def prefill(self, prompt_ids: list[int]) -> tuple[KVCache, torch.Tensor, int]:
-        """Run one prompt alone -> (its cache, last logits (1, V) float32, tokens taken from the prefix cache)."""
+    @property
+    def reuse_exact(self) -> bool:
+        """Whether prefix-cache entries hold only what a fresh prefill computes (the chunk grid's prompt columns):
+        invariant mode with chunked prefill. Invariant without chunks: the cache is not used at all."""
+        return self.invariant and self.chunk > 0
+
+    def begin_prefill(self, prompt_ids: list[int], adapter: AdapterRef | None = None) -> PrefillJob:
+        """A prompt to prefill alone (with its LoRA adapter), its prefix taken from the prefix cache where one
+        matches: in invariant mode only a prefix that ends on the chunk grid, and none without chunks."""
         n = len(prompt_ids)
         cache = KVCache(self.model.cfg, 1, n, device=self.device, dtype=self.dtype)
-        hit = self.prefix_cache.lookup(prompt_ids) if self.prefix_cache is not None else None
+        ns = None if adapter is None else adapter.key
+        hit = None
+        if self.prefix_cache is not None and (self.reuse_exact or not self.invariant):
+            hit = self.prefix_cache.lookup(prompt_ids, ns, align=self.chunk if self.invariant else 1)
         m = 0
         if hit is not None:
             m, k, v = hit
@@ -117,12 +194,38 @@ class BatchDecoder:
                 cache.k[i][0, :, :m] = k[i]
                 cache.v[i][0, :, :m] = v[i]
             cache.length = m
-        ids = torch.tensor([prompt_ids[m:]], dtype=torch.long, device=self.device)  # (1, n - m)
-        h = self.model(ids, cache=cache)  # (1, n - m, D); positions m.. and a causal mask over the reused columns
-        return cache, self.model.lm_logits(h[:, -1]).float(), m
+        return PrefillJob(list(prompt_ids), cache, adapter, m)
 
-    def join(self, joiners: list[tuple[KVCache, list[int]]]) -> None:
-        """Append prefilled rows (batch-1 caches full of their prompts) after the running ones, in one copy."""
+    @torch.inference_mode()
+    def prefill_chunk(self, job: PrefillJob) -> int:
+        """Run the job's next chunk -> its tokens. Chunks end on multiples of `prefill_chunk` counted from the
+        prompt's start in invariant mode (so a fresh prefill and one after a reused prefix run the same calls),
+        else `prefill_chunk` tokens from where the last one stopped; after the last one `job.logits` is set."""
+        start, n = job.cache.length, len(job.ids)
+        end = n
+        if self.chunk:
+            end = min(n, (start // self.chunk + 1) * self.chunk if self.invariant else start + self.chunk)
+        ids = torch.tensor([job.ids[start:end]], dtype=torch.long, device=self.device)  # (1, end - start)
+        self._lora_rows([job.adapter])
+        try:
+            h = self.model(ids, cache=job.cache)  # (1, T, D); positions start.., causal over the earlier columns
+        finally:
+            self._lora_rows(None)
+        if end == n:
+            job.logits = self.model.lm_logits(h[:, -1]).float()  # (1, V)
+        return end - start
+
+    def prefill(self, prompt_ids: list[int], adapter: AdapterRef | None = None) -> tuple[KVCache, torch.Tensor, int]:
+        """Run one prompt alone (with its LoRA adapter), all its chunks -> (its cache, last logits (1, V) float32,
+        tokens taken from the prefix cache)."""
+        job = self.begin_prefill(prompt_ids, adapter)
+        while job.logits is None:
+            self.prefill_chunk(job)
+        return job.cache, job.logits, job.reused
+
+    def join(self, joiners: list[tuple[KVCache, list[int]]], adapters: list[AdapterRef | None] | None = None) -> None:
+        """Append prefilled rows (batch-1 caches full of their prompts) after the running ones, in one copy;
+        adapters: each joiner's LoRA adapter (None: all the base)."""
         if not joiners:
             return
         if self.static_ok:
@@ -159,6 +262,7 @@ class BatchDecoder:
         self.pos = torch.cat([self.pos, torch.tensor([[n - 1] for n in ns], dtype=torch.long, device=self.device)])
         self.n_real += ns
         self.tokens += [list(ids) for _, ids in joiners]
+        self.adapters += list(adapters) if adapters is not None else [None] * len(joiners)
 
     # ---- decoding -----------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -173,7 +277,8 @@ class BatchDecoder:
         self.pos = self.pos + 1
         x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         h = None
-        if self.rows == 1 and not padded and self.static_ok:
+        lora = self._lora_rows(self.adapters)  # a captured step holds the base only: adapter rows run eagerly
+        if self.rows == 1 and not padded and self.static_ok and not lora:
             if hooked(self.model):
                 self.path = "eager (forward hooks are registered on the model)"
             else:
@@ -185,6 +290,7 @@ class BatchDecoder:
                 h = self._batched(x)
             else:
                 h = self.model(x, self.mask[:, :S] if padded else None, position_ids=self.pos, cache=self.cache)[:, -1]
+        self._lora_rows(None)
         for b, t in enumerate(tokens):
             self.n_real[b] += 1
             self.tokens[b].append(t)
@@ -264,6 +370,7 @@ class BatchDecoder:
         self.mask, self.pos = self.mask.index_select(0, index), self.pos.index_select(0, index)
         self.n_real = [self.n_real[b] for b in keep]
         self.tokens = [self.tokens[b] for b in keep]
+        self.adapters = [self.adapters[b] for b in keep]
         lead = self.cache.length - max(self.n_real)
         if lead > 0:
             self.cache.trim_left(lead)

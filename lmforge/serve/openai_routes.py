@@ -13,14 +13,18 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from lmforge.serve import echo, tools
 from lmforge.serve.batching import TokenLogprob
+from lmforge.serve.echo import EchoLogprobs
 from lmforge.serve.errors import ApiError
 from lmforge.serve.routes_common import (
     SSE_HEADERS,
     check_n,
     collect,
+    compile_constraint,
     note,
     read_body,
+    response_constraint,
     sse,
     start_job,
     state,
@@ -65,12 +69,18 @@ async def chat_completions(request: Request):
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     st.check_max_tokens(requested, max_param)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
-                 **({"name": m.name} if m.name is not None else {})} for m in body.messages]
-    ids = await st.chat_ids(messages)
+    template = getattr(st.generator.tokenizer, "chat_template", None)
+    messages, native = tools.prompt_messages(body.messages, template, body.tool_list())
+    ids = await tools.chat_ids(st.generator, messages, body.tool_list() if native else None)
+    plan = tools.ToolPlan.of(body, template)  # None: no tools offered
     k = body.top_logprobs_k()
-    job = await start_job(request, [ids], body, "messages", max_param, requested, n=body.n, logprobs=k)
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": st.model_id,
+    constraint = await response_constraint(st, body)
+    if plan is not None and plan.forced is not None:  # tool_choice required / named: JSON of the calls
+        constraint = await compile_constraint(st, "json_schema", plan.forced, "tool_choice")
+    job = await start_job(request, [ids], body, "messages", max_param, requested, n=body.n, logprobs=k,
+                          constraint=constraint)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+            "model": st.reply_model(body.model),
             "system_fingerprint": "lmforge"}
     if body.stream:
         shead, include_usage = stream_head(body, head, "chat.completion.chunk")
@@ -79,18 +89,56 @@ async def chat_completions(request: Request):
             lp = st.logprobs.chat(lps) if k is not None and lps is not None else None
             return sse({**shead, "choices": [{"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}]})
 
-        pieces = stream_job(request, job, len(ids), shead, include_usage,
-                            lambda i, t, lps: chunk(i, {"content": t}, lps=lps), lambda i, r: chunk(i, {}, r),
+        text_chunk, end_chunk = lambda i, t, lps: chunk(i, {"content": t}, lps=lps), lambda i, r: chunk(i, {}, r)
+        if plan is not None:
+            text_chunk, end_chunk = tool_chunks(plan, body.n, chunk)
+        pieces = stream_job(request, job, len(ids), shead, include_usage, text_chunk, end_chunk,
                             [chunk(i, {"role": "assistant", "content": ""}) for i in range(body.n)])
         return StreamingResponse(pieces, media_type="text/event-stream", headers=SSE_HEADERS)
     choices = await collect(request, job)
     n_out = sum(c.tokens for c in choices)
     note(request, tokens_out=n_out)
+
+    def message(c) -> tuple[dict, str]:
+        content, calls = plan.reply(c.text) if plan is not None else (c.text, [])
+        if not calls:
+            return {"role": "assistant", "content": c.text}, c.finish_reason
+        return {"role": "assistant", "content": content, "tool_calls": [x.openai() for x in calls]}, "tool_calls"
+
+    replies = [message(c) for c in choices]
     return {**head, "object": "chat.completion",
-            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                         "logprobs": st.logprobs.chat(c.logprobs) if k is not None else None,
-                         "finish_reason": c.finish_reason} for i, c in enumerate(choices)],
+            "choices": [{"index": i, "message": m, "logprobs": st.logprobs.chat(c.logprobs) if k is not None else None,
+                         "finish_reason": why} for i, (c, (m, why)) in enumerate(zip(choices, replies))],
             "usage": usage(len(ids), n_out), "timings": timings(job, len(ids))}
+
+
+def tool_chunks(plan: tools.ToolPlan, n: int, chunk):
+    """Streamed replies with tools: content deltas until the text may be a tool call, then at the end the calls
+    as OpenAI's deltas (index, id, name; then the arguments) and finish_reason "tool_calls"."""
+    streams = [plan.stream() for _ in range(n)]
+    held: list[list[TokenLogprob]] = [[] for _ in range(n)]  # logprobs of tokens whose text is held back
+
+    def text_chunk(i: int, t: str, lps: list[TokenLogprob] | None) -> str:
+        held[i] += lps or []
+        out = streams[i].feed(t)
+        if not out:
+            return ""
+        lps, held[i] = held[i], []
+        return chunk(i, {"content": out}, lps=lps)
+
+    def end_chunk(i: int, reason: str) -> str:
+        tail, calls = streams[i].finish()
+        calls = calls if plan.parallel else calls[:1]
+        lps, held[i] = held[i], []
+        parts = [chunk(i, {"content": tail}, lps=lps)] if tail or (lps and not calls) else []
+        for j, c in enumerate(calls):
+            parts.append(chunk(i, {"tool_calls": [{"index": j, "id": c.id, "type": "function",
+                                                   "function": {"name": c.name, "arguments": ""}}]},
+                               lps=lps if j == 0 and not tail else None))
+            parts.append(chunk(i, {"tool_calls": [{"index": j, "function": {"arguments": c.arguments}}]}))
+        return "".join(parts) + chunk(i, {}, "tool_calls" if calls else reason)
+
+    return text_chunk, end_chunk
 
 
 @router.post("/v1/completions")
@@ -99,11 +147,10 @@ async def completions(request: Request):
     body: CompletionRequest = await read_body(request, CompletionRequest)
     st.check_model(body.model, st.gen_names, "completions")
     body.unsupported()
-    if body.echo or body.suffix:
-        raise ApiError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix",
-                       "unsupported_value")
+    if body.suffix:
+        raise ApiError(400, "suffix is not supported", "suffix", "unsupported_value")
     st.check_max_tokens(body.max_tokens)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    prompts = body.prompts()
     if not prompts:
         raise ApiError(400, "'prompt' is empty: give some text", "prompt", "empty_prompt")
     most = st.settings.max_concurrent + st.settings.max_queue
@@ -111,16 +158,32 @@ async def completions(request: Request):
         raise ApiError(400, f"{len(prompts)} prompts in one request; this server takes at most {most}", "prompt",
                        "too_many_inputs")
     check_n(st, body.n, len(prompts))
-    ids_list = []
-    for p in prompts:
-        if not p.strip():
-            raise ApiError(400, "'prompt' is empty: give some text", "prompt", "empty_prompt")
-        ids_list.append(await st.encode(p, True))
+    ids_list = [await prompt_ids(st, p) for p in prompts]
     k = body.top_logprobs_k()
-    job = await start_job(request, ids_list, body, "prompt", n=body.n, logprobs=k)
+    constraint = await response_constraint(st, body)
     n_in = sum(map(len, ids_list))
-    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": st.model_id,
+    head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+            "model": st.reply_model(body.model),
             "system_fingerprint": "lmforge"}
+    echoed: list[str] = [""] * (len(prompts) * body.n)  # text in front of each choice's completion
+    echo_lps: list[EchoLogprobs | None] = [None] * len(echoed)
+    if body.echo:  # the prompts' own log-probabilities, scored on the worker thread before generating
+        for ids in ids_list:
+            st.check_prompt(len(ids), "prompt")
+        scored = await echo.score(request, st, ids_list, k or 0) if k is not None else [[] for _ in ids_list]
+        for i in range(len(echoed)):
+            p, ids = prompts[i // body.n], ids_list[i // body.n]
+            echoed[i] = p if isinstance(p, str) else st.generator.tokenizer.decode(ids)
+            echo_lps[i] = EchoLogprobs(st, ids, scored[i // body.n]) if k is not None else None
+        if body.max_tokens == 0:
+            note(request, tokens_in=n_in, tokens_out=0)
+            return {**head, "object": "text_completion",
+                    "choices": [{"index": i, "text": t, "finish_reason": "length",
+                                 "logprobs": e.out if e is not None else None}
+                                for i, (t, e) in enumerate(zip(echoed, echo_lps))],
+                    "usage": usage(n_in, 0)}
+    job = await start_job(request, ids_list, body, "prompt", n=body.n, logprobs=k, stop_logprob=body.echo,
+                          constraint=constraint)
     if body.stream:
         shead, include_usage = stream_head(body, head, "text_completion")
         offsets = [0] * len(job.reqs)  # characters of each choice's text so far, for text_offset
@@ -128,20 +191,52 @@ async def completions(request: Request):
         def chunk(i: int, text: str, lps: list[TokenLogprob] | None = None, finish: str | None = None) -> str:
             lp = None
             if k is not None and lps is not None:
-                lp = st.logprobs.completion(lps, offsets[i])
-                offsets[i] += sum(len(t) for t in lp["tokens"])
+                if echo_lps[i] is not None:
+                    lp = echo_lps[i].extend(lps)
+                else:
+                    lp = st.logprobs.completion(lps, offsets[i])
+                    offsets[i] += sum(len(t) for t in lp["tokens"])
             return sse({**shead, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]})
 
-        pieces = stream_job(request, job, n_in, shead, include_usage, chunk, lambda i, r: chunk(i, "", finish=r), [])
+        first = [sse({**shead, "choices": [{"index": i, "text": t, "finish_reason": None,
+                                            "logprobs": e.out if e is not None else None}]})
+                 for i, (t, e) in enumerate(zip(echoed, echo_lps)) if body.echo]
+        pieces = stream_job(request, job, n_in, shead, include_usage, chunk, lambda i, r: chunk(i, "", finish=r),
+                            first)
         return StreamingResponse(pieces, media_type="text/event-stream", headers=SSE_HEADERS)
     choices = await collect(request, job)
     n_out = sum(c.tokens for c in choices)
     note(request, tokens_out=n_out)
+
+    def logprobs_of(i: int, c) -> dict | None:
+        if k is None:
+            return None
+        e = echo_lps[i]
+        if e is None:
+            return st.logprobs.completion(c.logprobs)
+        e.extend(c.logprobs)
+        return e.out
+
     return {**head, "object": "text_completion",
-            "choices": [{"index": i, "text": c.text, "finish_reason": c.finish_reason,
-                         "logprobs": st.logprobs.completion(c.logprobs) if k is not None else None}
-                        for i, c in enumerate(choices)],
+            "choices": [{"index": i, "text": echoed[i] + c.text, "finish_reason": c.finish_reason,
+                         "logprobs": logprobs_of(i, c)} for i, c in enumerate(choices)],
             "usage": usage(n_in, n_out), "timings": timings(job, n_in)}
+
+
+async def prompt_ids(st, p: str | list[int]) -> list[int]:
+    """One prompt -> token ids: text is encoded (with the tokenizer's BOS), ids are checked against the vocabulary."""
+    if isinstance(p, str):
+        if not p.strip():
+            raise ApiError(400, "'prompt' is empty: give some text", "prompt", "empty_prompt")
+        return await st.encode(p, True)
+    if not p:
+        raise ApiError(400, "'prompt' is empty: give some text", "prompt", "empty_prompt")
+    vocab = st.generator.model.cfg.vocab_size
+    bad = next((t for t in p if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"'prompt' has token id {bad}, outside this model's vocabulary (0..{vocab - 1})",
+                       "prompt", "invalid_value")
+    return list(p)
 
 
 # ---- embeddings (auxiliary thread) ------------------------------------------------------------------------

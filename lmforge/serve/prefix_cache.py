@@ -4,7 +4,10 @@ Why exact token prefixes suffice: attention is causal, so the keys/values of a s
 only on those m tokens. Any stored sequence that shares its first m tokens with a new prompt gives the new prompt
 its first m columns. A finished request stores its prompt plus the completion tokens that were fed back (the last
 one never was), which is what the next turn's prompt starts with when the chat template re-encodes the reply the
-same way. Entries are evicted least recently used first, within a byte budget.
+same way. The batch-invariant engine instead stores prompts only, and reuses m rounded down to its prefill chunk
+grid (`lookup(align=)`): then the reused columns and the chunks after them are exactly a fresh prefill's.
+Entries are evicted least recently used first, within a byte budget. Each entry belongs to a namespace
+(`ns`: the LoRA adapter load that computed it, None for the base): keys/values of one adapter never serve another.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ class _Entry:
     k: list[torch.Tensor]  # per layer (n_kv, n, hd)
     v: list[torch.Tensor]
     nbytes: int
+    ns: int | None = None  # the adapter (AdapterRef.key) whose layers computed k and v; None: the base
 
 
 def common_prefix(a: tuple[int, ...] | list[int], b: list[int]) -> int:
@@ -44,7 +48,7 @@ class PrefixCache:
 
     def __init__(self, budget_bytes: int, min_tokens: int = 4) -> None:
         self.budget, self.min_tokens = budget_bytes, min_tokens
-        self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()  # (ns, tokens) -> entry
         self._lock = threading.Lock()
         self.used = 0
         self.stats = {"hits": 0, "misses": 0, "reused_tokens": 0}
@@ -52,28 +56,33 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, prompt: list[int]) -> tuple[int, list[torch.Tensor], list[torch.Tensor]] | None:
-        """-> (m, keys, values) for the prompt's first m tokens (m < len(prompt): one token is left to prefill)."""
+    def lookup(self, prompt: list[int], ns: int | None = None,
+               align: int = 1) -> tuple[int, list[torch.Tensor], list[torch.Tensor]] | None:
+        """-> (m, keys, values) for the prompt's first m tokens (m < len(prompt): one token is left to prefill),
+        from entries of namespace `ns` only. align: m is a multiple of it (the batch-invariant engine prefills
+        in chunks on a grid of `align` tokens, so that a reused prefix ends where a fresh prefill's chunk ends)."""
         if self.budget <= 0:
             return None
         with self._lock:
             best, best_m = None, 0
             for e in self._entries.values():
-                if e.tokens[0] != prompt[0]:
+                if e.ns != ns or e.tokens[0] != prompt[0]:
                     continue
                 m = min(common_prefix(e.tokens, prompt), len(prompt) - 1)
+                m -= m % align
                 if m > best_m:
                     best, best_m = e, m
             if best is None or best_m < self.min_tokens:
                 self.stats["misses"] += 1
                 return None
-            self._entries.move_to_end(best.tokens)
+            self._entries.move_to_end((best.ns, best.tokens))
             self.stats["hits"] += 1
             self.stats["reused_tokens"] += best_m
             return best_m, [t[:, :best_m] for t in best.k], [t[:, :best_m] for t in best.v]
 
-    def store(self, tokens: list[int], k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
-        """Keep (n_kv, n, hd) keys/values per layer of `tokens` (n of them); copies, so callers may reuse theirs."""
+    def store(self, tokens: list[int], k: list[torch.Tensor], v: list[torch.Tensor], ns: int | None = None) -> None:
+        """Keep (n_kv, n, hd) keys/values per layer of `tokens` (n of them) in namespace `ns`; copies, so callers
+        may reuse theirs."""
         if self.budget <= 0 or len(tokens) < self.min_tokens:
             return
         nbytes = sum(t.numel() * t.element_size() for t in (*k, *v))
@@ -81,11 +90,11 @@ class PrefixCache:
             return
         key = tuple(tokens)
         with self._lock:
-            for old in [t for t in self._entries if len(t) <= len(key) and key[: len(t)] == t]:
+            for old in [(s, t) for s, t in self._entries if s == ns and len(t) <= len(key) and key[: len(t)] == t]:
                 self.used -= self._entries.pop(old).nbytes  # a prefix of the new entry adds nothing
-            if any(len(t) > len(key) and t[: len(key)] == key for t in self._entries):
+            if any(s == ns and len(t) > len(key) and t[: len(key)] == key for s, t in self._entries):
                 return  # an existing entry already covers this one
             while self._entries and self.used + nbytes > self.budget:
                 self.used -= self._entries.popitem(last=False)[1].nbytes
-            self._entries[key] = _Entry(key, [t.clone() for t in k], [t.clone() for t in v], nbytes)
+            self._entries[(ns, key)] = _Entry(key, [t.clone() for t in k], [t.clone() for t in v], nbytes, ns)
             self.used += nbytes

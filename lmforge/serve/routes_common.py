@@ -11,12 +11,14 @@ import asyncio
 import functools
 import itertools
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
+from lmforge.serve.adapters import AdapterError
 from lmforge.serve.batching import Event, GenRequest, SamplingParams, Scheduler, TokenLogprob
 from lmforge.serve.errors import ApiError, as_api_error
 from lmforge.serve.schemas import parse_request
@@ -38,18 +40,39 @@ GROUPS = itertools.count(1)  # seeded requests: their rows share a group and run
 class Job:
     """Bridges a request's scheduler rows (worker thread) to one asyncio queue of (row, Event)."""
 
-    def __init__(self, sched: Scheduler, rows: list[tuple[list[int], SamplingParams]]) -> None:
+    def __init__(self, sched: Scheduler, rows: list[tuple[list[int], SamplingParams]],
+                 on_end: Callable[[int], None] | None = None) -> None:
+        """on_end(row): called once per row when it ends (done, error, or cancelled): frees its adapter."""
         self.sched, self.loop = sched, asyncio.get_running_loop()
+        self.on_end = on_end
+        self._ended = [False] * len(rows)
+        self._end_lock = threading.Lock()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.reqs = [GenRequest(ids, params, functools.partial(self.emit, i)) for i, (ids, params) in enumerate(rows)]
         self.open = len(self.reqs)  # rows not done yet
         self.over = False
 
     def emit(self, row: int, ev: Event) -> None:
+        if ev.kind != "text":
+            self.end(row)
         self.loop.call_soon_threadsafe(self.queue.put_nowait, (row, ev))
 
+    def end(self, row: int) -> None:
+        if self.on_end is None:
+            return
+        with self._end_lock:
+            if self._ended[row]:
+                return
+            self._ended[row] = True
+        self.on_end(row)
+
     def submit(self) -> Job:
-        self.sched.submit_many(self.reqs)
+        try:
+            self.sched.submit_many(self.reqs)
+        except BaseException:
+            for i in range(len(self.reqs)):  # none was admitted
+                self.end(i)
+            raise
         return self
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
@@ -64,20 +87,43 @@ class Job:
     def cancel(self) -> None:
         """Free the slots of rows still waiting or running (a no-op once all are done)."""
         self.over = True
-        for r in self.reqs:
+        for i, r in enumerate(self.reqs):
             if not r.finished:
                 self.sched.cancel(r)
+            self.end(i)
 
 
 class ClientGone(Exception):
     """The client closed a non-streaming request: nobody reads the answer (logged as 499)."""
 
 
-def sampling_params(body, max_tokens: int, logprobs: int | None = None, group: int | None = None) -> SamplingParams:
+def sampling_params(body, max_tokens: int, logprobs: int | None = None, group: int | None = None,
+                    stop_logprob: bool = False) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                           top_k=getattr(body, "top_k", 0), min_p=getattr(body, "min_p", 0.0),
                           repetition_penalty=body.repetition_penalty, seed=body.seed,
-                          stop=tuple(getattr(body, "stop", None) or ()), logprobs=logprobs, group=group)
+                          stop=tuple(getattr(body, "stop", None) or ()), logprobs=logprobs, group=group,
+                          stop_logprob=stop_logprob)
+
+
+async def compile_constraint(st: ServerState, kind: str, spec: Any, param: str):
+    """(kind, spec) -> a Constraint compiled for the served tokenizer (cached; off the event loop: the first
+    one builds the library's vocabulary), or a 400 naming `param` and the construct the library refused."""
+    from lmforge.decoding.constraints import ConstraintError
+
+    try:
+        return await asyncio.to_thread(lambda: st.generator.constraints.compile(kind, spec))
+    except ConstraintError as e:
+        raise ApiError(400, f"'{param}' cannot be used: {e}", param, "invalid_value") from None
+
+
+async def response_constraint(st: ServerState, body) -> Any:
+    """The request's response_format as a compiled Constraint (None: free text)."""
+    rf = getattr(body, "response_format", None)
+    picked = rf.constraint() if rf is not None else None
+    if picked is None:
+        return None
+    return await compile_constraint(st, *picked, "response_format")
 
 
 def note(request: Request, **kw) -> None:
@@ -111,8 +157,11 @@ def check_n(st: ServerState, n: int, prompts: int = 1) -> None:
 
 
 async def start_job(request: Request, prompts: list[list[int]], body, param: str, max_param: str = "max_tokens",
-                    requested: int | None = None, n: int = 1, logprobs: int | None = None) -> Job:
-    """Check every prompt, then submit n rows per prompt (choice index = prompt * n + j) all at once."""
+                    requested: int | None = None, n: int = 1, logprobs: int | None = None,
+                    stop_logprob: bool = False, constraint=None) -> Job:
+    """Check every prompt, then submit n rows per prompt (choice index = prompt * n + j) all at once.
+    stop_logprob: logprobs also for an EOS that ends a row (echo lists it, as OpenAI does). constraint: a compiled
+    decoding.constraints.Constraint every row's text follows (response_format, tool_choice), or None."""
     st = state(request)
     limits = []
     for ids in prompts:
@@ -120,9 +169,30 @@ async def start_job(request: Request, prompts: list[list[int]], body, param: str
         limits.append(st.resolve_max_tokens(requested if requested is not None else body.max_tokens, len(ids),
                                             max_param))
     group = next(GROUPS) if body.seed is not None else None
-    rows = [(ids, sampling_params(body, m, logprobs, group)) for ids, m in zip(prompts, limits) for _ in range(n)]
+    rows = [(ids, sampling_params(body, m, logprobs, group, stop_logprob)) for ids, m in zip(prompts, limits)
+            for _ in range(n)]
+    if constraint is not None:
+        rows = [(ids, replace(p, constraint=constraint)) for ids, p in rows]
     note(request, tokens_in=sum(map(len, prompts)))
-    return Job(st.sched, rows).submit()
+    name = st.adapter_for(getattr(body, "model", None))
+    if name is None:
+        return Job(st.sched, rows).submit()
+    held = []  # the adapter of each row, counted until the row ends (an unload lets them finish)
+    try:
+        for _ in rows:
+            held.append(st.adapters.acquire(name))
+    except AdapterError as e:
+        for a in held:
+            st.adapters.release(a)
+        raise adapter_api_error(e) from None
+    rows = [(ids, replace(p, adapter=held[0].ref)) for ids, p in rows]
+    return Job(st.sched, rows, lambda i: st.adapters.release(held[i])).submit()
+
+
+def adapter_api_error(e: AdapterError) -> ApiError:
+    """An adapter refusal in OpenAI's shape, with the status the manager chose (400, 404, 409)."""
+    code = {404: "model_not_found", 409: "adapter_conflict"}.get(e.status, "invalid_adapter")
+    return ApiError(e.status, str(e), "model" if e.status == 404 else "path", code)
 
 
 async def watch_disconnect(request: Request, job: Job) -> None:

@@ -7,8 +7,8 @@ Nothing is coerced: a value of the wrong JSON type (`max_tokens: true`, `n: "2"`
 field (integers may be given for floats, as JSON does not tell them apart).
 
 Nothing is silently ignored: a field no schema declares is a 400 naming it, and OpenAI parameters that lmforge
-does not implement (tools, response_format with a schema, logit_bias, ...) are a 400 that says so, unless their
-value asks for nothing (`tools: []`, `response_format: {"type": "text"}`); see NOT_IMPLEMENTED.
+does not implement (logit_bias, audio, ...) are a 400 that says so, unless their value asks for nothing
+(`logit_bias: {}`); see NOT_IMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -41,13 +41,14 @@ NOT_IMPLEMENTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "metadata": (lambda v: True, ""),  # tags for stored completions
     "store": (lambda v: v in (None, False), "lmforge does not store completions"),
     "service_tier": (lambda v: v in (None, "auto", "default"), "lmforge has one service tier"),
-    "tools": (_empty, "lmforge does not implement tool calls"),
-    "functions": (_empty, "lmforge does not implement function calls"),
-    "tool_choice": (lambda v: v in (None, "none"), "lmforge does not implement tool calls"),
-    "function_call": (lambda v: v in (None, "none"), "lmforge does not implement function calls"),
-    "parallel_tool_calls": (lambda v: v is None or isinstance(v, bool), "lmforge does not implement tool calls"),
-    "response_format": (lambda v: v is None or v == {"type": "text"},
-                        "structured output (json_object, json_schema) is not implemented; only {\"type\": \"text\"}"),
+    # tools, tool_choice and parallel_tool_calls are ChatRequest fields; elsewhere (completions) these apply
+    "tools": (_empty, "tool calls are implemented in /v1/chat/completions only"),
+    "functions": (_empty, "the legacy functions parameter is not implemented; use tools"),
+    "tool_choice": (lambda v: v in (None, "none"), "tool calls are implemented in /v1/chat/completions only"),
+    "function_call": (lambda v: v in (None, "none"), "the legacy function_call parameter is not implemented; use "
+                      "tool_choice"),
+    "parallel_tool_calls": (lambda v: v is None or isinstance(v, bool),
+                            "tool calls are implemented in /v1/chat/completions only"),
     "logit_bias": (_empty, "logit_bias is not implemented"),
     "modalities": (lambda v: v in (None, ["text"]), "only text output is implemented"),
     "audio": (lambda v: v is None, "audio output is not implemented"),
@@ -75,6 +76,36 @@ class StreamOptions(RequestBody):
     include_usage: bool = False  # a last chunk with `usage` (and `usage: null` on the others)
 
 
+class JsonSchemaFormat(RequestBody):
+    """response_format.json_schema: the schema every choice's text follows (constrained decoding, whatever
+    `strict` says: lmforge always enforces the schema it is given)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestBody):
+    """OpenAI's response_format: text (free), json_object (any JSON object) or json_schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def constraint(self) -> tuple[str, Any] | None:
+        """(kind, spec) for decoding.constraints, or None for free text; a 400 when the schema is missing."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return ("json_object", None)
+        if self.json_schema is None:
+            raise ApiError(400, "response_format type json_schema needs a 'json_schema' object",
+                           "response_format.json_schema", "invalid_value")
+        schema = self.json_schema.schema_
+        return ("json_schema", {} if schema is None else schema)
+
+
 class SamplingFields(RequestBody):
     """The OpenAI sampling fields shared by chat and completions, plus lmforge's top_k/min_p/penalty."""
 
@@ -92,6 +123,7 @@ class SamplingFields(RequestBody):
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None  # json_object / json_schema: constrained decoding
 
     _check_temperature = field_validator("temperature")(_temperature)
 
@@ -121,13 +153,51 @@ class TextPart(RequestBody):
     text: str
 
 
+class FunctionCall(RequestBody):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(RequestBody):
+    """A tool call of an earlier assistant message, sent back with the conversation."""
+
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(RequestBody):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None  # None only for an assistant message with tool_calls
     name: str | None = None  # passed to the chat template (most templates do not use it)
+    tool_calls: list[ToolCall] | None = None  # assistant messages: the calls it made
+    tool_call_id: str | None = None  # tool messages: the call this is the result of
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDef(RequestBody):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # lmforge enforces the schema when tool_choice forces a call, whatever this says
+
+
+class ToolDef(RequestBody):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(RequestBody):
+    name: str
+
+
+class NamedToolChoice(RequestBody):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatRequest(SamplingFields):
@@ -135,11 +205,39 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: at most one call per reply
 
     def unsupported(self) -> None:
         super().unsupported()
         if self.top_logprobs is not None and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+        for i, m in enumerate(self.messages):
+            if m.content is None and not (m.role == "assistant" and m.tool_calls):
+                raise ApiError(400, f"messages[{i}] has no content", f"messages.{i}.content", "invalid_value")
+            if m.tool_calls is not None and m.role != "assistant":
+                raise ApiError(400, f"messages[{i}]: only assistant messages carry tool_calls",
+                               f"messages.{i}.tool_calls", "invalid_value")
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) < len(names):
+            raise ApiError(400, "two tools have the same function name", "tools", "invalid_value")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not names:
+            raise ApiError(400, "tool_choice needs tools", "tool_choice", "invalid_value")
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+                raise ApiError(400, f"tool_choice names function '{choice.function.name[:64]}', which is not "
+                                    "among tools", "tool_choice", "invalid_value")
+            if self.response_format is not None and self.response_format.type != "text":
+                raise ApiError(400, "response_format cannot be combined with a forced tool_choice", "tool_choice",
+                               "invalid_value")
+
+    def tool_list(self) -> list[dict] | None:
+        """The offered tools as plain dicts (the chat template's `tools`), or None when tools are off."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def top_logprobs_k(self) -> int | None:
         """None: no logprobs; k >= 0: each token's log-probability and its k most likely alternatives."""
@@ -147,10 +245,28 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
-    echo: bool = False
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (as lm-evaluation-harness sends)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing
+    echo: bool = False  # the prompt comes back in front of the text (and its tokens' logprobs, first one null)
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # completions: the number of alternatives
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "max_tokens 0 generates nothing: it needs echo: true (to score the prompt)",
+                           "max_tokens", "invalid_value")
+        if self.max_tokens == 0 and self.stream:
+            raise ApiError(400, "max_tokens 0 (prompt scoring) is not streamed: send stream: false", "stream",
+                           "unsupported_value")
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts, one entry per prompt: strings, or lists of token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
 
     def top_logprobs_k(self) -> int | None:
         return self.logprobs

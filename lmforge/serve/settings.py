@@ -43,13 +43,19 @@ class ServeSettings:
     host: str = "127.0.0.1"  # the bound address: a Host header naming it is accepted, as are the localhost names
     allowed_hosts: list[str] = field(default_factory=list)  # more Host names ("*" any, ".example.com" a domain)
     cors_origin: str | None = None  # the one origin that gets CORS headers ("*" any); none by default
+    max_adapters: int = 8  # LoRA adapters loaded at once over the base (serve/adapters.py)
+    batch_invariant: bool = True  # a request's tokens and logprobs do not depend on the other requests' rows
+    prefill_chunk: int = 128  # prompt tokens per prefill forward, between decode steps (0: whole prompts)
 
     def validate(self) -> None:
-        for name in ("max_concurrent", "max_tokens", "default_max_tokens", "max_body_bytes", "max_inputs"):
+        for name in ("max_concurrent", "max_tokens", "default_max_tokens", "max_body_bytes", "max_inputs",
+                     "max_adapters"):
             if getattr(self, name) < 1:
                 raise LmforgeError(f"serve: {name} must be >= 1, got {getattr(self, name)}")
         if self.prefix_cache_mb < 0:
             raise LmforgeError(f"serve: prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
+        if self.prefill_chunk < 0:
+            raise LmforgeError(f"serve: prefill_chunk must be >= 0, got {self.prefill_chunk}")
         if self.max_queue < 0:
             raise LmforgeError(f"serve: max_queue must be >= 0, got {self.max_queue}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:

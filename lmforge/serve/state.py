@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lmforge.serve.adapters import AdapterError, AdapterManager
 from lmforge.serve.batching import Overloaded, Scheduler
 from lmforge.serve.errors import ApiError
 from lmforge.serve.logprobs import LogprobFormatter
@@ -27,11 +28,15 @@ class ServerState:
         self.ctx = generator.model.cfg.context_length
         self.max_prompt = min(settings.max_prompt_tokens or self.ctx - 1, self.ctx - 1)
         self.metrics = Metrics()
+        # LoRA adapters over the generator's model (serve/adapters.py): layers are wrapped at the first load
+        self.adapters = AdapterManager(generator.model, generator.tokenizer, settings.max_adapters)
         self.sched = Scheduler(generator.model, generator.tokenizer, max_batch=settings.max_concurrent,
                                max_queue=settings.max_queue, metrics=self.metrics,
                                prefix_cache_bytes=settings.prefix_cache_mb << 20,
                                compile=server_compile(generator.compile),
-                               runtime=generator.runtime)  # the Generator's traces serve here too
+                               batch_invariant=settings.batch_invariant, prefill_chunk=settings.prefill_chunk,
+                               runtime=generator.runtime,  # the Generator's traces serve here too
+                               lora=self.adapters.rows)
         self.metrics.watch(self.sched)
         self.logprobs = LogprobFormatter(generator.tokenizer)
         self.aux = ThreadPoolExecutor(1, thread_name_prefix="lmforge-aux")  # embeddings, classification
@@ -39,7 +44,7 @@ class ServerState:
         self.aux_active = 0
         self.started = time.time()
         self.model_id = settings.model_name or short_name(getattr(generator, "name", "") or "lmforge")
-        self.gen_names = {self.model_id, getattr(generator, "name", "") or self.model_id}
+        self.base_names = {self.model_id, getattr(generator, "name", "") or self.model_id}
         self.gen_path = getattr(generator, "name", "") or None  # where it was loaded from (sentence_budget)
         if embedder is not None:
             self.emb_id = settings.embedder_name or short_name(embedder.name)
@@ -51,6 +56,37 @@ class ServerState:
             self.cls_id, self.cls_names = name, {name}
         else:
             self.cls_id, self.cls_names = None, set()
+
+    # -- adapters
+    @property
+    def gen_names(self) -> set[str]:
+        """Names a generation request may give in `model`: the base's, and each generation adapter as NAME or
+        BASE:NAME."""
+        names = set(self.base_names)
+        for a in self.adapters.all():
+            if not a.draining and a.kind == "generate":
+                names |= {a.name, *(f"{b}:{a.name}" for b in self.base_names)}
+        return names
+
+    def adapter_for(self, requested: str | None) -> str | None:
+        """The adapter a request's `model` names (NAME or BASE:NAME), None for the base (or no adapter)."""
+        if not requested or requested in self.base_names:
+            return None
+        for b in self.base_names:
+            if requested.startswith(b + ":"):
+                requested = requested[len(b) + 1:]
+                break
+        return requested if self.adapters.get(requested) is not None else None
+
+    def load_adapter(self, name: str, path: str):
+        """Load an adapter under a name no other model of this server has (AdapterError otherwise)."""
+        if name in self.base_names | self.cls_names | self.emb_names:
+            raise AdapterError(f"adapter name '{name}' is already a model name of this server", 409)
+        return self.adapters.load(name, path)
+
+    def reply_model(self, requested: str | None) -> str:
+        """The `model` a reply names: the adapter that ran, else the base."""
+        return self.adapter_for(requested) or self.model_id
 
     # -- checks
     def check_model(self, requested: str | None, names: set[str], what: str) -> None:
@@ -90,6 +126,11 @@ class ServerState:
         if self.classifier is not None:
             out.append({"id": self.cls_id, "object": "model", "created": created, "owned_by": "lmforge",
                         "labels": list(self.classifier.labels)})
+        for a in self.adapters.all():  # vLLM's shape for LoRA modules: the base is the parent
+            if not a.draining:
+                out.append({"id": a.name, "object": "model", "created": a.created, "owned_by": "lmforge",
+                            "parent": self.model_id, "adapter": a.describe(),
+                            **({"labels": list(a.classifier.labels)} if a.classifier is not None else {})})
         return out
 
     # -- model work off the event loop

@@ -8,8 +8,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from lmforge.errors import GenerationError
+from lmforge.serve.adapters import AdapterError
 from lmforge.serve.errors import ApiError
-from lmforge.serve.routes_common import collect, note, read_body, start_job, state, timings, usage
+from lmforge.serve.routes_common import adapter_api_error, collect, note, read_body, start_job, state, timings, usage
 from lmforge.serve.schemas import AnswerRequest, ClassifyRequest, SummarizeRequest, TaskRequest, TranslateRequest
 
 router = APIRouter()
@@ -39,7 +40,8 @@ async def summarize(request: Request):
     body: SummarizeRequest = await read_body(request, SummarizeRequest)
     sentences = sentence_budget(body.sentences, state(request).gen_path)  # a fine-tuned run dir: its trained budget
     text, reason, extra = await run_task(request, body, summarize_prompt(body.text, sentences), 160)
-    return {"object": "summary", "model": state(request).model_id, "summary": text, "finish_reason": reason,
+    return {"object": "summary", "model": state(request).reply_model(body.model), "summary": text,
+            "finish_reason": reason,
             "unsupported": check(body.text, text, "summarize"), **extra}  # invented numbers/amounts/names
 
 
@@ -55,7 +57,8 @@ async def translate(request: Request):
             except GenerationError as e:
                 raise ApiError(400, str(e).replace("--", ""), param, "unknown_language") from None
     text, reason, extra = await run_task(request, body, translate_prompt(body.text, body.to, body.source), 256)
-    return {"object": "translation", "model": state(request).model_id, "translation": text, "to": body.to,
+    return {"object": "translation", "model": state(request).reply_model(body.model), "translation": text,
+            "to": body.to,
             "finish_reason": reason, **extra}
 
 
@@ -66,7 +69,8 @@ async def answer(request: Request):
 
     body: AnswerRequest = await read_body(request, AnswerRequest)
     text, reason, extra = await run_task(request, body, answer_prompt(body.context, body.question), 64)
-    return {"object": "answer", "model": state(request).model_id, "answer": text, "finish_reason": reason,
+    return {"object": "answer", "model": state(request).reply_model(body.model), "answer": text,
+            "finish_reason": reason,
             "unsupported": check(body.context, text, "answer"), **extra}  # not in the context
 
 
@@ -82,10 +86,36 @@ def count_tokens(tok, texts: list[str]) -> int:
 async def classify(request: Request):
     st = state(request)
     body: ClassifyRequest = await read_body(request, ClassifyRequest)
-    if st.classifier is None:
-        raise ApiError(404, "no classifier is loaded (start the server with --classifier RUN_DIR)", "model",
-                       "model_not_found")
-    st.check_model(body.model, st.cls_names, "classification")
+    held = classifier_adapter(st, body.model)  # a classifier adapter over the served base, by name
+    if held is None and st.classifier is None:
+        raise ApiError(404, "no classifier is loaded (start the server with --classifier RUN_DIR, or load a "
+                            "classifier adapter)", "model", "model_not_found")
+    if held is None:
+        st.check_model(body.model, st.cls_names, "classification")
+    try:
+        return await _classify(request, st, body, held.classifier if held else st.classifier,
+                               held.name if held else st.cls_id)
+    finally:
+        if held is not None:
+            st.adapters.release(held)
+
+
+def classifier_adapter(st, requested: str | None):
+    """The classify adapter `model` names (acquired: release it), or the only one when `model` is absent and no
+    --classifier is served; None: use --classifier."""
+    name = st.adapter_for(requested)
+    if name is None:
+        cls = [a.name for a in st.adapters.all() if a.kind == "classify" and not a.draining]
+        if requested is not None or st.classifier is not None or len(cls) != 1:
+            return None
+        name = cls[0]
+    try:
+        return st.adapters.acquire(name, "classify")
+    except AdapterError as e:
+        raise adapter_api_error(e) from None
+
+
+async def _classify(request: Request, st, body: ClassifyRequest, classifier, model_id: str):
     texts = [body.input] if isinstance(body.input, str) else list(body.input)
     if not texts:
         raise ApiError(400, "'input' is an empty list", "input", "empty_input")
@@ -101,9 +131,9 @@ async def classify(request: Request):
     def work():
         from lmforge.tasks.classify import predict
 
-        return count_tokens(st.classifier.tokenizer, texts), predict(st.classifier, texts)
+        return count_tokens(classifier.tokenizer, texts), predict(classifier, texts)
 
     n_in, preds = await st.in_aux(work)
     note(request, tokens_in=n_in)
-    return {"object": "list", "model": st.cls_id, "data": [{"index": i, **p} for i, p in enumerate(preds)],
+    return {"object": "list", "model": model_id, "data": [{"index": i, **p} for i, p in enumerate(preds)],
             "usage": {"prompt_tokens": n_in, "total_tokens": n_in}}

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from lmforge.errors import CheckpointError, DataError, TrainingError
+from lmforge.errors import CheckpointError, ConfigError, DataError, TrainingError
 from lmforge.io import TMP_PREFIX, atomic_write, fsync_path
 
 
@@ -46,6 +46,35 @@ def apply_lora(model: nn.Module, args: LoraArgs) -> list[str]:
 
     return inject_lora(model, LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                                          targets=args.targets()))
+
+
+QUANTIZE_BASE = ("none", "auto", "8", "4")  # finetune --quantize: how the frozen base of a LoRA run is held
+
+
+def check_quantized_base(quantize: str, args: LoraArgs) -> None:
+    """--quantize other than none: a frozen integer base, so LoRA only, saved as adapters (before loading)."""
+    if quantize not in QUANTIZE_BASE:
+        raise ConfigError(f"--quantize {quantize!r}: not one of {', '.join(QUANTIZE_BASE)}")
+    if quantize != "none" and not args.lora:
+        raise ConfigError(f"--quantize {quantize}: a quantized base is frozen, so only LoRA adapters train; add "
+                          "--lora (or --quantize none for full fine-tuning)")
+
+
+def quantize_base(model: nn.Module, quantize: str) -> str | None:
+    """Hold the base in int8/int4 for LoRA over it (QLoRA's idea): "8"|"4" quantize the float weights now (the
+    decode presets: int4 blocks keep an int8 head); "auto" keeps what load_checkpoint(quantized=True) built from
+    a quantized GGUF's blocks. Returns the path's description ("int4 (from Q4_1 file)") or None (float)."""
+    if quantize in ("8", "4"):
+        from lmforge.quant import DECODE_PRESETS, quantize_model
+
+        quantize_model(model, **DECODE_PRESETS[int(quantize)])
+    spec = getattr(model, "quant_spec", None)
+    if spec is None:
+        return None
+    from lmforge.io import fixed_mmap_threshold
+
+    fixed_mmap_threshold()  # the gradient path's 8 MiB weight blocks would otherwise stay in glibc's heap
+    return spec.describe()
 
 
 def export_model(model: nn.Module, out_dir: Path, tokenizer, args: LoraArgs, base_model: str,

@@ -50,6 +50,8 @@ class EvalConfig:
     ensemble: tuple[str, ...] = ()  # qa: more extractive run dirs whose span logits are averaged with model's
     device: str = "cpu"  # auto | cpu | cuda[:N] (lmforge.device.resolve_device)
     max_prompt_tokens: int | None = None  # longer prompts are cut to their start and end (textgen.prompt_cut)
+    speculative: str = "auto"  # prompt lookup (decoding/speculative.py) when prompts decode one at a time
+    draft_tokens: int | None = None  # drafts verified per forward (None: the default)
 
 
 def _is_qa_run(model: str) -> bool:
@@ -195,7 +197,8 @@ def _generate_all(gen, prompts: list[str], c: EvalConfig, log, out: Path, fewsho
     try:
         return generate_batched(gen, prompts, batch_size=c.batch_size or 8, desc=f"eval {c.task}", progress=True,
                                 done=kept.done, on_batch=kept.keep, truncate=True, cut=cut, log=log,
-                                max_new_tokens=c.max_new_tokens, num_beams=c.num_beams, **kw)
+                                max_new_tokens=c.max_new_tokens, num_beams=c.num_beams,
+                                speculative=c.speculative, draft_tokens=c.draft_tokens, **kw)
     except KeyboardInterrupt:
         kept.interrupted()
         raise

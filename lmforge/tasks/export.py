@@ -27,7 +27,7 @@ from lmforge.io import DISK_CAUSES, TMP_PREFIX, atomic_dir, disk_errno, fsync_pa
 
 __all__ = ["ExportError", "ExportWriteError", "FORMATS", "export"]
 
-FORMATS = ("gguf", "hf")
+FORMATS = ("gguf", "hf", "gguf-lora")
 _HF_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 _HEAD_TASKS = ("ForSequenceClassification", "ForQuestionAnswering", "ForTokenClassification")
 _NO_HEAD = "llama.cpp has no {what} head; export it with --format hf"
@@ -40,7 +40,8 @@ class ExportWriteError(ExportError):
 
 def export(model_or_run_dir: nn.Module | str | Path, path: str | Path, format: str = "gguf", type: str = "f16",
            tokenizer=None, log: Callable[[str], None] | None = None) -> Path:
-    """Write the model as one GGUF file (format="gguf") or a HF directory (format="hf"); returns `path`.
+    """Write the model as one GGUF file (format="gguf") or a HF directory (format="hf"), or its LoRA adapters
+    alone as a GGUF LoRA adapter (format="gguf-lora": export_gguf_lora, type f32 | f16); returns `path`.
 
     type: f32 | f16 | bf16 | q8_0 | q4_0 (quantized types are GGUF only). LoRA adapters are merged first.
     `path` must be a new path or an existing regular file (gguf) / directory (hf); a symbolic link is followed
@@ -50,6 +51,8 @@ def export(model_or_run_dir: nn.Module | str | Path, path: str | Path, format: s
     path = Path(path)
     if format not in FORMATS:
         raise ExportError(f"--format {format!r}: unknown export format (choose from {', '.join(FORMATS)})")
+    if format == "gguf-lora":
+        return export_gguf_lora(model_or_run_dir, path, type, log)
     types = GGUF_TYPES if format == "gguf" else tuple(_HF_TYPES)
     if type not in types:
         why = "unknown type" if type not in GGUF_TYPES else "quantized types are for --format gguf only"
@@ -86,6 +89,39 @@ def export(model_or_run_dir: nn.Module | str | Path, path: str | Path, format: s
     hf_heads = {k: v.to(dtype) for k, v in heads.items()} or None
     with write_reported(path, target):
         write_hf_dir(target, lambda d: save_hf(d, backbone.cfg, body, hf_heads, tokenizer=tok))
+    return path
+
+
+def export_gguf_lora(model_or_run_dir: nn.Module | str | Path, path: Path, type: str = "f32",
+                     log: Callable[[str], None] | None = None) -> Path:
+    """The LoRA adapters alone as a GGUF LoRA adapter (llama.cpp's `--lora` over the base file): from a model in
+    memory, or an adapters-only dir / run dir (loaded onto its recorded base, held quantized: no float copy)."""
+    from lmforge.checkpoints.gguf_lora import LORA_TYPES, write_gguf_lora
+
+    if type not in LORA_TYPES:
+        raise ExportError(f"--type {type!r}: a GGUF LoRA adapter is written as {' or '.join(LORA_TYPES)}")
+    target = check_output(path, "gguf", log or (lambda m: print(m, file=sys.stderr)))
+    base = None
+    if isinstance(model_or_run_dir, nn.Module):
+        model, source = model_or_run_dir, f"<{model_or_run_dir.__class__.__name__}>"
+    else:
+        source = str(model_or_run_dir)
+        d = Path(_model_path(model_or_run_dir))
+        if not (d.is_dir() and (d / "adapter_config.json").is_file()):
+            raise ExportError(f"{source}: holds no LoRA adapter files (adapter_config.json); --format gguf-lora "
+                              "exports a LoRA run saved with --save-adapters-only (or --quantize)")
+        _check_dir_for_gguf(d, source)
+        from lmforge.checkpoints.peft import load_adapters
+
+        base = json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ExportError(f"{d / 'adapter_config.json'}: no base_model_name_or_path to read the layers from")
+        model = load_checkpoint(base, tokenizer=False, quantized=True).model
+        load_adapters(model, d)
+    _check_no_head(model, source)
+    with write_reported(path, target):
+        write_gguf_lora(target, model, type=type, name=Path(source).name if base else "lmforge LoRA",
+                        source=source, base_model=base)
     return path
 
 

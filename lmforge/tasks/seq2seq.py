@@ -14,7 +14,17 @@ import torch
 
 from lmforge.errors import DataError
 from lmforge.model.heads import IGNORE, lm_loss
-from lmforge.tasks.common import LoraArgs, TaskRun, apply_lora, check_resumable, export_model, run_training, write_json
+from lmforge.tasks.common import (
+    LoraArgs,
+    TaskRun,
+    apply_lora,
+    check_quantized_base,
+    check_resumable,
+    export_model,
+    quantize_base,
+    run_training,
+    write_json,
+)
 from lmforge.tasks.prompts import cut_middle, summarize_prompt, translate_prompt
 
 TASKS = ("summarize", "translate", "instruct")
@@ -165,6 +175,8 @@ class FinetuneConfig(LoraArgs):
     max_train_samples: int | None = None
     max_eval_samples: int | None = 200
     eval_fraction: float = 0.05
+    # LoRA over a frozen int base: none (float), auto (a quantized GGUF's own blocks), 8 | 4 (quantized at load)
+    quantize: str = "none"
 
 
 def _examples(c: FinetuneConfig, tok, pairs: list[tuple[str, str]]) -> list[Seq2SeqExample]:
@@ -186,6 +198,7 @@ def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
     if c.task not in TASKS:
         raise DataError(f"--task: unknown task {c.task!r} (one of {', '.join(TASKS)})")
     task_prompt(c.task, "x", c.to, c.src, c.sentences)  # validates --to/--from before anything heavy
+    check_quantized_base(c.quantize, c)
     if resume:
         check_resumable(Path(tc.output_dir))
     pairs = read_jsonl_pairs(c.data, c.input_field, c.target_field, skip_empty=True)
@@ -201,7 +214,7 @@ def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
     if c.max_eval_samples:
         eval_pairs = eval_pairs[: c.max_eval_samples]
     seed_everything(tc.seed)
-    ck = load_checkpoint(c.model)
+    ck = load_checkpoint(c.model, quantized=c.quantize == "auto")
     if ck.tokenizer is None:
         raise ConfigError(f"{c.model}: has no tokenizer files, cannot fine-tune on text")
     if not ck.cfg.causal:
@@ -210,6 +223,10 @@ def finetune(c: FinetuneConfig, tc, resume: bool = False, log=print) -> dict:
         raise ConfigError(f"--max-length {c.max_length} is above the model's context length "
                           f"{ck.cfg.context_length} ({c.model})")
     tok, model = ck.tokenizer, ck.model.train()
+    held = quantize_base(model, c.quantize) if c.quantize != "none" else None
+    if held is not None:
+        log(f"base: {held}, frozen; LoRA adapters train in float32 and save alone (PEFT format)")
+        c.save_adapters_only = True  # int4 blocks cannot hold a merged update
     apply_lora(model, c)
     train_ex, eval_ex = _examples(c, tok, pairs), _examples(c, tok, eval_pairs)
     n_target = sum(sum(1 for x in e.labels if x != IGNORE) for e in train_ex)

