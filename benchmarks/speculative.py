@@ -47,7 +47,7 @@ CHAT = ["Explain in a few sentences why the sky is blue.", "Write a short poem a
 
 
 def _summarize_items(n: int) -> list[dict]:
-    rows = [json.loads(x) for x in (DATA / "summarization" / "wikilingua_en_1k.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in (DATA / "summarization" / "wikilingua_en_1k.jsonl").read_text().split("\n")
             if x.strip()]
     return [{"id": r["id"], "document": r["document"]} for r in rows[-n:]]
 
