@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from lmforge.checkpoints.gguf import TENSOR_NAMES
-from lmforge.checkpoints.gguf_write import GGUF_ARCH, ExportError, check_exportable
+from lmforge.checkpoints.gguf_write import GGUF_ARCH, ExportError, check_exportable, write_gguf_atomic
 from lmforge.checkpoints.hf import hf_module_name
 from lmforge.config import ModelConfig
-from lmforge.io import atomic_write
 from lmforge.model.lora import LoraLinear, lora_config_of, split_backbone
 
 __all__ = ["LORA_TYPES", "gguf_lora_tensors", "write_gguf_lora"]
@@ -90,8 +89,6 @@ def gguf_lora_tensors(model: nn.Module, source: str = "model") -> tuple[dict[str
 def write_gguf_lora(path: str | Path, model: nn.Module, type: str = "f32", name: str = "lmforge LoRA",
                     source: str = "model", base_model: str | None = None) -> Path:
     """Write the model's LoRA adapters as one GGUF LoRA adapter file (atomically: whole or not at all)."""
-    import gguf
-
     path = Path(path)
     if type not in LORA_TYPES:
         raise ExportError(f"--type {type!r}: a GGUF LoRA adapter is written as {' or '.join(LORA_TYPES)}")
@@ -101,22 +98,15 @@ def write_gguf_lora(path: str | Path, model: nn.Module, type: str = "f32", name:
     arch = GGUF_ARCH[split_backbone(model)[0].cfg.family]
     dtype = np.float32 if type == "f32" else np.float16
 
-    def write(tmp: Path) -> None:
-        w = gguf.GGUFWriter(str(tmp), arch)
-        try:
-            w.add_string("general.type", "adapter")
-            w.add_string("general.name", name)
-            if base_model:
-                w.add_string("general.base_model.0.name", str(base_model))
-                w.add_uint32("general.base_model.count", 1)
-            w.add_string("adapter.type", "lora")
-            w.add_float32("adapter.lora.alpha", alpha)
-            for tname, t in tensors.items():
-                w.add_tensor(tname, t.numpy().astype(dtype))
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_tensors_to_file()
-        finally:
-            w.close()
+    def fill(w) -> None:
+        w.add_string("general.type", "adapter")
+        w.add_string("general.name", name)
+        if base_model:
+            w.add_string("general.base_model.0.name", str(base_model))
+            w.add_uint32("general.base_model.count", 1)
+        w.add_string("adapter.type", "lora")
+        w.add_float32("adapter.lora.alpha", alpha)
+        for tname, t in tensors.items():
+            w.add_tensor(tname, t.numpy().astype(dtype))
 
-    return atomic_write(path, write)
+    return write_gguf_atomic(path, arch, fill)

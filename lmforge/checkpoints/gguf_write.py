@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -395,21 +396,32 @@ def write_gguf(path: str | Path, cfg: ModelConfig, body: dict[str, torch.Tensor]
     meta |= _arch_metadata(cfg) | _tokenizer_metadata(tokenizer, GGUF_ARCH[cfg.family], cfg.vocab_size, source)
     tensors = _gguf_tensors(cfg, body, source)
 
+    def fill(w) -> None:
+        for key, (kind, value) in meta.items():
+            _add(w, key, kind, value, gguf)
+        for tname, t in tensors.items():
+            arr, raw = _encode(t, qtype)
+            w.add_tensor(tname, arr, raw_dtype=raw)
+
+    return write_gguf_atomic(path, GGUF_ARCH[cfg.family], fill)
+
+
+def write_gguf_atomic(path: Path, arch: str, fill: Callable[[Any], None]) -> Path:
+    """One GGUF file at `path`: `fill(writer)` adds the metadata and tensors to a gguf.GGUFWriter, then header,
+    metadata and tensors are written to a temp file beside `path` and renamed over it, so a failed write (a full
+    disk included) leaves nothing."""
+    import gguf
+
     def write(tmp: Path) -> None:
-        w = gguf.GGUFWriter(str(tmp), GGUF_ARCH[cfg.family])
+        w = gguf.GGUFWriter(str(tmp), arch)
         try:
-            for key, (kind, value) in meta.items():
-                _add(w, key, kind, value, gguf)
-            for tname, t in tensors.items():
-                arr, raw = _encode(t, qtype)
-                w.add_tensor(tname, arr, raw_dtype=raw)
+            fill(w)
             w.write_header_to_file()
             w.write_kv_data_to_file()
             w.write_tensors_to_file()
         finally:
             w.close()
 
-    # a temp file beside `path`, renamed over it; a failed write (a full disk included) leaves nothing
     return atomic_write(path, write)
 
 

@@ -6,14 +6,13 @@ fastapi/uvicorn are imported only when the verb runs.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import os
 import sys
 
 from lmforge.cli.common import DEFAULT_LM, DEVICE_HELP, load_generator, non_negative_int, positive_int
 from lmforge.errors import LmforgeError
-from lmforge.serve.settings import SERVER_COMPILE
+from lmforge.serve.settings import SERVER_COMPILE, is_loopback
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -131,15 +130,6 @@ def build_app(a: argparse.Namespace):
     return app
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def cmd_serve(a: argparse.Namespace) -> int:
     if not 0 <= a.port <= 65535:
         raise LmforgeError(f"--port {a.port}: must be in 0..65535")
@@ -151,7 +141,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
 
     st = app.state.lmforge
-    if not _is_loopback(a.host) and not st.settings.api_key:
+    if not is_loopback(a.host) and not st.settings.api_key:
         log.warning("listening on %s without an API key: anyone who can reach this port can use the model "
                     "(pass --api-key or set LMFORGE_API_KEY)", a.host)
     log.info("serving %s on http://%s:%d (chat page at /, API at /v1)", st.model_id, a.host, a.port)

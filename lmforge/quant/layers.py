@@ -65,19 +65,10 @@ class QuantLinear(nn.Module):
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, bits: int = 8,
                     group_size: int | None = None) -> QuantLinear:
         N, K = weight.shape
-        m = cls(K, N, bits, group_size, bias is not None, dtype=weight.dtype, device=weight.device)
-        with torch.no_grad():
-            if bits == 8:
-                q, s = quantize_int8(weight, m.group_size)
-                m.qweight.copy_(q)
-            else:
-                q, s, lo = quantize_int4(weight, m.group_size)
-                m.qweight.copy_(pack_nibbles(q))
-                m.mins.copy_(lo)
-            m.scales.copy_(s)
-            if bias is not None:
-                m.bias.copy_(bias)
-        return m
+        m = cls(K, N, bits, group_size, bias is not None, dtype=weight.dtype, device=weight.device)  # validates
+        if bits == 4:
+            return cls.from_int4(*quantize_int4(weight, m.group_size), bias, dtype=weight.dtype)
+        return m._filled(*quantize_int8(weight, m.group_size), None, bias)
 
     @classmethod
     def from_int4(cls, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, bias: torch.Tensor | None = None,
@@ -86,13 +77,16 @@ class QuantLinear(nn.Module):
         (N, G). A GGUF's Q4_0 / Q4_1 / Q4_K blocks are such a grid, so nothing is rounded twice."""
         N, K = q.shape
         m = cls(K, N, 4, K // scales.shape[1], bias is not None, dtype=dtype, device=q.device)
+        return m._filled(pack_nibbles(q), scales, mins, bias)
+
+    def _filled(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                bias: torch.Tensor | None) -> QuantLinear:
+        """This layer with its buffers set (qweight in the stored layout: int8 rows or packed nibbles)."""
         with torch.no_grad():
-            m.qweight.copy_(pack_nibbles(q))
-            m.scales.copy_(scales)
-            m.mins.copy_(mins)
-            if bias is not None:
-                m.bias.copy_(bias)
-        return m
+            for name, value in (("qweight", qweight), ("scales", scales), ("mins", mins), ("bias", bias)):
+                if value is not None:
+                    getattr(self, name).copy_(value)
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 8, group_size: int | None = None) -> QuantLinear:

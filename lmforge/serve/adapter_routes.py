@@ -11,7 +11,6 @@ refuses them (403): loading reads paths on the server's disk.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 
 from fastapi import APIRouter, Request
 from pydantic import Field
@@ -20,6 +19,7 @@ from lmforge.serve.adapters import AdapterError
 from lmforge.serve.errors import ApiError
 from lmforge.serve.routes_common import adapter_api_error, read_body, state
 from lmforge.serve.schemas import RequestBody
+from lmforge.serve.settings import is_loopback
 
 router = APIRouter()
 
@@ -29,18 +29,9 @@ class AdapterLoadRequest(RequestBody):
     path: str = Field(min_length=1, max_length=4096)
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _admin(request: Request):
     st = state(request)
-    if not st.settings.api_key and not _loopback(st.settings.host):
+    if not st.settings.api_key and not is_loopback(st.settings.host):
         raise ApiError(403, f"adapter administration needs an API key on a server bound to {st.settings.host} "
                             "(start it with --api-key)", None, "admin_needs_api_key")
     return st

@@ -38,6 +38,7 @@ from lmforge.model.multi_lora import (
     install_multi_lora,
     set_slot,
 )
+from lmforge.tasks.common import find_run_dir
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 ADAPTER_CONFIG = "adapter_config.json"  # lmforge.checkpoints.peft.ADAPTER_CONFIG
@@ -69,9 +70,9 @@ def adapter_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such adapter directory")
-    for d in (p, p / "best", p / "final"):
-        if (d / ADAPTER_CONFIG).is_file():
-            return d
+    found = find_run_dir(p, ADAPTER_CONFIG)
+    if found is not None and (found / ADAPTER_CONFIG).is_file():
+        return found
     if (p / "config.json").is_file() or (p / "final" / "config.json").is_file():
         raise CheckpointError(f"{p}: holds a merged model, not LoRA adapters (train with --lora "
                               "--save-adapters-only, or serve it as its own --model)")

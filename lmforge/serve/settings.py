@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,16 @@ ORIGIN = re.compile(r"^https?://[^/\s]+$")
 
 # The server's batch-1 step is traced or eager (serve/engine.py), never torch.compile'd: no "on" here.
 SERVER_COMPILE = ("auto", "trace", "off")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine only: what an unauthenticated admin call needs."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def server_compile(mode: str) -> str:
