@@ -152,6 +152,30 @@ def test_lora_trains_head_and_adapters_and_exports(tiny_models, toy_data, tmp_pa
     assert [p["label"] for p in a] == [y for _, y in toy_rows(6, seed=3)]
 
 
+def test_lora_over_a_quantized_base_trains_and_saves_adapters_alone(tiny_models, toy_data, tmp_path):
+    """classify train --quantize 4 (QLoRA): the base is held in int4 blocks, the adapters and the head train, the
+    run saves the adapters alone, and the classifier they make (over the float base) predicts the toy labels."""
+    logs: list[str] = []
+    c = ClassifyConfig(model=str(tiny_models["llama"]), data=str(toy_data["train"]), eval_data=str(toy_data["eval"]),
+                       max_length=32, lora=True, lora_rank=4, lora_alpha=8, quantize="4")
+    tc = TrainConfig(output_dir=tmp_path / "q", epochs=6, batch_size=16, lr=3e-3, warmup=0.1, eval_every=30,
+                     keep_best="accuracy", progress=False, seed=0)
+    s = train(c, tc, log=logs.append)
+    assert any("base: int4" in m for m in logs), logs
+    assert s["best_metric"] >= 0.9
+    run = Path(s["run_dir"])
+    assert (run / "adapter_model.safetensors").exists() and not (run / "model.safetensors").exists()
+    rows = toy_rows(20, seed=4)
+    got = [p["label"] for p in predict(load_classifier(run), [t for t, _ in rows])]
+    assert sum(g == y for g, (_, y) in zip(got, rows)) >= 18
+
+
+def test_quantized_base_needs_lora(tiny_models, toy_data, tmp_path, capsys):
+    err = _cli_error(capsys, "train", "--model", str(tiny_models["llama"]), "--data", str(toy_data["train"]),
+                     "--quantize", "4", "--output", str(tmp_path / "run"))
+    assert "--lora" in err
+
+
 # ---- CLI and bad input: one line, exit 2 ----------------------------------------------------------------
 def _cli_error(capsys, *argv) -> str:
     assert main(["classify", *argv]) == 2

@@ -9,6 +9,7 @@ import sys
 from lmforge.cli.common import (
     DEVICE_HELP,
     LORA_FLAGS,
+    QUANTIZE_BASE_FLAG,
     add_fields,
     add_train_flags,
     check_keep_best,
@@ -41,6 +42,7 @@ MODEL_FLAGS: dict[str, dict] = {
     "max_train_samples": dict(type=non_negative_int, help="subsample the training set (0 = all)"),
     "max_eval_samples": dict(type=positive_int, help="validation rows"),
     **LORA_FLAGS,
+    "quantize": QUANTIZE_BASE_FLAG,
 }
 TASK_DEFAULTS = {"max_train_samples": 8000}  # the 2-3 minute budget on 2 CPU cores
 TRAIN_DEFAULTS = {"epochs": None, "batch_size": None, "lr": None, "warmup": 0.1, "eval_every": 100,

@@ -184,6 +184,10 @@ LORA_FLAGS: dict[str, dict[str, Any]] = {
     "lora_targets": dict(help="comma list of q,k,v,o,gate,up,down,fc1,fc2, or all-linear"),
     "save_adapters_only": dict(help="LoRA: save adapters (PEFT format), not a merged model"),
 }
+QUANTIZE_BASE_FLAG: dict[str, Any] = dict(
+    choices=["none", "auto", "8", "4"], help="LoRA: hold the frozen base in integers (QLoRA): auto keeps a "
+    "quantized GGUF's own int4/int8 blocks, 8|4 quantize float weights at load; the run saves the adapters alone "
+    "(default none: a float base)")
 
 
 def train_flag(name: str) -> str:

@@ -12,6 +12,7 @@ from lmforge.cli.common import (
     DEFAULT_LM,
     DEVICE_HELP,
     LORA_FLAGS,
+    QUANTIZE_BASE_FLAG,
     RUN_STAMP,
     STAMP_HELP,
     add_fields,
@@ -43,9 +44,7 @@ FINETUNE_FLAGS: dict[str, dict] = {
     "max_train_samples": dict(type=positive_int, help="subsample the training pairs"),
     "max_eval_samples": dict(type=positive_int, help="validation pairs"),
     **LORA_FLAGS,
-    "quantize": dict(choices=["none", "auto", "8", "4"], help="LoRA: hold the frozen base in integers (QLoRA): "
-                     "auto keeps a quantized GGUF's own int4/int8 blocks, 8|4 quantize float weights at load; "
-                     "the run saves the adapters alone (default none: a float base)"),
+    "quantize": QUANTIZE_BASE_FLAG,
     "lora": dict(action=argparse.BooleanOptionalAction,
                  help="train low-rank adapters on a frozen model (--no-lora: full fine-tuning)"),
 }

@@ -25,10 +25,12 @@ from lmforge.tasks.common import (
     LoraArgs,
     TaskRun,
     apply_lora,
+    check_quantized_base,
     check_resumable,
     check_validation,
     export_model,
     find_run_dir,
+    quantize_base,
     run_training,
     write_json,
 )
@@ -64,6 +66,8 @@ class ClassifyConfig(LoraArgs):
     lora_alpha: float = 32.0
     lora_targets: str = "all-linear"
     glove_hidden: int = 256
+    # LoRA over a frozen int base: none (float), auto (a quantized GGUF's own blocks), 8 | 4 (quantized at load)
+    quantize: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -195,9 +199,12 @@ def predict_logits(model: nn.Module, feats: list[dict[str, Any]], collate, batch
 
 
 # ---- models ------------------------------------------------------------------------------------------
-def build_model(c: ClassifyConfig, num_labels: int, labels: list[str]):
+def build_model(c: ClassifyConfig, num_labels: int, labels: list[str], log=print):
     """-> (model, tokenizer, kind) where kind is 'transformer' or 'glove'."""
+    check_quantized_base(c.quantize, c)
     if c.model == GLOVE:
+        if c.quantize != "none":
+            raise ConfigError(f"--quantize {c.quantize}: {GLOVE} has no transformer base to quantize")
         from lmforge.tasks.glove import GloveClassifier, load_glove
 
         tok, vectors = load_glove()
@@ -205,7 +212,7 @@ def build_model(c: ClassifyConfig, num_labels: int, labels: list[str]):
     from lmforge.checkpoints import load_checkpoint
     from lmforge.model.heads import SequenceClassifier
 
-    ck = load_checkpoint(c.model)
+    ck = load_checkpoint(c.model, quantized=c.quantize == "auto")
     if ck.tokenizer is None:
         raise ConfigError(f"{c.model}: has no tokenizer files, cannot classify text")
     cfg = ck.cfg
@@ -219,6 +226,10 @@ def build_model(c: ClassifyConfig, num_labels: int, labels: list[str]):
     cfg.id2label = dict(enumerate(labels))
     model = SequenceClassifier(ck.model, num_labels, c.pooling)
     model.train()
+    held = quantize_base(ck.model, c.quantize) if c.quantize != "none" else None
+    if held is not None:  # the head stays float and trains with the adapters
+        log(f"base: {held}, frozen; LoRA adapters and the head train in float32 and save alone (PEFT format)")
+        c.save_adapters_only = True  # int blocks cannot hold a merged update
     apply_lora(model, c)
     return model, tok, "transformer"
 
@@ -254,7 +265,7 @@ def train(c: ClassifyConfig, tc, resume: bool = False, log=print) -> dict[str, A
     check_validation(len(eval_ex), "classify")
     label_ids = {lab: i for i, lab in enumerate(labels)}
     seed_everything(tc.seed)
-    model, tok, kind = build_model(c, len(labels), labels)
+    model, tok, kind = build_model(c, len(labels), labels, log)
     glove = kind == "glove"
     t0 = time.perf_counter()
     train_feats = encode(tok, train_ex, label_ids, c.max_length, glove)
