@@ -1,7 +1,7 @@
 """Tokenization: `Tokenizer` wraps `tokenizers.Tokenizer` (the Rust library tokenizes; we load, batch, template).
 
 Modules: backends (tokenizers backends from HF / GPT-2 / BERT files), chat_template (the jinja2 sandbox),
-gguf (a tokenizer from GGUF metadata, ids as transformers converts it), train (BPE training), core (`Tokenizer`).
+gguf (a tokenizer from GGUF metadata, the original tokenizer's ids), train (BPE training), core (`Tokenizer`).
 """
 
 from lmforge.tokenizer.backends import ENDOFTEXT

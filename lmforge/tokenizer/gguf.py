@@ -1,6 +1,8 @@
-"""A tokenizer from a GGUF file's vocabulary metadata (`tokenizer.ggml.*`), as transformers converts it.
+"""A tokenizer from a GGUF file's vocabulary metadata (`tokenizer.ggml.*`), as the original tokenizer.json works.
 
-The ids match `AutoTokenizer.from_pretrained(dir, gguf_file=name)` for the same file.
+The ids are the original model's tokenizer's (llama.cpp's test ids for each real vocabulary). They match
+`AutoTokenizer.from_pretrained(dir, gguf_file=name)` except where transformers' conversion drops what the GGUF
+keys say: it ignores some `tokenizer.ggml.pre` splits, Phi-3's rstrip and Llama 2's legacy spaces.
 """
 
 from __future__ import annotations
@@ -35,6 +37,21 @@ _TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{L
                  r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _CJK = "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"
+# DeepSeek LLM (7B/67B): cased letters, ASCII/fullwidth punctuation, trailing spaces, CJK and digit runs, in turn.
+_DEEPSEEK_LLM_LETTERS = (
+    "A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373"
+    "\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481"
+    "\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf"
+    "\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d"
+    "\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc"
+    "\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115"
+    "\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e"
+    "\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b"
+    "\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a"
+    "\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2"
+    "\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943")
+_DEEPSEEK_LLM = ("[\r\n]", "\\s?[" + _DEEPSEEK_LLM_LETTERS + "]+",
+                 "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+", r"\s+$", _CJK, r"\p{N}+")
 PRE_SPLITS: dict[str, tuple[tuple[str, ...], bool]] = {
     **dict.fromkeys(("gpt-2", "phi-2"), ((_GPT2,), False)),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral"), ((_LLAMA3_SPLIT,), True)),
@@ -44,11 +61,20 @@ PRE_SPLITS: dict[str, tuple[tuple[str, ...], bool]] = {
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
                     ((r"\p{N}", _GPT2), False)),
     "deepseek-coder": ((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _CJK, r"\p{N}"), False),
+    "deepseek-llm": (_DEEPSEEK_LLM, False),
     "falcon": ((r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"), False),
     "tekken": ((_TEKKEN_SPLIT,), True),
 }
+# Pre-tokenizers whose tokenizer.json composes the text (NFC) first (Qwen2 / Qwen2.5 / Qwen3; not Qwen3.5, which
+# keeps combining marks): GGUF has no field for the normalizer, and without it a decomposed accent ("e" + U+0301)
+# gives other ids than the original tokenizer.
+NFC_PRES = ("qwen2", "deepseek-r1-qwen")
 # Gemma vocabularies in GGUF: spaces are spelled "▁" in the model, and merges follow the token order.
 _GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
+# Phi-3's tokenizer.json strips the whitespace after its added tokens (`rstrip`), except after these; GGUF has no
+# field for it, so, as llama.cpp does, a model whose `general.name` says Phi-3 gets it back.
+_PHI3_NAMES = ("phi-3", "phi3")
+_PHI3_NO_RSTRIP = ("<unk>", "<s>", "<|endoftext|>")
 
 
 def _gguf_value(reader, key: str) -> Any:
@@ -132,11 +158,16 @@ def load_gguf(path_or_reader) -> tuple[Backend, dict[str, Any]]:
 
     # Control tokens are special (whole in text, skipped on decode); user-defined ones are whole but kept.
     vocab = backend.get_vocab()
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+    phi3 = any(n in str(_gguf_value(reader, "general.name") or "").lower() for n in _PHI3_NAMES)
+
+    def rstrip(t: str) -> bool:
+        return phi3 and t not in _PHI3_NO_RSTRIP
+
+    control = [AddedToken(t, special=True, normalized=False, rstrip=rstrip(t)) for t, ty in zip(tokens, types)
                if ty == _CONTROL and (control_ok is None or set(t) <= control_ok)]
     if control:
         backend.add_special_tokens(control)
-    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types)
+    user = [AddedToken(t, special=False, normalized=False, rstrip=rstrip(t)) for t, ty in zip(tokens, types)
             if ty == _USER_DEFINED and t in vocab]
     if user:
         backend.add_tokens(user)
@@ -180,6 +211,8 @@ def _gguf_byte_level(reader, tokens: list[str], name: str) -> tuple[Backend, set
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in splits]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pre in NFC_PRES:
+        backend.normalizer = normalizers.NFC()
     backend.decoder = decoders.ByteLevel()
     return backend, spelled
 
