@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: timing, peak memory, worker subprocesses, tables, JSON, machine info.
+"""Shared helpers for the benchmarks: timing, peak memory, worker subprocesses, a streamed
+chat client for the serving benchmarks, tables, JSON, machine info.
 
 Each implementation under test runs in its own subprocess (`run_worker`), so that the peak memory one
 library reaches is not mixed with the other's, and each starts from the same cold state.
@@ -121,6 +122,54 @@ def run_worker(args: Sequence[str], threads: int, timeout: float = 1800) -> dict
             return json.loads(line[len(_MARK):])
     tail = (p.stderr or p.stdout).strip().splitlines()[-5:]
     return {"error": f"exit code {p.returncode}: " + " | ".join(tail)}
+
+
+# ---- serving clients -------------------------------------------------------------------------------
+async def stream_chat(ac: Any, text: str, max_tokens: int, *, model: str | None = None,
+                      on_first: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """One greedy streamed chat/completions request on `ac` (an httpx.AsyncClient), its `data:` chunks read as they
+    arrive: what the serving benchmarks measure a request by, parsed one way for all of them.
+
+    Returns sent / end (perf_counter), latency_s, ttft_s (sent -> first content chunk; the end when none came),
+    times (arrival of each content chunk), text, completion_tokens (from `usage`, else the content pieces: see
+    tokens_from), usage ({} when none came) and finish_reason; or {"error": ...} for a non-200 answer or an error
+    chunk. `model` names the model or adapter (None: the server's default); on_first runs at the first content.
+    Transport errors are raised: the caller decides whether to retry.
+    """
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+                            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if model is not None:
+        body["model"] = model
+    sent = time.perf_counter()
+    times: list[float] = []
+    pieces: list[str] = []
+    usage, finish = None, None
+    async with ac.stream("POST", "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                return {"error": str(obj["error"])[:200]}
+            usage = obj.get("usage") or usage
+            got = []
+            for ch in obj.get("choices") or []:
+                finish = ch.get("finish_reason") or finish
+                piece = (ch.get("delta") or {}).get("content")
+                if piece:
+                    got.append(piece)
+            if got:
+                times.append(time.perf_counter())
+                pieces += got
+                if on_first is not None and len(times) == 1:
+                    on_first()
+    end = time.perf_counter()
+    n = (usage or {}).get("completion_tokens")
+    return {"sent": sent, "end": end, "latency_s": end - sent, "ttft_s": (times[0] if times else end) - sent,
+            "times": times, "text": "".join(pieces), "completion_tokens": n if n is not None else len(pieces),
+            "tokens_from": "usage" if n is not None else "chunks", "usage": usage or {}, "finish_reason": finish}
 
 
 # ---- output ----------------------------------------------------------------------------------------

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,9 +46,11 @@ from benchmarks.common import (  # noqa: E402
     format_table,
     machine_info,
     measured_peaks,
+    stream_chat,
     thread_env,
     write_json,
 )
+from benchmarks.serve_peers import free_port  # noqa: E402
 
 TOPICS = ["a robot who learns to paint", "a lighthouse keeper and a storm", "a cat who runs a bakery",
           "the first day on Mars", "a dragon afraid of heights", "a detective in a tiny village",
@@ -105,25 +105,11 @@ def make_adapters(model: str, n: int, rank: int, targets: str, out: Path) -> lis
 
 # ---- clients (parent side) ----------------------------------------------------------------------------------
 async def one_request(ac, model: str | None, text: str, max_tokens: int) -> dict:
-    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    if model is not None:
-        body["model"] = model
-    t0, first, usage = time.perf_counter(), None, None
-    async with ac.stream("POST", "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            obj = json.loads(line[6:])
-            if "error" in obj:
-                return {"error": str(obj["error"])[:200]}
-            usage = obj.get("usage") or usage
-            if first is None and any((c.get("delta") or {}).get("content") for c in obj.get("choices") or []):
-                first = time.perf_counter()
-    end = time.perf_counter()
-    return {"sent": t0, "end": end, "ttft_s": (first or end) - t0, "tokens": (usage or {}).get("completion_tokens", 0)}
+    """One streamed request on `model` (an adapter's name; None: the base): its time to first token and tokens."""
+    r = await stream_chat(ac, text, max_tokens, model=model)
+    if "error" in r:
+        return r
+    return {"sent": r["sent"], "end": r["end"], "ttft_s": r["ttft_s"], "tokens": r["usage"].get("completion_tokens", 0)}
 
 
 async def run_phase(url: str, models: list[str | None], requests: int, max_tokens: int) -> dict:
@@ -153,12 +139,6 @@ def rss_mb(pid: int) -> dict[str, float]:
         if ln.startswith(("VmRSS:", "VmHWM:")):
             out[ln.split(":")[0]] = round(int(ln.split()[1]) / 1024, 1)
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         dirs = make_adapters(a.model, a.adapters, a.rank, a.targets, Path(tmp.name))
         print(f"wrote {len(dirs)} random adapters in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--server", "--port", str(port), "--model", a.model,
            "--clients", str(a.clients), "--adapters", str(a.adapters), "--max-tokens", str(a.max_tokens),

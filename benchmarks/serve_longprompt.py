@@ -12,8 +12,8 @@ decode steps holds them for about a chunk.
 from __future__ import annotations
 
 import asyncio
-import json
-import time
+
+from benchmarks.common import stream_chat
 
 WORDS = ("the river ran past the old mill where a girl kept bees and wrote down every storm she saw, while her "
          "brother mended nets and counted boats that came home late").split()
@@ -35,22 +35,8 @@ def gaps_within(times: list[float], lo: float, hi: float) -> float:
 
 
 async def _stream(ac, text: str, max_tokens: int, started: asyncio.Event | None = None) -> dict:
-    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
-    sent, times, usage = time.perf_counter(), [], None
-    async with ac.stream("POST", "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            obj = json.loads(line[6:])
-            usage = obj.get("usage") or usage
-            if any((ch.get("delta") or {}).get("content") for ch in obj.get("choices") or []):
-                times.append(time.perf_counter())
-                if started is not None and len(times) == 1:
-                    started.set()
-    return {"sent": sent, "times": times, "usage": usage or {}}
+    """One streamed request: when it was sent, each content chunk's arrival and `usage` (started: set at the first)."""
+    return await stream_chat(ac, text, max_tokens, on_first=None if started is None else started.set)
 
 
 async def long_prompt_run(url: str, streams: int, stream_tokens: int, prompt_words: int,

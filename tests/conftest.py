@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny random models built and saved with transformers (the reference)."""
+"""Shared fixtures and helpers: tiny random models built and saved with transformers (the reference), the
+encoder tests' batch and classifier loader, the serve tests' tiny llama, its int8 copy and a started server."""
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,32 @@ def perturbed(model):
     return model.float().eval()
 
 
+def padded_batch(padding: str, pad_id: int, vocab: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two seeded rows of 14 ids (in [3, vocab)) and their mask; padding "left" / "right" pads 5 of row 0 with
+    pad_id, "none" pads nothing: the batch the encoder parity tests compare on."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (2, 14), generator=g)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[0, :5] = 0
+    elif padding == "right":
+        mask[0, -5:] = 0
+    return ids.masked_fill(mask == 0, pad_id), mask
+
+
+def classifier_from(hf, path: Path, num_labels: int = 3):
+    """A transformers *ForSequenceClassification saved to `path`, loaded as lmforge's SequenceClassifier (eval)."""
+    from lmforge.checkpoints import load_checkpoint
+    from lmforge.checkpoints.hf import load_into
+    from lmforge.model.heads import SequenceClassifier
+
+    hf.save_pretrained(path)
+    ck = load_checkpoint(path, tokenizer=False)
+    model = SequenceClassifier(ck.model, num_labels).eval()
+    load_into(model.score, {k.split(".", 1)[1]: v for k, v in ck.heads.items()}, "test")
+    return model
+
+
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     """family -> directory written by transformers' save_pretrained."""
@@ -90,3 +118,29 @@ def gen(tiny_dir):
     from lmforge.generator import Generator
 
     return Generator.load(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def int8_gen(tiny_dir):
+    """The tiny llama with int8 decode weights (DECODE_PRESETS[8]); skips where the preset does not fit its shapes."""
+    from lmforge.generator import Generator
+    from lmforge.quant import DECODE_PRESETS, quantize_model
+
+    qgen = Generator.load(tiny_dir)
+    try:
+        qgen.model = quantize_model(qgen.model, **DECODE_PRESETS[8])
+    except Exception as e:  # noqa: BLE001 - the tiny shapes may not fit a preset's groups
+        pytest.skip(f"int8 preset does not apply to the tiny model: {e}")
+    return qgen
+
+
+@contextmanager
+def serving(gen, **settings):
+    """test_serve.start_server(gen) with these ServeSettings for a with-block (a fixture's yield), stopped after."""
+    from test_serve import start_server
+
+    srv = start_server(gen, settings=settings)
+    try:
+        yield srv
+    finally:
+        srv.stop()

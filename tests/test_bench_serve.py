@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-from benchmarks.serve import _pct, add_ratios, check_targets, prompt, workload
+from benchmarks.serve import add_ratios, check_targets
+from benchmarks.serve_load import _pct, prompt, workload
 
 
 def test_workload_is_seeded_and_in_range():
@@ -98,7 +99,7 @@ def _sse(*pieces: str) -> bytes:
 def test_a_stale_connection_is_retried_once_and_other_failures_are_recorded():
     import httpx
 
-    from benchmarks.serve import one_request
+    from benchmarks.serve_load import one_request
 
     calls = []
 
@@ -123,6 +124,41 @@ def test_a_stale_connection_is_retried_once_and_other_failures_are_recorded():
     assert r["error"].startswith("RemoteProtocolError") and len(calls) == 2
     r = asyncio.run(go([httpx.ReadTimeout("slow")]))  # not a stale connection: no retry
     assert r["error"].startswith("ReadTimeout") and len(calls) == 1
+
+
+def test_stream_chat_parses_the_chunks_every_serving_benchmark_reads():
+    """The one SSE client of serve.py, serve_longprompt.py and serve_adapters.py: body, chunk times, text, counts."""
+    import httpx
+
+    from benchmarks.common import stream_chat
+
+    bodies, firsts = [], []
+
+    async def go(content: bytes, status: int = 200, **kw) -> dict:
+        def h(request):
+            bodies.append(json.loads(request.content))
+            return httpx.Response(status, content=content, headers={"content-type": "text/event-stream"})
+
+        async with httpx.AsyncClient(base_url="http://x", transport=httpx.MockTransport(h)) as ac:
+            return await stream_chat(ac, "hi", 8, **kw)
+
+    r = asyncio.run(go(_sse("a", "", "b", "c"), model="adapter1", on_first=lambda: firsts.append(1)))
+    assert bodies[-1]["model"] == "adapter1" and bodies[-1]["stream"] and bodies[-1]["temperature"] == 0
+    assert bodies[-1]["max_tokens"] == 8 and bodies[-1]["messages"] == [{"role": "user", "content": "hi"}]
+    assert r["text"] == "abc" and len(r["times"]) == 3 and firsts == [1]  # the empty piece is no content chunk
+    assert r["completion_tokens"] == 4 and r["tokens_from"] == "usage" and r["usage"] == {"completion_tokens": 4}
+    assert r["ttft_s"] == pytest.approx(r["times"][0] - r["sent"]) and r["sent"] <= r["times"][0] <= r["end"]
+    assert r["latency_s"] == pytest.approx(r["end"] - r["sent"])
+    no_usage = b"".join(b"data: " + json.dumps({"choices": [{"delta": {"content": p}, "finish_reason": f}]}).encode()
+                        + b"\n\n" for p, f in (("x", None), ("y", "length"))) + b"data: [DONE]\n\n"
+    r = asyncio.run(go(no_usage))
+    assert "model" not in bodies[-1] and r["completion_tokens"] == 2 and r["tokens_from"] == "chunks"
+    assert r["finish_reason"] == "length" and r["usage"] == {}
+    r = asyncio.run(go(b'data: {"choices": [{"delta": {"content": "x"}}]}\n\ndata: {"error": {"message": "boom"}}\n\n'))
+    assert r == {"error": "{'message': 'boom'}"}
+    assert asyncio.run(go(b"busy", status=429))["error"].startswith("HTTP 429")
+    r = asyncio.run(go(b"data: [DONE]\n\n"))  # no content at all: TTFT is the whole request
+    assert r["times"] == [] and r["ttft_s"] == pytest.approx(r["latency_s"])
 
 
 def test_long_prompt_scenario_runs_against_a_server(gen):

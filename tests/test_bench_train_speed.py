@@ -1,4 +1,5 @@
-"""benchmarks/train_speed.py's parts that decide fairness: both sides get the same batches, targets and updates.
+"""benchmarks/train_speed.py's and train_workloads.py's parts that decide fairness: both sides get the same batches,
+targets and updates.
 
 No real model or ../shared data here: the end-to-end check is `python benchmarks/train_speed.py --quick
 --threads 1`.
@@ -10,13 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.train_speed import (
+from benchmarks.train_speed import add_ratios, build_parser, main
+from benchmarks.train_workloads import (
     StepClock,
-    add_ratios,
     batch_order,
-    build_parser,
     hf_causal_collate,
-    main,
     plain_loop,
     run_trainer,
     seed_qa_head,
@@ -98,7 +97,7 @@ def test_settings_are_what_the_cli_trains_with(tmp_path, monkeypatch):
     hand to their task functions (caught here before any data or model is loaded)."""
     import lmforge.tasks.qa as qa_task
     import lmforge.tasks.seq2seq as ft_task
-    from benchmarks.train_speed import DATA_FILES, FT_ARGV, QA_ARGV
+    from benchmarks.train_workloads import DATA_FILES, FT_ARGV, QA_ARGV
     from lmforge.cli import build_parser as cli_parser
 
     seen = {}

@@ -8,12 +8,13 @@ their own config classes (positions counted from the padding index + 1, as those
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-from conftest import perturbed
+from conftest import classifier_from, padded_batch, perturbed
 
 from lmforge.checkpoints import load_checkpoint, save_pretrained
-from lmforge.checkpoints.hf import load_into
 from lmforge.model.heads import SequenceClassifier
 
 transformers = pytest.importorskip("transformers")
@@ -34,15 +35,7 @@ def make(case: str, head: bool = False):
     return perturbed(model)
 
 
-def batch(padding: str) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, VOCAB, (2, 14), generator=g)
-    mask = torch.ones_like(ids)
-    if padding == "left":
-        mask[0, :5] = 0
-    elif padding == "right":
-        mask[0, -5:] = 0
-    return ids.masked_fill(mask == 0, SMALL["pad_token_id"]), mask
+batch = partial(padded_batch, pad_id=SMALL["pad_token_id"], vocab=VOCAB)  # batch(padding) -> (ids, mask)
 
 
 def hf_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -64,15 +57,6 @@ def test_hidden_states_and_pooler_match(case, padding, tmp_path):
     real = mask.bool()
     assert (h - ref.last_hidden_state)[real].abs().max() < TOL
     assert (torch.tanh(ours.pooler(h[:, 0])) - ref.pooler_output)[mask[:, 0].bool()].abs().max() < TOL
-
-
-def classifier_from(hf, path) -> SequenceClassifier:
-    """A transformers *ForSequenceClassification saved to `path`, loaded as lmforge's classifier (3 labels)."""
-    hf.save_pretrained(path)
-    ck = load_checkpoint(path, tokenizer=False)
-    model = SequenceClassifier(ck.model, 3).eval()
-    load_into(model.score, {k.split(".", 1)[1]: v for k, v in ck.heads.items()}, "test")
-    return model
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -14,13 +14,13 @@ included) and saved with save_pretrained:
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
-from conftest import perturbed
+from conftest import classifier_from, padded_batch, perturbed
 
 from lmforge.checkpoints import load_checkpoint, save_pretrained
-from lmforge.checkpoints.hf import load_into
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
 from lmforge.model.heads import SequenceClassifier
@@ -47,15 +47,7 @@ def make(cls, **kw):
     return perturbed(cls(config(**kw)))
 
 
-def batch(padding: str) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, VOCAB, (2, 14), generator=g)
-    mask = torch.ones_like(ids)
-    if padding == "left":
-        mask[0, :5] = 0
-    elif padding == "right":
-        mask[0, -5:] = 0
-    return ids.masked_fill(mask == 0, SMALL["pad_token_id"]), mask
+batch = partial(padded_batch, pad_id=SMALL["pad_token_id"], vocab=VOCAB)  # batch(padding) -> (ids, mask)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -92,14 +84,6 @@ def test_the_window_and_the_local_theta_matter(tmp_path):
                 setattr(ours.cfg, k, v)
             ours.init_buffers()
             assert (ours(ids) - want).abs().max() > 1e-3, change
-
-
-def classifier_from(hf, path) -> SequenceClassifier:
-    hf.save_pretrained(path)
-    ck = load_checkpoint(path, tokenizer=False)
-    model = SequenceClassifier(ck.model, 3).eval()
-    load_into(model.score, {k.split(".", 1)[1]: v for k, v in ck.heads.items()}, "test")
-    return model
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])

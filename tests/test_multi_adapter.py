@@ -19,7 +19,7 @@ import torch
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
-from test_serve import _prompt, gate_forwards, tiny_tokenizer  # noqa: E402
+from test_serve import _prompt, gate_forwards  # noqa: E402
 from test_serve_batching import alone, request, wait  # noqa: E402
 
 from lmforge.checkpoints import load_checkpoint  # noqa: E402
@@ -46,14 +46,9 @@ def randomize(model: torch.nn.Module, seed: int, std: float = 0.4) -> None:
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    from conftest import make_hf_model
-
-    d = tmp_path_factory.mktemp("multi-base")
-    tok = tiny_tokenizer()
-    make_hf_model("llama", vocab=tok.vocab_size).save_pretrained(d)
-    tok.save(d)
-    return d
+def base_dir(tiny_dir) -> Path:
+    """The served base: the serve tests' tiny random llama with its tokenizer (tests/conftest.py)."""
+    return tiny_dir
 
 
 @pytest.fixture(scope="module")
@@ -328,8 +323,6 @@ def test_unload_under_load_loses_no_request(server, adapters, refs):
 
 # ---- refusals ----------------------------------------------------------------------------------------------------
 def test_bad_adapters_are_refused_with_one_line(server, adapters, tmp_path):
-    from conftest import make_hf_model
-
     # another base's shapes (a llama of another width)
     other = tmp_path / "other"
     transformers = pytest.importorskip("transformers")
@@ -351,7 +344,6 @@ def test_bad_adapters_are_refused_with_one_line(server, adapters, tmp_path):
     cases = {"other-ad": (tmp_path / "other-ad", "blocks.0.attn.q"), "wrong-rank": (wrong_rank, "rank-3"),
              "missing": (missing, "adapter_model.safetensors"), "nowhere": (tmp_path / "nowhere", "no such"),
              "merged": (other, "merged model")}
-    del make_hf_model
     for name, (path, why) in cases.items():
         r = post(server, "/v1/adapters", {"name": name, "path": str(path)})
         msg = r.json()["error"]["message"]

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from test_serve import start_server  # noqa: E402
+from conftest import serving  # noqa: E402
 
 from lmforge.generator import Generator  # noqa: E402
 
@@ -27,9 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny_dir and gen: tests/co
 
 @pytest.fixture(scope="module")
 def server(gen):
-    srv = start_server(gen, settings={"max_concurrent": 4})
-    yield srv
-    srv.stop()
+    with serving(gen, max_concurrent=4) as srv:
+        yield srv
 
 
 def post(server, body: dict) -> httpx.Response:
@@ -134,21 +133,12 @@ def test_echo_errors_name_the_parameter(server, gen):
     assert c["text"] == "the cat" and c["logprobs"] is None
 
 
-def test_echo_on_a_quantized_model_within_tolerance(tiny_dir):
+def test_echo_on_a_quantized_model_within_tolerance(tiny_dir, int8_gen):
     """int8 weights: the prompt's logprobs stay within quantization error of the float32 model's forward."""
-    from lmforge.quant import DECODE_PRESETS, quantize_model
-
     ref_model = Generator.load(tiny_dir).model
-    qgen = Generator.load(tiny_dir)
-    try:
-        qgen.model = quantize_model(qgen.model, **DECODE_PRESETS[8])
-    except Exception as e:  # noqa: BLE001 - the tiny shapes may not fit a preset's groups
-        pytest.skip(f"int8 preset does not apply to the tiny model: {e}")
-    srv = start_server(qgen)
-    try:
+    qgen = int8_gen
+    with serving(qgen) as srv:
         r = post(srv, {"prompt": PROMPTS, "echo": True, "logprobs": 1, "max_tokens": 0})
-    finally:
-        srv.stop()
     assert r.status_code == 200, r.text
     for p, c in zip(PROMPTS, r.json()["choices"]):
         ids = qgen.tokenizer.encode(p, add_special_tokens=True)

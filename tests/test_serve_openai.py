@@ -21,6 +21,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 prom_parser = pytest.importorskip("prometheus_client.parser")
 
+from conftest import serving  # noqa: E402
 from test_serve import start_server  # noqa: E402
 
 from lmforge.decoding import GenerationConfig, generate  # noqa: E402
@@ -35,9 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny_dir and gen: tests/co
 
 @pytest.fixture(scope="module")
 def server(gen):
-    srv = start_server(gen, settings={"max_concurrent": 8})
-    yield srv
-    srv.stop()
+    with serving(gen, max_concurrent=8) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -144,22 +144,13 @@ def test_completions_logprobs(server, gen):
     assert [o for p in parts for o in p["text_offset"]] == lp["text_offset"]
 
 
-def test_logprobs_with_a_quantized_model_within_tolerance(tiny_dir):
+def test_logprobs_with_a_quantized_model_within_tolerance(tiny_dir, int8_gen):
     """int8 weights: the reported logprobs stay within quantization error of the float32 model's forward."""
-    from lmforge.quant import DECODE_PRESETS, quantize_model
-
     ref_model = Generator.load(tiny_dir).model
-    qgen = Generator.load(tiny_dir)
-    try:
-        qgen.model = quantize_model(qgen.model, **DECODE_PRESETS[8])
-    except Exception as e:  # noqa: BLE001 - the tiny shapes may not fit a preset's groups
-        pytest.skip(f"int8 preset does not apply to the tiny model: {e}")
-    srv = start_server(qgen)
-    try:
-        body = {"messages": CHAT, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 1}
+    qgen = int8_gen
+    body = {"messages": CHAT, "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 1}
+    with serving(qgen) as srv:
         content = post(srv, "/v1/chat/completions", body).json()["choices"][0]["logprobs"]["content"]
-    finally:
-        srv.stop()
     prompt = chat_prompt_ids(qgen)
     new = greedy_ids(qgen, prompt, 8)  # the quantized model's own choices
     ref = reference_logprobs(ref_model, prompt, new)
