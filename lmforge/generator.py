@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,11 +33,15 @@ class Generator:
     """Text in, text out: tokenization, chat templates, stop strings and streaming around the decoders above.
     The one engine that the CLI, the server and the tasks use."""
 
-    def __init__(self, model: Transformer, tokenizer, name: str = "", compile: str = "auto") -> None:
+    def __init__(self, model: Transformer, tokenizer, name: str = "", compile: str = "auto",
+                 invariant: bool = True) -> None:
         if tokenizer is None:
             raise TokenizerError(f"{name or 'model'}: no tokenizer found, cannot generate text")
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.compile = DecodeOptions(compile).compile  # checked; a per-call compile=... overrides it
+        # batch invariance (GenerationConfig.invariant) for calls that do not pass invariant=: a prompt's text is
+        # the same alone and in any batch (docs/generation.md, "Batch invariance")
+        self.invariant = invariant
         self._runtime = DecodeRuntime(model)  # what this Generator's decode steps captured (traces, compiles)
         self.decode_step = "eager (nothing decoded yet)"  # what the last call ran, and why (DecodeOptions.path)
         # speculative decoding (decoding/speculative.py): the default for calls that pass speculative=None, the
@@ -48,13 +53,15 @@ class Generator:
 
     @classmethod
     def load(cls, name_or_path: str | Path, dtype: torch.dtype | str | None = None, device: str = "cpu",
-             quantize: int | str | None = "auto", compile: str = "auto") -> Generator:
+             quantize: int | str | None = "auto", compile: str = "auto", invariant: bool = True) -> Generator:
         """quantize="auto": a quantized GGUF decodes on the int4/int8 path matching each tensor's type (exact for
         Q4_0/Q4_1/Q4_K blocks); other checkpoints in float. "none" / None, or an explicit dtype with "auto":
         full precision. 8 or 4: quantize the float weights with DECODE_PRESETS. compile: the decode step,
         "auto" | "on" | "off" (see DecodeOptions: "auto" compiles a shape once it has enough steps to run).
         device: "cpu", "cuda[:N]" or "auto". The int4/int8 kernels are CPU code, so on a GPU "auto" loads the
-        dequantized weights, in bfloat16 unless `dtype` says otherwise (lmforge.device.inference_dtype)."""
+        dequantized weights, in bfloat16 unless `dtype` says otherwise (lmforge.device.inference_dtype).
+        invariant: batch-invariant generate / stream calls by default (a call's invariant= overrides it; CPU: a
+        GPU batch runs without); under it "auto" traces but never compiles the decode step."""
         from lmforge.device import resolve_device
 
         dev = resolve_device(device, "device")
@@ -67,7 +74,7 @@ class Generator:
             model, tok = load(name_or_path, dtype=dtype, device=device)
         if isinstance(mode, int):
             model = quantize_model(model, **DECODE_PRESETS[mode])
-        return cls(model, tok, str(name_or_path), compile=compile)
+        return cls(model, tok, str(name_or_path), compile=compile, invariant=invariant)
 
     @property
     def runtime(self) -> DecodeRuntime:
@@ -103,7 +110,7 @@ class Generator:
         """GenerationConfig from the keyword options; json_schema / regex / grammar (Lark or GBNF text) /
         choices compile into its constraint (ConstraintError when the library cannot compile them)."""
         opts = {k: gen.pop(k) for k in ("json_schema", "regex", "grammar", "choices") if k in gen}
-        gc = GenerationConfig(**gen)
+        gc = GenerationConfig(**{"invariant": self.invariant, **gen})
         picked = constraint_options(**opts)
         if picked is not None:
             gc.constraint = self.constraints.compile(*picked)
@@ -177,7 +184,8 @@ class Generator:
         rows = []
         for r in range(ids.shape[0]):
             row = ids[r: r + 1, int((mask[r] == 0).sum()):]  # (1, T_r)
-            rows.append(list(speculative_tokens(self.model, row, gc, spec, opts, self.runtime)))
+            rgc = replace(gc, seed=gc.seeds[r], seeds=None) if gc.seeds is not None else gc  # the row's own seed
+            rows.append(list(speculative_tokens(self.model, row, rgc, spec, opts, self.runtime)))
         return rows
 
     def _decode_options(self, compile: str | None) -> DecodeOptions:
@@ -228,9 +236,11 @@ class Generator:
         attached, else prompt lookup for one prompt, else off); None = the Generator's `speculative`. A
         speculating batch decodes row by row; greedy text is that of decoding each row alone without speculation
         (docs/generation.md), and `last_speculative` holds the acceptance counters. draft_tokens: k per forward.
-        compile: this call's decode step ("auto" | "on" | "off"; None = the Generator's). json_schema (a dict or
-        JSON text), regex, grammar (Lark or GBNF) or choices (a list of strings): every row's output follows it;
-        `finish_reasons` then tells a complete one ("stop") from one cut by max_new_tokens ("length")."""
+        invariant: each row's text is what its prompt gives alone (default: the Generator's `invariant`; an
+        explicit compile="on" is not invariant). seed: every row's own generator starts from it; seeds: one per
+        row instead. compile: this call's decode step ("auto" | "on" | "off"; None = the Generator's). json_schema
+        (a dict or JSON text), regex, grammar (Lark or GBNF) or choices (a list of strings): every row's output
+        follows it; `finish_reasons` then tells a complete one ("stop") from one cut by max_new_tokens ("length")."""
         opts = self._decode_options(compile)
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)

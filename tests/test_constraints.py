@@ -9,6 +9,7 @@ with string characters; SmolLM2 (slow) writes real extractions."""
 from __future__ import annotations
 
 import json
+import random
 import re
 import sysconfig
 from pathlib import Path
@@ -290,3 +291,33 @@ def test_smollm2_representative(smollm2):
 @pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "sampled"])
 def test_smollm2_thirty_schemas(smollm2, temperature):
     smollm2_thirty(smollm2, temperature)
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["thread", "in-line"])
+def test_batch_masker_equals_each_rows_mask(tiny, background):
+    """The server's batched mask fill (one library call for all rows, on a thread) puts -inf exactly where each
+    row's own per-row mask does: random walks through different schemas, free rows and ended rows between them,
+    stop ids allowed once a row's structure is complete."""
+    from lmforge.decoding.constraints import BatchMasker
+
+    rng = random.Random(0)
+    V = tiny.model.cfg.vocab_size
+    cons = [tiny.constraints.compile("json_schema", s) for _, s in SCHEMAS[:4]]
+    cons += [tiny.constraints.compile("choices", ["yes", "no"]), tiny.constraints.compile("regex", r"[0-9]{1,3}")]
+    rows = [cons[i % 6].matcher([0]) if i % 4 != 3 else None for i in range(10)]  # every 4th row free
+    twins = [cons[i % 6].matcher([0]) if i % 4 != 3 else None for i in range(10)]
+    masker = BatchMasker()
+    for _step in range(40):
+        logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(_step))  # (B, V)
+        expect = torch.stack([t.apply(logits[b]) if t is not None else logits[b] for b, t in enumerate(twins)])
+        any_live = masker.start(rows, background=background)
+        got = masker.apply(logits.clone()) if any_live else logits
+        assert torch.equal(got, expect)
+        for m, t, row in zip(rows, twins, expect):
+            if m is None or m.ended:
+                continue
+            allowed = torch.isfinite(row).nonzero().flatten().tolist()
+            tok = 0 if 0 in allowed and rng.random() < 0.5 else rng.choice(allowed)
+            m.advance(tok)
+            t.advance(tok)
+    assert any(m is not None and m.ended for m in rows)  # some row did reach its stop id

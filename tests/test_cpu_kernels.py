@@ -83,6 +83,20 @@ def test_int8_products_equal_the_emulation(own, M, N, K):
     assert rel(y, x.double() @ w.t()) < 0.02
 
 
+@pytest.mark.parametrize("M", [1, 3, 40])  # decode rows (integer products), 40 > int_rows (the dense path)
+def test_int8_parts_in_one_call_equal_the_concatenation(own, M):
+    """q|k|v-like int8 parts (rows not multiples of a tile) in one q8_mm_parts call: the same bits as one call
+    per part, and the emulation of what the integer path computes."""
+    g = torch.Generator().manual_seed(M)
+    parts = [quantize_int8(torch.randn(n, 896, generator=g)) for n in (896, 128, 131)]
+    qs, ss = [q for q, _ in parts], [s.reshape(-1).contiguous() for _, s in parts]
+    x = torch.randn(M, 896, generator=g)
+    y = torch.ops.lmforge.q8_mm_parts(x, qs, ss, 32)
+    assert torch.equal(y, torch.cat([torch.ops.lmforge.q8_mm(x, q, s, 32) for q, s in zip(qs, ss)], 1))
+    w = torch.cat([q.double() * s.double()[:, None] for q, s in zip(qs, ss)])
+    assert rel(y, (int8_blocks(x) if M <= 32 else x.double()) @ w.t()) < 1e-5
+
+
 def test_many_rows_take_the_exact_dense_path(own):
     """Above int_rows (a prefill) the weights are dequantized a chunk at a time and x stays float32."""
     nib, s, lo, w = int4_layer(600, 128, 64)  # 600 rows: three chunks of the dense path

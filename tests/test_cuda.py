@@ -164,7 +164,8 @@ def test_scheduler_on_cuda_gives_each_request_its_text_alone(tiny_dir):
 
     from lmforge.decoding import GenerationConfig, generate
     from lmforge.generator import Generator
-    from lmforge.serve.batching import GenRequest, SamplingParams, Scheduler
+    from lmforge.serve.batching import Scheduler
+    from lmforge.serve.requests import GenRequest, SamplingParams
 
     gen = Generator.load(tiny_dir, device="cuda", dtype="float32")
     sched = Scheduler(gen.model, gen.tokenizer, max_batch=4, max_queue=8)

@@ -20,7 +20,7 @@ from lmforge.checkpoints import load_checkpoint
 from lmforge.checkpoints.gguf import GGUFCheckpoint, decode_path, int4_grid, read_gguf
 from lmforge.checkpoints.hf import load_into
 from lmforge.errors import CheckpointError, ModelNotFoundError
-from lmforge.model.layers import KVCache
+from lmforge.model.cache import KVCache
 from lmforge.model.transformer import Transformer
 from lmforge.quant import QuantEmbedding, QuantLinear, kernel_mode, load_quantized, save_quantized
 

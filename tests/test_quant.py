@@ -168,12 +168,13 @@ def test_kernel_cache_is_rebuilt_after_load_and_to():
     assert set(a.state_dict()) == {"qweight", "scales", "mins"}  # kernel layouts are never saved
 
 
-def test_fused_projection_equals_its_parts():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_projection_equals_its_parts(bits):
     """q|k|v as one kernel call: the same numbers as the three calls, on both paths, with and without bias."""
     torch.manual_seed(5)
     for bias in (False, True):
-        parts = [QuantLinear.from_weight(torch.randn(n, 64), torch.randn(n) if bias else None, 4, 32)
-                 for n in (64, 32, 32)]
+        parts = [QuantLinear.from_weight(torch.randn(n, 64), torch.randn(n) if bias else None, bits,
+                                         32 if bits == 4 else None) for n in (64, 32, 32)]
         fused = FusedQuantLinear(parts)
         for x in (torch.randn(1, 1, 64), torch.randn(2, 300, 64)):  # decode rows (kernel), prefill (dequant)
             with torch.no_grad():
@@ -184,13 +185,16 @@ def test_fused_projection_equals_its_parts():
     assert set(fused.state_dict()) == set()  # stateless: the parts keep the tensors
     assert fused.serves(*parts) and not fused.serves(parts[0], parts[2], parts[1])
     # new integers in a part: the fused operands are rebuilt
-    other = QuantLinear.from_weight(torch.randn(32, 64), torch.randn(32), 4, 32)
+    other = QuantLinear.from_weight(torch.randn(32, 64), torch.randn(32), bits, 32 if bits == 4 else None)
     x = torch.randn(1, 64)
     with torch.no_grad():
         parts[1].load_state_dict(other.state_dict())
         torch.testing.assert_close(fused(x)[:, 64:96], other(x), rtol=0, atol=0)
+    with pytest.raises(QuantError):  # int4 with int8, grouped int8: not fused
+        FusedQuantLinear([parts[0], QuantLinear.from_weight(torch.randn(32, 64), None, 12 - bits,
+                                                            32 if bits == 8 else None)])
     with pytest.raises(QuantError):
-        FusedQuantLinear([parts[0], QuantLinear.from_weight(torch.randn(32, 64), None, 8)])  # int8: not fused
+        FusedQuantLinear([QuantLinear.from_weight(torch.randn(32, 64), None, 8, 32)] * 2)
 
 
 def test_quantized_model_fuses_projections_and_keeps_its_state_dict():
@@ -210,7 +214,13 @@ def test_quantized_model_fuses_projections_and_keeps_its_state_dict():
         q.blocks[0].attn.q = QuantLinear.from_weight(torch.zeros(64, 64), None, 4, 32)
         ref.blocks[0].attn.q = q.blocks[0].attn.q
         torch.testing.assert_close(q.logits(ids), ref.logits(ids), rtol=1e-5, atol=1e-5)
-    assert quantize_model(copy.deepcopy(m), bits=8, skip=()).blocks[0].attn.qkv is None  # int8: per layer
+    q8 = quantize_model(copy.deepcopy(m), bits=8, skip=())  # per-channel int8 fuses too (one call where
+    assert all(b.attn.qkv is not None and b.mlp.gate_up is not None for b in q8.blocks)  # lmforge's kernels run)
+    with torch.no_grad():
+        fused_logits = q8.logits(ids)
+        for b in q8.blocks:
+            b.attn.qkv = b.mlp.gate_up = None
+        torch.testing.assert_close(fused_logits, q8.logits(ids), rtol=1e-5, atol=1e-5)  # (silu_mul when fused)
 
 
 needs_int4_kernel = pytest.mark.skipif(not kernels._HAS_INT4_KERNEL, reason="this torch build has no CPU int4 kernel")

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from lmforge import cpu_kernels
-from lmforge.serve.batching import Event, GenRequest, SamplingParams, Scheduler
+from lmforge.serve.batching import Scheduler
+from lmforge.serve.requests import Event, GenRequest, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -53,20 +54,8 @@ class Collect:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
-    from test_serve import tiny_tokenizer
-
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
-                                   max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
-                                   pad_token_id=None)
-    d = tmp_path_factory.mktemp("invariance")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save(d)
-    return d
+def model_dir(invariance_model_dir):
+    return invariance_model_dir
 
 
 def load(model_dir, quantize: str, kernels: str, monkeypatch):
@@ -235,3 +224,105 @@ def test_float_rows_run_in_fixed_blocks():
         assert y.shape == (m, 40) and torch.equal(y[0], ref)
         assert torch.allclose(y, torch.nn.functional.linear(x[:m], w, b), atol=1e-5)
     assert linear_rows(x.view(13, 1, 64), w, None, block).shape == (13, 1, 40)
+
+
+@pytest.mark.parametrize("quantize,kernels", CASES)
+def test_a_cached_prefix_shorter_than_a_chunk_gives_the_fresh_numbers(model_dir, quantize, kernels, monkeypatch):
+    """With 64-token chunks and an 8-token grain, prompts shorter than one chunk reuse a cached first half (they
+    run in 8-token pieces, fresh or not): the same bytes as with the cache empty."""
+    gen = load(model_dir, quantize, kernels, monkeypatch)
+    ps = prompts(8, 4, lo=30, hi=60)
+
+    def one(sched, ids, max_tokens=10):
+        c = Collect()
+        sched.submit(GenRequest(list(ids), SamplingParams(max_tokens=max_tokens, logprobs=0), c))
+        return c.result()
+
+    kw = {"runtime": gen.runtime, "prefill_chunk": 64, "prefix_grain": 8}
+    fresh = Scheduler(gen.model, gen.tokenizer, **kw)
+    cached = Scheduler(gen.model, gen.tokenizer, prefix_cache_bytes=64 << 20, **kw)
+    try:
+        want = [one(fresh, ids) for ids in ps]
+        got = []
+        for i, ids in enumerate(ps):
+            half = ids[: len(ids) // 2]
+            one(cached, half + prompts(1, 60 + i, 5, 10)[0], max_tokens=2)
+            before = cached.stats["reused_tokens"]
+            got.append(one(cached, ids))
+            assert cached.stats["reused_tokens"] - before >= len(half) - 8, "the prefix was not reused"
+        # a prompt of a chunk or more runs its first chunk in one call: the short prompts' pieces are not reused
+        long = ps[0] + prompts(1, 99, 40, 40)[0]
+        before = cached.stats["reused_tokens"]
+        got.append(one(cached, long))
+        want.append(one(fresh, long))
+        assert cached.stats["reused_tokens"] == before
+    finally:
+        fresh.close()
+        cached.close()
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g == w, f"prompt {i}: cached {g[0]}, fresh {w[0]}"
+
+
+def test_prompts_admitted_together_share_one_chunk_budget(model_dir, monkeypatch):
+    """8 short prompts arriving at once while a stream runs: between two decode steps the worker prefills at
+    most one chunk's tokens in all (not a chunk per prompt), so the stream waits about one chunk at a time."""
+    gen = load(model_dir, "4", "off" if cpu_kernels.failure() else "on", monkeypatch)
+    sched = Scheduler(gen.model, gen.tokenizer, runtime=gen.runtime, prefill_chunk=32)
+    eng, events = sched._engine, []
+    prefill, step = eng.prefill_chunk, eng.step
+
+    def spy_prefill(job):
+        events.append(prefill(job))
+        return events[-1]
+
+    def spy_step(*a, **k):
+        events.append("step")
+        return step(*a, **k)
+
+    monkeypatch.setattr(eng, "prefill_chunk", spy_prefill)
+    monkeypatch.setattr(eng, "step", spy_step)
+    try:
+        stream = GenRequest(prompts(1, 20)[0], SamplingParams(max_tokens=200), Collect())
+        sched.submit(stream)
+        while stream.completion_tokens < 2:
+            time.sleep(0.001)
+        cs = submit(sched, [(ids, {"max_tokens": 2}, 1) for ids in prompts(8, 21, 14, 20)])
+        for c in cs:
+            c.result()
+        sched.cancel(stream)
+    finally:
+        sched.close()
+    between, worst = 0, 0
+    for e in events:
+        between = 0 if e == "step" else between + e
+        worst = max(worst, between)
+    assert 14 <= worst <= 32, events
+
+
+def test_a_long_prompt_among_short_rows_runs_in_a_group_of_its_own(model_dir, monkeypatch):
+    """A 300-token prompt joining short rows starts a row group of its own (so the short rows' cache is not made
+    as wide as it), later short rows join the short group, and every request gets what it gets alone."""
+    gen = load(model_dir, "4", "off" if cpu_kernels.failure() else "on", monkeypatch)
+    specs = ([(ids, {"max_tokens": 24}, 1) for ids in prompts(6, 11)]
+             + [(prompts(1, 12, 300, 300)[0], {"max_tokens": 6}, 1)]
+             + [(ids, {"max_tokens": 10}, 1) for ids in prompts(3, 13)])
+    sched = Scheduler(gen.model, gen.tokenizer, runtime=gen.runtime, prefill_chunk=64)
+    eng, shapes = sched._engine, []
+    eng.group_pad = 64
+    join = eng.join
+
+    def spy(*a, **k):
+        join(*a, **k)
+        shapes.append(sorted((g.width, g.rows) for g in eng.groups))
+
+    monkeypatch.setattr(eng, "join", spy)
+    try:
+        burst = [c.result() for c in submit(sched, specs)]
+        alone = []
+        for spec in specs:
+            alone += [c.result() for c in submit(sched, [spec])]
+    finally:
+        sched.close()
+    assert any(len(s) == 2 and s[0][0] < 100 <= 300 <= s[1][0] for s in shapes), shapes
+    for i, (b, a) in enumerate(zip(burst, alone)):
+        assert b == a, f"row {i}: the burst gave {b[0]}, alone {a[0]}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 
 import pytest
 import torch
@@ -49,6 +50,21 @@ HERMES = (
     "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
     "{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
+# a Mistral-style template (after Mistral Nemo's): [AVAILABLE_TOOLS], [TOOL_CALLS] with the calls as a JSON list,
+# [TOOL_RESULTS]; like the real ones it refuses call ids that are not 9 characters long
+MISTRAL = (
+    "{%- if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' or m.role == 'system' %}[INST]{{ m.content }}[/INST]"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}[TOOL_CALLS][{%- for c in m.tool_calls %}"
+    "{%- if c.id | length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}"
+    "{%- endif %}{{ (c.function | tojson)[:-1] }}, \"id\": \"{{ c.id }}\"}{{ ', ' if not loop.last else ']' }}"
+    "{%- endfor %}"
+    "{%- elif m.role == 'assistant' %}{{ m.content }}"
+    "{%- elif m.role == 'tool' %}{%- if m.tool_call_id | length != 9 %}"
+    "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{%- endif %}"
+    "[TOOL_RESULTS]{\"content\": {{ m.content | tojson }}, \"call_id\": \"{{ m.tool_call_id }}\"}[/TOOL_RESULTS]"
+    "{%- endif %}{%- endfor %}")
 CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 GEMMA = ("{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}\n{% else %}"
@@ -118,63 +134,35 @@ def test_forced_json_and_its_schema():
     assert "maxItems" not in tools.forced_schema([WEATHER], None, True)
 
 
+def test_mistral():
+    text = '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}, "id": "abcdefghi"}, ' \
+           '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}]'
+    content, calls = tools.parse("mistral", text, NAMES)
+    assert content is None and [(c.name, args(c)) for c in calls] == [
+        ("add", {"a": 1, "b": 2}), ("get_weather", {"city": "Oslo", "unit": "c"})]
+    assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)
+    # the marker dropped by a tokenizer that skips special tokens: a reply that is wholly a list of calls
+    assert [c.name for c in tools.parse("mistral", '[{"name": "add", "arguments": {"a": 1, "b": 2}}]', NAMES)[1]] \
+        == ["add"]
+    # Mistral Small 3.2 / Devstral: name[CALL_ID]id[ARGS]{...} per call, after some content
+    content, calls = tools.parse("mistral", 'Sure.[TOOL_CALLS]get_weather[CALL_ID]a1b2c3d4e[ARGS]{"city": "Oslo", '
+                                            '"unit": "c"}[TOOL_CALLS]add[ARGS]{"a": 3, "b": 4}', NAMES)
+    assert content == "Sure." and [(c.name, args(c)) for c in calls] == [
+        ("get_weather", {"city": "Oslo", "unit": "c"}), ("add", {"a": 3, "b": 4})]
+    for text in ['[TOOL_CALLS][{"name": "rm", "arguments": {}}]', "[TOOL_CALLS]add[ARGS]{oops",
+                 "[1, 2, 3] are numbers", '[TOOL_CALLS]add[ARGS]{"a": 1} and more']:
+        assert tools.parse("mistral", text, NAMES) == (text, [])
+    assert tools.detect_format(MISTRAL) == "mistral"
+    assert tools.write_calls("mistral", [{"name": "add", "arguments": {"a": 1}}]) == \
+        '[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}}]'
+
+
 def test_detect_format_from_templates():
     assert tools.detect_format(HERMES) == "hermes"
     assert tools.detect_format(CHATML) == "smollm2"
     assert tools.detect_format(GEMMA) == "pythonic"
     assert tools.detect_format("<|start_header_id|>{{ m.content }}<|eot_id|>") == "llama3_json"
     assert tools.template_renders_tools(HERMES) and not tools.template_renders_tools(CHATML)
-
-
-# ---- streaming --------------------------------------------------------------------------------------------------
-def feed_all(stream: tools.ToolStream, text: str, size: int) -> tuple[str, str, list[tools.Call]]:
-    out = "".join(stream.feed(text[i: i + size]) for i in range(0, len(text), size))
-    tail, calls = stream.finish()
-    return out, tail, calls
-
-
-@pytest.mark.parametrize("size", [1, 3, 7, 100])
-def test_stream_releases_content_and_holds_calls(size):
-    text = 'Checking.\n<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
-    out, tail, calls = feed_all(tools.ToolStream("hermes", NAMES), text, size)
-    assert out == "Checking.\n" and tail == "" and [c.name for c in calls] == ["add"]
-    out, tail, calls = feed_all(tools.ToolStream("hermes", NAMES), "a <tool_ thing, no call", size)
-    assert out + tail == "a <tool_ thing, no call" and calls == []
-    out, tail, calls = feed_all(tools.ToolStream("pythonic", NAMES), "[add(a=1, b=2)]", size)
-    assert out == "" and tail == "" and calls[0].name == "add"
-    out, tail, calls = feed_all(tools.ToolStream("pythonic", NAMES), "[not a call] at all", size)
-    assert out + tail == "[not a call] at all" and calls == []
-    out, tail, calls = feed_all(tools.ToolStream("llama3_json", NAMES), "Paris is sunny {today}", size)
-    assert out + tail == "Paris is sunny {today}" and calls == []
-
-
-def test_streamed_deltas_are_openai_shaped():
-    from lmforge.serve.openai_routes import tool_chunks
-
-    plan = tools.ToolPlan("hermes", NAMES, parallel=True)
-    sent: list[dict] = []
-
-    def chunk(i, delta, finish=None, lps=None):
-        sent.append({"index": i, "delta": delta, "finish_reason": finish})
-        return "x"
-
-    text_chunk, end_chunk = tool_chunks(plan, 1, chunk)
-    for piece in ["Hm", "m. <tool", '_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>',
-                  '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>']:
-        text_chunk(0, piece, None)
-    end_chunk(0, "stop")
-    assert "".join(s["delta"].get("content", "") for s in sent) == "Hmm. "
-    deltas = [tc for s in sent for tc in s["delta"].get("tool_calls", [])]
-    assert [d["index"] for d in deltas] == [0, 0, 1, 1]
-    assert deltas[0]["function"] == {"name": "add", "arguments": ""} and deltas[0]["type"] == "function"
-    assert json.loads(deltas[1]["function"]["arguments"]) == {"a": 1, "b": 2} and "id" not in deltas[1]
-    assert sent[-1]["finish_reason"] == "tool_calls"
-    # parallel_tool_calls false: the first call only
-    sent.clear()
-    text_chunk, end_chunk = tool_chunks(tools.ToolPlan("hermes", NAMES, parallel=False), 1, chunk)
-    text_chunk(0, '<tool_call>[{"name": "add", "arguments": {}}, {"name": "add", "arguments": {}}]</tool_call>', None)
-    end_chunk(0, "stop")
-    assert len([tc for s in sent for tc in s["delta"].get("tool_calls", [])]) == 2  # one call: head + arguments
 
 
 # ---- rendering ---------------------------------------------------------------------------------------------------
@@ -251,9 +239,10 @@ CORPUS = ['{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}',
           '[{"a": 1, "b": 2}]', "the answer is", "# Tools <tools> </tools> <tool_response> </tool_response>"]
 
 
-@pytest.fixture(scope="module", params=["hermes", "chatml"])
+@pytest.fixture(scope="module", params=["hermes", "chatml", "mistral"])
 def served(request, tmp_path_factory, one_thread):
-    """A tiny llama (long enough context for the tool list) with a native-tools or a plain ChatML template."""
+    """A tiny llama (long enough context for the tool list) with a native-tools (Hermes, Mistral) or a plain ChatML
+    template."""
     pytest.importorskip("llguidance")
     transformers = pytest.importorskip("transformers")
     from conftest import perturbed
@@ -265,7 +254,7 @@ def served(request, tmp_path_factory, one_thread):
     rng = random.Random(0)
     texts = [" ".join(rng.choice(CORPUS) for _ in range(6)) for _ in range(400)]
     tok = Tokenizer.train_bpe(texts, vocab_size=600, min_frequency=1)
-    tok.chat_template = HERMES if request.param == "hermes" else CHATML
+    tok.chat_template = {"hermes": HERMES, "chatml": CHATML, "mistral": MISTRAL}[request.param]
     d = tmp_path_factory.mktemp(f"tools-{request.param}")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, num_hidden_layers=2,
@@ -288,19 +277,26 @@ def round_trip(client, stream: bool, choice) -> None:
         calls: dict[int, dict] = {}
         for ch in chunks:
             for d in ch.choices[0].delta.tool_calls or []:
-                c = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                c = calls.setdefault(d.index, {"id": None, "name": "", "arguments": "", "pieces": 0})
                 c["id"] = d.id or c["id"]
                 c["name"] += d.function.name or "" if d.function else ""
                 c["arguments"] += d.function.arguments or "" if d.function else ""
+                c["pieces"] += bool(d.function and d.function.arguments)
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
         got = [(c["id"], c["name"], c["arguments"]) for _, c in sorted(calls.items())]
+        # the arguments arrive as they are generated, in several deltas, not in one piece at the end
+        assert all(c["pieces"] >= 3 for c in calls.values()), [c["pieces"] for c in calls.values()]
+        # and assemble to exactly the non-streamed reply's calls (the same greedy request; ids aside)
+        whole = client.chat.completions.create(messages=messages, **kw).choices[0].message.tool_calls
+        assert [(n, a) for _, n, a in got] == [(c.function.name, c.function.arguments) for c in whole]
     else:
         r = client.chat.completions.create(messages=messages, **kw)
         assert r.choices[0].finish_reason == "tool_calls"
         got = [(c.id, c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls]
     assert got
     for call_id, name, arguments in got:
-        assert call_id.startswith("call_") and name in NAMES
+        # OpenAI's form; Mistral's templates take 9 alphanumeric characters only (the next turn renders them)
+        assert re.fullmatch(r"call_[0-9a-f]{24}|[0-9a-f]{9}", call_id) and name in NAMES
         a = json.loads(arguments)  # always parses, and follows the function's schema
         if name == "get_weather":
             assert set(a) == {"city", "unit"} and a["unit"] in ("c", "f") and len(a["city"]) <= 10
@@ -350,9 +346,6 @@ def test_gemma4_calls():
     # a tokenizer that drops the special markers from the text: the bare form still reads
     assert args(tools.parse("gemma4", "call:add{a:3,b:4}", NAMES)[1][0]) == {"a": 3, "b": 4}
     assert tools.parse("gemma4", "<|tool_call>call:rm{a:1}<tool_call|>", NAMES)[1] == []
-    for size in (1, 4, 50):
-        out, tail, calls = feed_all(tools.ToolStream("gemma4", NAMES), text, size)
-        assert out == "Sure." and [c.name for c in calls] == ["get_weather", "add"]
 
 
 # ---- real templates (llama.cpp's copies; `make llamacpp-convert`) ---------------------------------------------------
@@ -408,3 +401,34 @@ def test_deeply_nested_replies_are_content_not_errors():
         assert tools.parse(fmt, text, NAMES) == (text, [])
     with pytest.raises(Exception, match="not valid JSON"):
         tools.call_arguments("[" * 5000, "messages.0.tool_calls.0.function.arguments")
+
+
+@pytest.mark.llamacpp
+@pytest.mark.parametrize("name", ["mistralai-Mistral-Nemo-Instruct-2407", "Mistral-Small-3.2-24B-Instruct-2506"])
+def test_real_mistral_templates(name):
+    """Mistral's real templates (llama.cpp's copies): the format is read from them, the prompt is transformers'
+    text for a conversation with a tool call (9-character ids, which they insist on), and the call the template
+    writes for the assistant turn parses back."""
+    render = pytest.importorskip("transformers.utils.chat_template_utils").render_jinja_template
+    from test_real_tokenizers import MISSING, MODELS
+
+    if MODELS is None or not (MODELS / "templates" / f"{name}.jinja").exists():
+        pytest.skip(MISSING)
+    from lmforge.tokenizer.chat_template import render_chat_template
+
+    source = (MODELS / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
+    assert tools.detect_format(source) == "mistral"
+    conversation = json.loads(json.dumps(CONVERSATION[1:]).replace('"call_1"', '"abcdefghi"'))
+    body = request_of(conversation)
+    messages, native = tools.prompt_messages(body.messages, source, body.tool_list())
+    assert native
+    ctx = {**SPECIALS, "tools": body.tool_list()}
+    ours = render_chat_template(source, {**ctx, "messages": messages, "add_generation_prompt": True}, name)
+    hf_messages = [dict(m) for m in conversation]
+    hf_messages[1] = {**hf_messages[1], "tool_calls": [{"id": "abcdefghi", "type": "function", "function": {
+        "name": "get_weather", "arguments": {"city": "Oslo", "unit": "c"}}}]}
+    assert ours == render(conversations=[hf_messages], chat_template=source, add_generation_prompt=True, **ctx)[0][0]
+    full = render_chat_template(source, {**ctx, "messages": messages[:2], "add_generation_prompt": False}, name)
+    turn = full[full.index("[/INST]") + len("[/INST]"):].split("</s>")[0]
+    _, calls = tools.parse("mistral", turn, NAMES)
+    assert [(c.name, args(c)) for c in calls] == [("get_weather", {"city": "Oslo", "unit": "c"})], turn

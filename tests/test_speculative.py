@@ -159,6 +159,57 @@ def test_rollback_leaves_the_cache_of_the_kept_tokens(model, compile):
     assert st.traced == (compile == "trace")
 
 
+@pytest.mark.parametrize("compile", ["off", "trace"])
+@pytest.mark.parametrize("weights", ["int4", "float32-invariant"])
+def test_verification_equals_steps_bit_for_bit(model, weights, compile):
+    """A 6-token verification (projections over all rows at once, attention per row) gives the logits of 6 one-token
+    steps exactly: on the int4 kernels (row-invariant), and on float32 with the invariant path's fixed row blocks."""
+    from lmforge.decoding.invariant import InvariantStepper, invariant_decoding
+
+    m = _quantized(model) if weights == "int4" else model
+    make = Stepper if weights == "int4" else InvariantStepper
+    ids, feed = _prompts(1)[0], [7, 8, 9, 10, 11, 12]
+    with invariant_decoding(m, weights != "int4"), torch.inference_mode():
+        rt = DecodeRuntime(m)
+        a = make(rt, ids, None, 20, DecodeOptions(compile))
+        a.prefill(ids)
+        ver = a.extend(torch.tensor([feed]))  # (6, V)
+        b = make(rt, ids, None, 20, DecodeOptions(compile))
+        b.prefill(ids)
+        steps = torch.cat([b.step(torch.tensor([t])) for t in feed])  # (6, V)
+        assert a.traced == b.traced == (compile == "trace")
+        assert torch.equal(ver, steps), (ver - steps).abs().max()
+        assert all(torch.equal(x[:, :, : ids.shape[1] + 6], y[:, :, : ids.shape[1] + 6])
+                   for x, y in zip(a.cache.k + a.cache.v, b.cache.k + b.cache.v))
+
+
+def test_decode_attn_rows_of_one_cache_equal_one_row_calls():
+    """lmforge's decode_attn with T query rows sharing one cache (an expanded view), each writing its own column and
+    masked to the columns before it, equals T one-row calls made one after another, bit for bit."""
+    from lmforge import cpu_kernels
+
+    if not cpu_kernels.available():
+        pytest.skip(f"lmforge's CPU kernels are not in use here: {cpu_kernels.failure() or 'LMFORGE_CPU_KERNELS'}")
+    g = torch.Generator().manual_seed(0)
+    KV, H, L, hd, rot, past, T = 3, 9, 64, 64, 32, 37, 5
+    cache = [torch.randn(1, KV, L, hd, generator=g) for _ in range(2)]
+    q, k, v = (torch.randn(T, n * hd, generator=g) for n in (H, KV, KV))
+    cos, sin = torch.randn(T, rot, generator=g), torch.randn(T, rot, generator=g)
+    cols = torch.arange(past, past + T)
+    mask = torch.zeros(T, L).masked_fill(torch.arange(L)[None] > cols[:, None], float("-inf"))  # (T, L)
+    kc, vc = (t.clone() for t in cache)
+    got = torch.ops.lmforge.decode_attn(q, k, v, cos, sin, kc.expand(T, -1, -1, -1), vc.expand(T, -1, -1, -1),
+                                        cols, mask, 0.125)  # (T, H*hd)
+    kr, vr = (t.clone() for t in cache)
+    want = torch.cat([torch.ops.lmforge.decode_attn(q[i: i + 1], k[i: i + 1], v[i: i + 1], cos[i: i + 1],
+                                                    sin[i: i + 1], kr, vr, cols[i: i + 1], mask[i: i + 1], 0.125)
+                      for i in range(T)])
+    assert torch.equal(got, want) and torch.equal(kc, kr) and torch.equal(vc, vr)
+    ref = torch.ops.lmforge.decode_attn(q[:1], k[:1], v[:1], cos[:1], sin[:1], cache[0].clone(), cache[1].clone(),
+                                        cols[:1], mask[:1], 0.125)
+    assert torch.equal(got[:1], ref)  # one row: the single-column call of before
+
+
 def _exact_marginals(model, ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """(3, V): p(t1), p(t2) and p(t3) of the new tokens, summed over the paths to them, by full forwards (no
     cache, no speculation)."""

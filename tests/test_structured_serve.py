@@ -107,6 +107,28 @@ def test_free_row_in_a_constrained_batch(served, client):
     assert free_texts == alone
 
 
+@pytest.mark.parametrize("mode", ["thread", "batched", "row"])
+def test_constrained_batch_equals_the_decode_loop(served, client, mode):
+    """Greedy constrained rows sharing the server's batch (their masks filled together, on the mask thread or in
+    line, then one masked argmax; or each row its own) give the texts the Python API's decode loop gives each
+    alone (per-row masks, no server)."""
+    _, app, gen = served
+    schemas = [s for _, s in SCHEMAS[:4]]
+    alone = [gen.generate(f"fill in {i}", json_schema=s, max_new_tokens=60) for i, s in enumerate(schemas)]
+    sched = app.state.lmforge.sched
+    sched.stats["max_rows"] = 0
+    sched.mask_mode = mode
+    with cf.ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(client.completions.create, model="m", prompt=f"fill in {i}", temperature=0,
+                            max_tokens=60, extra_body={"response_format": {
+                                "type": "json_schema", "json_schema": {"name": "x", "schema": s}}})
+                for i, s in enumerate(schemas)]
+        texts = [f.result().choices[0].text for f in futs]
+    sched.mask_mode = "auto"
+    assert sched.stats["max_rows"] >= 2  # they did share a batch
+    assert texts == alone
+
+
 def test_errors_and_length(served, client):
     srv = served[0]
     import httpx
@@ -149,9 +171,14 @@ def test_benchmark_runs(served):
 
     gen = served[2]
     rows = B.serve_levels(gen, [1, 2], 1, 8)
-    assert [(r["clients"], r["mode"]) for r in rows] == [(1, "free"), (1, "json_schema"), (2, "free"),
-                                                         (2, "json_schema")]
-    assert all(r["tokens"] > 0 and "ratio_to_free" in r for r in rows if r["mode"] == "json_schema")
+    auto = served[1].state.lmforge.sched.masks_run()
+    other = "batched" if auto == "thread" else "thread"
+    modes = ["free", f"json_schema ({auto})", f"json_schema, masks {other}", "json_schema, masks per row",
+             "free, same lengths"]
+    assert [(r["clients"], r["mode"]) for r in rows] == [(c, m) for c in (1, 2) for m in modes]
+    assert all(r["tokens"] > 0 and "ratio_to_free" in r and "ratio_to_same_lengths" in r
+               for r in rows if r["mode"].startswith("json_schema"))
+    assert served[1].state.lmforge.sched.mask_mode == "auto"  # the benchmark leaves the server as it found it
     c = B.compile_times(gen.tokenizer, gen.model.cfg.vocab_size)
     assert c["schema_cached_us"] < 1e3 * c["schema_cold_ms"]  # the cache is hit
     loop = B.loop_overlap(gen, 2, 6)

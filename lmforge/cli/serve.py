@@ -51,8 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "only); off: the fastest kernels for each batch size, whose last bits depend on it "
                         "(default: on; its cost: docs/serving.md)")
     s.add_argument("--prefill-chunk", type=non_negative_int, default=128, metavar="N",
-                   help="prompt tokens prefilled per step between the running rows' decode steps, so a long prompt "
-                        "delays them by one chunk's time per token (0: whole prompts at once; default: 128)")
+                   help="prompt tokens prefilled per step (all waiting prompts together) between the running rows' "
+                        "decode steps, so a long prompt delays them by one chunk's time per token (0: whole prompts "
+                        "at once; default: 128)")
     s.add_argument("--max-tokens", type=positive_int, default=1024, metavar="N",
                    help="largest max_tokens a request may ask for (default: 1024)")
     s.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",

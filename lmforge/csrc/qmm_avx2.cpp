@@ -241,6 +241,9 @@ inline void q4_tile(const uint8_t* w, const ST* sc, const ST* mn, int64_t G, int
 }
 
 // The same for int8 weight rows (row stride K) with one scale per row: y[m][r] = scale_r * sum_b sx_mb * (q_rb . xq_mb).
+// vpmaddubsw needs one unsigned operand: |x| (taken once per block of x, shared by the RT rows) times w with x's
+// signs, so each weight block costs one vpsignb (|w| and x with w's signs would cost two per row); the same
+// integers either way.
 template <int RT, int MT>
 inline void q8_tile(const int8_t* w, const float* scale, const int8_t* xq, const float* sx, int64_t K, float* y,
                     int64_t ystride) {
@@ -250,21 +253,21 @@ inline void q8_tile(const int8_t* w, const float* scale, const int8_t* xq, const
   for (int r = 0; r < RT; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    __m256i xv[MT];
+    __m256i xv[MT], ax[MT];
     __m256 xd[MT];
     for (int m = 0; m < MT; ++m) {
       xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + m * K + b * QB));
+      ax[m] = _mm256_abs_epi8(xv[m]);
       xd[m] = _mm256_set1_ps(sx[m * nb + b]);
     }
     for (int r = 0; r < RT; ++r) {
       const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K + b * QB));
-      const __m256i aw = _mm256_sign_epi8(wv, wv);  // |w|: maddubs needs one unsigned operand
       _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4 * RT) * K + b * QB), _MM_HINT_T0);  // as in q4_tile
       for (int m = 0; m < MT; ++m) {
 #if LMF_VNNI
-        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, _mm256_sign_epi8(xv[m], wv));
+        const __m256i p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax[m], _mm256_sign_epi8(wv, xv[m]));
 #else
-        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[m], wv)), ones);
+        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(ax[m], _mm256_sign_epi8(wv, xv[m])), ones);
 #endif
         acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), xd[m], acc[r][m]);
       }
@@ -475,21 +478,39 @@ at::Tensor q4_mm(const at::Tensor& x_in, at::TensorList nib, at::TensorList scal
   return shaped(y, x_in);
 }
 
-at::Tensor q8_mm(const at::Tensor& x_in, const at::Tensor& w8, const at::Tensor& scales, int64_t int_rows) {
-  const int64_t N = w8.size(0), K = w8.size(1);
+// x (M, K) times the concatenation of the int8 layers in `w8` (each (N_i, K), one float32 scale per row): y (M,
+// sum N_i). A list, as q4_mm's: q|k|v or gate|up in one call (x quantized once, one parallel pass).
+at::Tensor q8_mm_parts(const at::Tensor& x_in, at::TensorList w8, at::TensorList scales, int64_t int_rows) {
+  TORCH_CHECK(!w8.empty() && w8.size() == scales.size(), "q8_mm: give as many scales tensors as weights");
+  const int64_t K = w8[0].size(1);
   const at::Tensor x = rows_of(x_in, K, "q8_mm");
-  const int64_t M = x.size(0);
-  TORCH_CHECK(w8.scalar_type() == at::kChar && w8.is_contiguous(), "q8_mm: the weight must be contiguous int8");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == N && scales.is_contiguous(),
-              "q8_mm: scales must be contiguous float32 with one value per row (per-channel)");
-  const int64_t nb = K / QB;
+  const int64_t M = x.size(0), nb = K / QB;
+  std::vector<int64_t> rows;
+  std::vector<const int8_t*> W;
+  std::vector<const float*> S;
+  for (size_t i = 0; i < w8.size(); ++i) {
+    const at::Tensor &w = w8[i], &s = scales[i];
+    TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous() && w.dim() == 2 && w.size(1) == K,
+                "q8_mm: the weights must be contiguous int8 (N, K) of one K");
+    TORCH_CHECK(s.scalar_type() == at::kFloat && s.numel() == w.size(0) && s.is_contiguous(),
+                "q8_mm: scales must be contiguous float32 with one value per row (per-channel)");
+    rows.push_back(w.size(0));
+    W.push_back(w.data_ptr<int8_t>());
+    S.push_back(s.data_ptr<float>());
+  }
+  int64_t N = 0;
+  for (int64_t r : rows) N += r;
   at::Tensor y = at::empty({M, N}, x.options());
-  const int8_t* W = w8.data_ptr<int8_t>();
-  const float* S = scales.data_ptr<float>();
   if (M > int_rows) {
-    dense_part(x, N, K, 0, y, [&](int64_t r, float* out) {
-      for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(W[r * K + k]) * S[r];
-    });
+    int64_t col = 0;
+    for (size_t i = 0; i < w8.size(); ++i) {
+      const int8_t* w = W[i];
+      const float* s = S[i];
+      dense_part(x, rows[i], K, col, y, [&](int64_t r, float* out) {
+        for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(w[r * K + k]) * s[r];
+      });
+      col += rows[i];
+    }
     return shaped(y, x_in);
   }
   std::vector<int8_t> xq(M * K);
@@ -497,16 +518,33 @@ at::Tensor q8_mm(const at::Tensor& x_in, const at::Tensor& w8, const at::Tensor&
   quantize_rows(x.data_ptr<float>(), M, K, false, xq.data(), sx.data(), xs.data());
   float* Y = y.data_ptr<float>();
   const Shape sh = shape_for(M);
-  over_tiles(tiles_of({N}, sh.rt), M, sh.mt, sh.rt * K, [&](const Tile& t, int64_t m0, int64_t mt) {
-    const int8_t* w = W + t.row * K;
+  // One row of x (a decode step) against short weight rows (K < 2048: Qwen2.5-0.5B's 896): one weight row at a
+  // time, so the weights stream in address order (a 6-row tile reads 6 streams of a few cache lines each, which
+  // the hardware prefetcher follows poorly). The same products in the same order: the bits do not change.
+  const bool one_by_one = M == 1 && K < 2048;
+  over_tiles(tiles_of(rows, sh.rt), M, sh.mt, sh.rt * K, [&](const Tile& t, int64_t m0, int64_t mt) {
+    const int8_t* w = W[t.part] + t.row * K;
+    const float* s = S[t.part] + t.row;
     const int8_t* q = xq.data() + m0 * K;
     const float* a = sx.data() + m0 * nb;
     float* out = Y + m0 * N + t.n;
+    if (one_by_one) {
+      for (int64_t r = 0; r < t.rows; ++r) q8_tile<1, 1>(w + r * K, s + r, q, a, K, out + r, N);
+      return;
+    }
     by_shape(sh, t.rows, mt, [&](auto R, auto Mc, int64_t r) {
-      q8_tile<R(), Mc()>(w + r * K, S + t.row + r, q, a, K, out + r, N);
+      q8_tile<R(), Mc()>(w + r * K, s + r, q, a, K, out + r, N);
     });
   });
   return shaped(y, x_in);
+}
+
+at::Tensor q8_mm(const at::Tensor& x_in, const at::Tensor& w8, const at::Tensor& scales, int64_t int_rows) {
+  TORCH_CHECK(w8.scalar_type() == at::kChar && w8.is_contiguous(), "q8_mm: the weight must be contiguous int8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.numel() == w8.size(0) && scales.is_contiguous(),
+              "q8_mm: scales must be contiguous float32 with one value per row (per-channel)");
+  const std::vector<at::Tensor> w{w8}, s{scales};
+  return q8_mm_parts(x_in, w, s, int_rows);
 }
 
 // ---- RMSNorm for decode steps ---------------------------------------------------------------------------
@@ -596,8 +634,12 @@ inline void scores(const float* q, const float* kb, const int32_t* idx, int64_t 
 }
 
 // q (B, H*hd), k, v (B, KV*hd): this token's projections (rows may be strided views, values contiguous).
-// cos, sin (B, rot) or None; kc, vc (B, KV, L, hd) the caches, written at column col[0]; mask (B, L) additive
-// (0 or -inf). Returns (B, H*hd): softmax(q k^T * scale + mask) v per head, query head h using kv head h / (H/KV).
+// cos, sin (B, rot) or None; kc, vc (B, KV, L, hd) the caches, written at column col[0], or at col[b] for row b
+// when col holds B values; mask (B, L) additive (0 or -inf). Returns (B, H*hd): softmax(q k^T * scale + mask) v
+// per head, query head h using kv head h / (H/KV). Every column is written before any row attends, so rows may
+// share one cache (an expanded view, row stride 0): speculative verification's k + 1 query rows of one sequence,
+// each writing its own column and attending over the columns its mask allows, each with the arithmetic of a
+// one-row call.
 at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin, at::Tensor kc,
                        at::Tensor vc, const at::Tensor& col, const at::Tensor& mask, double scale) {
@@ -619,9 +661,13 @@ at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
               "decode_attn: q (B, H*hd), k, v (B, KV*hd) float32 with contiguous rows");
   TORCH_CHECK(mask.scalar_type() == at::kFloat && mask.is_contiguous() && mask.numel() == B * L,
               "decode_attn: mask must be a contiguous float32 additive mask of B x L values");
-  TORCH_CHECK(col.numel() == 1 && col.scalar_type() == at::kLong, "decode_attn: col must be one int64");
-  const int64_t c = col.data_ptr<int64_t>()[0];
-  TORCH_CHECK(c >= 0 && c < L, "decode_attn: column ", c, " outside the cache's ", L);
+  TORCH_CHECK((col.numel() == 1 || col.numel() == B) && col.is_contiguous() && col.scalar_type() == at::kLong,
+              "decode_attn: col must be one int64 or one per row");
+  const int64_t* Col = col.data_ptr<int64_t>();
+  const int64_t col_step = col.numel() == 1 ? 0 : 1;
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(Col[b * col_step] >= 0 && Col[b * col_step] < L, "decode_attn: column ", Col[b * col_step],
+                " outside the cache's ", L);
   const bool has_rope = cos.has_value() && cos->defined();
   int64_t rot = 0;
   if (has_rope) {
@@ -639,14 +685,17 @@ at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   at::Tensor y = at::empty({B, H * hd}, q.options().memory_format(at::MemoryFormat::Contiguous));
   float* Y = y.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  auto task = [&](int64_t t) {  // one (row, kv head): write its cache column, then its rep query heads
-    const int64_t b = t / KV, g = t % KV;
+  for (int64_t t = 0; t < B * KV; ++t) {  // every (row, kv head)'s cache column first (a few hd copies)
+    const int64_t b = t / KV, g = t % KV, c = Col[b * col_step];
     float* kcol = Kc + b * sb + g * sg + c * hd;
     float* vcol = Vc + b * sb + g * sg + c * hd;
     const float* kn = Kn + b * k.stride(0) + g * hd;
     if (has_rope) rotate(kn, Cs + b * rot, Sn + b * rot, rot, hd, kcol);
     else std::copy(kn, kn + hd, kcol);
     std::copy(Vn + b * v.stride(0) + g * hd, Vn + b * v.stride(0) + (g + 1) * hd, vcol);
+  }
+  auto task = [&](int64_t t) {  // one (row, kv head): its rep query heads over the columns its mask allows
+    const int64_t b = t / KV, g = t % KV;
     std::vector<float> qr(rep * hd), s(rep * L);
     std::vector<int32_t> idx;
     idx.reserve(L);
@@ -754,6 +803,7 @@ at::Tensor silu_mul(const at::Tensor& gu) {
 TORCH_LIBRARY(lmforge, m) {
   m.def("q4_mm(Tensor x, Tensor[] nibbles, Tensor[] scales, Tensor[] mins, int int_rows) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor qweight, Tensor scales, int int_rows) -> Tensor");
+  m.def("q8_mm_parts(Tensor x, Tensor[] qweights, Tensor[] scales, int int_rows) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("decode_attn(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, Tensor(a!) kc, Tensor(b!) vc, Tensor col, Tensor mask, float scale) -> Tensor");
@@ -762,6 +812,7 @@ TORCH_LIBRARY(lmforge, m) {
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("q4_mm", &q4_mm);
   m.impl("q8_mm", &q8_mm);
+  m.impl("q8_mm_parts", &q8_mm_parts);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("decode_attn", &decode_attn);

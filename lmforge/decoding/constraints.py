@@ -282,6 +282,86 @@ def constraint_options(*, json_schema: Any = None, regex: str | None = None, gra
     return given[0] if given else None
 
 
+class BatchMasker:
+    """The next-token masks of a batch's constrained rows, filled by one batched library call on a worker thread
+    while the model computes the step's logits (a step's mask depends only on the tokens fed to it), then put on
+    the logits in one select. Why one batched call and not a per-row loop on the thread: the library's call
+    releases the GIL once for all rows, so the thread takes the interpreter twice a step instead of twice a row
+    from the decode loop's Python. Not thread-safe: one decode loop drives it; between `start` and `apply` the
+    caller must not touch the rows' matchers."""
+
+    def __init__(self, threads: int = 1) -> None:
+        """threads: the library's own threads for the fill (1: one core for the masks, the others run the model)."""
+        self._lib = _llguidance().LLExecutor(threads)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="lmforge-masks")
+        self._pending: Future | None = None
+        self._rows: list[tuple[int, Matcher]] = []
+        self._words = np.zeros((0, 0), dtype=np.int32)  # (rows, W): one bit per token, 1 = allowed
+
+    def start(self, matchers: Sequence[Matcher | None], background: bool = True) -> bool:
+        """Begin filling the masks of the rows whose matcher has not ended (None: a free row) -> whether any has.
+        Row b of `matchers` is row b of the logits that `apply` gets. background False: fill them now, in this
+        thread (one batched call still: a tenth of a per-row loop)."""
+        self.wait()
+        self._rows = [(b, m) for b, m in enumerate(matchers) if m is not None and not m.ended]
+        if not self._rows:
+            return False
+        V = self._rows[0][1].vocab_size
+        if any(m.vocab_size != V for _, m in self._rows):
+            raise GenerationError("BatchMasker: the rows' constraints belong to tokenizers of different sizes")
+        W = (V + 31) // 32
+        if self._words.shape != (len(self._rows), W):
+            self._words = np.zeros((len(self._rows), W), dtype=np.int32)
+        for _, m in self._rows:
+            m._settle()  # a row's own prefetch in flight (Matcher.prefetch) must not run beside the batched fill
+        pairs = [(m._m, i) for i, (_, m) in enumerate(self._rows)]
+        args = (pairs, self._words.ctypes.data, W * 4, len(pairs))
+        if background:
+            self._pending = self._thread.submit(self._lib.unsafe_compute_mask_ptr, *args)
+        else:
+            self._lib.unsafe_compute_mask_ptr(*args)
+        return True
+
+    def wait(self) -> None:
+        """Wait for a fill in flight (errors surface in `apply`; here only the buffer's use is waited out)."""
+        if self._pending is not None:
+            try:
+                self._pending.result()
+            except Exception:  # noqa: BLE001 - reported by apply, which reads the same future
+                pass
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) of the rows given to `start` -> them with -inf on each constrained row's blocked tokens
+        (in place where a subset of rows is constrained; free rows unchanged). GenerationError when a row has no
+        allowed token."""
+        if not self._rows:
+            return logits
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+        rows, V = self._rows, logits.shape[-1]
+        # one bit per token, little-endian: invert, then unpack -> 1 = blocked
+        blocked = np.unpackbits((~self._words).view(np.uint8), axis=1, bitorder="little")  # (R, 32 W) uint8
+        if blocked.shape[1] < V:  # the model's head may be wider than the tokenizer (padded vocabularies)
+            blocked = np.concatenate([blocked, np.ones((len(rows), V - blocked.shape[1]), np.uint8)], axis=1)
+        blocked = blocked[:, :V]
+        for i, (_, m) in enumerate(rows):  # the library's idea of EOS out; the row's stop ids in once complete
+            blocked[i, m._library_eos] = 1
+            if m._stops.size and (m._m.is_accepting() or m._m.is_stopped()):
+                blocked[i, m._stops] = 0
+        stuck = np.flatnonzero(blocked.all(axis=1))
+        if stuck.size:
+            m = rows[int(stuck[0])][1]
+            raise GenerationError(f"constraint: no token may follow ({m.error or 'no stop token id to end on'})")
+        mask = torch.from_numpy(blocked.view(np.bool_)).to(logits.device)  # (R, V)
+        ninf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+        if len(rows) == logits.shape[0]:
+            return torch.where(mask, ninf, logits)  # a select, not masked_fill: no branch per element
+        idx = torch.tensor([b for b, _ in rows], dtype=torch.long, device=logits.device)
+        logits[idx] = torch.where(mask, ninf, logits[idx])
+        return logits
+
+
 def apply_matchers(logits: torch.Tensor, matchers: Sequence[Matcher | None]) -> torch.Tensor:
     """logits (B, V), one matcher (or None: free) per row -> the masked logits (rows without one unchanged)."""
     if not any(m is not None and not m.ended for m in matchers):

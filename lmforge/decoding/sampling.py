@@ -25,7 +25,14 @@ class GenerationConfig:
     early_stopping: bool = False  # beam search: stop as soon as num_beams hypotheses are finished
     stop_strings: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None  # None = the model's eos ids
+    # every row samples from its own torch.Generator: `seed` starts each row's from it (a row's draws do not
+    # depend on its neighbours: the same text alone and in any batch); `seeds`, one per row, instead
     seed: int | None = None
+    seeds: list[int] | None = None
+    # batch invariance (decoding/invariant.py): a row's numbers are those it gets alone, whatever else shares
+    # the call (CPU; docs/generation.md, "Batch invariance"); `Generator` turns it on by default. False: one
+    # padded batch call per layer, rows may differ from alone in the last bits (and so in tokens)
+    invariant: bool = False
     # decoding.constraints.Constraint for every row, or a list with one per row (None = a free row)
     constraint: Any = None
 
@@ -53,6 +60,8 @@ class GenerationConfig:
                                   "supported: set num_beams=1")
         if any(not s for s in self.stop_strings):
             raise GenerationError("stop_strings must not contain an empty string")
+        if self.seeds is not None and (self.seed is not None or not all(isinstance(s, int) for s in self.seeds)):
+            raise GenerationError(f"seeds must be a list of ints (one per row), given instead of seed: {self.seeds!r}")
 
 
 def check_request(model, input_ids: torch.Tensor, gc: GenerationConfig) -> None:
@@ -121,6 +130,27 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, neg)
     return logits
+
+
+def row_generators(gc: GenerationConfig, rows: int, device) -> list[torch.Generator | None]:
+    """One torch.Generator per row (None each when unseeded): gc.seed seeds every row's, gc.seeds gives row b
+    seeds[b] (GenerationError when its length is not the batch's)."""
+    if gc.seed is None and gc.seeds is None:
+        return [None] * rows
+    seeds = list(gc.seeds) if gc.seeds is not None else [gc.seed] * rows
+    if len(seeds) != rows:
+        raise GenerationError(f"seeds: {len(seeds)} given for a batch of {rows} rows")
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
+def next_tokens(logits: torch.Tensor, gc: GenerationConfig, gens: list[torch.Generator | None],
+                per_row: bool = False) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) token ids. Sampling runs one call per row with the row's own generator
+    (when seeded, or per_row: the batch-invariant path, where a row's filter and softmax are the calls it makes
+    alone); argmax is exact per row and runs batched."""
+    if gc.temperature == 0.0 or not (per_row or any(g is not None for g in gens)):
+        return next_token(logits, gc, None)
+    return torch.cat([next_token(logits[b: b + 1], gc, g) for b, g in enumerate(gens)])  # (B,)
 
 
 def next_token(logits: torch.Tensor, gc: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lmforge.decoding.invariant import InvariantStepper, invariant_decoding
 from lmforge.decoding.sampling import (
     GenerationConfig,
     apply_repetition_penalty,
@@ -31,11 +32,19 @@ from lmforge.decoding.sampling import (
 from lmforge.decoding.step import DecodeOptions, DecodeRuntime
 from lmforge.decoding.stepper import Stepper
 from lmforge.errors import GenerationError
-from lmforge.model.layers import KVCache
+from lmforge.model.cache import KVCache
 from lmforge.model.transformer import Transformer
+from lmforge.quant import QuantLinear
 
 SPECULATIVE_CHOICES = ("auto", "off", "prompt-lookup", "draft")
-DEFAULT_DRAFT_TOKENS = 8  # drafts verified per forward; k + 1 rows stay on the int4 kernels' integer path (<= 32)
+# drafts verified per forward: k + 1 = 8 rows are one call of the invariant path's float linears (their fixed row
+# blocks, lmforge.model.invariant, are 8 rows where the probe allows), and stay on the int kernels' path (<= 32)
+DEFAULT_DRAFT_TOKENS = 7
+# On int4/int8 weights a verification costs several steps (an eager forward against the step's trace, and integer
+# kernels that are compute-bound per row; docs/generation.md). There prompt lookup proposes only after a match of
+# 2+ tokens (a 1-token match's drafts were kept too rarely to pay), and each call starts at 1 draft, +1 after a
+# fully kept round.
+QUANT_MIN_NGRAM = 2
 
 
 @dataclass
@@ -50,7 +59,7 @@ class SpeculativeOptions:
     ngram: int = 3
     min_ngram: int = 1
     draft: Transformer | None = None
-    adaptive: bool = True  # k per round: +2 after a round that kept every draft, -1 after one that did not
+    adaptive: bool = True  # k per round: +2 (int4/int8: from 1, +1) after a round that kept all, else -1
     proposed: int = field(default=0, init=False)  # draft tokens verified
     accepted: int = field(default=0, init=False)  # of those, kept
     forwards: int = field(default=0, init=False)  # model forwards after the prefill (verifications + steps)
@@ -82,8 +91,7 @@ def resolve_speculative(method: str, batch: int, gc: GenerationConfig, has_draft
                         quantized: bool = False) -> str:
     """"off", "prompt-lookup" or "draft" for a call. "auto": the draft model when one is attached, else prompt
     lookup for one prompt on float weights; off for a batch, for beam search, and on quantized weights, where
-    lmforge's integer kernels cost about in proportion to the rows (a 9-row verification ~3 one-row steps), so
-    prompt lookup did not measure faster (docs/generation.md)."""
+    a verification costs several steps, so prompt lookup measured no clear gain there (docs/generation.md)."""
     if method not in SPECULATIVE_CHOICES:
         raise GenerationError(f"speculative: {method!r} is not one of {' | '.join(SPECULATIVE_CHOICES)}")
     if method == "auto":
@@ -259,11 +267,32 @@ def speculative_tokens(model: Transformer, input_ids: torch.Tensor, gc: Generati
     prompt = input_ids[0].tolist()
     vocab = model.cfg.vocab_size
     proc = _Processor(gc, input_ids, vocab)
-    lookup = PromptLookup(prompt, spec.ngram, spec.min_ngram) if spec.method == "prompt-lookup" else None
+    costly = any(isinstance(m, QuantLinear) for m in model.modules())  # a verification costs several steps
+    min_ngram = min(spec.ngram, max(spec.min_ngram, QUANT_MIN_NGRAM)) if costly else spec.min_ngram
+    lookup = PromptLookup(prompt, spec.ngram, min_ngram) if spec.method == "prompt-lookup" else None
     drafter = (DraftModel(spec.draft, len(prompt) + gc.max_new_tokens, vocab, dev)
                if spec.method == "draft" else None)
-    stepper = Stepper(runtime or DecodeRuntime(model), input_ids, None, gc.max_new_tokens, decode)
-    k = spec.draft_tokens
+    # gc.invariant (the Generator's default): the steps and verifications of the plain loop's invariant path
+    # (decoding/invariant.py), so that greedy text stays that of the plain loop
+    invariant = gc.invariant and dev.type == "cpu"
+    decode = decode if decode is not None else DecodeOptions()
+    decode.invariant = invariant
+    with invariant_decoding(model, invariant):
+        make = InvariantStepper if invariant else Stepper
+        stepper = make(runtime or DecodeRuntime(model), input_ids, None, gc.max_new_tokens, decode)
+        yield from _rounds(model, input_ids, gc, spec, decode, stepper, proc, lookup, drafter, gen, stop, costly)
+
+
+def _rounds(model: Transformer, input_ids: torch.Tensor, gc: GenerationConfig, spec: SpeculativeOptions,
+            decode: DecodeOptions, stepper: Stepper, proc: _Processor, lookup: PromptLookup | None,
+            drafter: DraftModel | None, gen: torch.Generator | None, stop: set[int], costly: bool = False
+            ) -> Iterator[int]:
+    """The decode loop of speculative_tokens: draft, verify in one forward, keep the agreed prefix, roll back.
+    costly: a verification costs several steps (int4/int8 weights): adaptive rounds start at 1 draft, grow by 1."""
+    dev = input_ids.device
+    prompt = input_ids[0].tolist()
+    grow = 1 if costly else 2
+    k = 1 if costly and spec.adaptive else spec.draft_tokens
     try:
         tok = _choose(proc, proc.process(stepper.prefill(input_ids)), gen)
         while True:
@@ -309,7 +338,7 @@ def speculative_tokens(model: Transformer, input_ids: torch.Tensor, gc: Generati
                 tok = _choose(proc, proc.process(logits[-1:]), gen)
             spec.accepted += accepted
             if spec.adaptive:
-                k = min(spec.draft_tokens, k + 2) if accepted == len(drafts) else max(1, k - 1)
+                k = min(spec.draft_tokens, k + grow) if accepted == len(drafts) else max(1, k - 1)
             stepper.keep(base + 1 + accepted)
             if drafter is not None:
                 drafter.keep(base + 1 + accepted)

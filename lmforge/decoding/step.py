@@ -21,7 +21,9 @@ from torch import nn
 from lmforge.device import inference_dtype
 from lmforge.errors import GenerationError
 from lmforge.io import release_free_memory
-from lmforge.model.layers import StaticKV
+from lmforge.model.cache import StaticKV
+from lmforge.model.invariant import invariance_key
+from lmforge.model.layers import Attention
 from lmforge.quant import QuantError, kernel_policy
 
 COMPILE_CHOICES = ("auto", "on", "trace", "off")  # DecodeOptions.compile, Generator(compile=), --compile-decode
@@ -81,11 +83,15 @@ class DecodeOptions:
     traces a shape once it has enough steps to pay for the capture (DecodeRuntime), eager before. What cannot be
     captured falls back to the eager step with a warning that says why.
     mode: torch.compile's mode; None = "reduce-overhead" (CUDA graphs) on CUDA, "default" on CPU.
+    invariant: the steps must be batch-invariant (decoding/invariant.py): "auto" then only traces (inductor's
+    code depends on the batch shape), and only where the per-row attention is lmforge's decode_attn; an explicit
+    "on" still compiles, and its steps are not invariant.
     path: set by the decoder to what ran and why (`Generator.decode_step` shows the last one)."""
 
     compile: str = "off"
     mode: str | None = None
     path: str = ""
+    invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_CHOICES:
@@ -148,6 +154,16 @@ def describe_decode_step(model: nn.Module, compile: str = "auto", trace_after: i
             "(--compile-decode auto), eager before")
 
 
+def attentions(model: nn.Module) -> list[Attention]:
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def capture_mode(model: nn.Module) -> tuple:
+    """What a trace bakes in besides the tensors: the quantized layers' kernel policy (its branch) and the
+    batch-invariant row blocks (lmforge.model.invariant); a change of either retraces."""
+    return kernel_policy(model), invariance_key(model)
+
+
 def failure_reason(e: BaseException) -> str:
     """The root cause of a capture error in one line (dynamo wraps the backend's error)."""
     root = getattr(e, "inner_exception", None) or e
@@ -200,7 +216,7 @@ class DecodeRuntime:
         self.trace_failed: str | None = None  # not retried
         self.pool: dict[tuple, list] = {}  # shape -> free caches whose addresses CUDA graphs recorded
         self._weights: tuple = ()  # what the traces were captured from: they hold the tensors as constants
-        self._kernel_mode = kernel_policy(model).mode
+        self._kernel_mode = capture_mode(model)
 
     # ---- the rule ----------------------------------------------------------------------------------------
     def plan(self, opts: DecodeOptions, key: tuple, new_steps: int, allow_compile: bool = True) -> str:
@@ -209,6 +225,7 @@ class DecodeRuntime:
         if opts.compile == "off":
             opts.path = "eager (compile off)"
             return "eager"
+        allow_compile = allow_compile and not opts.invariant
         want = {"on": "compile", "trace": "trace"}.get(opts.compile)
         if want is None:  # auto: the cheapest capture that pays for itself over the steps this shape has to run
             n = self.eager_steps.get(key, 0) + new_steps
@@ -226,6 +243,8 @@ class DecodeRuntime:
                 f"an earlier compile failed: {self.compile_failed}" if self.compile_failed else None)
         else:
             why = why or (f"an earlier trace failed: {self.trace_failed}" if self.trace_failed else None)
+            if opts.invariant and not why and not all(a.one_pass_capable(key[2]) for a in attentions(self.model)):
+                why = "batch-invariant steps attend per row, which a trace holds only as lmforge's decode_attn"
         if why:
             opts.path = f"eager ({why})"
             # asked for by name: a warning; chosen by "auto" for a model it cannot capture: said in the path only
@@ -243,13 +262,14 @@ class DecodeRuntime:
 
     # ---- traces ----------------------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Forget the traces if the model's tensors or kernel policy changed since they were captured (they hold
-        the tensors as constants and the policy's branch). Once per batch, not per step: it walks every tensor."""
+        """Forget the traces if the model's tensors changed since they were captured (they hold them as constants),
+        and read the capture mode (kernel policy, batch invariance: `capture_mode`) that picks among the traces.
+        Once per batch, not per step: it walks every tensor."""
         weights = tuple((id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
-        mode = kernel_policy(self.model).mode
-        if weights != self._weights or mode != self._kernel_mode:
+        if weights != self._weights:
             self.traces.clear()
-            self._weights, self._kernel_mode = weights, mode
+        # a trace is kept per mode (its key has it): invariant and plain calls may alternate without retracing
+        self._weights, self._kernel_mode = weights, capture_mode(self.model)
 
     def has_trace(self, key: tuple) -> bool:
         """Whether shape `key` is traced for the kernel mode seen at the last refresh (then it costs nothing)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.decoding.step import DecodeOptions, DecodeRuntime, cache_bucket
-from lmforge.model.layers import KVCache, StaticKV
+from lmforge.model.cache import KVCache, StaticKV
 
 
 class Stepper:
@@ -139,7 +139,8 @@ class Stepper:
     def extend(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed n tokens (1, n) in one eager forward over the cache (the n drafts a speculative step verifies)
         -> float32 logits (n, V), one per position. Each position's attention runs as this batch's one-token
-        step runs it (Attention._verify_rows: the projections are one call, attention one call per position),
+        step runs it (Attention._verify_rows: the projections and MLP run once over the n rows; the attention is
+        one decode_attn call for all rows where the step runs decode_attn, else one call per position),
         so the logits are the step's bit for bit where the other ops are row-invariant; not for sliding-window
         models, whose step masks differ per layer (there the n positions run as one masked SDPA call)."""
         cfg = self.model.cfg

@@ -17,6 +17,7 @@ every decode row). What the server guarantees with this, and the cost: docs/serv
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,30 @@ def _blocked_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if x.numel() // max(1, x.shape[-1]) > self.max_rows:  # prefill chunks: one call, the same for a given chunk
         return F.linear(x, self.weight, self.bias)
     return linear_rows(x, self.weight, self.bias, self.row_block)
+
+
+_STATE = ("invariant", "forward", "row_block", "max_rows", "row_block_max")  # what set_batch_invariant sets
+
+
+def invariance_key(model: nn.Module) -> tuple:
+    """What set_batch_invariant decided for `model`, as a value (a trace of its decode step bakes it in)."""
+    return tuple(m.row_block if "forward" in m.__dict__ else bool(getattr(m, "invariant", False))
+                 for m in model.modules() if isinstance(m, (Attention, nn.Linear)))
+
+
+def saved_invariance(model: nn.Module) -> Callable[[], None]:
+    """A function that puts back what set_batch_invariant may change on `model`'s modules, as they are now (so
+    that one call can decode invariantly and leave the model as it found it, e.g. shared with a server)."""
+    saved = [(m, {k: m.__dict__[k] for k in _STATE if k in m.__dict__}) for m in model.modules()]
+
+    def restore() -> None:
+        for m, attrs in saved:
+            for k in _STATE:
+                if k in attrs:
+                    m.__dict__[k] = attrs[k]
+                else:
+                    m.__dict__.pop(k, None)
+    return restore
 
 
 def set_batch_invariant(model: nn.Module, on: bool, max_rows: int = 64) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from lmforge import cpu_kernels
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
+from lmforge.model.cache import KVCache, StaticKV
 
 
 def one_pass_ok(x: torch.Tensor) -> bool:
@@ -207,76 +208,6 @@ class Embeddings(nn.Module):
         return self.drop(x)
 
 
-# ---- KV cache ------------------------------------------------------------------------------------
-class KVCache:
-    """Preallocated keys/values for every layer: (B, n_kv, max_len, hd) each, filled up to `length`."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device=None, dtype=torch.float32) -> None:
-        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.max_len = max_len
-        self.length = 0  # tokens stored; advanced by the model after all layers ran
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (B, n_kv, T, hd) -> all keys/values so far: (B, n_kv, length+T, hd)
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ConfigError(f"KV cache full: {end} tokens > max_len {self.max_len}")
-        ck, cv = self.k[layer], self.v[layer]
-        ck.narrow(2, start, end - start).copy_(k)  # narrow: one op where [:, :, a:b] is three
-        cv.narrow(2, start, end - start).copy_(v)
-        return ck.narrow(2, 0, end), cv.narrow(2, 0, end)
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search)."""
-        self.k = [t.index_select(0, index) for t in self.k]
-        self.v = [t.index_select(0, index) for t in self.v]
-
-    # -- continuous batching (serve/engine.py): rows are left-padded, so columns may be added or cut on the left
-    @classmethod
-    def from_tensors(cls, k: list[torch.Tensor], v: list[torch.Tensor], length: int) -> KVCache:
-        """A cache over existing (B, n_kv, max_len, hd) tensors of which the first `length` columns are filled."""
-        cache = cls.__new__(cls)
-        cache.k, cache.v, cache.max_len, cache.length = k, v, k[0].shape[2], length
-        return cache
-
-    def pad_left(self, n: int, max_len: int | None = None) -> None:
-        """Shift the stored columns right by n zero columns (to be masked out), into room for max_len columns."""
-        max_len = max(max_len or 0, self.length + n)
-        B, kv, _, hd = self.k[0].shape
-
-        def moved(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_zeros(B, kv, max_len, hd)
-            out[:, :, n: n + self.length] = t[:, :, : self.length]
-            return out
-
-        self.k, self.v = [moved(t) for t in self.k], [moved(t) for t in self.v]
-        self.length, self.max_len = self.length + n, max_len
-
-    def trim_left(self, n: int) -> None:
-        """Drop the first n columns (padding in every row); a view, no copy."""
-        self.k = [t[:, :, n:] for t in self.k]
-        self.v = [t[:, :, n:] for t in self.v]
-        self.length, self.max_len = self.length - n, self.max_len - n
-
-
-class StaticKV:
-    """A KVCache seen by one static-shape decode step (generate's compiled step): `update` writes the new
-    column at `col`, a (1,) long tensor rather than a Python int, and returns the whole preallocated
-    (B, n_kv, max_len, hd) tensors, so every step has the same shapes and torch.compile traces it once.
-    Columns not yet written (zeros) or padding are removed by the step's mask; `length` is not touched."""
-
-    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], col: torch.Tensor) -> None:
-        self.k, self.v, self.col = k, v, col  # a KVCache's per-layer tensors; col: (1,) long
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (B, n_kv, 1, hd) -> every column: (B, n_kv, max_len, hd)
-        self.k[layer].index_copy_(2, self.col, k)
-        self.v[layer].index_copy_(2, self.col, v)
-        return self.k[layer], self.v[layer]
-
-
 # ---- attention -----------------------------------------------------------------------------------
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
@@ -372,29 +303,75 @@ class Attention(nn.Module):
 
     def _verify_rows(self, x: torch.Tensor, rope, cache: KVCache) -> torch.Tensor:
         """T new tokens of one row (speculative decoding's verification, decoding/speculative.py), each query's
-        attention run as the one-token decode step runs it: the same call on the same columns, so that the T
-        verified positions give the numbers of T steps bit for bit (the projections around it are row-invariant).
-        cache.verify_rows: "static" (the traced / compiled step: StaticKV over every column with an additive
-        mask, decode_attn where it runs) or "eager" (the eager step: SDPA over the first length + 1 columns)."""
+        attention run as the one-token decode step runs it, over the same columns, so that the T verified
+        positions give the numbers of T steps bit for bit; the projections run once over the T rows (lmforge's
+        int4/int8 kernels are row-invariant). cache.verify_rows: "static" (the traced / compiled step: decode_attn
+        where it runs, all T rows in one call, else the StaticKV step's attention over every column with an
+        additive mask, per row) or "eager" (the eager step: per row, SDPA over the first length + 1 columns)."""
+        B, T, _ = x.shape  # (1, T, D)
+        H, hd, layer = self.n_heads, self.hd, self.layer
         past, static = cache.length, cache.verify_rows == "static"
-        L, dev = cache.k[self.layer].shape[2], x.device
+        ck, cv = cache.k[layer], cache.v[layer]  # (1, KV, L, hd)
+        L, dev = ck.shape[2], x.device
+        if static and self.one_pass_capable(ck.dtype) and one_pass_ok(x):
+            cols, mask = cache.verify_inputs(T, x.dtype)  # (T,) the column each row writes, (T, L) what it sees
+            qkv = self.qkv
+            if qkv is not None and qkv.serves(self.q, self.k, self.v):
+                q, k, v = qkv(x).view(T, -1).split((H * hd, self.n_kv * hd, self.n_kv * hd), dim=1)
+            else:
+                q, k, v = self.q(x).view(T, -1), self.k(x).view(T, -1), self.v(x).view(T, -1)  # (T, H*hd), ...
+            cos, sin = rope if rope is not None else (None, None)  # (1, 1, T, rot): T rows of rot values
+            scale = self.scale if self.scale is not None else hd ** -0.5
+            y = torch.ops.lmforge.decode_attn(q, k, v, cos, sin, ck.expand(T, -1, -1, -1), cv.expand(T, -1, -1, -1),
+                                              cols, mask, scale)  # (T, H*hd); one cache, T columns written
+            return self.o(y.view(B, T, H * hd))
+        q, k, v = self._verify_qkv(x, rope)  # (1, H, T, hd), (1, KV, T, hd) x 2
+        if static:
+            ck.narrow(2, past, T).copy_(k)
+            cv.narrow(2, past, T).copy_(v)
+        else:
+            cache.update(layer, k, v)  # columns past .. past + T - 1; cache.length is the model's to advance
         out = []
-        for i in range(x.shape[1]):
-            xi = x[:, i: i + 1]  # (1, 1, D)
-            ri = None if rope is None else tuple(t[:, :, i: i + 1].contiguous() for t in rope)  # (1, 1, 1, rot)
+        for i in range(T):
             if static:
                 allowed = (torch.arange(L, device=dev) <= past + i)[None, None, None, :]  # (1, 1, 1, L)
                 mask = allowed if self.softcap is not None else torch.zeros(
                     allowed.shape, dtype=x.dtype, device=dev).masked_fill(~allowed, float("-inf"))
-                col = torch.full((1,), past + i, dtype=torch.long, device=dev)
-                out.append(self.forward(xi, ri, mask, StaticKV(cache.k, cache.v, col)))
+                ki, vi = ck, cv
             else:
-                cache.length = past + i
-                try:
-                    out.append(self.forward(xi, ri, None, cache))
-                finally:
-                    cache.length = past
-        return torch.cat(out, 1)  # (1, T, D)
+                mask, ki, vi = None, ck.narrow(2, 0, past + i + 1), cv.narrow(2, 0, past + i + 1)
+            qi = q[:, :, i: i + 1]  # (1, H, 1, hd)
+            if self.invariant and not torch.jit.is_tracing():
+                out.append(self._rows_attention(qi, ki, vi, mask))
+            elif self.softcap is not None:
+                out.append(self._softcapped(qi, ki, vi, mask))
+            else:
+                out.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale,
+                                                          enable_gqa=self.n_kv != self.n_heads))
+        y = torch.cat(out, 2)  # (1, H, T, hd)
+        return self.o(y.transpose(1, 2).reshape(B, T, H * hd))
+
+    def _verify_qkv(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """forward's projections, qk-norms and rotary for T rows at once (each an elementwise or per-row op, so
+        row i gets the one-token step's numbers): x (1, T, D) -> q (1, H, T, hd), k, v (1, KV, T, hd)."""
+        B, T, _ = x.shape
+        H, KV, hd = self.n_heads, self.n_kv, self.hd
+        qkv = self.qkv
+        if self.qk_all:
+            q = self.q_norm(self.q(x)).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+            k = self.k_norm(self.k(x)).view(B, T, KV, hd).transpose(1, 2)  # (B, KV, T, hd)
+            v = self.v(x).view(B, T, KV, hd).transpose(1, 2)
+        elif qkv is not None and qkv.serves(self.q, self.k, self.v):
+            q, k, v = qkv(x).view(B, T, H + 2 * KV, hd).transpose(1, 2).split((H, KV, KV), dim=1)
+        else:
+            q = self.q(x).view(B, T, H, hd).transpose(1, 2)
+            k = self.k(x).view(B, T, KV, hd).transpose(1, 2)
+            v = self.v(x).view(B, T, KV, hd).transpose(1, 2)
+        if self.q_norm is not None and not self.qk_all:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        return q, k, v
 
     def one_pass_capable(self, cache_dtype: torch.dtype) -> bool:
         """Whether a decode step's attention here runs lmforge's decode_attn (`_one_pass`, given a float32 CPU

@@ -33,6 +33,12 @@ class MoE(nn.Module):
         shape = x.shape  # (B, T, D)
         h = x.reshape(-1, shape[-1])  # (N, D)
         idx, w = self.route(h)
+        if h.shape[0] == 1:  # one token (a decode step): its k experts in ascending order, no gather / scatter
+            out = None
+            for e, j in sorted((e, j) for j, e in enumerate(idx[0].tolist())):
+                y = self.experts[e](h) * w[:, j, None]  # (1, D)
+                out = y if out is None else out + y  # the same sums, in the same order, as index_add_ below
+            return out.view(shape)
         out = torch.zeros_like(h)
         for e in idx.unique().tolist():  # ascending, as transformers sums them: the same float order
             rows, slot = (idx == e).nonzero(as_tuple=True)  # tokens that chose expert e, and in which slot

@@ -14,8 +14,9 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
+from lmforge.model.cache import KVCache, StaticKV
 from lmforge.model.invariant import linear_rows
-from lmforge.model.layers import Attention, Embeddings, KVCache, Rotary, StaticKV, make_mlp, make_norm
+from lmforge.model.layers import Attention, Embeddings, Rotary, make_mlp, make_norm
 from lmforge.model.moe import MoE
 
 

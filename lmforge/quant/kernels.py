@@ -151,12 +151,27 @@ def own_operands(bits: int, group_size: int | None, qweight: torch.Tensor, scale
     return qweight.contiguous(), (scales.float().contiguous(), mins.float().contiguous())
 
 
+@functools.cache  # once per process, after the kernels are loaded
+def own_parts_ready() -> bool:
+    """Register the shape-only q8_mm_parts (int8 parts in one call) for torch.compile; False where the loaded
+    kernels lack the op (then the parts run one call each)."""
+    if not hasattr(torch.ops.lmforge, "q8_mm_parts"):
+        return False
+
+    @torch.library.register_fake("lmforge::q8_mm_parts")
+    def _q8_parts(x, qweights, scales, int_rows):
+        return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in qweights))
+
+    return True
+
+
 # ---- dispatch -----------------------------------------------------------------------------------------
 def own_mm(x: torch.Tensor, bits: int, K: int, N: int, w, s, bias: torch.Tensor | None,
            policy: KernelPolicy) -> torch.Tensor | None:
     """x (..., K) -> (..., N) through lmforge's AVX2 kernels, or None for a gradient or the "dequant" mode.
     Up to policy.max_m_own rows run the integer products, more rows the kernels' own chunked dequantize + float
-    GEMM (prefill). int4: w, s = lists of the parts' nibbles, (scales list, mins list)."""
+    GEMM (prefill). int4: w, s = lists of the parts' nibbles, (scales list, mins list); int8: one layer's
+    (qweight, scales), or lists of the parts' (own_parts_ready registers the list op's shapes first)."""
     mode = policy.mode
     if x.requires_grad or mode == "dequant":
         return None
@@ -167,8 +182,12 @@ def own_mm(x: torch.Tensor, bits: int, K: int, N: int, w, s, bias: torch.Tensor 
     if x2.dtype is not torch.float32 or not x2.is_contiguous() or x2.dim() < 2:
         x2 = x2.float().contiguous().reshape(-1, K)
     # (..., K) -> (..., N) inside the op: no reshape and view nodes around each call in a traced step
-    y = (torch.ops.lmforge.q4_mm(x2, w, s[0], s[1], rows) if bits == 4
-         else torch.ops.lmforge.q8_mm(x2, w, s, rows))
+    if bits == 4:
+        y = torch.ops.lmforge.q4_mm(x2, w, s[0], s[1], rows)
+    elif isinstance(w, list):  # int8 parts side by side (FusedQuantLinear)
+        y = torch.ops.lmforge.q8_mm_parts(x2, w, s, rows)
+    else:
+        y = torch.ops.lmforge.q8_mm(x2, w, s, rows)
     if x.dtype is not torch.float32:
         y = y.to(x.dtype)
     if bias is not None:

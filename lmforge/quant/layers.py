@@ -21,8 +21,16 @@ from torch import nn
 
 from lmforge import cpu_kernels
 from lmforge.io import release_free_memory
-from lmforge.quant.kernels import int4pack_row_block, int4unpack, kernel_mm, kernel_operands, own_mm, own_operands
-from lmforge.quant.numerics import QuantError, check_spec, pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
+from lmforge.quant.kernels import (
+    int4pack_row_block,
+    int4unpack,
+    kernel_mm,
+    kernel_operands,
+    own_mm,
+    own_operands,
+    own_parts_ready,
+)
+from lmforge.quant.numerics import QuantError, check_spec, pack_nibbles, quantize_int4, quantize_int8
 from lmforge.quant.policy import DEFAULT_POLICY, KernelPolicy
 
 
@@ -106,8 +114,12 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             q = self.qweight[start:stop].reshape(n, G, K // G).to(dtype)
             return (q * s).reshape(n, K)
-        q = unpack_nibbles(self.nibbles()[start:stop]).reshape(n, G, K // G).to(dtype)
-        return (q * s + self.mins[start:stop, :, None].to(dtype)).reshape(n, K)
+        # each byte -> its (low, high) nibble values through a 256-row table: one gather writes the floats, where
+        # masking, shifting, interleaving and converting would pass over the block four times
+        b = torch.arange(256, dtype=torch.int32, device=self.qweight.device)
+        pairs = torch.stack((b & 0xF, b >> 4), -1).to(dtype)  # (256, 2)
+        q = F.embedding(self.nibbles()[start:stop].int(), pairs).reshape(n, G, K // G)  # (n, G, K/G)
+        return q.mul_(s).add_(self.mins[start:stop, :, None].to(dtype)).reshape(n, K)  # q * s + min, two roundings
 
     def nibbles(self) -> torch.Tensor:
         """int4: the integers as our portable (N, K/2) nibbles (unpacked from the kernel's layout if need be);
@@ -288,6 +300,8 @@ class _FrozenQuantMatmul(torch.autograd.Function):
 class FusedQuantLinear(nn.Module):
     """int4 QuantLinear layers that read the same input (q|k|v, gate|up), run as one kernel call per step:
     3 and 2 calls become 1, which saves their per-call overhead, and the kernel is faster on the wider N.
+    Per-channel int8 layers fuse too where lmforge's AVX2 kernels run them (q8_mm_parts); elsewhere each int8
+    part runs its own call (torch's int8 kernel would need a concatenated copy of the weights).
 
     Inference only, and stateless: the parts stay where they are (their owner's state dict does not change),
     and the concatenated packed operands are a cache, rebuilt when a part's integers change. Rows the kernel
@@ -311,8 +325,8 @@ class FusedQuantLinear(nn.Module):
     @staticmethod
     def fusable(parts: Sequence[nn.Module]) -> bool:
         p0 = parts[0]
-        return len(parts) > 1 and all(
-            isinstance(p, QuantLinear) and p.bits == 4 and p.in_features == p0.in_features
+        return len(parts) > 1 and isinstance(p0, QuantLinear) and (p0.bits == 4 or p0.group_size is None) and all(
+            isinstance(p, QuantLinear) and p.bits == p0.bits and p.in_features == p0.in_features
             and p.group_size == p0.group_size and p.dtype == p0.dtype
             and (p.bias is None) == (p0.bias is None) for p in parts)
 
@@ -322,6 +336,9 @@ class FusedQuantLinear(nn.Module):
 
     def _prepare(self, key: tuple) -> None:
         ps = self.parts
+        if ps[0].bits == 8:
+            self._prepare_int8(key)
+            return
         own = []
         if cpu_kernels.available():
             for p in ps:
@@ -358,6 +375,18 @@ class FusedQuantLinear(nn.Module):
                 p._fast, p._k_w, p._k_scales = None, None, None  # (not _drop_cache: the integers did not change)
                 r += p.out_features
 
+    def _prepare_int8(self, key: tuple) -> None:
+        """int8 parts: one q8_mm_parts call on the parts' own tensors (nothing copied but the biases), or, where
+        lmforge's kernels do not run them all, each part's own forward (`_fast` False)."""
+        ps = self.parts
+        own = [own_operands(8, None, p.qweight, p.scales, None) for p in ps] \
+            if cpu_kernels.available() and own_parts_ready() else []
+        self._fast = self._own = bool(own) and all(o is not None for o in own)
+        self._w = [o[0] for o in own] if self._own else None
+        self._sz = [o[1] for o in own] if self._own else None
+        self._bias = None if ps[0].bias is None or not self._own else torch.cat([p.bias for p in ps])
+        self._key = key
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x (..., K) -> (..., sum of the parts' N), the parts' outputs side by side
         if (self.training or x.requires_grad) and torch.is_grad_enabled():  # training: the parts' own paths
@@ -365,8 +394,11 @@ class FusedQuantLinear(nn.Module):
         key = tuple(p._gen for p in self.parts)
         if key != self._key:
             self._prepare(key)
+        if not self._fast and self.parts[0].bits == 8:  # int8 parts not on lmforge's kernels: one call each
+            return torch.cat([p(x) for p in self.parts], -1)
         if self._own:
-            y = own_mm(x, 4, self.in_features, self.out_features, self._w, self._sz, self._bias, self.policy)
+            y = own_mm(x, self.parts[0].bits, self.in_features, self.out_features, self._w, self._sz, self._bias,
+                       self.policy)
             if y is not None:
                 return y
         elif self._fast:
@@ -384,12 +416,13 @@ class FusedQuantLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
-        return f"fuses {len(self.parts)} int4 layers: in={self.in_features}, out={self.out_features}"
+        return f"fuses {len(self.parts)} int{self.parts[0].bits} layers: in={self.in_features}, out={self.out_features}"
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Give each attention whose q, k, v are int4 QuantLinear a fused `qkv`, and each gated MLP a fused `gate_up`
-    (FusedQuantLinear: one kernel call instead of 3 and 2 per decoded token). Returns how many were fused."""
+    """Give each attention whose q, k, v are int4 (or per-channel int8) QuantLinear a fused `qkv`, and each gated
+    MLP a fused `gate_up` (FusedQuantLinear: one kernel call instead of 3 and 2 per decoded token). Returns how
+    many were fused."""
     n = 0
     for m in model.modules():
         if hasattr(m, "qkv") and all(hasattr(m, a) for a in ("q", "k", "v")):

@@ -28,94 +28,32 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from lmforge.decoding.constraints import BatchMasker
 from lmforge.decoding.step import DecodeRuntime
 from lmforge.decoding.stream import TextStreamer
 from lmforge.errors import LmforgeError
-from lmforge.model.layers import KVCache
-from lmforge.model.multi_lora import AdapterRef, AdapterRows
-from lmforge.serve.engine import DEFAULT_PREFILL_CHUNK, BatchDecoder, PrefillJob, RowSampler, row_seed
+from lmforge.model.cache import KVCache
+from lmforge.model.multi_lora import AdapterRows
+from lmforge.serve.engine import DEFAULT_PREFILL_CHUNK, PREFIX_GRAIN, BatchDecoder, PrefillJob, RowSampler, row_seed
 from lmforge.serve.prefix_cache import PrefixCache
+from lmforge.serve.requests import (
+    Event,
+    GenRequest,
+    Overloaded,
+    ShuttingDown,
+    TokenLogprob,
+)
 from lmforge.serve.scoring import ScoreRequest, score_prompts, take_batch
 
 log = logging.getLogger("lmforge.serve")
-
-
-class Overloaded(LmforgeError):
-    """Every generation slot and queue place is taken: the server answers 429 with Retry-After."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class ShuttingDown(LmforgeError):
-    """The scheduler was closed while the request waited or ran."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request decoding settings (the OpenAI request fields, plus lmforge's top_k/min_p/penalty)."""
-
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely
-    group: int | None = None  # the rows of one request (its n choices): a seed gives each choice its own stream
-    constraint: object | None = None  # a decoding.constraints.Constraint the text follows (each row its own matcher)
-    stop_logprob: bool = False  # logprobs also for the EOS token that ends the row (echo: OpenAI lists it)
-    adapter: AdapterRef | None = None  # the LoRA adapter the row runs with (serve/adapters.py); None: the base
-
-
-@dataclass
-class TokenLogprob:
-    """One completion token's log-probability and the most likely alternatives at its step (ids, not text)."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
-
-
-@dataclass
-class Event:
-    """What the worker tells a request: a text piece, the end (with why), or an error."""
-
-    kind: str  # "text" | "done" | "error"
-    text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" (done only)
-    completion_tokens: int = 0
-    error: BaseException | None = None
-    logprobs: list[TokenLogprob] | None = None  # text only: the tokens behind this piece (when asked for)
-
-
-@dataclass(eq=False)
-class GenRequest:
-    """One generation: prompt ids, params, and `emit(Event)` (called from the worker thread)."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    emit: Callable[[Event], None]
-    cancelled: bool = False
-    finished: bool = False
-    completion_tokens: int = 0
-    enqueued_at: float = field(default_factory=time.monotonic)
-    started_at: float | None = None  # its prefill began
-    first_token_at: float | None = None  # for the speed figures the API reports ("timings")
-    finished_at: float | None = None
-    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # tokens whose text is still held back
-    choice: int = 0  # its index among the rows of its seeded group (set by submit_many): picks its generator seed
 
 
 @dataclass(eq=False)
@@ -134,9 +72,11 @@ class Scheduler:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, max_batch_tokens: int = 1 << 17,
                  metrics=None, prefix_cache_bytes: int = 0, compile: str = "auto",
                  runtime: DecodeRuntime | None = None, lora: AdapterRows | None = None,
-                 batch_invariant: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+                 batch_invariant: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_grain: int = PREFIX_GRAIN) -> None:
         """batch_invariant: a row's numbers never depend on the other rows (engine.BatchDecoder `invariant`);
-        prefill_chunk: prompt tokens per prefill forward and per worker iteration (0: a whole prompt at once).
+        prefill_chunk: prompt tokens per prefill forward and per worker iteration (0: a whole prompt at once);
+        prefix_grain: the chunk grid's step for prompts shorter than a chunk (engine.BatchDecoder.grid).
         lora: the model's multi-LoRA row slots (serve/adapters.py), so rows run their SamplingParams.adapter.
         runtime: the model's DecodeRuntime to share (e.g. `Generator.runtime`, so the server reuses the traces
         the Generator made); None builds one for this scheduler."""
@@ -154,12 +94,20 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._busy_s = 0.0  # EMA of batch wall time: the Retry-After estimate
+        self._chunk_s = math.inf  # EMA of a full prefill chunk's wall time: prefill time per iteration (_prefill_some)
         self.stats = {"batches": 0, "rows": 0, "tokens": 0, "max_rows": 0, "reused_tokens": 0}
         self.metrics = metrics  # optional observer: batch(rows), first_token(seconds) (serve/metrics.py)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.prefill_chunk = prefill_chunk
         self._engine = BatchDecoder(model, self.prefix_cache, compile=compile, runtime=runtime, lora=lora,
-                                    invariant=batch_invariant, prefill_chunk=prefill_chunk, max_rows=max_batch)
+                                    invariant=batch_invariant, prefill_chunk=prefill_chunk, max_rows=max_batch,
+                                    prefix_grain=prefix_grain)
+        self._masks: BatchMasker | None = None  # constrained rows' masks, computed while the model steps
+        # how constrained rows get their masks: "thread" (filled together on a worker thread during the forward),
+        # "batched" (the same fill, in line), "row" (each row its own, after the logits: the earlier path), "auto"
+        # (thread when torch's threads leave a core free: beside busy OpenMP threads the worker costs more than
+        # the mask; benchmarks/structured.py)
+        self.mask_mode = "auto"
 
     # ---- admission (any thread) ---------------------------------------------------------------------
     @property
@@ -350,18 +298,30 @@ class Scheduler:
         return None
 
     def _prefill_some(self, pending: list[tuple[_Row, PrefillJob]]) -> list[tuple[_Row, KVCache]]:
-        """Prefill chunks of the pending prompts, first come first, up to `prefill_chunk` tokens (at least one
-        chunk); the prompts that finish get their first token -> the rows to join (those that did not end)."""
+        """Prefill chunks of the pending prompts, first come first, up to `prefill_chunk` tokens in all and about
+        one full chunk's time (at least one call; one that would go past the budget waits for the next iteration, so
+        several prompts admitted at once, or short prompts run in `prefix_grain` pieces, hold the running rows for
+        about one chunk, not one chunk each); the prompts that finish get their first token -> the rows to join
+        (those that did not end)."""
         budget = self.prefill_chunk or math.inf
         out: list[tuple[_Row, KVCache]] = []
-        while pending and budget > 0:
+        ran, t0 = False, time.monotonic()
+        while pending:
             row, job = pending[0]
             r = row.req
             if r.cancelled:
                 pending.pop(0)
                 continue
+            if ran and (self._engine.next_chunk(job) > budget or time.monotonic() - t0 >= self._chunk_s):
+                break
             try:
-                budget -= self._engine.prefill_chunk(job)
+                ran = True
+                t = time.monotonic()
+                k = self._engine.prefill_chunk(job)
+                budget -= k
+                if k == self.prefill_chunk:  # a full chunk: how long one takes (EMA), the iteration's time limit
+                    dt = time.monotonic() - t
+                    self._chunk_s = dt if self._chunk_s == math.inf else 0.8 * self._chunk_s + 0.2 * dt
                 if job.logits is None:
                     continue
                 pending.pop(0)
@@ -384,8 +344,9 @@ class Scheduler:
         going = self._deliver(row, tok, None if logp is None else logp[0])
         if self.prefix_cache is not None and (self._engine.reuse_exact or not (going or self.batch_invariant)):
             n, cache = len(r.prompt_ids), job.cache
+            # no copy: the prompt's columns of a prefill cache are never written again (the row decodes past them)
             self.prefix_cache.store(r.prompt_ids, [t[0, :, :n] for t in cache.k], [t[0, :, :n] for t in cache.v],
-                                    None if p.adapter is None else p.adapter.key)
+                                    self._engine.cache_ns(p.adapter, n), copy=False)
         return going
 
     @torch.inference_mode()
@@ -396,22 +357,45 @@ class Scheduler:
         if not rows:
             return
         steps_left = max(row.req.params.max_tokens - row.req.completion_tokens for row in rows)
+        # constrained rows: their masks are filled on the mask thread while the model runs this step
+        mode = self.masks_run()
+        masked = self._masker().start([row.sampler.constraint for row in rows], background=mode == "thread") \
+            if mode != "row" and any(row.sampler.constraint is not None for row in rows) else False
         logits = self._engine.step([row.next for row in rows], steps_left)  # (B, V)
-        greedy = logits.argmax(-1).tolist() if any(row.sampler.plain_greedy for row in rows) else None
         logp = None
         if any(row.req.params.logprobs is not None for row in rows):
             # invariant: one call per row, so each row's reduction is the call a lone row makes
             logp = (torch.cat([logits[b: b + 1].log_softmax(-1) for b in range(len(rows))]) if self.batch_invariant
                     else logits.log_softmax(-1))  # (B, V)
+        if masked:  # after logp: logprobs are the model's own distribution
+            logits = self._masks.apply(logits)  # (B, V): -inf on each constrained row's blocked tokens
+        greedy = None
+        if any(row.sampler.plain_greedy or (masked and row.sampler.greedy) for row in rows):
+            # one batched argmax (numpy's on a CPU: a tenth of torch's single-threaded one over a 49k vocabulary)
+            greedy = (logits.numpy() if logits.device.type == "cpu" else logits).argmax(-1).tolist()
         ended = []
         for b, row in enumerate(rows):
             if row.req.cancelled:
                 ended.append(b)
                 continue
-            tok = greedy[b] if row.sampler.plain_greedy else row.sampler(logits[b: b + 1])
+            tok = greedy[b] if row.sampler.plain_greedy else \
+                row.sampler(logits[b: b + 1], masked, greedy[b] if masked and greedy is not None else None)
             if not self._deliver(row, tok, None if logp is None else logp[b]):
                 ended.append(b)
         self._drop(rows, ended, store=True)
+
+    def masks_run(self) -> str:
+        """The mask mode in effect ("auto" resolved): see `mask_mode`."""
+        if self.mask_mode != "auto":
+            return self.mask_mode
+        return "thread" if torch.get_num_threads() < (os.cpu_count() or 1) else "batched"
+
+    def _masker(self) -> BatchMasker:
+        """The constrained rows' mask filler (made at the first constrained step: a server without one never
+        imports the constraint library)."""
+        if self._masks is None:
+            self._masks = BatchMasker()
+        return self._masks
 
     def _drop(self, rows: list[_Row], idx: list[int], store: bool) -> None:
         if not idx:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from lmforge.serve.batching import TokenLogprob
 from lmforge.serve.errors import ApiError
+from lmforge.serve.requests import TokenLogprob
 from lmforge.serve.routes_common import note
 from lmforge.serve.scoring import Scored, ScoreRequest
 

@@ -2,9 +2,11 @@
 
 Why this works with the plain model API: the model runs left-padded batches exactly (position ids come from
 each row's own token count, padding columns are masked out). A joining prompt is prefilled alone (batch 1,
-its own cache, reusing a cached prefix when one matches), then its keys/values are merged into the running
-batch's cache by left-padding whichever side is shorter. A row that ends is dropped with index_select, and
-leading columns that became padding in every row are cut, so the cache is never wider than its longest row.
+its own cache, reusing a cached prefix when one matches), then its keys/values are merged into a row group's
+cache (serve/row_group.py) by left-padding whichever side is shorter; rows of very different lengths go to
+different groups, so a long prompt does not widen every short row's cache. A row that ends is dropped with
+index_select, and leading columns that became padding in every row are cut, so a group's cache is never wider
+than its longest row.
 
 A prompt is prefilled in chunks (`PrefillJob`, `prefill_chunk` tokens per forward) so the scheduler can run
 the running rows' decode steps between them. Batch invariance (`invariant`): the model's float linears run rows
@@ -33,15 +35,19 @@ from lmforge.decoding.constraints import Matcher
 from lmforge.decoding.sampling import GenerationConfig, apply_repetition_penalty, next_token
 from lmforge.decoding.step import DecodeOptions, DecodeRuntime, cache_bucket, hooked, static_step_unsupported
 from lmforge.errors import GenerationError
+from lmforge.model.cache import KVCache, StaticKV
 from lmforge.model.invariant import set_batch_invariant
-from lmforge.model.layers import Attention, KVCache, StaticKV
+from lmforge.model.layers import Attention
 from lmforge.model.multi_lora import AdapterRef, AdapterRows
 from lmforge.quant.policy import cover_rows
 from lmforge.serve.prefix_cache import PrefixCache
+from lmforge.serve.row_group import RowGroup
 
 log = logging.getLogger("lmforge.serve")
 
 DEFAULT_PREFILL_CHUNK = 128  # prompt tokens per prefill forward (the server's --prefill-chunk): docs/serving.md
+PREFIX_GRAIN = 16  # the chunk grid's step for prompts shorter than a chunk (BatchDecoder prefix_grain): docs/serving.md
+MAX_GROUPS = 4  # row groups of a batch (RowGroup): each further one costs one more model call per decode step
 
 
 def row_seed(seed: int, index: int) -> int:
@@ -71,13 +77,22 @@ class RowSampler:
         """argmax of the raw logits: the engine may take it from one batched argmax."""
         return self.gc.temperature == 0.0 and self.seen is None and self.constraint is None
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits (1, V) raw float32 -> the next token id."""
-        if self.seen is not None:
-            logits = apply_repetition_penalty(logits, self.seen, self.gc.repetition_penalty)
-        if self.constraint is not None:
-            logits = self.constraint.apply(logits)  # (1, V): disallowed tokens at -inf
-        tok = next_token(logits, self.gc, self.gen)  # (1,)
+    @property
+    def greedy(self) -> bool:
+        """argmax of the logits once the constraint's mask is on them (the engine's batched, masked argmax)."""
+        return self.gc.temperature == 0.0 and self.seen is None
+
+    def __call__(self, logits: torch.Tensor, masked: bool = False, argmax: int | None = None) -> int:
+        """logits (1, V) raw float32 -> the next token id. masked: the constraint's mask is on them already (the
+        engine's BatchMasker); argmax: their argmax, taken batched, which a `greedy` row uses as its token."""
+        if argmax is not None and self.greedy:
+            tok = torch.tensor([argmax])  # (1,)
+        else:
+            if self.seen is not None:
+                logits = apply_repetition_penalty(logits, self.seen, self.gc.repetition_penalty)
+            if self.constraint is not None and not masked:
+                logits = self.constraint.apply(logits)  # (1, V): disallowed tokens at -inf
+            tok = next_token(logits, self.gc, self.gen)  # (1,)
         if self.seen is not None:
             self.seen[0, tok] = True
         if self.constraint is not None:
@@ -103,26 +118,34 @@ def _attentions(model) -> list[Attention]:
 
 
 class BatchDecoder:
-    """The running batch's KV cache, attention mask and positions; rows are addressed by index 0..rows-1."""
+    """The running batch: its rows (addressed by index 0..rows-1, in the order they joined) in row groups, each
+    with its KV cache, attention mask and positions (serve/row_group.py)."""
 
     def __init__(self, model, prefix_cache: PrefixCache | None = None, headroom: int = 64,
                  compile: str = "auto", runtime: DecodeRuntime | None = None, lora: AdapterRows | None = None,
-                 invariant: bool = False, prefill_chunk: int = 0, max_rows: int = 64) -> None:
+                 invariant: bool = False, prefill_chunk: int = 0, max_rows: int = 64, group_pad: int = 4096,
+                 prefix_grain: int = PREFIX_GRAIN) -> None:
         """compile: the batch-1 step. "trace": the traced static step; "auto": that, once the runtime's rule says
         a trace pays for itself; "off": always eager. runtime: the model's DecodeRuntime to share (its traces and
         step counts), e.g. the Generator's; None builds one. lora: the model's multi-LoRA row slots
         (lmforge.model.multi_lora), set before each model call from the rows' adapters.
         invariant: batch-invariant decode steps (lmforge.model.invariant, quant.policy.cover_rows) for up to
         max_rows rows, and prefills on the chunk grid (see `PrefillJob`); prefill_chunk: tokens per prefill
-        forward (0: a prompt in one forward)."""
+        forward (0: a prompt in one forward). prefix_grain: in invariant mode a prompt shorter than one chunk runs
+        in pieces of this many tokens (when it divides prefill_chunk), so that short prompts reuse each other's
+        prefixes (`grid`).
+        group_pad: the padding columns a joining row may add to a group's cache before it starts a group of its
+        own (`join`)."""
         if prefill_chunk < 0:
             raise GenerationError(f"BatchDecoder prefill_chunk must be >= 0, got {prefill_chunk}")
-        self.model, self.prefix_cache, self.headroom = model, prefix_cache, headroom
+        self.model, self.prefix_cache, self.headroom, self.group_pad = model, prefix_cache, headroom, group_pad
         self.device = next(model.parameters()).device
         if invariant and self.device.type != "cpu":  # GPU kernels pick their own reduction orders: not covered
             log.info("batch invariance is for CPU decoding; %s runs without it", self.device)
             invariant = False
         self.invariant, self.chunk = invariant, prefill_chunk
+        fine = 0 < prefix_grain < prefill_chunk and prefill_chunk % prefix_grain == 0
+        self.grain = prefix_grain if fine else prefill_chunk  # the grid's step for prompts shorter than a chunk
         set_batch_invariant(model, invariant, max_rows=max(64, max_rows))
         if invariant:
             cover_rows(model, max_rows)
@@ -143,17 +166,20 @@ class BatchDecoder:
         self.reset()
 
     def reset(self) -> None:
-        self.cache: KVCache | None = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, max_len) 1 = real
-        self.pos = torch.zeros(0, 1, dtype=torch.long, device=self.device)  # (B, 1) position of the last fed token
-        self.n_real: list[int] = []  # real (non-padding) columns per row
-        self.tokens: list[list[int]] = []  # the tokens behind each row's real columns (for the prefix cache)
-        self.adapters: list[AdapterRef | None] = []  # each row's LoRA adapter (None: the base)
+        self.groups: list[RowGroup] = []  # rows of similar lengths, each group one left-padded cache
+        self._order: list[int] = []  # row ids in the batch's order (row b of step's logits is _order[b])
+        self._next_id = 0
         self._lora_rows(None)
 
     @property
     def rows(self) -> int:
-        return len(self.n_real)
+        return len(self._order)
+
+    def _locate(self, b: int) -> tuple[RowGroup, int]:
+        """Row b's group and its index there."""
+        rid = self._order[b]
+        g = next(g for g in self.groups if rid in g.ids)
+        return g, g.ids.index(rid)
 
     def _lora_rows(self, adapters: list[AdapterRef | None] | None) -> bool:
         """The next model call's rows run these adapters (None: every row the base); True when any has one. Reset
@@ -164,12 +190,14 @@ class BatchDecoder:
 
     def row_ns(self, b: int) -> int | None:
         """Row b's prefix-cache namespace: its adapter's load key (None: the base)."""
-        a = self.adapters[b]
+        g, j = self._locate(b)
+        a = g.adapters[j]
         return None if a is None else a.key
 
     @property
     def width(self) -> int:
-        return self.cache.length if self.cache is not None else 0
+        """The widest group's cache columns (padding included)."""
+        return max((g.width for g in self.groups), default=0)
 
     # ---- joining ------------------------------------------------------------------------------------------
     @property
@@ -181,12 +209,13 @@ class BatchDecoder:
     def begin_prefill(self, prompt_ids: list[int], adapter: AdapterRef | None = None) -> PrefillJob:
         """A prompt to prefill alone (with its LoRA adapter), its prefix taken from the prefix cache where one
         matches: in invariant mode only a prefix that ends on the chunk grid, and none without chunks."""
-        n = len(prompt_ids)
-        cache = KVCache(self.model.cfg, 1, n, device=self.device, dtype=self.dtype)
-        ns = None if adapter is None else adapter.key
+        n = len(prompt_ids)  # room past the prompt: a row that starts a group decodes in this cache (RowGroup.join)
+        cache = KVCache(self.model.cfg, 1, n + self.headroom, device=self.device, dtype=self.dtype)
         hit = None
         if self.prefix_cache is not None and (self.reuse_exact or not self.invariant):
-            hit = self.prefix_cache.lookup(prompt_ids, ns, align=self.chunk if self.invariant else 1)
+            step = self.grid(n)
+            hit = self.prefix_cache.lookup(prompt_ids, self.cache_ns(adapter, n),
+                                           floor=(lambda m: m - m % step) if self.invariant else None)
         m = 0
         if hit is not None:
             m, k, v = hit
@@ -196,15 +225,37 @@ class BatchDecoder:
             cache.length = m
         return PrefillJob(list(prompt_ids), cache, adapter, m)
 
+    def grid(self, n: int) -> int:
+        """The invariant chunk grid's step for a prompt of n tokens: `prefix_grain` below one chunk, else the chunk.
+        A prompt's chunks end on multiples of it, so a cached prefix ending on one is what a fresh prefill makes,
+        given the same grid: entries are kept apart by grid (`cache_ns`), and a long prompt's first chunk is one
+        call (its prefill is not slowed, nor the running rows held longer, by the short prompts' pieces)."""
+        return self.grain if n < self.chunk else self.chunk
+
+    def cache_ns(self, adapter: AdapterRef | None, n: int) -> object:
+        """The prefix-cache namespace of a prompt of n tokens: its adapter's load key (None: the base), and in
+        invariant mode its grid (entries of one grid never serve a prompt on the other)."""
+        key = None if adapter is None else adapter.key
+        return (key, self.grid(n)) if self.reuse_exact and self.grain != self.chunk else key
+
+    def next_chunk(self, job: PrefillJob) -> int:
+        """Tokens the job's next `prefill_chunk` call runs: up to the next grid boundary in invariant mode."""
+        start, n = job.cache.length, len(job.ids)
+        if not self.chunk:
+            return n - start
+        if not self.invariant:
+            return min(n, start + self.chunk) - start
+        step = self.grid(n)
+        return min(n, (start // step + 1) * step) - start
+
     @torch.inference_mode()
     def prefill_chunk(self, job: PrefillJob) -> int:
         """Run the job's next chunk -> its tokens. Chunks end on multiples of `prefill_chunk` counted from the
         prompt's start in invariant mode (so a fresh prefill and one after a reused prefix run the same calls),
         else `prefill_chunk` tokens from where the last one stopped; after the last one `job.logits` is set."""
-        start, n = job.cache.length, len(job.ids)
-        end = n
-        if self.chunk:
-            end = min(n, (start // self.chunk + 1) * self.chunk if self.invariant else start + self.chunk)
+        start = job.cache.length
+        end = start + self.next_chunk(job)
+        n = len(job.ids)
         ids = torch.tensor([job.ids[start:end]], dtype=torch.long, device=self.device)  # (1, end - start)
         self._lora_rows([job.adapter])
         try:
@@ -224,103 +275,108 @@ class BatchDecoder:
         return job.cache, job.logits, job.reused
 
     def join(self, joiners: list[tuple[KVCache, list[int]]], adapters: list[AdapterRef | None] | None = None) -> None:
-        """Append prefilled rows (batch-1 caches full of their prompts) after the running ones, in one copy;
-        adapters: each joiner's LoRA adapter (None: all the base)."""
+        """Append prefilled rows (batch-1 caches full of their prompts) after the running ones; adapters: each
+        joiner's LoRA adapter (None: all the base). Each joins the group where it adds the least padding, or a new
+        group where that padding would exceed both the group's real columns and `group_pad` (a long prompt among
+        short rows): one copy per group that takes rows, none for a lone row starting a group."""
         if not joiners:
             return
         if self.static_ok:
             self.runtime.refresh()  # weights or kernel policy changed since a trace was made: retrace
-        old_w, B = self.width, self.rows
-        ns = [c.length for c, _ in joiners]
-        width = max([old_w, *ns])
-        max_len = width + self.headroom
-        ref = joiners[0][0].k[0]
-        n_kv, hd = ref.shape[1], ref.shape[3]
-        ks, vs = [], []
-        for i in range(len(joiners[0][0].k)):
-            for src, dst in (("k", ks), ("v", vs)):
-                # every element written once: the tokens copied, zeros elsewhere (left padding, and the room for
-                # the next steps). Those columns are masked, but a masked weight is 0 and 0 * nan (uninitialised
-                # memory) is nan, and decode_hidden's SDPA route (CUDA, bf16, qk-norm models) reads every column
-                t = ref.new_empty(B + len(joiners), n_kv, max_len, hd)
-                t[:, :, width:] = 0
-                if B:
-                    t[:B, :, : width - old_w] = 0
-                    t[:B, :, width - old_w: width] = getattr(self.cache, src)[i][:, :, :old_w]
-                for j, ((c, _), n) in enumerate(zip(joiners, ns)):
-                    t[B + j, :, : width - n] = 0
-                    t[B + j, :, width - n: width] = getattr(c, src)[i][0, :, :n]
-                dst.append(t)
-        self.cache = KVCache.from_tensors(ks, vs, width)
-        mask = torch.ones(B + len(joiners), max_len, dtype=torch.long, device=self.device)
-        if B:
-            mask[:B, : width - old_w] = 0
-            mask[:B, width - old_w: width] = self.mask[:, :old_w]
-        for j, n in enumerate(ns):
-            mask[B + j, : width - n] = 0
-        self.mask = mask
-        self.pos = torch.cat([self.pos, torch.tensor([[n - 1] for n in ns], dtype=torch.long, device=self.device)])
-        self.n_real += ns
-        self.tokens += [list(ids) for _, ids in joiners]
-        self.adapters += list(adapters) if adapters is not None else [None] * len(joiners)
+        adapters = list(adapters) if adapters is not None else [None] * len(joiners)
+        shape = {id(g): (g.rows, sum(g.n_real), g.width) for g in self.groups}  # rows, real columns, width
+        new: list[RowGroup] = []
+        take: dict[int, list[tuple[KVCache, list[int], AdapterRef | None, int]]] = {}
+        for (c, ids), a in zip(joiners, adapters):
+            n, best, pad = c.length, None, 0
+            for g in self.groups + new:
+                r, real, w = shape[id(g)]
+                p = (r + 1) * max(w, n) - real - n  # padding columns of its rectangle with this row
+                if best is None or p < pad:
+                    best, pad = g, p
+            if best is None or (pad > max(self.group_pad, shape[id(best)][1] + n)
+                                and len(self.groups) + len(new) < MAX_GROUPS):
+                best = RowGroup(self.device)
+                new.append(best)
+                shape[id(best)] = (0, 0, 0)
+            r, real, w = shape[id(best)]
+            shape[id(best)] = (r + 1, real + n, max(w, n))
+            take.setdefault(id(best), []).append((c, list(ids), a, self._next_id))
+            self._order.append(self._next_id)
+            self._next_id += 1
+        self.groups += new
+        for g in self.groups:
+            if id(g) in take:
+                g.join(take[id(g)], self.headroom)
 
     # ---- decoding -----------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, tokens: list[int], steps_left: int = 0) -> torch.Tensor:
         """Feed one token per row -> next logits (B, V) float32. steps_left: how many more steps the batch may
-        run (its longest row's remaining max_tokens), which decides whether a batch-1 trace pays for itself."""
-        assert self.cache is not None and len(tokens) == self.rows
-        if self.cache.length == self.cache.max_len:  # out of room: grow (copies once per `headroom` steps)
-            self._resize(self.cache.max_len + max(self.headroom, self.cache.max_len // 4))
-        S = self.cache.length + 1
-        padded = any(n < self.cache.length for n in self.n_real)
-        self.pos = self.pos + 1
-        x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        run (its longest row's remaining max_tokens), which decides whether a batch-1 trace pays for itself.
+        One model call per group; the LM head runs once over all rows."""
+        assert self.groups and len(tokens) == self.rows
+        at = {rid: b for b, rid in enumerate(self._order)}
+        hs, index = [], []
+        for g in self.groups:
+            idx = [at[rid] for rid in g.ids]
+            hs.append(self._step_group(g, [tokens[b] for b in idx], steps_left))
+            index += idx
+        h = hs[0] if len(hs) == 1 else torch.cat(hs)  # (B, D), rows in group order
+        if index != list(range(len(index))):
+            inv = [0] * len(index)
+            for i, b in enumerate(index):
+                inv[b] = i
+            h = h.index_select(0, torch.tensor(inv, device=self.device))  # (B, D) in the batch's order
+        return self.model.lm_logits(h).float()  # (B, V)
+
+    def _step_group(self, g: RowGroup, tokens: list[int], steps_left: int) -> torch.Tensor:
+        """One token per row of group g -> its hidden states (Bg, D)."""
+        if g.cache.length == g.cache.max_len:  # out of room: grow (copies once per `headroom` steps)
+            g.resize(g.cache.max_len + max(self.headroom, g.cache.max_len // 4))
+        S = g.cache.length + 1
+        padded = any(n < g.cache.length for n in g.n_real)
+        g.pos = g.pos + 1
+        x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (Bg, 1)
         h = None
-        lora = self._lora_rows(self.adapters)  # a captured step holds the base only: adapter rows run eagerly
+        lora = self._lora_rows(g.adapters)  # a captured step holds the base only: adapter rows run eagerly
         if self.rows == 1 and not padded and self.static_ok and not lora:
             if hooked(self.model):
                 self.path = "eager (forward hooks are registered on the model)"
             else:
-                h = self._static(x, steps_left)
+                h = self._static(g, x, steps_left)
         if h is None:
             if self.rows == 1:  # what "auto" counts towards a trace of this shape
-                self.runtime.count_eager(self._key(cache_bucket(self.cache.max_len)))
+                self.runtime.count_eager(self._key(cache_bucket(g.cache.max_len)))
             if self.batched_ok and not hooked(self.model):
-                h = self._batched(x)
+                h = self._batched(g, x)
             else:
-                h = self.model(x, self.mask[:, :S] if padded else None, position_ids=self.pos, cache=self.cache)[:, -1]
+                h = self.model(x, g.mask[:, :S] if padded else None, position_ids=g.pos, cache=g.cache)[:, -1]
         self._lora_rows(None)
         for b, t in enumerate(tokens):
-            self.n_real[b] += 1
-            self.tokens[b].append(t)
-        return self.model.lm_logits(h).float()  # (B, V)
+            g.n_real[b] += 1
+            g.tokens[b].append(t)
+        return h
 
-    def _resize(self, max_len: int) -> None:
-        """Room for max_len columns (a copy): more when full; a multiple of CACHE_BUCKET for the traced step."""
-        grow = max_len - self.cache.max_len
-        self.cache.pad_left(0, max_len)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, grow)], 1)
-
-    def _batched(self, x: torch.Tensor) -> torch.Tensor:
-        """One untraced step through `Transformer.decode_hidden`, run eagerly (several rows change too often for
-        a trace; a lone row before its trace pays off) -> hidden (B, D). Its attention covers the cache's columns
-        with a mask; on CPU in float32 that is lmforge's decode_attn, which skips the masked columns that the eager
-        forward's SDPA would compute (see docs/benchmarks.md, serve.py)."""
-        c = self.cache
-        longest = max(self.n_real) + 1  # the longest row's tokens with this one (the eager forward checks this)
+    def _batched(self, g: RowGroup, x: torch.Tensor) -> torch.Tensor:
+        """One untraced step of group g through `Transformer.decode_hidden`, run eagerly (several rows change too
+        often for a trace; a lone row before its trace pays off) -> hidden (Bg, D). Its attention covers the cache's
+        columns with a mask; on CPU in float32 that is lmforge's decode_attn, which skips the masked columns that the
+        eager forward's SDPA would compute (see docs/benchmarks.md, serve.py)."""
+        c = g.cache
+        longest = max(g.n_real) + 1  # the longest row's tokens with this one (the eager forward checks this)
         if longest > self.model.cfg.context_length:
             raise GenerationError(f"sequence of {longest} tokens exceeds the model's context_length "
                                   f"{self.model.cfg.context_length}")
         col = torch.tensor([c.length], device=self.device)  # (1,): the column this token goes to
-        valid = self.mask.bool() & (torch.arange(c.max_len, device=self.device) <= col)  # (B, max_len)
-        h = self.model.decode_hidden(x, self.pos, valid, StaticKV(c.k, c.v, col))  # (B, D)
+        valid = g.mask.bool() & (torch.arange(c.max_len, device=self.device) <= col)  # (Bg, max_len)
+        h = self.model.decode_hidden(x, g.pos, valid, StaticKV(c.k, c.v, col))  # (Bg, D)
         c.length += 1
         return h
 
-    def _static(self, x: torch.Tensor, steps_left: int) -> torch.Tensor | None:
+    def _static(self, g: RowGroup, x: torch.Tensor, steps_left: int) -> torch.Tensor | None:
         """One batch-1 step through the traced static step -> hidden (1, D); None: run the eager step instead."""
-        c = self.cache
+        c = g.cache
         L = cache_bucket(c.max_len)
         key = self._key(L)
         opts = DecodeOptions(self.compile)
@@ -330,10 +386,11 @@ class BatchDecoder:
                 self.static_ok = False
             return None
         if c.max_len != L:
-            self._resize(L)  # one copy of one row, then every step of this length reuses the trace
+            g.resize(L)  # one copy of one row, then every step of this length reuses the trace
+            c = g.cache
         col = torch.tensor([c.length], device=self.device)  # (1,): the column this token goes to
         valid = torch.arange(L, device=self.device)[None] <= col  # (1, L): written columns and this one
-        h = self.runtime.run_traced(key, (x, self.pos, valid, col, c.k, c.v))
+        h = self.runtime.run_traced(key, (x, g.pos, valid, col, c.k, c.v))
         if h is None:  # tracing failed (logged with its reason): eager from now on
             self.static_ok = False
             self.path = f"eager (torch.jit.trace failed: {self.runtime.trace_failed})"
@@ -351,27 +408,15 @@ class BatchDecoder:
     # ---- leaving ------------------------------------------------------------------------------------------
     def row_kv(self, b: int) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
         """Row b's tokens and their keys/values per layer (n_kv, n, hd): views, valid until the next change."""
-        assert self.cache is not None
-        L, n = self.cache.length, self.n_real[b]
-        return (self.tokens[b], [t[b, :, L - n: L] for t in self.cache.k], [t[b, :, L - n: L] for t in self.cache.v])
+        g, j = self._locate(b)
+        return g.row_kv(j)
 
     def drop(self, rows: list[int]) -> None:
-        """Remove these rows; then cut leading columns that are padding in every remaining row."""
+        """Remove these rows (a group left empty goes away)."""
         if not rows:
             return
-        gone = set(rows)
-        keep = [b for b in range(self.rows) if b not in gone]
-        if not keep:
-            self.reset()
-            return
-        assert self.cache is not None
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self.cache.reorder(index)
-        self.mask, self.pos = self.mask.index_select(0, index), self.pos.index_select(0, index)
-        self.n_real = [self.n_real[b] for b in keep]
-        self.tokens = [self.tokens[b] for b in keep]
-        self.adapters = [self.adapters[b] for b in keep]
-        lead = self.cache.length - max(self.n_real)
-        if lead > 0:
-            self.cache.trim_left(lead)
-            self.mask = self.mask[:, lead:]
+        gone = {self._order[b] for b in rows}
+        for g in self.groups:
+            g.drop([j for j, rid in enumerate(g.ids) if rid in gone])
+        self.groups = [g for g in self.groups if g.rows]
+        self._order = [rid for rid in self._order if rid not in gone]

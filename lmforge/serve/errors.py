@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from lmforge.errors import LmforgeError
-from lmforge.serve.batching import Overloaded, ShuttingDown
+from lmforge.serve.requests import Overloaded, ShuttingDown
 
 log = logging.getLogger("lmforge.serve")
 

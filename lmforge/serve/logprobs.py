@@ -1,4 +1,4 @@
-"""Token log-probabilities (batching.TokenLogprob: ids and floats) in OpenAI's two response shapes.
+"""Token log-probabilities (requests.TokenLogprob: ids and floats) in OpenAI's two response shapes.
 
 chat:        {"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}
 completions: {"tokens": [...], "token_logprobs": [...], "top_logprobs": [{token: logprob}], "text_offset": [...]}
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmforge.serve.batching import TokenLogprob
+from lmforge.serve.requests import TokenLogprob
 
 
 class LogprobFormatter:

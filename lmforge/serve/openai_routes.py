@@ -13,10 +13,10 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from lmforge.serve import echo, tools
-from lmforge.serve.batching import TokenLogprob
+from lmforge.serve import echo, tool_stream, tools
 from lmforge.serve.echo import EchoLogprobs
 from lmforge.serve.errors import ApiError
+from lmforge.serve.requests import TokenLogprob
 from lmforge.serve.routes_common import (
     SSE_HEADERS,
     check_n,
@@ -113,32 +113,9 @@ async def chat_completions(request: Request):
 
 
 def tool_chunks(plan: tools.ToolPlan, n: int, chunk):
-    """Streamed replies with tools: content deltas until the text may be a tool call, then at the end the calls
-    as OpenAI's deltas (index, id, name; then the arguments) and finish_reason "tool_calls"."""
-    streams = [plan.stream() for _ in range(n)]
-    held: list[list[TokenLogprob]] = [[] for _ in range(n)]  # logprobs of tokens whose text is held back
-
-    def text_chunk(i: int, t: str, lps: list[TokenLogprob] | None) -> str:
-        held[i] += lps or []
-        out = streams[i].feed(t)
-        if not out:
-            return ""
-        lps, held[i] = held[i], []
-        return chunk(i, {"content": out}, lps=lps)
-
-    def end_chunk(i: int, reason: str) -> str:
-        tail, calls = streams[i].finish()
-        calls = calls if plan.parallel else calls[:1]
-        lps, held[i] = held[i], []
-        parts = [chunk(i, {"content": tail}, lps=lps)] if tail or (lps and not calls) else []
-        for j, c in enumerate(calls):
-            parts.append(chunk(i, {"tool_calls": [{"index": j, "id": c.id, "type": "function",
-                                                   "function": {"name": c.name, "arguments": ""}}]},
-                               lps=lps if j == 0 and not tail else None))
-            parts.append(chunk(i, {"tool_calls": [{"index": j, "function": {"arguments": c.arguments}}]}))
-        return "".join(parts) + chunk(i, {}, "tool_calls" if calls else reason)
-
-    return text_chunk, end_chunk
+    """Streamed replies with tools: content deltas until the text may be a tool call, then the calls as OpenAI's
+    deltas, arguments as they are generated (serve/tool_stream.py), and finish_reason "tool_calls"."""
+    return tool_stream.stream_chunks(plan, n, chunk)
 
 
 @router.post("/v1/completions")

@@ -5,15 +5,17 @@ only on those m tokens. Any stored sequence that shares its first m tokens with 
 its first m columns. A finished request stores its prompt plus the completion tokens that were fed back (the last
 one never was), which is what the next turn's prompt starts with when the chat template re-encodes the reply the
 same way. The batch-invariant engine instead stores prompts only, and reuses m rounded down to its prefill chunk
-grid (`lookup(align=)`): then the reused columns and the chunks after them are exactly a fresh prefill's.
+grid (`lookup(floor=)`): then the reused columns and the chunks after them are exactly a fresh prefill's.
 Entries are evicted least recently used first, within a byte budget. Each entry belongs to a namespace
-(`ns`: the LoRA adapter load that computed it, None for the base): keys/values of one adapter never serve another.
+(`ns`: the LoRA adapter load that computed it, None for the base, and for the invariant engine the grid it was
+prefilled on): keys/values of one adapter, or one grid, never serve another.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +27,7 @@ class _Entry:
     k: list[torch.Tensor]  # per layer (n_kv, n, hd)
     v: list[torch.Tensor]
     nbytes: int
-    ns: int | None = None  # the adapter (AdapterRef.key) whose layers computed k and v; None: the base
+    ns: Hashable = None  # the adapter (AdapterRef.key) whose layers computed k and v (None: the base), and grid
 
 
 def common_prefix(a: tuple[int, ...] | list[int], b: list[int]) -> int:
@@ -56,11 +58,12 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, prompt: list[int], ns: int | None = None,
-               align: int = 1) -> tuple[int, list[torch.Tensor], list[torch.Tensor]] | None:
+    def lookup(self, prompt: list[int], ns: Hashable = None, align: int = 1,
+               floor: Callable[[int], int] | None = None) -> tuple[int, list[torch.Tensor], list[torch.Tensor]] | None:
         """-> (m, keys, values) for the prompt's first m tokens (m < len(prompt): one token is left to prefill),
-        from entries of namespace `ns` only. align: m is a multiple of it (the batch-invariant engine prefills
-        in chunks on a grid of `align` tokens, so that a reused prefix ends where a fresh prefill's chunk ends)."""
+        from entries of namespace `ns` only. align: m is a multiple of it; floor: m is floor(the longest match),
+        the last boundary of a grid at or before it (the batch-invariant engine prefills in chunks on a grid, so
+        that a reused prefix ends where a fresh prefill's chunk ends)."""
         if self.budget <= 0:
             return None
         with self._lock:
@@ -70,6 +73,8 @@ class PrefixCache:
                     continue
                 m = min(common_prefix(e.tokens, prompt), len(prompt) - 1)
                 m -= m % align
+                if floor is not None:
+                    m = floor(m)
                 if m > best_m:
                     best, best_m = e, m
             if best is None or best_m < self.min_tokens:
@@ -80,12 +85,18 @@ class PrefixCache:
             self.stats["reused_tokens"] += best_m
             return best_m, [t[:, :best_m] for t in best.k], [t[:, :best_m] for t in best.v]
 
-    def store(self, tokens: list[int], k: list[torch.Tensor], v: list[torch.Tensor], ns: int | None = None) -> None:
-        """Keep (n_kv, n, hd) keys/values per layer of `tokens` (n of them) in namespace `ns`; copies, so callers
-        may reuse theirs."""
+    def store(self, tokens: list[int], k: list[torch.Tensor], v: list[torch.Tensor], ns: Hashable = None,
+              copy: bool = True) -> None:
+        """Keep (n_kv, n, hd) keys/values per layer of `tokens` (n of them) in namespace `ns`. copy: keep copies,
+        so callers may reuse theirs; False: keep the tensors given (views whose first n columns nobody writes
+        again, e.g. a prefill's own cache: no copy of a long prompt's keys/values while rows wait), counted at
+        their whole storage."""
         if self.budget <= 0 or len(tokens) < self.min_tokens:
             return
-        nbytes = sum(t.numel() * t.element_size() for t in (*k, *v))
+        if copy:
+            nbytes = sum(t.numel() * t.element_size() for t in (*k, *v))
+        else:
+            nbytes = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*k, *v)}.values())
         if nbytes > self.budget:
             return
         key = tuple(tokens)
@@ -96,5 +107,7 @@ class PrefixCache:
                 return  # an existing entry already covers this one
             while self._entries and self.used + nbytes > self.budget:
                 self.used -= self._entries.popitem(last=False)[1].nbytes
-            self._entries[(ns, key)] = _Entry(key, [t.clone() for t in k], [t.clone() for t in v], nbytes, ns)
+            if copy:
+                k, v = [t.clone() for t in k], [t.clone() for t in v]
+            self._entries[(ns, key)] = _Entry(key, list(k), list(v), nbytes, ns)
             self.used += nbytes

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 
 from lmforge.serve.adapters import AdapterError
-from lmforge.serve.batching import Event, GenRequest, SamplingParams, Scheduler, TokenLogprob
+from lmforge.serve.batching import Scheduler
 from lmforge.serve.errors import ApiError, as_api_error
+from lmforge.serve.requests import Event, GenRequest, SamplingParams, TokenLogprob
 from lmforge.serve.schemas import parse_request
 
 if TYPE_CHECKING:

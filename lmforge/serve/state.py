@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.serve.adapters import AdapterError, AdapterManager
-from lmforge.serve.batching import Overloaded, Scheduler
+from lmforge.serve.batching import Scheduler
 from lmforge.serve.errors import ApiError
 from lmforge.serve.logprobs import LogprobFormatter
 from lmforge.serve.metrics import Metrics
+from lmforge.serve.requests import Overloaded
 from lmforge.serve.settings import Embedder, ServeSettings, server_compile
 
 

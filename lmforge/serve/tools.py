@@ -8,7 +8,10 @@ Each model family writes tool calls its own way; the format is read from the cha
   separated by `;`;
 - "pythonic" (Gemma 2/3, which have no tool tokens; Google's recommended prompt): `[get_weather(city="Paris"), f()]`,
   optionally in a ```tool_code fence, parsed with `ast` (literal values only);
-- "gemma4" (Gemma 4's template): `<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>`.
+- "gemma4" (Gemma 4's template): `<|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|>`;
+- "mistral" (Mistral 7B v0.3 / Nemo): `[TOOL_CALLS][{"name": ..., "arguments": {...}}]`, and Mistral Small 3.2 /
+  Devstral's `[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}` per call; without the marker (a tokenizer that drops it) a
+  reply that is wholly a JSON list of calls reads too. Its templates want 9-character alphanumeric call ids.
 
 A template that reads `tools` (Qwen2.5, Llama 3.1, Hermes) renders them itself, with `tool_calls` on assistant
 messages (arguments as objects, as transformers expects) and `role: "tool"` results. For a template that does not,
@@ -17,7 +20,8 @@ written them, and tool results as user turns (Gemma's template refuses any role 
 
 tool_choice "required" or a named function: the reply is constrained (decoding/constraints.py) to JSON of the calls
 (`forced_schema`), whatever the family's format, so the arguments always parse and follow the function's schema.
-A call naming a function the request did not offer is not a call: that text stays content.
+A call naming a function the request did not offer is not a call: that text stays content. Streaming (calls as
+OpenAI's deltas, arguments as they are generated): serve/tool_stream.py.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 from lmforge.serve.errors import ApiError
 from lmforge.tokenizer.chat_template import template_variables
 
-FORMATS = ("hermes", "smollm2", "llama3_json", "pythonic", "gemma4")
+FORMATS = ("hermes", "smollm2", "llama3_json", "pythonic", "gemma4", "mistral")
 _TAG = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 _FENCE = re.compile(r"^```(?:tool_code|python|json)?\s*\n?(.*?)\n?```$", re.S)
 
@@ -58,6 +62,8 @@ class Call:
 def detect_format(template: str | None) -> str:
     """The tool-call format of a chat template's family (see the module docstring)."""
     t = template or ""
+    if "[TOOL_CALLS]" in t:
+        return "mistral"
     if "<|tool_call>" in t:
         return "gemma4"
     if "<tool_call>" in t:
@@ -90,6 +96,10 @@ def instructions(fmt: str, tools: list[dict]) -> str:
                 f"<tools>\n{listing}\n</tools>\nFor each call, reply with a JSON object of the function name and "
                 'arguments within <tool_call></tool_call> tags:\n<tool_call>\n{"name": <function-name>, '
                 '"arguments": <args-json-object>}\n</tool_call>')
+    if fmt == "mistral":
+        return ("You can call functions. To call any, reply with nothing but [TOOL_CALLS] and a JSON list of calls: "
+                '[TOOL_CALLS][{"name": "func_name1", "arguments": {"argument1": "value1"}}].\n'
+                f"The functions, as JSON:\n{listing}")
     return ("You can call functions. The functions, within <tools></tools>:\n"
             f"<tools>{listing}</tools>\nTo call functions, reply with nothing but a JSON list of calls within "
             '<tool_call></tool_call> tags: <tool_call>[{"name": "func_name1", "arguments": {"argument1": '
@@ -105,6 +115,8 @@ def write_calls(fmt: str, calls: list[dict]) -> str:
         return "; ".join(json.dumps({"name": c["name"], "parameters": c["arguments"]}) for c in calls)
     if fmt == "hermes":
         return "\n".join(f"<tool_call>\n{json.dumps(c)}\n</tool_call>" for c in calls)
+    if fmt == "mistral":
+        return "[TOOL_CALLS]" + json.dumps(calls)
     return f"<tool_call>{json.dumps(calls)}</tool_call>"
 
 
@@ -326,6 +338,44 @@ def _gemma4_calls(text: str, names: set[str]) -> tuple[str | None, list[Call]] |
     return content or None, calls
 
 
+_MISTRAL_ARGS = re.compile(r"\s*([A-Za-z0-9_.-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?\[ARGS\]")
+
+
+def new_id(fmt: str) -> str:
+    """A call id: OpenAI's `call_...`, or the 9 alphanumeric characters Mistral's templates insist on."""
+    return uuid.uuid4().hex[:9] if fmt == "mistral" else f"call_{uuid.uuid4().hex[:24]}"
+
+
+def _mistral_calls(text: str, names: set[str]) -> tuple[str | None, list[Call]] | None:
+    """`[TOOL_CALLS][{...}, ...]` or `[TOOL_CALLS]name[ARGS]{...}` (repeated) after optional content; without
+    the marker, a reply that is wholly a JSON list of calls -> (the content before the calls, calls)."""
+    at = text.find("[TOOL_CALLS]")
+    if at < 0:
+        calls = _json_calls(text.strip(), names) if text.strip().startswith("[") else None
+        return (None, calls) if calls else None
+    content, calls = text[:at].strip() or None, []
+    for part in text[at:].split("[TOOL_CALLS]")[1:]:
+        m = _MISTRAL_ARGS.match(part)
+        if m is None:  # the JSON list form
+            found = _json_calls(part.strip(), names)
+            if found is None:
+                return None
+            calls += found
+            continue
+        if m.group(1) not in names:
+            return None
+        try:
+            args, end = json.JSONDecoder().raw_decode(part, m.end())
+        except (json.JSONDecodeError, RecursionError):
+            return None
+        if not isinstance(args, dict) or part[end:].strip():
+            return None
+        calls.append(Call(m.group(1), json.dumps(args, ensure_ascii=False)))
+    for c in calls:
+        c.id = new_id("mistral")
+    return (content, calls) if calls else None
+
+
 def parse(fmt: str, text: str, names: set[str]) -> tuple[str | None, list[Call]]:
     """A reply -> (its content, None when empty; the tool calls in it). Unparsable call text stays content."""
     if fmt == "forced":
@@ -345,59 +395,11 @@ def parse(fmt: str, text: str, names: set[str]) -> tuple[str | None, list[Call]]
     if fmt == "gemma4":
         got = _gemma4_calls(text, names)
         return got if got is not None else (text, [])
+    if fmt == "mistral":
+        got = _mistral_calls(text, names)
+        return got if got is not None else (text, [])
     found = _llama_calls(text, names) if fmt == "llama3_json" else _python_calls(text, names)
     return (None, found) if found else (text, [])
-
-
-class ToolStream:
-    """Streaming: content goes out as it comes, until the text may be a tool call; from there it is held, and at
-    the end parsed (tool_calls deltas) or released as content."""
-
-    # per format: markers a call may start with at the reply's start, and markers that start one anywhere
-    START = {"llama3_json": ("<|python_tag|>", "{", "["), "pythonic": ("[", "```"), "gemma4": ("call:",)}
-    ANYWHERE = {"hermes": ("<tool_call>",), "smollm2": ("<tool_call>",), "gemma4": ("<|tool_call>",)}
-
-    def __init__(self, fmt: str, names: set[str]) -> None:
-        self.fmt, self.names = fmt, names
-        self.held = ""  # text that may be (part of) a tool call
-        self.free = fmt != "forced"  # content may still go out directly
-        self.start, self.anywhere = self.START.get(fmt, ()), self.ANYWHERE.get(fmt, ())
-        self.started = False  # some content went out: start markers no longer apply
-
-    def feed(self, piece: str) -> str:
-        """A new piece of text -> the content that can go out now."""
-        if not self.free:
-            self.held += piece
-            return ""
-        text = self.held + piece
-        if not self.started and self.start:
-            lead = text.lstrip()
-            if not lead or any(m.startswith(lead) for m in self.start):
-                self.held = text  # too short to tell
-                return ""
-            if lead.startswith(self.start):
-                self.free, self.held = False, text
-                return ""
-        hits = [at for m in self.anywhere if (at := text.find(m)) >= 0]
-        if hits:
-            at = min(hits)
-            self.free, self.held = False, text[at:]
-            out = text[:at]
-        else:  # hold a tail that may be the start of a marker
-            keep = max((k for m in self.anywhere for k in range(min(len(text), len(m) - 1), 0, -1)
-                        if m.startswith(text[-k:])), default=0)
-            self.held, out = text[len(text) - keep:], text[: len(text) - keep]
-        self.started = self.started or bool(out.strip())
-        return out
-
-    def finish(self) -> tuple[str, list[Call]]:
-        """At the end -> (content still to go out, the calls)."""
-        if not self.held:
-            return "", []
-        content, calls = parse(self.fmt, self.held, self.names)
-        if not calls:
-            return self.held, []
-        return content or "", calls
 
 
 # ---- one request's plan -----------------------------------------------------------------------------------------
@@ -409,6 +411,7 @@ class ToolPlan:
     names: set[str]
     parallel: bool  # parallel_tool_calls: false keeps the first call only
     forced: dict | None = None  # the JSON schema a forced reply is constrained to
+    family: str = ""  # the template's format (a forced plan's too): it decides the ids' form (new_id)
 
     @classmethod
     def of(cls, body, template: str | None) -> ToolPlan | None:
@@ -421,15 +424,16 @@ class ToolPlan:
         choice = body.tool_choice
         if choice == "required" or (choice is not None and not isinstance(choice, str)):
             name = None if isinstance(choice, str) else choice.function.name
-            return cls("forced", names, parallel, forced_schema(tools, name, parallel))
-        return cls(detect_format(template), names, parallel)
+            return cls("forced", names, parallel, forced_schema(tools, name, parallel), detect_format(template))
+        fmt = detect_format(template)
+        return cls(fmt, names, parallel, family=fmt)
 
     def reply(self, text: str) -> tuple[str | None, list[Call]]:
         content, calls = parse(self.fmt, text, self.names)
-        return content, calls if self.parallel else calls[:1]
-
-    def stream(self) -> ToolStream:
-        return ToolStream(self.fmt, self.names)
+        calls = calls if self.parallel else calls[:1]
+        for c in calls:
+            c.id = new_id(self.family or self.fmt)
+        return content, calls
 
 
 async def chat_ids(generator, messages: list[dict], tools: list[dict] | None) -> list[int]:
