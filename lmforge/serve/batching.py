@@ -105,8 +105,8 @@ class Scheduler:
         self._masks: BatchMasker | None = None  # constrained rows' masks, computed while the model steps
         # how constrained rows get their masks: "thread" (filled together on a worker thread during the forward),
         # "batched" (the same fill, in line), "row" (each row its own, after the logits: the earlier path), "auto"
-        # (thread when torch's threads leave a core free: beside busy OpenMP threads the worker costs more than
-        # the mask; benchmarks/structured.py)
+        # (thread when torch's threads leave two cores free: on a 2-core host the worker cost more than the mask
+        # even beside one compute thread; benchmarks/structured.py measures the modes side by side)
         self.mask_mode = "auto"
 
     # ---- admission (any thread) ---------------------------------------------------------------------
@@ -388,7 +388,7 @@ class Scheduler:
         """The mask mode in effect ("auto" resolved): see `mask_mode`."""
         if self.mask_mode != "auto":
             return self.mask_mode
-        return "thread" if torch.get_num_threads() < (os.cpu_count() or 1) else "batched"
+        return "thread" if torch.get_num_threads() + 2 <= (os.cpu_count() or 1) else "batched"
 
     def _masker(self) -> BatchMasker:
         """The constrained rows' mask filler (made at the first constrained step: a server without one never
