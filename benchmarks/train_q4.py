@@ -27,8 +27,6 @@ from benchmarks.common import peak_rss_mb, rss_mb
 from benchmarks.train_speed import (
     batch_order,
     finetune_examples,
-    hf_causal_collate,
-    plain_loop,
     run_trainer,
     train_config,
 )
@@ -150,34 +148,15 @@ def worker_lmforge_float(s: dict[str, Any]) -> dict[str, Any]:
 
 def _hf_lora(s: dict[str, Any], bnb: bool) -> dict[str, Any]:
     """transformers + peft on the same GGUF: float32, or with its block matrices in bitsandbytes nf4 (bnb)."""
-    import peft
-    import torch
-    import transformers
-
-    from benchmarks.train_speed import HF_LORA_NAMES
-    from lmforge.checkpoints.registry import resolve
-    from lmforge.tokenizer import Tokenizer
+    from benchmarks.train_workloads import hf_finetune_base, hf_lora_steps
 
     base_rss = rss_mb()
-    path = resolve(s["model"])[0]
-    tok = Tokenizer.from_pretrained(path)
-    rows = finetune_examples(s, tok)
-    col = partial(hf_causal_collate, pad_id=tok.pad_id if tok.pad_id is not None else 0)
-    torch.manual_seed(s["seed"])
-    base = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    base.config.use_cache = False
+    base, rows, col = hf_finetune_base(s)
     if bnb:  # transformers refuses a quantization_config with a GGUF file: swap the block linears by hand
         version = to_bnb_4bit(base)
     weights = state_bytes(base)
-    targets = [t.strip() for t in s["lora_targets"].split(",") if t.strip()]
-    modules: str | list[str] = "all-linear" if "all-linear" in targets else [HF_LORA_NAMES[t] for t in targets]
-    model = peft.get_peft_model(base, peft.LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_alpha"],
-                                                      lora_dropout=s["lora_dropout"], target_modules=modules,
-                                                      task_type="CAUSAL_LM"))
-    clock = plain_loop(model, rows, col, [len(e) for e in rows], lambda b: model(**b, use_cache=False).loss, s)
-    res = clock.result(s["warmup_steps"])
-    out = {"rows": len(rows), "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           **res, "base_rss_mb": round(base_rss), "weights_mb": round(weights / 2**20, 1),
+    res = hf_lora_steps(s, base, rows, col)
+    out = {**res, "base_rss_mb": round(base_rss), "weights_mb": round(weights / 2**20, 1),
            "used_mb": round(res["peak_mb"] - base_rss)}
     if bnb:
         out["base"] = f"bitsandbytes {version} nf4"

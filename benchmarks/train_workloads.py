@@ -300,10 +300,10 @@ def hf_causal_collate(examples: Sequence[Any], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def worker_transformers_finetune(s: dict[str, Any]) -> dict[str, Any]:
+def hf_finetune_base(s: dict[str, Any]):
+    """transformers' float32 model of the finetune workload's GGUF file, its rows and collate: (base, rows, col)."""
     from functools import partial
 
-    import peft
     import torch
     import transformers
 
@@ -317,6 +317,13 @@ def worker_transformers_finetune(s: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(s["seed"])
     base = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     base.config.use_cache = False
+    return base, rows, col
+
+
+def hf_lora_steps(s: dict[str, Any], base, rows, col) -> dict[str, Any]:
+    """peft's LoRA over `base` with the workload's settings, trained by plain_loop: rows, trainable params, clock."""
+    import peft
+
     targets = [t.strip() for t in s["lora_targets"].split(",") if t.strip()]
     modules: str | list[str] = "all-linear" if "all-linear" in targets else [HF_LORA_NAMES[t] for t in targets]
     model = peft.get_peft_model(base, peft.LoraConfig(r=s["lora_rank"], lora_alpha=s["lora_alpha"],
@@ -326,6 +333,10 @@ def worker_transformers_finetune(s: dict[str, Any]) -> dict[str, Any]:
     return {"rows": len(rows),
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             **clock.result(s["warmup_steps"])}
+
+
+def worker_transformers_finetune(s: dict[str, Any]) -> dict[str, Any]:
+    return hf_lora_steps(s, *hf_finetune_base(s))
 
 
 def worker_lmforge_qa(s: dict[str, Any]) -> dict[str, Any]:

@@ -9,23 +9,10 @@ from lmforge.checkpoints import load_checkpoint, save_pretrained
 from lmforge.decoding import greedy
 
 transformers = pytest.importorskip("transformers")
-from conftest import FAMILIES  # noqa: E402
+from conftest import FAMILIES, padded_batch  # noqa: E402
 
 TOL = 1e-5
 DECODERS = ("llama", "gpt2", "gemma3")
-
-
-def _batch(vocab: int, padding: str):
-    """Two rows of 14 tokens; row 0 has 5 pad tokens on the `padding` side."""
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, vocab, (2, 14), generator=g)
-    mask = torch.ones_like(ids)
-    if padding == "left":
-        mask[0, :5] = 0
-    elif padding == "right":
-        mask[0, -5:] = 0
-    ids = ids.masked_fill(mask == 0, 0)
-    return ids, mask
 
 
 def _reference(hf_model, ids, mask, padding):
@@ -44,7 +31,7 @@ def test_logits_and_hidden_states_match(family, padding, hf_dirs):
         transformers.AutoModelForCausalLM.from_pretrained(hf_dirs[family])
     hf_model.eval()
     ours = load_checkpoint(hf_dirs[family], tokenizer=False).model
-    ids, mask = _batch(ours.cfg.vocab_size, padding)
+    ids, mask = padded_batch(padding, 0, ours.cfg.vocab_size)
     ref = _reference(hf_model, ids, mask, padding)
     with torch.no_grad():
         h, hidden = ours(ids, None if padding == "none" else mask, output_hidden_states=True)
@@ -70,7 +57,7 @@ def test_left_padding_equals_unpadded():
         with tempfile.TemporaryDirectory() as d:
             hf_model.save_pretrained(d)
             ours = load_checkpoint(d, tokenizer=False).model
-        ids, mask = _batch(ours.cfg.vocab_size, "left")
+        ids, mask = padded_batch("left", 0, ours.cfg.vocab_size)
         with torch.no_grad():
             batched = ours.logits(ids, mask)[0, 5:]
             alone = ours.logits(ids[:1, 5:])[0]
@@ -95,7 +82,7 @@ def test_save_pretrained_loads_in_transformers(family, hf_dirs, tmp_path):
     save_pretrained(ours, tmp_path / "out")
     auto = transformers.AutoModel if family == "bert" else transformers.AutoModelForCausalLM
     reloaded = auto.from_pretrained(tmp_path / "out").eval()
-    ids, mask = _batch(ours.cfg.vocab_size, "right")
+    ids, mask = padded_batch("right", 0, ours.cfg.vocab_size)
     with torch.no_grad():
         ref = reloaded(ids, attention_mask=mask)
         h = ours(ids, mask)
