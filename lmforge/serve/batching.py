@@ -305,22 +305,24 @@ class Scheduler:
         (those that did not end)."""
         budget = self.prefill_chunk or math.inf
         out: list[tuple[_Row, KVCache]] = []
-        ran, t0 = False, time.monotonic()
+        ran, t0, per_token = False, time.monotonic(), 0.0
         while pending:
             row, job = pending[0]
             r = row.req
             if r.cancelled:
                 pending.pop(0)
                 continue
-            if ran and (self._engine.next_chunk(job) > budget or time.monotonic() - t0 >= self._chunk_s):
-                break
+            k = self._engine.next_chunk(job)
+            if ran and (k > budget or time.monotonic() - t0 + k * per_token > self._chunk_s):
+                break  # over the tokens, or (at the last call's time per token) over one full chunk's time
             try:
                 ran = True
                 t = time.monotonic()
                 k = self._engine.prefill_chunk(job)
                 budget -= k
+                dt = time.monotonic() - t
+                per_token = dt / k
                 if k == self.prefill_chunk:  # a full chunk: how long one takes (EMA), the iteration's time limit
-                    dt = time.monotonic() - t
                     self._chunk_s = dt if self._chunk_s == math.inf else 0.8 * self._chunk_s + 0.2 * dt
                 if job.logits is None:
                     continue

@@ -40,6 +40,7 @@ from lmforge.model.invariant import set_batch_invariant
 from lmforge.model.layers import Attention
 from lmforge.model.multi_lora import AdapterRef, AdapterRows
 from lmforge.quant.policy import cover_rows
+from lmforge.serve.chunks import ChunkSchedule
 from lmforge.serve.prefix_cache import PrefixCache
 from lmforge.serve.row_group import RowGroup
 
@@ -144,6 +145,7 @@ class BatchDecoder:
             log.info("batch invariance is for CPU decoding; %s runs without it", self.device)
             invariant = False
         self.invariant, self.chunk = invariant, prefill_chunk
+        self.schedule = ChunkSchedule(model.cfg, prefill_chunk) if prefill_chunk else None  # long prompts' chunk ends
         fine = 0 < prefix_grain < prefill_chunk and prefill_chunk % prefix_grain == 0
         self.grain = prefix_grain if fine else prefill_chunk  # the grid's step for prompts shorter than a chunk
         set_batch_invariant(model, invariant, max_rows=max(64, max_rows))
@@ -213,9 +215,8 @@ class BatchDecoder:
         cache = KVCache(self.model.cfg, 1, n + self.headroom, device=self.device, dtype=self.dtype)
         hit = None
         if self.prefix_cache is not None and (self.reuse_exact or not self.invariant):
-            step = self.grid(n)
             hit = self.prefix_cache.lookup(prompt_ids, self.cache_ns(adapter, n),
-                                           floor=(lambda m: m - m % step) if self.invariant else None)
+                                           floor=self._floor(n) if self.invariant else None)
         m = 0
         if hit is not None:
             m, k, v = hit
@@ -226,11 +227,18 @@ class BatchDecoder:
         return PrefillJob(list(prompt_ids), cache, adapter, m)
 
     def grid(self, n: int) -> int:
-        """The invariant chunk grid's step for a prompt of n tokens: `prefix_grain` below one chunk, else the chunk.
-        A prompt's chunks end on multiples of it, so a cached prefix ending on one is what a fresh prefill makes,
-        given the same grid: entries are kept apart by grid (`cache_ns`), and a long prompt's first chunk is one
-        call (its prefill is not slowed, nor the running rows held longer, by the short prompts' pieces)."""
+        """The invariant chunk grid's step for a prompt of n tokens: `prefix_grain` below one chunk, else the chunk
+        (whose ends then follow `schedule`: chunk-sized steps, shorter ones further in). A prompt's chunks end on
+        the grid, so a cached prefix ending on it is what a fresh prefill makes, given the same grid: entries are
+        kept apart by grid (`cache_ns`), and a long prompt's first chunk is one call (its prefill is not slowed,
+        nor the running rows held longer, by the short prompts' pieces)."""
         return self.grain if n < self.chunk else self.chunk
+
+    def _floor(self, n: int):
+        """m -> the last chunk end at or before m on the grid of a prompt of n tokens (prefix lookups)."""
+        if n < self.chunk:
+            return lambda m: m - m % self.grain
+        return self.schedule.floor
 
     def cache_ns(self, adapter: AdapterRef | None, n: int) -> object:
         """The prefix-cache namespace of a prompt of n tokens: its adapter's load key (None: the base), and in
@@ -239,14 +247,16 @@ class BatchDecoder:
         return (key, self.grid(n)) if self.reuse_exact and self.grain != self.chunk else key
 
     def next_chunk(self, job: PrefillJob) -> int:
-        """Tokens the job's next `prefill_chunk` call runs: up to the next grid boundary in invariant mode."""
+        """Tokens the job's next `prefill_chunk` call runs: up to the next chunk end of `schedule` for a prompt of
+        a chunk or more, else up to the next `prefix_grain` step in invariant mode."""
         start, n = job.cache.length, len(job.ids)
         if not self.chunk:
             return n - start
+        if n >= self.chunk:
+            return self.schedule.next_end(start, n) - start
         if not self.invariant:
             return min(n, start + self.chunk) - start
-        step = self.grid(n)
-        return min(n, (start // step + 1) * step) - start
+        return min(n, (start // self.grain + 1) * self.grain) - start
 
     @torch.inference_mode()
     def prefill_chunk(self, job: PrefillJob) -> int:
