@@ -7,13 +7,12 @@ import dataclasses
 import math
 
 import pytest
-from test_serve_invariance import Collect, load, prompts
+from test_serve_invariance import load, prompts, run_one
 
 from lmforge import cpu_kernels
 from lmforge.config import ModelConfig
 from lmforge.serve.batching import Scheduler
 from lmforge.serve.chunks import ChunkSchedule, bounds, cost_growth
-from lmforge.serve.requests import GenRequest, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -61,25 +60,19 @@ def test_a_cached_prefix_past_the_first_shrink_gives_the_fresh_numbers(invarianc
     reuse goes up to the schedule's end before the cached length."""
     gen = load(invariance_model_dir, "4", "off" if cpu_kernels.failure() else "on", monkeypatch)
     ps = prompts(4, 21, lo=420, hi=500)
-    params = {"max_tokens": 6, "logprobs": 0}
-
-    def one(sched, ids, **kw):
-        c = Collect()
-        sched.submit(GenRequest(list(ids), SamplingParams(**{**params, **kw}), c))
-        return c.result()
-
+    one = run_one
     fresh = Scheduler(gen.model, gen.tokenizer, runtime=gen.runtime, prefill_chunk=64)
     cached = Scheduler(gen.model, gen.tokenizer, runtime=gen.runtime, prefill_chunk=64, prefix_cache_bytes=64 << 20)
     sched_ends = fresh._engine.schedule.ends
     assert sched_ends[:5] == [0, 64, 128, 192, 256] and sched_ends[5] - sched_ends[4] < 64
     try:
-        want = [one(fresh, ids) for ids in ps]
+        want = [one(fresh, ids, max_tokens=6) for ids in ps]
         got = []
         for i, ids in enumerate(ps):
             head = ids[:300]
             one(cached, head + prompts(1, 70 + i, 100, 110)[0], max_tokens=2)  # leaves the first 300 cached
             before = cached.stats["reused_tokens"]
-            got.append(one(cached, ids))
+            got.append(one(cached, ids, max_tokens=6))
             reused = cached.stats["reused_tokens"] - before
             assert reused == cached._engine.schedule.floor(300) == 288, reused
     finally:

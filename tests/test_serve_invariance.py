@@ -73,6 +73,13 @@ def prompts(n: int, seed: int, lo: int = 3, hi: int = 40) -> list[list[int]]:
     return [[rng.randrange(3, VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
+def run_one(sched: Scheduler, ids: list[int], max_tokens: int = 12) -> tuple:
+    """One greedy request with logprobs, alone -> (tokens, logprobs, text)."""
+    c = Collect()
+    sched.submit(GenRequest(list(ids), SamplingParams(max_tokens=max_tokens, logprobs=0), c))
+    return c.result()
+
+
 def submit(sched: Scheduler, specs: list[tuple[list[int], dict, int]]) -> list[Collect]:
     """specs: (prompt ids, sampling params, n rows); a request's n rows go in together (its seeded group)."""
     out = []
@@ -115,13 +122,7 @@ def test_a_cached_first_half_gives_the_fresh_numbers(model_dir, quantize, kernel
     1e-6 (they are the same bytes), as with the cache empty."""
     gen = load(model_dir, quantize, kernels, monkeypatch)
     ps = prompts(20, 3, lo=40, hi=80)
-    params = {"max_tokens": 12, "logprobs": 0}
-
-    def one(sched, ids, **kw):
-        c = Collect()
-        sched.submit(GenRequest(list(ids), SamplingParams(**{**params, **kw}), c))
-        return c.result()
-
+    one = run_one
     fresh = Scheduler(gen.model, gen.tokenizer, runtime=gen.runtime, prefill_chunk=8)
     cached = Scheduler(gen.model, gen.tokenizer, runtime=gen.runtime, prefill_chunk=8, prefix_cache_bytes=64 << 20)
     try:
@@ -232,11 +233,7 @@ def test_a_cached_prefix_shorter_than_a_chunk_gives_the_fresh_numbers(model_dir,
     run in 8-token pieces, fresh or not): the same bytes as with the cache empty."""
     gen = load(model_dir, quantize, kernels, monkeypatch)
     ps = prompts(8, 4, lo=30, hi=60)
-
-    def one(sched, ids, max_tokens=10):
-        c = Collect()
-        sched.submit(GenRequest(list(ids), SamplingParams(max_tokens=max_tokens, logprobs=0), c))
-        return c.result()
+    one = run_one
 
     kw = {"runtime": gen.runtime, "prefill_chunk": 64, "prefix_grain": 8}
     fresh = Scheduler(gen.model, gen.tokenizer, **kw)
