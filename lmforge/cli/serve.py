@@ -54,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompt tokens prefilled per step (all waiting prompts together) between the running rows' "
                         "decode steps, so a long prompt delays them by one chunk's time per token (0: whole prompts "
                         "at once; default: 128)")
+    s.add_argument("--speculative", choices=["auto", "off", "prompt-lookup"], default="auto",
+                   help="prompt-lookup speculative decoding of a greedy request alone in the batch (drafts from "
+                        "the prompt and output, verified in one forward; the same tokens and logprobs as without); "
+                        "what a request's speculative 'auto' means: auto = prompt-lookup on float weights, off on "
+                        "int4/int8 weights (where it did not measure faster; docs/serving.md). A request may "
+                        "still ask for prompt-lookup or off by name (default: auto)")
     s.add_argument("--max-tokens", type=positive_int, default=1024, metavar="N",
                    help="largest max_tokens a request may ask for (default: 1024)")
     s.add_argument("--max-prompt-tokens", type=positive_int, default=None, metavar="N",
@@ -96,6 +102,7 @@ def build_app(a: argparse.Namespace):
                              max_body_bytes=a.max_body_bytes, prefix_cache_mb=a.prefix_cache_mb,
                              batch_invariant=getattr(a, "batch_invariant", "on") == "on",
                              prefill_chunk=getattr(a, "prefill_chunk", 128),
+                             speculative=getattr(a, "speculative", "auto"),
                              default_max_tokens=min(256, a.max_tokens))
     settings.max_adapters = getattr(a, "max_adapters", 8)
     settings.validate()

@@ -52,6 +52,7 @@ from lmforge.serve.requests import (
     TokenLogprob,
 )
 from lmforge.serve.scoring import ScoreRequest, score_prompts, take_batch
+from lmforge.serve.speculate import Speculator
 
 log = logging.getLogger("lmforge.serve")
 
@@ -73,13 +74,14 @@ class Scheduler:
                  metrics=None, prefix_cache_bytes: int = 0, compile: str = "auto",
                  runtime: DecodeRuntime | None = None, lora: AdapterRows | None = None,
                  batch_invariant: bool = True, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_grain: int = PREFIX_GRAIN) -> None:
+                 prefix_grain: int = PREFIX_GRAIN, speculative: str = "auto") -> None:
         """batch_invariant: a row's numbers never depend on the other rows (engine.BatchDecoder `invariant`);
         prefill_chunk: prompt tokens per prefill forward and per worker iteration (0: a whole prompt at once);
         prefix_grain: the chunk grid's step for prompts shorter than a chunk (engine.BatchDecoder.grid).
         lora: the model's multi-LoRA row slots (serve/adapters.py), so rows run their SamplingParams.adapter.
         runtime: the model's DecodeRuntime to share (e.g. `Generator.runtime`, so the server reuses the traces
-        the Generator made); None builds one for this scheduler."""
+        the Generator made); None builds one for this scheduler. speculative: what a request's speculative="auto"
+        means ("auto" | "off" | "prompt-lookup": a lone greedy row's prompt-lookup rounds, serve/speculate.py)."""
         if max_batch < 1 or max_queue < 0:
             raise LmforgeError(f"max_concurrent must be >= 1 and max_queue >= 0 (got {max_batch}, {max_queue})")
         self.model, self.tokenizer = model, tokenizer
@@ -108,6 +110,7 @@ class Scheduler:
         # (thread when torch's threads leave two cores free: on a 2-core host the worker cost more than the mask
         # even beside one compute thread; benchmarks/structured.py measures the modes side by side)
         self.mask_mode = "auto"
+        self._spec = Speculator(speculative, self._engine, self.stats)
 
     # ---- admission (any thread) ---------------------------------------------------------------------
     @property
@@ -231,7 +234,8 @@ class Scheduler:
                         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
                         if self.metrics is not None:
                             self.metrics.batch(len(rows))
-                    if rows:
+                    busy = bool(pending or self._waiting or self._scoring)  # a lone row speculates when not busy
+                    if rows and not self._spec.round(rows, busy, self._deliver, self._drop):
                         self._decode_step(rows)
                 except Exception as e:  # a failed step fails the running rows, never the worker
                     log.exception("decode step of %d rows failed", len(rows))

@@ -415,6 +415,50 @@ class BatchDecoder:
         """The runtime's shape key of a one-row batch with a cache of `length` columns."""
         return (1, length, self.dtype, self.device)
 
+    # ---- speculative verification of a lone row (serve/speculate.py) ------------------------------------------
+    @property
+    def lone(self) -> bool:
+        """One row, unpadded, on the base weights: what `extend` verifies drafts for."""
+        if self.rows != 1:
+            return False
+        g = self.groups[0]
+        return g.n_real[0] == g.cache.length and g.adapters[0] is None
+
+    @torch.inference_mode()
+    def extend(self, tokens: list[int]) -> torch.Tensor:
+        """Feed a `lone` row these T tokens in one forward -> float32 logits (T, V), row i what this row's one-token
+        step gives after tokens[i]: each position's attention runs as that step runs it (Stepper.extend's rule:
+        "static" for decode_hidden, traced or not, "eager" for the model's forward). `keep` then rolls back."""
+        g = self.groups[0]
+        c, T = g.cache, len(tokens)
+        if c.length + T > c.max_len:  # room for the drafts (a bucket's length where the traced step reads it)
+            need = c.length + T
+            g.resize(cache_bucket(need) if self.static_ok else max(need, c.max_len + self.headroom))
+            c = g.cache
+        static = self.batched_ok and not hooked(self.model)
+        x = torch.tensor([tokens], dtype=torch.long, device=self.device)  # (1, T)
+        # where this row's steps replay a trace, so does the verification (a trace per T and cache length, so only
+        # on the steps' bucketed lengths; None: it runs eagerly)
+        traced = static and self.path.startswith("traced") and c.max_len == cache_bucket(c.max_len)
+        verify = getattr(self.runtime, "verify_hidden", None) if traced else None
+        h = verify(c, x) if verify is not None else None  # (T, D)
+        if h is None:
+            c.verify_rows = "static" if static else "eager"
+            try:
+                h = self.model(x, cache=c)[0]  # (T, D); positions length.., no padding
+            finally:
+                c.verify_rows = None
+        self._fed = list(tokens)
+        return self.model.lm_logits(h).float()  # (T, V)
+
+    def keep(self, n: int) -> None:
+        """Of the tokens `extend` fed, the first n stay in the row (the rest's columns are left to be overwritten)."""
+        g, fed = self.groups[0], self._fed
+        g.cache.length -= len(fed) - n
+        g.pos = g.pos + n
+        g.n_real[0] += n
+        g.tokens[0] += fed[:n]
+
     # ---- leaving ------------------------------------------------------------------------------------------
     def row_kv(self, b: int) -> tuple[list[int], list[torch.Tensor], list[torch.Tensor]]:
         """Row b's tokens and their keys/values per layer (n_kv, n, hd): views, valid until the next change."""

@@ -55,11 +55,18 @@ class Metrics:
         self.queue_depth = Gauge("lmforge_queue_depth", "Generations waiting for a batch", registry=r)
         self.running = Gauge("lmforge_running", "Generations decoding now (rows of the running batch)",
                              registry=r)
+        # speculative rounds of lone greedy rows (serve/speculate.py), totals since start read from the scheduler
+        self.speculative = {k: Gauge(f"lmforge_speculative_{k}", help_, registry=r) for k, help_ in (
+            ("rounds", "Speculative rounds run (one verifying forward each) since start"),
+            ("drafted", "Prompt-lookup draft tokens verified since start"),
+            ("accepted", "Draft tokens the model agreed with (kept) since start"))}
 
     def watch(self, sched: Scheduler) -> None:
         """Queue depth and running rows are read from the scheduler at scrape time."""
         self.queue_depth.set_function(lambda: sched.waiting)
         self.running.set_function(lambda: sched.running)
+        for k, g in self.speculative.items():
+            g.set_function(lambda k=k: sched.stats.get(f"spec_{k}", 0))
 
     # -- called by the Gate middleware (event loop) and the scheduler's worker thread
     def request(self, path: str, status: int | None, seconds: float, tokens_in: int, tokens_out: int) -> None:

@@ -40,6 +40,7 @@ class SamplingParams:
     constraint: object | None = None  # a decoding.constraints.Constraint the text follows (each row its own matcher)
     stop_logprob: bool = False  # logprobs also for the EOS token that ends the row (echo: OpenAI lists it)
     adapter: AdapterRef | None = None  # the LoRA adapter the row runs with (serve/adapters.py); None: the base
+    speculative: str = "auto"  # "auto" (the server's default) | "off" | "prompt-lookup": serve/speculate.py
 
 
 @dataclass

@@ -104,7 +104,7 @@ def sampling_params(body, max_tokens: int, logprobs: int | None = None, group: i
                           top_k=getattr(body, "top_k", 0), min_p=getattr(body, "min_p", 0.0),
                           repetition_penalty=body.repetition_penalty, seed=body.seed,
                           stop=tuple(getattr(body, "stop", None) or ()), logprobs=logprobs, group=group,
-                          stop_logprob=stop_logprob)
+                          stop_logprob=stop_logprob, speculative=getattr(body, "speculative", "auto"))
 
 
 async def compile_constraint(st: ServerState, kind: str, spec: Any, param: str):

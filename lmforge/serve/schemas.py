@@ -124,6 +124,8 @@ class SamplingFields(RequestBody):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None  # json_object / json_schema: constrained decoding
+    # lmforge extension: prompt-lookup speculative decoding of a lone greedy request (same tokens either way)
+    speculative: Literal["auto", "off", "prompt-lookup"] = "auto"
 
     _check_temperature = field_validator("temperature")(_temperature)
 
@@ -293,6 +295,7 @@ class TaskRequest(RequestBody):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, ge=0.01, le=100.0)
     seed: int | None = SEED
+    speculative: Literal["auto", "off", "prompt-lookup"] = "auto"  # as SamplingFields.speculative
 
     _check_temperature = field_validator("temperature")(_temperature)
 

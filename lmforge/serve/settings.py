@@ -57,6 +57,7 @@ class ServeSettings:
     max_adapters: int = 8  # LoRA adapters loaded at once over the base (serve/adapters.py)
     batch_invariant: bool = True  # a request's tokens and logprobs do not depend on the other requests' rows
     prefill_chunk: int = 128  # prompt tokens per prefill forward, between decode steps (0: whole prompts)
+    speculative: str = "auto"  # what a request's speculative "auto" means: auto | off | prompt-lookup (speculate.py)
 
     def validate(self) -> None:
         for name in ("max_concurrent", "max_tokens", "default_max_tokens", "max_body_bytes", "max_inputs",
@@ -67,6 +68,8 @@ class ServeSettings:
             raise LmforgeError(f"serve: prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         if self.prefill_chunk < 0:
             raise LmforgeError(f"serve: prefill_chunk must be >= 0, got {self.prefill_chunk}")
+        if self.speculative not in ("auto", "off", "prompt-lookup"):
+            raise LmforgeError(f"serve: speculative {self.speculative!r} is not one of auto | off | prompt-lookup")
         if self.max_queue < 0:
             raise LmforgeError(f"serve: max_queue must be >= 0, got {self.max_queue}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
