@@ -187,6 +187,16 @@ def test_flags_reach_the_scheduler(tiny_dir):
     assert not sched.batch_invariant and sched.prefill_chunk == 0
     with pytest.raises(SystemExit):
         p.parse_args(["serve", "--prefill-chunk", "-1"])
+    from lmforge.errors import LmforgeError
+    from lmforge.serve.engine import PREFIX_GRAIN
+
+    assert ServeSettings().prefix_grain == PREFIX_GRAIN
+    assert build_app(p.parse_args(["serve", "--model", str(tiny_dir)])).state.lmforge.sched._engine.grain == 16
+    for grain, want in (("32", 32), ("0", DEFAULT_PREFILL_CHUNK)):
+        a = p.parse_args(["serve", "--model", str(tiny_dir), "--prefix-grain", grain])
+        assert build_app(a).state.lmforge.sched._engine.grain == want
+    with pytest.raises(LmforgeError, match="prefix_grain 48 must be 0 or divide prefill_chunk 128"):
+        build_app(p.parse_args(["serve", "--model", str(tiny_dir), "--prefix-grain", "48"]))
 
 
 @pytest.mark.parametrize("kernels", ["on", "off"])

@@ -54,6 +54,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompt tokens prefilled per step (all waiting prompts together) between the running rows' "
                         "decode steps, so a long prompt delays them by one chunk's time per token (0: whole prompts "
                         "at once; default: 128)")
+    s.add_argument("--prefix-grain", type=non_negative_int, default=16, metavar="N",
+                   help="with batch invariance, a prompt shorter than one chunk prefills in pieces of N tokens, so "
+                        "short prompts reuse each other's cached prefixes in steps of N (e.g. a shared system "
+                        "prompt); must divide --prefill-chunk (0: one piece; default: 16)")
     s.add_argument("--speculative", choices=["auto", "off", "prompt-lookup"], default="auto",
                    help="prompt-lookup speculative decoding of a greedy request alone in the batch (drafts from "
                         "the prompt and output, verified in one forward; the same tokens and logprobs as without); "
@@ -102,6 +106,7 @@ def build_app(a: argparse.Namespace):
                              max_body_bytes=a.max_body_bytes, prefix_cache_mb=a.prefix_cache_mb,
                              batch_invariant=getattr(a, "batch_invariant", "on") == "on",
                              prefill_chunk=getattr(a, "prefill_chunk", 128),
+                             prefix_grain=getattr(a, "prefix_grain", 16),
                              speculative=getattr(a, "speculative", "auto"),
                              default_max_tokens=min(256, a.max_tokens))
     settings.max_adapters = getattr(a, "max_adapters", 8)

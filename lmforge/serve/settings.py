@@ -57,6 +57,7 @@ class ServeSettings:
     max_adapters: int = 8  # LoRA adapters loaded at once over the base (serve/adapters.py)
     batch_invariant: bool = True  # a request's tokens and logprobs do not depend on the other requests' rows
     prefill_chunk: int = 128  # prompt tokens per prefill forward, between decode steps (0: whole prompts)
+    prefix_grain: int = 16  # a prompt shorter than a chunk prefills in pieces of this many tokens (0: one piece)
     speculative: str = "auto"  # what a request's speculative "auto" means: auto | off | prompt-lookup (speculate.py)
 
     def validate(self) -> None:
@@ -68,6 +69,9 @@ class ServeSettings:
             raise LmforgeError(f"serve: prefix_cache_mb must be >= 0, got {self.prefix_cache_mb}")
         if self.prefill_chunk < 0:
             raise LmforgeError(f"serve: prefill_chunk must be >= 0, got {self.prefill_chunk}")
+        if self.prefix_grain < 0 or (self.prefix_grain and self.prefill_chunk % self.prefix_grain):
+            raise LmforgeError(f"serve: prefix_grain {self.prefix_grain} must be 0 or divide prefill_chunk "
+                               f"{self.prefill_chunk}")
         if self.speculative not in ("auto", "off", "prompt-lookup"):
             raise LmforgeError(f"serve: speculative {self.speculative!r} is not one of auto | off | prompt-lookup")
         if self.max_queue < 0:

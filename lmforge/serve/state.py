@@ -36,6 +36,7 @@ class ServerState:
                                prefix_cache_bytes=settings.prefix_cache_mb << 20,
                                compile=server_compile(generator.compile),
                                batch_invariant=settings.batch_invariant, prefill_chunk=settings.prefill_chunk,
+                               prefix_grain=settings.prefix_grain or settings.prefill_chunk,
                                speculative=settings.speculative,
                                runtime=generator.runtime,  # the Generator's traces serve here too
                                lora=self.adapters.rows)
