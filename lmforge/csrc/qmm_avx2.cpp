@@ -9,7 +9,10 @@
 // Operands are lmforge's own storage formats, so no second copy of the weights is needed:
 //   q4_mm: nibbles uint8 (N, K/2), low nibble = even column; scales, mins float32 or float16 (N, G),
 //          w = q * scale + min
-//          with groups of g = K / G columns, g = 32 * 2^k; a list of such layers, outputs side by side.
+//          with groups of g = K / G columns, g = 32 * 2^k; a list of such layers, outputs side by side; mins
+//          empty where they are -8 * scales (Q4_0), then derived, not read.
+//   q4_mm_route / q8_mm_route: a mixture's experts for one token, row p of x through part p, the results
+//          summed with per-part weights (1, N).
 //   q8_mm: qweight int8 (N, K) in [-127, 127]; scales float32 (N, 1), w = q * scale.
 // Both take x float32 (..., K) and return float32 (..., N). Registered as torch.ops.lmforge.q4_mm / q8_mm, so a
 // torch.jit.trace of the decode step records them. Above `int_rows` rows of x (prefill) the integer products
@@ -126,8 +129,33 @@ inline float dot_g(const uint16_t* a, const float* b, int64_t n) {
   for (; i < n; ++i) s += _cvtsh_ss(a[i]) * b[i];
   return s;
 }
+// dot_g(mins, b, n) for mins = -8 * scales (a GGUF's Q4_0 blocks: w = (q - 8) * d), read from the scales: the
+// same products bit for bit (times -8 is exact in float), and a weight row streams no mins (0.5625 bytes per
+// weight instead of 0.625, as llama.cpp's Q4_0 reads)
+inline float dot_sym(const float* a, const float* b, int64_t n) {
+  const __m256 m8 = _mm256_set1_ps(-8.f);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(a + i), m8), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += (a[i] * -8.f) * b[i];
+  return s;
+}
+inline float dot_sym(const uint16_t* a, const float* b, int64_t n) {
+  const __m256 m8 = _mm256_set1_ps(-8.f);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))), m8),
+                          _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += (_cvtsh_ss(a[i]) * -8.f) * b[i];
+  return s;
+}
 
-// A tile of the product: RT consecutive int4 weight rows (row stride K/2 bytes, scales/mins stride G) against
+// A tile of the product: RT consecutive int4 weight rows (row stride K/2 bytes, scales/mins stride G; mins null:
+// mins = -8 * scales) against
 // MT rows of x. For weight row r and x row m:
 //   y[m][r] = sum_b scale_{r, b >> shift} * sx_mb * (q_rb . xq_mb) + sum_g min_rg * xsum_mg
 // (2^shift blocks of 32 make a group). RT * MT independent accumulators hide the FMA latency; each x block is
@@ -237,7 +265,8 @@ inline void q4_tile(const uint8_t* w, const ST* sc, const ST* mn, int64_t G, int
     }
   }
   for (int r = 0; r < RT; ++r)
-    for (int m = 0; m < MT; ++m) y[m * ystride + r] = hsum(acc[r][m]) + dot_g(mn + r * G, xg + m * G, G);
+    for (int m = 0; m < MT; ++m)
+      y[m * ystride + r] = hsum(acc[r][m]) + (mn ? dot_g(mn + r * G, xg + m * G, G) : dot_sym(sc + r * G, xg + m * G, G));
 }
 
 // The same for int8 weight rows (row stride K) with one scale per row: y[m][r] = scale_r * sum_b sx_mb * (q_rb . xq_mb).
@@ -396,15 +425,33 @@ void dense_part(const at::Tensor& x, int64_t rows, int64_t K, int64_t col, at::T
   }
 }
 
+// Sum over the P rows of y (P, N): out = y_0 * w_0, then out = out + y_p * w_p in row order (a multiply and an
+// add, each rounded: what `y * w` and `out + y` do in torch, so a mixture's experts sum to the same bits as
+// summed one by one).
+at::Tensor weighted_rows(const at::Tensor& y, const at::Tensor& w) {
+  const int64_t P = y.size(0), N = y.size(1);
+  at::Tensor out = at::empty({1, N}, y.options());
+  const float *Y = y.data_ptr<float>(), *Wt = w.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  for (int64_t n = 0; n < N; ++n) O[n] = Y[n] * Wt[0];
+  for (int64_t p = 1; p < P; ++p)
+    for (int64_t n = 0; n < N; ++n) O[n] = O[n] + Y[p * N + n] * Wt[p];
+  return out;
+}
+
 // x (M, K) times the concatenation of the int4 layers in `nib` (each (N_i, K/2)): y (M, sum N_i). A list, so
 // that q|k|v or gate|up run as one call (x quantized once, one parallel pass) with no fused copy of weights.
-at::Tensor q4_mm(const at::Tensor& x_in, at::TensorList nib, at::TensorList scales, at::TensorList mins,
-                 int64_t int_rows) {
+// A part's mins may be empty: mins = -8 * scales (Q4_0 blocks), not read (dot_sym); all parts or none.
+// route (mixture of experts, one token): x has one row per part, row p runs part p only (each row's integer
+// products, as a call of its own would), and the result is sum_p route[p] * y_p (1, N) (weighted_rows).
+at::Tensor q4_impl(const at::Tensor& x_in, at::TensorList nib, at::TensorList scales, at::TensorList mins,
+                   int64_t int_rows, const at::Tensor* route) {
   TORCH_CHECK(!nib.empty() && nib.size() == scales.size() && nib.size() == mins.size(),
               "q4_mm: give as many scales and mins tensors as weights");
   const int64_t K = nib[0].size(1) * 2;
   const at::Tensor x = rows_of(x_in, K, "q4_mm");
   const int64_t M = x.size(0);
+  const bool sym = mins[0].numel() == 0 && nib[0].size(0) > 0;
   const int64_t G = scales[0].size(1), nb = K / QB;
   std::vector<int64_t> rows;
   std::vector<const uint8_t*> W;
@@ -415,13 +462,21 @@ at::Tensor q4_mm(const at::Tensor& x_in, at::TensorList nib, at::TensorList scal
     const at::Tensor &w = nib[i], &sc = scales[i], &mn = mins[i];
     TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 2 && w.size(1) * 2 == K,
                 "q4_mm: nibbles must be contiguous uint8 (N, K/2) of one K");
-    TORCH_CHECK(sc.scalar_type() == st && mn.scalar_type() == st && sc.is_contiguous() && mn.is_contiguous() &&
-                    sc.sizes() == mn.sizes() && sc.dim() == 2 && sc.size(0) == w.size(0) && sc.size(1) == G,
-                "q4_mm: scales and mins must be contiguous (N, G), all float32 or all float16, one G for all parts");
+    TORCH_CHECK(sc.scalar_type() == st && sc.is_contiguous() && sc.dim() == 2 && sc.size(0) == w.size(0) &&
+                    sc.size(1) == G &&
+                    (sym ? mn.numel() == 0 : mn.scalar_type() == st && mn.is_contiguous() && sc.sizes() == mn.sizes()),
+                "q4_mm: scales and mins must be contiguous (N, G), all float32 or all float16, one G for all parts "
+                "(or all mins empty: mins = -8 * scales)");
     rows.push_back(w.size(0));
     W.push_back(w.data_ptr<uint8_t>());
     S.push_back(sc.data_ptr());
-    Z.push_back(mn.data_ptr());
+    Z.push_back(sym ? nullptr : mn.data_ptr());
+  }
+  if (route != nullptr) {
+    TORCH_CHECK(M == static_cast<int64_t>(nib.size()) && route->scalar_type() == at::kFloat &&
+                    route->is_contiguous() && route->numel() == M,
+                "q4_mm_route: x must have one row per part and route one float32 weight per part");
+    for (int64_t r : rows) TORCH_CHECK(r == rows[0], "q4_mm_route: the parts must have one output width");
   }
   const int64_t per_group = G > 0 && K % G == 0 ? (K / G) / QB : 0;
   TORCH_CHECK(per_group > 0 && (per_group & (per_group - 1)) == 0 && (K / G) % QB == 0, "q4_mm: group size ",
@@ -430,10 +485,10 @@ at::Tensor q4_mm(const at::Tensor& x_in, at::TensorList nib, at::TensorList scal
   while ((int64_t{1} << shift) < per_group) ++shift;
   int64_t N = 0;
   for (int64_t r : rows) N += r;
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = route ? at::empty({M, rows[0]}, x.options()) : at::empty({M, N}, x.options());
   auto run = [&](auto tag) {  // the rest for scale type ST
     using ST = decltype(tag);
-    if (M > int_rows) {
+    if (M > int_rows && route == nullptr) {
       int64_t col = 0;
       for (size_t i = 0; i < nib.size(); ++i) {
         const uint8_t* w = W[i];
@@ -441,7 +496,7 @@ at::Tensor q4_mm(const at::Tensor& x_in, at::TensorList nib, at::TensorList scal
         dense_part(x, rows[i], K, col, y, [&](int64_t r, float* out) {
           const int64_t gs = K / G;  // columns per group
           for (int64_t g = 0; g < G; ++g) {
-            const float d = ld(sc + r * G + g), z = ld(mn + r * G + g);
+            const float d = ld(sc + r * G + g), z = mn ? ld(mn + r * G + g) : d * -8.f;
             const uint8_t* src = w + r * (K / 2) + g * (gs / 2);
             float* o = out + g * gs;
             for (int64_t k = 0; k < gs / 2; ++k) {
@@ -460,27 +515,45 @@ at::Tensor q4_mm(const at::Tensor& x_in, at::TensorList nib, at::TensorList scal
     for (int64_t m = 0; m < M; ++m)  // block sums -> group sums (the min term is per group)
       for (int64_t b = 0; b < nb; ++b) xg[m * G + (b >> shift)] += xs[m * nb + b];
     float* Y = y.data_ptr<float>();
-    const Shape sh = shape_for(M);
-    const int64_t tile_bytes = sh.rt * (K / 2 + 2 * G * static_cast<int64_t>(sizeof(ST)));
-    over_tiles(tiles_of(rows, sh.rt), M, sh.mt, tile_bytes, [&](const Tile& t, int64_t m0, int64_t mt) {
+    const Shape sh = shape_for(route ? 1 : M);
+    const int64_t tile_bytes = sh.rt * (K / 2 + (sym ? 1 : 2) * G * static_cast<int64_t>(sizeof(ST)));
+    over_tiles(tiles_of(rows, sh.rt), route ? 1 : M, sh.mt, tile_bytes, [&](const Tile& t, int64_t m0, int64_t mt) {
+      if (route) m0 = t.part;  // the part's own row of x, written to row t.part of y
       const uint8_t* w = W[t.part] + t.row * (K / 2);
-      const ST *sc = static_cast<const ST*>(S[t.part]) + t.row * G, *mn = static_cast<const ST*>(Z[t.part]) + t.row * G;
+      const ST *sc = static_cast<const ST*>(S[t.part]) + t.row * G;
+      const ST* mn = sym ? nullptr : static_cast<const ST*>(Z[t.part]) + t.row * G;
       const int8_t* q = xq.data() + m0 * K;
       const float *a = sx.data() + m0 * nb, *g = xg.data() + m0 * G;
-      float* out = Y + m0 * N + t.n;
+      const int64_t ld_y = route ? rows[0] : N;
+      float* out = Y + m0 * ld_y + (route ? t.row : t.n);
       by_shape(sh, t.rows, mt, [&](auto R, auto Mc, int64_t r) {
-        q4_tile<R(), Mc()>(w + r * (K / 2), sc + r * G, mn + r * G, G, shift, q, a, g, K, out + r, N);
+        q4_tile<R(), Mc()>(w + r * (K / 2), sc + r * G, mn ? mn + r * G : nullptr, G, shift, q, a, g, K, out + r,
+                           ld_y);
       });
     });
   };
   if (half) run(uint16_t{});
   else run(float{});
+  if (route) return weighted_rows(y, *route);
   return shaped(y, x_in);
+}
+
+at::Tensor q4_mm(const at::Tensor& x, at::TensorList nib, at::TensorList scales, at::TensorList mins,
+                 int64_t int_rows) {
+  return q4_impl(x, nib, scales, mins, int_rows, nullptr);
+}
+
+// One token's experts (x (k, K): row p is expert p's input) -> sum_p route[p] * (x_p @ W_p^T), (1, N).
+at::Tensor q4_mm_route(const at::Tensor& x, at::TensorList nib, at::TensorList scales, at::TensorList mins,
+                       const at::Tensor& route) {
+  return q4_impl(x, nib, scales, mins, 0, &route);
 }
 
 // x (M, K) times the concatenation of the int8 layers in `w8` (each (N_i, K), one float32 scale per row): y (M,
 // sum N_i). A list, as q4_mm's: q|k|v or gate|up in one call (x quantized once, one parallel pass).
-at::Tensor q8_mm_parts(const at::Tensor& x_in, at::TensorList w8, at::TensorList scales, int64_t int_rows) {
+// route: as q4_impl's (one row of x per part, the rows' results summed with these weights).
+at::Tensor q8_impl(const at::Tensor& x_in, at::TensorList w8, at::TensorList scales, int64_t int_rows,
+                   const at::Tensor* route) {
   TORCH_CHECK(!w8.empty() && w8.size() == scales.size(), "q8_mm: give as many scales tensors as weights");
   const int64_t K = w8[0].size(1);
   const at::Tensor x = rows_of(x_in, K, "q8_mm");
@@ -498,10 +571,16 @@ at::Tensor q8_mm_parts(const at::Tensor& x_in, at::TensorList w8, at::TensorList
     W.push_back(w.data_ptr<int8_t>());
     S.push_back(s.data_ptr<float>());
   }
+  if (route != nullptr) {
+    TORCH_CHECK(M == static_cast<int64_t>(w8.size()) && route->scalar_type() == at::kFloat &&
+                    route->is_contiguous() && route->numel() == M,
+                "q8_mm_route: x must have one row per part and route one float32 weight per part");
+    for (int64_t r : rows) TORCH_CHECK(r == rows[0], "q8_mm_route: the parts must have one output width");
+  }
   int64_t N = 0;
   for (int64_t r : rows) N += r;
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M > int_rows) {
+  at::Tensor y = route ? at::empty({M, rows[0]}, x.options()) : at::empty({M, N}, x.options());
+  if (M > int_rows && route == nullptr) {
     int64_t col = 0;
     for (size_t i = 0; i < w8.size(); ++i) {
       const int8_t* w = W[i];
@@ -517,26 +596,38 @@ at::Tensor q8_mm_parts(const at::Tensor& x_in, at::TensorList w8, at::TensorList
   std::vector<float> sx(M * nb), xs(M * nb);
   quantize_rows(x.data_ptr<float>(), M, K, false, xq.data(), sx.data(), xs.data());
   float* Y = y.data_ptr<float>();
-  const Shape sh = shape_for(M);
+  const Shape sh = shape_for(route ? 1 : M);
   // One row of x (a decode step) against short weight rows (K < 2048: Qwen2.5-0.5B's 896): one weight row at a
   // time, so the weights stream in address order (a 6-row tile reads 6 streams of a few cache lines each, which
   // the hardware prefetcher follows poorly). The same products in the same order: the bits do not change.
-  const bool one_by_one = M == 1 && K < 2048;
-  over_tiles(tiles_of(rows, sh.rt), M, sh.mt, sh.rt * K, [&](const Tile& t, int64_t m0, int64_t mt) {
+  const bool one_by_one = (M == 1 || route) && K < 2048;
+  const int64_t ld_y = route ? rows[0] : N;
+  over_tiles(tiles_of(rows, sh.rt), route ? 1 : M, sh.mt, sh.rt * K, [&](const Tile& t, int64_t m0, int64_t mt) {
+    if (route) m0 = t.part;  // the part's own row of x, written to row t.part of y
     const int8_t* w = W[t.part] + t.row * K;
     const float* s = S[t.part] + t.row;
     const int8_t* q = xq.data() + m0 * K;
     const float* a = sx.data() + m0 * nb;
-    float* out = Y + m0 * N + t.n;
+    float* out = Y + m0 * ld_y + (route ? t.row : t.n);
     if (one_by_one) {
-      for (int64_t r = 0; r < t.rows; ++r) q8_tile<1, 1>(w + r * K, s + r, q, a, K, out + r, N);
+      for (int64_t r = 0; r < t.rows; ++r) q8_tile<1, 1>(w + r * K, s + r, q, a, K, out + r, ld_y);
       return;
     }
     by_shape(sh, t.rows, mt, [&](auto R, auto Mc, int64_t r) {
-      q8_tile<R(), Mc()>(w + r * K, s + r, q, a, K, out + r, N);
+      q8_tile<R(), Mc()>(w + r * K, s + r, q, a, K, out + r, ld_y);
     });
   });
+  if (route) return weighted_rows(y, *route);
   return shaped(y, x_in);
+}
+
+at::Tensor q8_mm_parts(const at::Tensor& x, at::TensorList w8, at::TensorList scales, int64_t int_rows) {
+  return q8_impl(x, w8, scales, int_rows, nullptr);
+}
+
+// One token's int8 experts, as q4_mm_route.
+at::Tensor q8_mm_route(const at::Tensor& x, at::TensorList w8, at::TensorList scales, const at::Tensor& route) {
+  return q8_impl(x, w8, scales, 0, &route);
 }
 
 at::Tensor q8_mm(const at::Tensor& x_in, const at::Tensor& w8, const at::Tensor& scales, int64_t int_rows) {
@@ -804,6 +895,8 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("q4_mm(Tensor x, Tensor[] nibbles, Tensor[] scales, Tensor[] mins, int int_rows) -> Tensor");
   m.def("q8_mm(Tensor x, Tensor qweight, Tensor scales, int int_rows) -> Tensor");
   m.def("q8_mm_parts(Tensor x, Tensor[] qweights, Tensor[] scales, int int_rows) -> Tensor");
+  m.def("q4_mm_route(Tensor x, Tensor[] nibbles, Tensor[] scales, Tensor[] mins, Tensor route) -> Tensor");
+  m.def("q8_mm_route(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor route) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("silu_mul(Tensor gu) -> Tensor");
   m.def("decode_attn(Tensor q, Tensor k, Tensor v, Tensor? cos, Tensor? sin, Tensor(a!) kc, Tensor(b!) vc, Tensor col, Tensor mask, float scale) -> Tensor");
@@ -813,6 +906,8 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("q4_mm", &q4_mm);
   m.impl("q8_mm", &q8_mm);
   m.impl("q8_mm_parts", &q8_mm_parts);
+  m.impl("q4_mm_route", &q4_mm_route);
+  m.impl("q8_mm_route", &q8_mm_route);
   m.impl("rms_norm", &rms_norm);
   m.impl("silu_mul", &silu_mul);
   m.impl("decode_attn", &decode_attn);

@@ -20,6 +20,9 @@ class MoE(nn.Module):
         self.k, self.norm_topk = cfg.n_experts_active, cfg.moe_norm_topk
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = nn.ModuleList(GatedMLP(cfg, cfg.expert_d_ff) for _ in range(cfg.n_experts))
+        # a decode token's k experts in two kernel calls (lmforge.quant.group_experts sets it on quantized
+        # experts): (h (1, D), experts ascending, their weights (k,) float32) -> (1, D), or None for the loop
+        self.grouped: nn.Module | None = None
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """h (N, D) -> the chosen experts (N, k) and their weights (N, k) in h's dtype."""
@@ -34,8 +37,14 @@ class MoE(nn.Module):
         h = x.reshape(-1, shape[-1])  # (N, D)
         idx, w = self.route(h)
         if h.shape[0] == 1:  # one token (a decode step): its k experts in ascending order, no gather / scatter
+            order = sorted((e, j) for j, e in enumerate(idx[0].tolist()))
+            if self.grouped is not None and h.dtype is torch.float32:
+                ws = w[0].tolist()
+                y = self.grouped(h, [e for e, _ in order], torch.tensor([ws[j] for _, j in order]))
+                if y is not None:
+                    return y.view(shape)
             out = None
-            for e, j in sorted((e, j) for j, e in enumerate(idx[0].tolist())):
+            for e, j in order:
                 y = self.experts[e](h) * w[:, j, None]  # (1, D)
                 out = y if out is None else out + y  # the same sums, in the same order, as index_add_ below
             return out.view(shape)

@@ -4,7 +4,8 @@ Decoding one token reads every weight once, so at batch 1 its speed is set by th
 token; `quantize_model` swaps a Transformer's block nn.Linear layers (and, unless skipped, its LM head) for
 QuantLinear, which holds int8 rows or int4 nibbles and runs packed integer kernels on small row counts.
 Modules: numerics (formats, quantizers), policy (which matmul runs, a per-layer value), kernels (operands and
-dispatch), layers (the modules), convert (whole models), io (save / load). Numbers: docs/quantization.md.
+dispatch), layers (the linear modules), embedding, experts (a mixture's decode token in two kernel calls),
+convert (whole models), io (save / load). Numbers: docs/quantization.md.
 """
 
 from lmforge.quant.convert import (
@@ -15,9 +16,11 @@ from lmforge.quant.convert import (
     quantize_model,
     quantized_nbytes,
 )
+from lmforge.quant.embedding import QuantEmbedding
+from lmforge.quant.experts import GroupedExperts, group_experts
 from lmforge.quant.io import load_quantized, save_quantized
 from lmforge.quant.kernels import kernel_backend
-from lmforge.quant.layers import FusedQuantLinear, QuantEmbedding, QuantLinear, fuse_projections, prepare_kernels
+from lmforge.quant.layers import FusedQuantLinear, QuantLinear, fuse_projections, prepare_kernels
 from lmforge.quant.numerics import QuantError, pack_nibbles, quantize_int4, quantize_int8, unpack_nibbles
 from lmforge.quant.policy import DEFAULT_POLICY, KernelPolicy, kernel_mode, kernel_policy, set_kernel_policy
 
@@ -26,6 +29,7 @@ __all__ = [
     "DEFAULT_POLICY",
     "HEAD_NAME",
     "FusedQuantLinear",
+    "GroupedExperts",
     "KernelPolicy",
     "QuantEmbedding",
     "QuantError",
@@ -33,6 +37,7 @@ __all__ = [
     "QuantSpec",
     "build_quantized",
     "fuse_projections",
+    "group_experts",
     "kernel_backend",
     "kernel_mode",
     "kernel_policy",

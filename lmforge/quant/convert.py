@@ -16,7 +16,9 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
-from lmforge.quant.layers import QuantEmbedding, QuantLinear, fuse_projections, prepare_kernels
+from lmforge.quant.embedding import QuantEmbedding
+from lmforge.quant.experts import group_experts
+from lmforge.quant.layers import QuantLinear, fuse_projections, prepare_kernels
 from lmforge.quant.numerics import QuantError, check_spec
 
 HEAD_NAME = "lm_head"  # the name `skip` uses for the LM head, tied or not
@@ -115,6 +117,7 @@ def quantize_model(model: nn.Module, bits: int = 8, group_size: int | None = Non
     model.quant_spec = QuantSpec(bits, group_size, done, head, quantize_embedding,
                                  head_bits if head else None, head_group_size if head else None)
     fuse_projections(model)
+    group_experts(model)
     prepare_kernels(model)
     return model
 
@@ -162,5 +165,6 @@ def build_quantized(cfg, state: dict[str, torch.Tensor], spec: QuantSpec, device
     model.init_buffers(device)  # rotary tables (non-persistent) were built on meta
     model.quant_spec = spec
     fuse_projections(model)
+    group_experts(model)
     prepare_kernels(model)
     return model.eval()

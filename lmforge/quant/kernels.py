@@ -130,10 +130,20 @@ def kernel_operands(bits: int, group_size: int | None, qweight: torch.Tensor, sc
     return ops
 
 
+def int4_symmetric(scales: torch.Tensor, mins: torch.Tensor) -> bool:
+    """Whether mins = -8 * scales exactly (a GGUF's Q4_0 blocks, w = (q - 8) * d): then lmforge's int4 kernel
+    is handed an empty mins tensor and derives them from the scales (the same bits), so a decode step streams
+    0.5625 instead of 0.625 bytes per weight."""
+    with torch.no_grad():
+        m8 = scales * -8.0  # exact in float16 and float32 (a power of two) while finite
+        return bool(torch.isfinite(m8).all()) and torch.equal(m8, mins)
+
+
 def own_operands(bits: int, group_size: int | None, qweight: torch.Tensor, scales: torch.Tensor,
-                 mins: torch.Tensor | None) -> tuple | None:
+                 mins: torch.Tensor | None, symmetric: bool = True) -> tuple | None:
     """Operands of lmforge's AVX2 kernels (the caller checked they are in use): the layer's own tensors (no copy
-    where they are float32 and contiguous already), or None where those kernels do not take this layer."""
+    where they are float32 and contiguous already), or None where those kernels do not take this layer.
+    symmetric: give int4 mins that are -8 * scales as an empty tensor (int4_symmetric)."""
     if qweight.device.type != "cpu":
         return None
     K = qweight.shape[1] * (2 if bits == 4 else 1)
@@ -147,8 +157,10 @@ def own_operands(bits: int, group_size: int | None, qweight: torch.Tensor, scale
     if group_size is None or group_size % 32 or blocks & (blocks - 1):
         return None
     if scales.dtype is torch.float16 and mins.dtype is torch.float16:  # QuantLinear._compact_scales
-        return qweight.contiguous(), (scales.contiguous(), mins.contiguous())
-    return qweight.contiguous(), (scales.float().contiguous(), mins.float().contiguous())
+        s, m = scales.contiguous(), mins.contiguous()
+    else:
+        s, m = scales.float().contiguous(), mins.float().contiguous()
+    return qweight.contiguous(), (s, s.new_empty(0) if symmetric and int4_symmetric(s, m) else m)
 
 
 @functools.cache  # once per process, after the kernels are loaded

@@ -1,6 +1,7 @@
-"""The quantized modules: QuantLinear (int8 / int4 weights, a float nn.Linear's replacement), FusedQuantLinear
-(int4 layers reading one input, as one kernel call), QuantEmbedding (int8 rows), and the model-wide steps that
-set up their kernels (fuse_projections, prepare_kernels).
+"""The quantized linear modules: QuantLinear (int8 / int4 weights, a float nn.Linear's replacement),
+FusedQuantLinear (int4 layers reading one input, as one kernel call), and the model-wide steps that set up their
+kernels (fuse_projections, prepare_kernels). QuantEmbedding (int8 rows) is in lmforge.quant.embedding, a
+mixture's grouped experts in lmforge.quant.experts.
 
 A layer's state dict is always the portable format (int8 rows or nibbles, float32 scales); kernel layouts and
 operands are caches built on the first forward (or by prepare_kernels) and dropped on load, move or cast. Which
@@ -22,6 +23,7 @@ from torch import nn
 from lmforge import cpu_kernels
 from lmforge.io import release_free_memory
 from lmforge.quant.kernels import (
+    int4_symmetric,
     int4pack_row_block,
     int4unpack,
     kernel_mm,
@@ -196,6 +198,17 @@ class QuantLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
 
+    def kernel_parts(self) -> tuple | None:
+        """(bits, [weight], [scales], [mins] or None for int8) as lmforge's AVX2 kernels run this layer (built
+        if need be), or None where they do not (then its forward runs another path)."""
+        if self._fast is None:
+            self._prepare_kernel()
+        if not (self._fast and self._own) or self.bias is not None:
+            return None
+        if self.bits == 4:
+            return 4, self._k_w, self._k_scales[0], self._k_scales[1]
+        return 8, [self._k_w], [self._k_scales], None
+
     def _prepare_kernel(self) -> None:
         """Decide once whether lmforge's or torch's packed kernel can run this layer, build its operands."""
         own = None
@@ -348,7 +361,8 @@ class FusedQuantLinear(nn.Module):
             if any(p.scales.dtype is not torch.float16 for p in ps):  # one scale type for the kernel's list
                 for p in ps:
                     p._widen_scales()
-            own = [own_operands(4, p.group_size, p.qweight, p.scales, p.mins) for p in ps]
+            sym = all(int4_symmetric(p.scales, p.mins) for p in ps)  # the kernel takes all parts' mins or none
+            own = [own_operands(4, p.group_size, p.qweight, p.scales, p.mins, sym) for p in ps]
         if own and all(o is not None for o in own):  # lmforge's kernel takes the parts as a list: nothing is copied
             self._fast = self._own = True
             self._w = [o[0] for o in own]
@@ -374,6 +388,15 @@ class FusedQuantLinear(nn.Module):
                 p.qweight, p._packed = self._w[r: r + p.out_features], True
                 p._fast, p._k_w, p._k_scales = None, None, None  # (not _drop_cache: the integers did not change)
                 r += p.out_features
+
+    def kernel_parts(self) -> tuple | None:
+        """As QuantLinear.kernel_parts: the parts' operands side by side."""
+        key = tuple(p._gen for p in self.parts)
+        if key != self._key:
+            self._prepare(key)
+        if not self._own or self._bias is not None:
+            return None
+        return (4, self._w, self._sz[0], self._sz[1]) if self.parts[0].bits == 4 else (8, self._w, self._sz, None)
 
     def _prepare_int8(self, key: tuple) -> None:
         """int8 parts: one q8_mm_parts call on the parts' own tensors (nothing copied but the biases), or, where
@@ -459,36 +482,3 @@ def prepare_kernels(model: nn.Module) -> None:
         if isinstance(m, QuantLinear) and id(m) not in served and m._fast is None:
             m._prepare_kernel()
             release_free_memory()
-
-
-class QuantEmbedding(nn.Module):
-    """Token embedding with int8 rows (one scale per token): a lookup dequantizes only the rows it reads."""
-
-    def __init__(self, num_embeddings: int, dim: int, dtype: torch.dtype = torch.float32,
-                 device=None) -> None:
-        super().__init__()
-        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, dim, dtype
-        self.register_buffer("qweight", torch.zeros(num_embeddings, dim, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(num_embeddings, 1, device=device))
-
-    @classmethod
-    def from_embedding(cls, emb: nn.Embedding) -> QuantEmbedding:
-        w = emb.weight
-        m = cls(w.shape[0], w.shape[1], dtype=w.dtype, device=w.device)
-        q, s = quantize_int8(w)
-        with torch.no_grad():
-            m.qweight.copy_(q)
-            m.scales.copy_(s)
-        return m
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # ids (...) -> (..., D)
-        return F.embedding(ids, self.qweight).to(self.dtype) * F.embedding(ids, self.scales).to(self.dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return (self.qweight.to(self.dtype) * self.scales.to(self.dtype))
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
-
