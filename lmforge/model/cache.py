@@ -78,6 +78,22 @@ class KVCache:
         return self._verify_memo[1], self._verify_memo[2]
 
 
+class VerifyKV(KVCache):
+    """A KVCache's tensors seen by a traced speculative verification (DecodeRuntime.verify_hidden): the columns
+    the T rows write and their masks are the trace's tensor inputs, not values computed from `length`, so one
+    trace serves every round of T rows. Only the one-pass ("static", decode_attn) rows of
+    Attention._verify_rows may run over it: they read nothing else (`length` is no position here)."""
+
+    verify_rows = "static"
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], cols: torch.Tensor, mask: torch.Tensor) -> None:
+        self.k, self.v, self.max_len, self.length = k, v, k[0].shape[2], -1
+        self.cols, self.mask = cols, mask  # (T,) long, (T, L) additive
+
+    def verify_inputs(self, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cols, self.mask
+
+
 class StaticKV:
     """A KVCache seen by one static-shape decode step (generate's compiled step): `update` writes the new
     column at `col`, a (1,) long tensor rather than a Python int, and returns the whole preallocated
