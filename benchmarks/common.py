@@ -126,7 +126,7 @@ def run_worker(args: Sequence[str], threads: int, timeout: float = 1800) -> dict
 
 # ---- serving clients -------------------------------------------------------------------------------
 async def stream_chat(ac: Any, text: str, max_tokens: int, *, model: str | None = None,
-                      on_first: Callable[[], Any] | None = None) -> dict[str, Any]:
+                      on_first: Callable[[], Any] | None = None, count_tokens: bool = False) -> dict[str, Any]:
     """One greedy streamed chat/completions request on `ac` (an httpx.AsyncClient), its `data:` chunks read as they
     arrive: what the serving benchmarks measure a request by, parsed one way for all of them.
 
@@ -134,12 +134,17 @@ async def stream_chat(ac: Any, text: str, max_tokens: int, *, model: str | None 
     times (arrival of each content chunk), text, completion_tokens (from `usage`, else the content pieces: see
     tokens_from), usage ({} when none came) and finish_reason; or {"error": ...} for a non-200 answer or an error
     chunk. `model` names the model or adapter (None: the server's default); on_first runs at the first content.
+    count_tokens: ask for logprobs (no alternatives) and return `ntok`, the tokens each content chunk carries (a
+    character split over two tokens comes in one chunk with both).
     Transport errors are raised: the caller decides whether to retry.
     """
     body: dict[str, Any] = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
                             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     if model is not None:
         body["model"] = model
+    if count_tokens:
+        body.update(logprobs=True, top_logprobs=0)
+    ntok: list[int] = []
     sent = time.perf_counter()
     times: list[float] = []
     pieces: list[str] = []
@@ -154,14 +159,16 @@ async def stream_chat(ac: Any, text: str, max_tokens: int, *, model: str | None 
             if "error" in obj:
                 return {"error": str(obj["error"])[:200]}
             usage = obj.get("usage") or usage
-            got = []
+            got, k = [], 0
             for ch in obj.get("choices") or []:
                 finish = ch.get("finish_reason") or finish
                 piece = (ch.get("delta") or {}).get("content")
                 if piece:
                     got.append(piece)
+                    k += len((ch.get("logprobs") or {}).get("content") or [])
             if got:
                 times.append(time.perf_counter())
+                ntok.append(k)
                 pieces += got
                 if on_first is not None and len(times) == 1:
                     on_first()
@@ -169,7 +176,8 @@ async def stream_chat(ac: Any, text: str, max_tokens: int, *, model: str | None 
     n = (usage or {}).get("completion_tokens")
     return {"sent": sent, "end": end, "latency_s": end - sent, "ttft_s": (times[0] if times else end) - sent,
             "times": times, "text": "".join(pieces), "completion_tokens": n if n is not None else len(pieces),
-            "tokens_from": "usage" if n is not None else "chunks", "usage": usage or {}, "finish_reason": finish}
+            "tokens_from": "usage" if n is not None else "chunks", "usage": usage or {}, "finish_reason": finish,
+            **({"ntok": ntok} if count_tokens else {})}
 
 
 # ---- output ----------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@
 has its first token and `delay_s` has passed, one request with a prompt of about `prompt_words` words (about as
 many tokens: the count the server saw comes back in `usage`) arrives with max_tokens 8. Measured: the worst gap
 between two consecutive content chunks of any stream while that prompt is prefilled (from its arrival to its
-first token), the worst gap over the whole run, and the long request's time to first token. A server that
+first token), the same per token (a chunk that carries a character split over two tokens spans two decode
+steps: its interval counts as two gaps), the worst gap over the whole run, and the long request's time to first
+token. A server that
 prefills the prompt in one piece holds every stream for the whole prefill; one that prefills it in chunks between
 decode steps holds them for about a chunk.
 """
@@ -34,9 +36,20 @@ def gaps_within(times: list[float], lo: float, hi: float) -> float:
     return worst
 
 
+def token_gaps_within(times: list[float], ntok: list[int], lo: float, hi: float) -> float:
+    """As gaps_within, per token: a chunk that carries n tokens (a character split over n tokens is sent whole,
+    once its last token is decoded) counts its interval as n steps' gaps, (b - a) / n."""
+    worst = 0.0
+    for a, b, n in zip(times, times[1:], ntok[1:]):
+        if b >= lo and a <= hi:
+            worst = max(worst, (b - a) / max(1, n))
+    return worst
+
+
 async def _stream(ac, text: str, max_tokens: int, started: asyncio.Event | None = None) -> dict:
     """One streamed request: when it was sent, each content chunk's arrival and `usage` (started: set at the first)."""
-    return await stream_chat(ac, text, max_tokens, on_first=None if started is None else started.set)
+    return await stream_chat(ac, text, max_tokens, on_first=None if started is None else started.set,
+                             count_tokens=True)
 
 
 async def long_prompt_run(url: str, streams: int, stream_tokens: int, prompt_words: int,
@@ -62,9 +75,14 @@ async def long_prompt_run(url: str, streams: int, stream_tokens: int, prompt_wor
             "long_ttft_s": first - arrive,
             "worst_gap_during_s": max(gaps_within(r["times"], arrive, first) for r in runs),
             "worst_gap_s": max(gaps_within(r["times"], -1e18, 1e18) for r in runs),
+            "worst_token_gap_during_s": max(token_gaps_within(r["times"], r.get("ntok", []), arrive, first)
+                                            for r in runs),
+            "multi_token_chunks": sum(sum(n > 1 for n in r.get("ntok", [])) for r in runs),
             "stream_tokens": sum(r["usage"].get("completion_tokens", 0) for r in runs)}
 
 
 COLUMNS = [("impl", "server"), ("streams", "streams"), ("prompt_tokens", "long prompt tokens"),
            ("long_ttft_s", "long TTFT s"), ("worst_gap_during_s", "worst gap during its prefill s"),
+           ("worst_token_gap_during_s", "worst gap per token during it s"),
+           ("multi_token_chunks", "chunks of 2+ tokens"),
            ("worst_gap_s", "worst gap overall s")]

@@ -87,6 +87,12 @@ def test_long_prompt_gaps_and_text():
     assert gaps_within(times, 1.55, 1.58) == pytest.approx(0.1)
     assert gaps_within(times, 5.0, 6.0) == 0.0 and gaps_within([1.0], 0.0, 2.0) == 0.0
     assert gaps_within(times, -1e18, 1e18) == pytest.approx(1.4)
+    from benchmarks.serve_longprompt import token_gaps_within
+
+    # per token: a chunk of 2 tokens (a character split over two) counts its interval as two steps
+    assert token_gaps_within([0.0, 1.0, 3.0, 3.5], [1, 1, 2, 1], -1e18, 1e18) == pytest.approx(1.0)
+    assert token_gaps_within([0.0, 1.0, 3.0, 3.5], [1, 1, 1, 1], -1e18, 1e18) == pytest.approx(2.0)
+    assert token_gaps_within([0.0, 1.0, 3.0], [1, 1, 2], 2.5, 2.6) == pytest.approx(1.0)
     assert len(long_text(4000).split()) > 4000 and long_text(10) != long_text(11)
 
 
@@ -176,3 +182,4 @@ def test_long_prompt_scenario_runs_against_a_server(gen):
     assert "error" not in r, r
     assert r["streams"] == 2 and r["prompt_tokens"] > 6 and r["long_ttft_s"] > 0
     assert 0 <= r["worst_gap_during_s"] <= r["worst_gap_s"] and r["stream_tokens"] > 0
+    assert 0 <= r["worst_token_gap_during_s"] <= r["worst_gap_during_s"] and r["multi_token_chunks"] >= 0

@@ -142,7 +142,9 @@ class Stepper:
         step runs it (Attention._verify_rows: the projections and MLP run once over the n rows; the attention is
         one decode_attn call for all rows where the step runs decode_attn, else one call per position),
         so the logits are the step's bit for bit where the other ops are row-invariant; not for sliding-window
-        models, whose step masks differ per layer (there the n positions run as one masked SDPA call)."""
+        models, whose step masks differ per layer (there the n positions run as one masked SDPA call).
+        Where the steps replay a trace, speculative.verify_logits runs the traced verification instead
+        (DecodeRuntime.verify_hidden: the same numbers, without the eager forward's per-op overhead)."""
         cfg = self.model.cfg
         sliding = bool(cfg.sliding_window) and cfg.layer_types is not None and "sliding" in cfg.layer_types
         self.cache.verify_rows = None if sliding else ("static" if self.compiled or self.traced else "eager")
