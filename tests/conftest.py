@@ -146,20 +146,21 @@ def serving(gen, **settings):
         srv.stop()
 
 
+@pytest.fixture
+def own(monkeypatch):
+    """lmforge's own AVX2 kernels on (skipped where they do not build)."""
+    from lmforge import cpu_kernels
+
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "on")
+    if not cpu_kernels.available():
+        pytest.skip(f"lmforge's AVX2 kernels are not available here: {cpu_kernels.failure()}")
+
+
 @pytest.fixture(scope="module")
 def invariance_model_dir(tmp_path_factory):
     """A 4-layer llama (GQA, 128 wide) with the serving tests' tokenizer, saved by transformers: the batch
     invariance tests' model (tests/test_serve_invariance.py, tests/test_generate_invariance.py)."""
-    transformers = pytest.importorskip("transformers")
-    from test_serve import tiny_tokenizer
+    pytest.importorskip("transformers")
+    from test_serve import tiny_llama_dir
 
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=128, num_hidden_layers=4,
-                                   num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
-                                   max_position_embeddings=512, bos_token_id=None, eos_token_id=None,
-                                   pad_token_id=None)
-    d = tmp_path_factory.mktemp("invariance")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save(d)
-    return d
+    return tiny_llama_dir(tmp_path_factory.mktemp("invariance"), hidden=128, heads=4, kv_heads=2, context=512)

@@ -21,13 +21,6 @@ from lmforge.quant import (
 )
 
 
-@pytest.fixture
-def own(monkeypatch):
-    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "on")
-    if not cpu_kernels.available():
-        pytest.skip(f"lmforge's AVX2 kernels are not available here: {cpu_kernels.failure()}")
-
-
 def int8_blocks(x: torch.Tensor) -> torch.Tensor:
     """x (M, K) rounded as the kernels round it: per block of 32, to int8 steps of max|block| / 127."""
     M, K = x.shape

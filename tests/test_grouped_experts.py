@@ -8,7 +8,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge import cpu_kernels
 from lmforge.config import ModelConfig
 from lmforge.model.moe import MoE
 from lmforge.quant import (
@@ -20,13 +19,6 @@ from lmforge.quant import (
     pack_nibbles,
     quantize_int4,
 )
-
-
-@pytest.fixture
-def own(monkeypatch):
-    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "on")
-    if not cpu_kernels.available():
-        pytest.skip(f"lmforge's AVX2 kernels are not available here: {cpu_kernels.failure()}")
 
 
 def q4_0_grid(N: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

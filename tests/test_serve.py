@@ -45,6 +45,22 @@ def tiny_tokenizer() -> Tokenizer:
     return tok
 
 
+def tiny_llama_dir(d: Path, hidden: int, heads: int, kv_heads: int, context: int) -> Path:
+    """A 4-layer random llama (MLP twice as wide, no BOS/EOS/pad ids) with `tiny_tokenizer`, saved by
+    transformers into d."""
+    import transformers
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=4,
+                                   num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                   intermediate_size=2 * hidden, max_position_embeddings=context,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save(d)
+    return d
+
+
 def _prompt(i: int) -> str:
     rng = random.Random(100 + i)
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9)))
@@ -377,16 +393,8 @@ def test_disconnect_mid_stream_frees_the_slot(gen):
 def long_gen(tmp_path_factory) -> Generator:
     """A wider model with a 1024-token context and no EOS, so one request generates for seconds. Eager decoding:
     the traced step (compile auto) runs the 600 tokens of this tiny model faster than the test can poll."""
-    transformers = pytest.importorskip("transformers")
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=256, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=4, intermediate_size=512,
-                                   max_position_embeddings=1024, bos_token_id=None, eos_token_id=None,
-                                   pad_token_id=None)
-    d = tmp_path_factory.mktemp("serve-long")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save(d)
+    pytest.importorskip("transformers")
+    d = tiny_llama_dir(tmp_path_factory.mktemp("serve-long"), hidden=256, heads=8, kv_heads=4, context=1024)
     return Generator.load(d, compile="off")
 
 
