@@ -114,6 +114,17 @@ class PrefillJob:
     logits: torch.Tensor | None = None  # (1, V) float32 once the last chunk ran
 
 
+def _unwritten_cache(cfg, max_len: int, device, dtype) -> KVCache:
+    """A batch-1 prefill cache left unwritten (torch.empty; KVCache zeroes its tensors): a long prompt's cache is
+    hundreds of MB, and zeroing it (page faults included) when the prompt arrived held the running rows for a good
+    part of a chunk's time. The chunks write its columns before anything reads them (attention reads only the
+    columns up to the chunk's end), and `prefill_chunk` zeroes the room past the prompt after the last one."""
+    shape = (1, cfg.n_kv_heads, max_len, cfg.head_dim)
+    k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+    v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+    return KVCache.from_tensors(k, v, 0)
+
+
 def _attentions(model) -> list[Attention]:
     return [m for m in model.modules() if isinstance(m, Attention)]
 
@@ -212,7 +223,7 @@ class BatchDecoder:
         """A prompt to prefill alone (with its LoRA adapter), its prefix taken from the prefix cache where one
         matches: in invariant mode only a prefix that ends on the chunk grid, and none without chunks."""
         n = len(prompt_ids)  # room past the prompt: a row that starts a group decodes in this cache (RowGroup.join)
-        cache = KVCache(self.model.cfg, 1, n + self.headroom, device=self.device, dtype=self.dtype)
+        cache = _unwritten_cache(self.model.cfg, n + self.headroom, self.device, self.dtype)
         hit = None
         if self.prefix_cache is not None and (self.reuse_exact or not self.invariant):
             hit = self.prefix_cache.lookup(prompt_ids, self.cache_ns(adapter, n),
@@ -274,6 +285,8 @@ class BatchDecoder:
             self._lora_rows(None)
         if end == n:
             job.logits = self.model.lm_logits(h[:, -1]).float()  # (1, V)
+            for t in (*job.cache.k, *job.cache.v):  # the room past the prompt: zeros, as in a KVCache
+                t.narrow(2, n, t.shape[2] - n).zero_()  # (1, n_kv, max_len - n, hd)
         return end - start
 
     def prefill(self, prompt_ids: list[int], adapter: AdapterRef | None = None) -> tuple[KVCache, torch.Tensor, int]:
