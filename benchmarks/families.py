@@ -4,6 +4,7 @@
                                   [--impls lmforge-int4,lmforge-int8,transformers,lmforge-q4_0,llama.cpp-q4_0,
                                            llama.cpp-q8_0]
                                   [--prompt-tokens 512] [--new-tokens 32] [--threads 2] [--moe-layers 2]
+                                  [--reps 2] [--rounds 1]
                                   [--out benchmarks/results/families.json]
 
 Shapes: Qwen2.5-0.5B and Llama-3.2-1B at their real widths and depths; Qwen3-30B-A3B's layer (128 experts of
@@ -21,6 +22,9 @@ installed) and that lmforge-q4_0 / -q8_0 load on the default path (Generator.loa
 layers): the same file on both sides. Every implementation in its own subprocess, 2 threads.
   prefill_s   time to the first new token for the prompt (one forward of prompt_tokens, one step)
   decode_tok_s  new tokens per second after the first
+With --rounds R > 1 the implementations take turns R times (each run a fresh process) and each row reports its
+fastest run (decode_tok_s, prefill_s) and every round's figure (decode_tok_s_rounds): on a shared virtual host
+whose speed drifts by tens of percent within minutes, one run each compares two moments as much as two programs.
 """
 
 from __future__ import annotations
@@ -199,8 +203,27 @@ def worker(impl: str, d: Path, n_prompt: int, new: int, threads: int, reps: int)
     res = [run() for _ in range(reps)]
     ttft = statistics.median(f for f, _ in res)
     total = statistics.median(t for _, t in res)
+    decode = [(new - 1) / max(t - f, 1e-9) for f, t in res]
     return {"impl": impl, "prefill_s": round(ttft, 3), "prefill_tok_s": round(n_prompt / ttft, 1),
-            "decode_tok_s": round((new - 1) / max(total - ttft, 1e-9), 2), "peak_mb": round(peak_rss_mb())}
+            "decode_tok_s": round((new - 1) / max(total - ttft, 1e-9), 2), "best_decode_tok_s": round(max(decode), 2),
+            "best_prefill_s": round(min(f for f, _ in res), 3), "peak_mb": round(peak_rss_mb())}
+
+
+def best_of(runs: list[dict], n_prompt: int) -> dict:
+    """One implementation's row from its --rounds worker runs: the fastest decode and prefill seen (a shared,
+    virtualised host only ever slows a run down, so the best run is the estimate of what the code does; both
+    sides of a ratio get the same treatment), with every round's best decode kept."""
+    ok = [r for r in runs if "best_decode_tok_s" in r]
+    if not ok:
+        return runs[-1]
+    row = dict(max(ok, key=lambda r: r["best_decode_tok_s"]))
+    row["decode_tok_s_rounds"] = [r["best_decode_tok_s"] for r in ok]
+    row["decode_tok_s"] = row.pop("best_decode_tok_s")
+    row["prefill_s"] = min(r["best_prefill_s"] for r in ok)
+    row["prefill_tok_s"] = round(n_prompt / row["prefill_s"], 1)
+    row.pop("best_prefill_s", None)
+    row["peak_mb"] = max(r["peak_mb"] for r in ok)
+    return row
 
 
 def main() -> None:
@@ -211,6 +234,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every implementation this many times, taking turns, and report each one's fastest "
+                         "run (for hosts whose speed drifts; 1: one run each, medians of --reps)")
     ap.add_argument("--moe-layers", type=int, default=2, help="how many of Qwen3-30B-A3B's 48 layers to build")
     ap.add_argument("--out", default=str(RESULTS_DIR / "families.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -224,17 +250,25 @@ def main() -> None:
         print(f"building {shape} ...", file=sys.stderr, flush=True)
         d = build(shape, a.moe_layers)
         total, active = params(d)
-        for impl in a.impls.split(","):
-            if impl.endswith(("q4_0", "q8_0")) and shape not in EXPORTS:
+        impls = a.impls.split(",")
+        runs: dict[str, list[dict]] = {impl: [] for impl in impls}
+        for rnd in range(a.rounds):  # the implementations take turns, so that a slow spell of the host hits all
+            for impl in impls:
+                if impl.endswith(("q4_0", "q8_0")) and shape not in EXPORTS:
+                    continue
+                print(f"running {impl} on {shape} (round {rnd + 1}/{a.rounds}) ...", file=sys.stderr, flush=True)
+                r = run_worker([__file__, "--worker", impl, "--dir", str(d), "--prompt-tokens", str(a.prompt_tokens),
+                                "--new-tokens", str(a.new_tokens), "--threads", str(a.threads), "--reps",
+                                str(a.reps)], a.threads, timeout=3600)
+                runs[impl].append(r)
+                print(r, file=sys.stderr, flush=True)
+        for impl in impls:
+            if not runs[impl]:
                 rows.append({"shape": shape, "impl": impl, "note": "no GGUF export for this family yet"})
                 continue
-            print(f"running {impl} on {shape} ...", file=sys.stderr, flush=True)
-            r = run_worker([__file__, "--worker", impl, "--dir", str(d), "--prompt-tokens", str(a.prompt_tokens),
-                            "--new-tokens", str(a.new_tokens), "--threads", str(a.threads), "--reps", str(a.reps)],
-                           a.threads, timeout=3600)
+            r = best_of(runs[impl], a.prompt_tokens) if a.rounds > 1 else runs[impl][0]
             r.update(shape=shape, impl=impl, total_params_m=round(total / 1e6), active_params_m=round(active / 1e6))
             rows.append(r)
-            print(r, file=sys.stderr, flush=True)
     for shape in {r["shape"] for r in rows}:
         ref = {r["impl"]: r for r in rows if r["shape"] == shape and "decode_tok_s" in r}
         for r in rows:

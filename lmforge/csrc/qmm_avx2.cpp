@@ -114,6 +114,9 @@ inline __m256 ld_pair(const uint16_t* p) {
   const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128(two));  // [p0, p1, 0, 0]
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
+// 8 consecutive scales as floats
+inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 ld8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 #if LMF_ZMM
 inline __m128 ld4(const float* p) { return _mm_loadu_ps(p); }  // 4 consecutive scales as floats
 inline __m128 ld4(const uint16_t* p) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
@@ -210,6 +213,46 @@ inline void q4_tile(const uint8_t* w, const ST* sc, const ST* mn, int64_t G, int
       for (int m = 0; m < MT; ++m)
         acc[r][m] = _mm256_add_ps(_mm512_castps512_ps256(accz[r][m]),
                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(accz[r][m]), 1)));
+  }
+#endif
+#if !LMF_VNNI
+  if (shift == 0) {
+    // eight blocks (four pairs) at a time, one scale per block: each pair's int16 sums (|.| <= 2 * 15 * 127 per
+    // product pair, twice that per pair of nibble halves) are folded by two vphaddw into one int16 lane pair per
+    // block (|.| <= 8 * 3810 < 2^15: exact), then one vpmaddwd, one conversion and one FMA cover the eight blocks
+    // with their eight scales in one register, where the pair loop below takes a scale broadcast, a conversion
+    // and an FMA per pair (int32 lanes here: blocks b, b+2, b+4, b+6 | b+1, b+3, b+5, b+7)
+    const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (; b + 8 <= nb; b += 8) {
+      __m256 xd[MT];
+      for (int m = 0; m < MT; ++m) xd[m] = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sx + m * nb + b), perm);
+      for (int r = 0; r < RT; ++r) {
+        const uint8_t* wp = w + r * (K / 2) + b * 16;
+        _mm_prefetch(reinterpret_cast<const char*>(wp + 4 * RT * (K / 2)), _MM_HINT_T0);  // as in the pair loop
+        _mm_prefetch(reinterpret_cast<const char*>(wp + 4 * RT * (K / 2) + 64), _MM_HINT_T0);
+        const __m256 d = _mm256_permutevar8x32_ps(ld8(sc + r * G + b), perm);
+        __m256i h01[MT], h23[MT];
+        for (int j = 0; j < 4; ++j) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * j));
+          const __m256i lo = _mm256_and_si256(raw, m4);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+          for (int m = 0; m < MT; ++m) {
+            const int8_t* xp = xq + m * K + (b + 2 * j) * QB;
+            const __m256i s16 =
+                _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp))),
+                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32))));
+            if (j == 0) h01[m] = s16;
+            else if (j == 1) h01[m] = _mm256_hadd_epi16(h01[m], s16);
+            else if (j == 2) h23[m] = s16;
+            else h23[m] = _mm256_hadd_epi16(h23[m], s16);
+          }
+        }
+        for (int m = 0; m < MT; ++m) {
+          const __m256i p = _mm256_madd_epi16(_mm256_hadd_epi16(h01[m], h23[m]), ones);
+          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d, xd[m]), acc[r][m]);
+        }
+      }
+    }
   }
 #endif
   // two blocks at a time: one 32-byte load holds both blocks' nibbles; low nibbles = [evens b | evens b+1],
@@ -724,6 +767,33 @@ inline void scores(const float* q, const float* kb, const int32_t* idx, int64_t 
     for (int h = 0; h < RH; ++h) s[h * ldS + i] = dot(q + h * hd, kb + idx[i] * hd, hd) * scale + mrow[idx[i]];
 }
 
+// out[h * hd + d] = inv[h] * sum_i p[h * ldP + i] v_{idx[i]}[d] for NH heads: tiles of NH heads x 16 values (one
+// cache line of each value row), so a value row comes from L2 once per NH heads, not once per head; each (head,
+// value) accumulates over the columns in their order, one FMA each.
+template <int NH>
+inline void weigh_values(const float* p, int64_t ldP, const float* vb, const int32_t* idx, int64_t n, int64_t hd,
+                         const float* inv, float* out) {
+  for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+    const bool two = hd - d0 >= 16;
+    __m256 a[NH][2];
+    for (int h = 0; h < NH; ++h) a[h][0] = a[h][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      const float* vr = vb + idx[i] * hd + d0;
+      const __m256 v0 = _mm256_loadu_ps(vr), v1 = two ? _mm256_loadu_ps(vr + 8) : v0;
+      for (int h = 0; h < NH; ++h) {
+        const __m256 w = _mm256_broadcast_ss(p + h * ldP + i);
+        a[h][0] = _mm256_fmadd_ps(w, v0, a[h][0]);
+        a[h][1] = _mm256_fmadd_ps(w, v1, a[h][1]);
+      }
+    }
+    for (int h = 0; h < NH; ++h) {
+      const __m256 iv = _mm256_set1_ps(inv[h]);
+      _mm256_storeu_ps(out + h * hd + d0, _mm256_mul_ps(a[h][0], iv));
+      if (two) _mm256_storeu_ps(out + h * hd + d0 + 8, _mm256_mul_ps(a[h][1], iv));
+    }
+  }
+}
+
 // q (B, H*hd), k, v (B, KV*hd): this token's projections (rows may be strided views, values contiguous).
 // cos, sin (B, rot) or None; kc, vc (B, KV, L, hd) the caches, written at column col[0], or at col[b] for row b
 // when col holds B values; mask (B, L) additive (0 or -inf). Returns (B, H*hd): softmax(q k^T * scale + mask) v
@@ -787,7 +857,7 @@ at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
   auto task = [&](int64_t t) {  // one (row, kv head): its rep query heads over the columns its mask allows
     const int64_t b = t / KV, g = t % KV;
-    std::vector<float> qr(rep * hd), s(rep * L);
+    std::vector<float> qr(rep * hd), s(rep * L), inv(rep);
     std::vector<int32_t> idx;
     idx.reserve(L);
     const float* mrow = Mk + b * L;
@@ -801,14 +871,17 @@ at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     }
     const float* kb = Kc + b * sb + g * sg;
     const float* vb = Vc + b * sb + g * sg;
-    for (int64_t h0 = 0; h0 < rep; h0 += 4) {  // scores s[h][i] for the compact columns i, 4 heads at a time
-      const int64_t nh = std::min<int64_t>(4, rep - h0);
-      const float* qh = qr.data() + h0 * hd;
-      float* sh = s.data() + h0 * L;
-      if (nh == 4) scores<4>(qh, kb, idx.data(), n, hd, sc, mrow, sh, L);
-      else if (nh == 3) scores<3>(qh, kb, idx.data(), n, hd, sc, mrow, sh, L);
-      else if (nh == 2) scores<2>(qh, kb, idx.data(), n, hd, sc, mrow, sh, L);
-      else scores<1>(qh, kb, idx.data(), n, hd, sc, mrow, sh, L);
+    // scores s[h][i] for the compact columns i, tiles of 4 columns x 2 heads (8 accumulators, 4 key rows and a
+    // query row in registers: 4 x 4 would spill on 16 registers); a block of 4 columns runs against every head
+    // pair before the next block, so its keys come from L2 once, then from L1
+    for (int64_t i0 = 0; i0 < n; i0 += 4) {
+      const int64_t nc = std::min<int64_t>(4, n - i0);
+      for (int64_t h0 = 0; h0 < rep; h0 += 2) {
+        const float* qh = qr.data() + h0 * hd;
+        float* sh = s.data() + h0 * L + i0;
+        if (rep - h0 >= 2) scores<2>(qh, kb, idx.data() + i0, nc, hd, sc, mrow, sh, L);
+        else scores<1>(qh, kb, idx.data() + i0, nc, hd, sc, mrow, sh, L);
+      }
     }
     for (int64_t h = 0; h < rep; ++h) {
       float* sh = s.data() + h * L;
@@ -827,29 +900,26 @@ at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
         sh[i] = std::exp(sh[i] - mx);
         sum += sh[i];
       }
-      const float inv = n > 0 ? 1.f / sum : 0.f;
-      float* out = Y + b * H * hd + (g * rep + h) * hd;
-      for (int64_t d0 = 0; d0 < hd; d0 += 64) {  // 8 accumulators of 8 values at a time
-        const int nv = static_cast<int>(std::min<int64_t>(64, hd - d0) / 8);
-        __m256 a[8];
-        for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
-        for (int64_t i2 = 0; i2 < n; ++i2) {
-          const __m256 p = _mm256_set1_ps(sh[i2]);
-          const float* vr = vb + idx[i2] * hd + d0;
-          if (nv == 8) {
-            for (int u = 0; u < 8; ++u) a[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * u), a[u]);
-          } else {
-            for (int u = 0; u < nv; ++u) a[u] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * u), a[u]);
-          }
-        }
-        for (int u = 0; u < nv; ++u) _mm256_storeu_ps(out + d0 + 8 * u, _mm256_mul_ps(a[u], _mm256_set1_ps(inv)));
+      inv[h] = n > 0 ? 1.f / sum : 0.f;
+    }
+    // out[h] = sum_i p[h][i] v_i / sum[h]: a tile of up to 4 heads x 16 values (one cache line of each value row),
+    // so a value row is read from L2 once per head group, not once per head; each (head, value) accumulates over
+    // the columns in their order, as one head at a time would
+    for (int64_t h0 = 0; h0 < rep; h0 += 4) {
+      const float* p0 = s.data() + h0 * L;
+      float* out = Y + b * H * hd + (g * rep + h0) * hd;
+      switch (std::min<int64_t>(4, rep - h0)) {
+        case 4: weigh_values<4>(p0, L, vb, idx.data(), n, hd, inv.data() + h0, out); break;
+        case 3: weigh_values<3>(p0, L, vb, idx.data(), n, hd, inv.data() + h0, out); break;
+        case 2: weigh_values<2>(p0, L, vb, idx.data(), n, hd, inv.data() + h0, out); break;
+        default: weigh_values<1>(p0, L, vb, idx.data(), n, hd, inv.data() + h0, out);
       }
     }
   };
   // a token's attention is a few microseconds of arithmetic per kv head: threads only pay for long caches or
   // several rows
   const int64_t work = B * KV * L * hd * (rep + 1);
-  if (work < (int64_t{1} << 20)) {
+  if (work < (int64_t{1} << 19)) {
     for (int64_t t = 0; t < B * KV; ++t) task(t);
   } else {
     at::parallel_for(0, B * KV, 1, [&](int64_t t0, int64_t t1) {
