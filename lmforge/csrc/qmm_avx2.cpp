@@ -114,9 +114,6 @@ inline __m256 ld_pair(const uint16_t* p) {
   const __m128 v = _mm_cvtph_ps(_mm_cvtsi32_si128(two));  // [p0, p1, 0, 0]
   return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
-// 8 consecutive scales as floats
-inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 ld8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 #if LMF_ZMM
 inline __m128 ld4(const float* p) { return _mm_loadu_ps(p); }  // 4 consecutive scales as floats
 inline __m128 ld4(const uint16_t* p) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
@@ -213,46 +210,6 @@ inline void q4_tile(const uint8_t* w, const ST* sc, const ST* mn, int64_t G, int
       for (int m = 0; m < MT; ++m)
         acc[r][m] = _mm256_add_ps(_mm512_castps512_ps256(accz[r][m]),
                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(accz[r][m]), 1)));
-  }
-#endif
-#if !LMF_VNNI
-  if (shift == 0) {
-    // eight blocks (four pairs) at a time, one scale per block: each pair's int16 sums (|.| <= 2 * 15 * 127 per
-    // product pair, twice that per pair of nibble halves) are folded by two vphaddw into one int16 lane pair per
-    // block (|.| <= 8 * 3810 < 2^15: exact), then one vpmaddwd, one conversion and one FMA cover the eight blocks
-    // with their eight scales in one register, where the pair loop below takes a scale broadcast, a conversion
-    // and an FMA per pair (int32 lanes here: blocks b, b+2, b+4, b+6 | b+1, b+3, b+5, b+7)
-    const __m256i perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-    for (; b + 8 <= nb; b += 8) {
-      __m256 xd[MT];
-      for (int m = 0; m < MT; ++m) xd[m] = _mm256_permutevar8x32_ps(_mm256_loadu_ps(sx + m * nb + b), perm);
-      for (int r = 0; r < RT; ++r) {
-        const uint8_t* wp = w + r * (K / 2) + b * 16;
-        _mm_prefetch(reinterpret_cast<const char*>(wp + 4 * RT * (K / 2)), _MM_HINT_T0);  // as in the pair loop
-        _mm_prefetch(reinterpret_cast<const char*>(wp + 4 * RT * (K / 2) + 64), _MM_HINT_T0);
-        const __m256 d = _mm256_permutevar8x32_ps(ld8(sc + r * G + b), perm);
-        __m256i h01[MT], h23[MT];
-        for (int j = 0; j < 4; ++j) {
-          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 32 * j));
-          const __m256i lo = _mm256_and_si256(raw, m4);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
-          for (int m = 0; m < MT; ++m) {
-            const int8_t* xp = xq + m * K + (b + 2 * j) * QB;
-            const __m256i s16 =
-                _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp))),
-                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32))));
-            if (j == 0) h01[m] = s16;
-            else if (j == 1) h01[m] = _mm256_hadd_epi16(h01[m], s16);
-            else if (j == 2) h23[m] = s16;
-            else h23[m] = _mm256_hadd_epi16(h23[m], s16);
-          }
-        }
-        for (int m = 0; m < MT; ++m) {
-          const __m256i p = _mm256_madd_epi16(_mm256_hadd_epi16(h01[m], h23[m]), ones);
-          acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(d, xd[m]), acc[r][m]);
-        }
-      }
-    }
   }
 #endif
   // two blocks at a time: one 32-byte load holds both blocks' nibbles; low nibbles = [evens b | evens b+1],
