@@ -284,7 +284,8 @@ def main() -> None:
     print(format_table(rows, cols))
     machine = {**machine_info(), "peaks": measured_peaks(a.threads)}
     write_json(a.out, {"machine": machine, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-                       "threads": a.threads, "moe_layers": a.moe_layers, "rows": rows})
+                       "threads": a.threads, "moe_layers": a.moe_layers, "reps": a.reps, "rounds": a.rounds,
+                       "rows": rows})
     print(f"wrote {a.out}", file=sys.stderr)
 
 
