@@ -12,9 +12,8 @@ decode steps holds them for about a chunk.
 
 What the times are: a chunk's arrival is taken in this (the benchmark's) process when httpx hands over its
 `data:` line, for all streams in one event loop, so a slow client would count its own lag as the server's. It
-does not here: the server's worker timed (when each token is handed to the event loop, when the route takes it,
-when it is written to the socket) against these arrivals in the same runs showed 1-40 ms from a token's hand-over
-to its arrival, against gaps of 0.9-1.1 s, each of which was one prefill chunk plus one decode step on the server
+does not here: timed against the server's hand-over of each token, the arrivals lag by a small fraction of the
+gaps, each of which was one prefill chunk plus one decode step on the server
 (docs/serving.md, "Invariance and chunked prefill, measured").
 """
 

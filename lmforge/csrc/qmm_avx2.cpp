@@ -118,39 +118,19 @@ inline __m256 ld_pair(const uint16_t* p) {
 inline __m128 ld4(const float* p) { return _mm_loadu_ps(p); }  // 4 consecutive scales as floats
 inline __m128 ld4(const uint16_t* p) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
 #endif
-inline float dot_g(const float* a, const float* b, int64_t n) { return dot(a, b, n); }
-inline float dot_g(const uint16_t* a, const float* b, int64_t n) {
+inline __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 ld8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// sum_i (f * a[i]) * b[i] over a row's per-group values: f = 1 for its mins; f = -8 reads a Q4_0 row's mins from
+// its scales (w = (q - 8) * d): times -8 (and times 1) is exact in float, so the products are those of stored
+// mins bit for bit, and the row streams no mins (0.5625 bytes per weight instead of 0.625, as llama.cpp reads)
+template <typename ST>
+inline float dot_group(const ST* a, const float* b, int64_t n, float f) {
+  const __m256 vf = _mm256_set1_ps(f);
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))),
-                          _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_mul_ps(ld8(a + i), vf), _mm256_loadu_ps(b + i), acc);
   float s = hsum(acc);
-  for (; i < n; ++i) s += _cvtsh_ss(a[i]) * b[i];
-  return s;
-}
-// dot_g(mins, b, n) for mins = -8 * scales (a GGUF's Q4_0 blocks: w = (q - 8) * d), read from the scales: the
-// same products bit for bit (times -8 is exact in float), and a weight row streams no mins (0.5625 bytes per
-// weight instead of 0.625, as llama.cpp's Q4_0 reads)
-inline float dot_sym(const float* a, const float* b, int64_t n) {
-  const __m256 m8 = _mm256_set1_ps(-8.f);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(a + i), m8), _mm256_loadu_ps(b + i), acc);
-  float s = hsum(acc);
-  for (; i < n; ++i) s += (a[i] * -8.f) * b[i];
-  return s;
-}
-inline float dot_sym(const uint16_t* a, const float* b, int64_t n) {
-  const __m256 m8 = _mm256_set1_ps(-8.f);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))), m8),
-                          _mm256_loadu_ps(b + i), acc);
-  float s = hsum(acc);
-  for (; i < n; ++i) s += (_cvtsh_ss(a[i]) * -8.f) * b[i];
+  for (; i < n; ++i) s += (ld(a + i) * f) * b[i];
   return s;
 }
 
@@ -266,7 +246,7 @@ inline void q4_tile(const uint8_t* w, const ST* sc, const ST* mn, int64_t G, int
   }
   for (int r = 0; r < RT; ++r)
     for (int m = 0; m < MT; ++m)
-      y[m * ystride + r] = hsum(acc[r][m]) + (mn ? dot_g(mn + r * G, xg + m * G, G) : dot_sym(sc + r * G, xg + m * G, G));
+      y[m * ystride + r] = hsum(acc[r][m]) + (mn ? dot_group(mn + r * G, xg + m * G, G, 1.f) : dot_group(sc + r * G, xg + m * G, G, -8.f));
 }
 
 // The same for int8 weight rows (row stride K) with one scale per row: y[m][r] = scale_r * sum_b sx_mb * (q_rb . xq_mb).
@@ -441,7 +421,7 @@ at::Tensor weighted_rows(const at::Tensor& y, const at::Tensor& w) {
 
 // x (M, K) times the concatenation of the int4 layers in `nib` (each (N_i, K/2)): y (M, sum N_i). A list, so
 // that q|k|v or gate|up run as one call (x quantized once, one parallel pass) with no fused copy of weights.
-// A part's mins may be empty: mins = -8 * scales (Q4_0 blocks), not read (dot_sym); all parts or none.
+// A part's mins may be empty: mins = -8 * scales (Q4_0 blocks), not read (dot_group); all parts or none.
 // route (mixture of experts, one token): x has one row per part, row p runs part p only (each row's integer
 // products, as a call of its own would), and the result is sum_p route[p] * y_p (1, N) (weighted_rows).
 at::Tensor q4_impl(const at::Tensor& x_in, at::TensorList nib, at::TensorList scales, at::TensorList mins,
