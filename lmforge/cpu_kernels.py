@@ -1,6 +1,7 @@
-"""lmforge's own CPU ops (csrc/qmm_avx2.cpp), built and loaded here: q4_mm / q8_mm (int4/int8 weights times
-int8 activation blocks, what lmforge.quant runs), and rms_norm / silu_mul / decode_attn (one-pass decode-step ops
-that lmforge.model.layers uses). A module of its own because both model and quant use it.
+"""lmforge's own CPU ops, built and loaded here as one library: q4_mm / q8_mm (csrc/qmm_avx2.cpp: int4/int8
+weights times int8 activation blocks, what lmforge.quant runs), and rms_norm / silu_mul / decode_attn
+(csrc/decode_avx2.cpp: one-pass decode-step ops that lmforge.model.layers uses). A module of its own because
+both model and quant use it.
 
 Why the int kernels exist: torch's packed int4/int8 CPU kernels convert every weight to float and multiply with
 FMA, which is slow on AVX2 CPUs; these do what llama.cpp does (int8 activation blocks of 32, integer dot
@@ -32,7 +33,8 @@ from lmforge.device import cpu_flags
 from lmforge.errors import ConfigError
 from lmforge.io import atomic_write, cache_root
 
-SOURCE = Path(__file__).parent / "csrc" / "qmm_avx2.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "qmm_avx2.cpp", CSRC / "decode_avx2.cpp")  # with csrc/*.h, what the build hash covers
 POLICIES = ("auto", "on", "off")
 _log = logging.getLogger("lmforge")
 
@@ -68,8 +70,10 @@ def _wanted() -> str | None:
 
 
 def _build_dir() -> Path:
-    """One directory per (source, torch build, compiler flags): a change of any rebuilds."""
-    h = hashlib.sha256(SOURCE.read_bytes())
+    """One directory per (sources, torch build, compiler flags): a change of any rebuilds."""
+    h = hashlib.sha256()
+    for f in (*SOURCES, *sorted(CSRC.glob("*.h"))):
+        h.update(f.read_bytes())
     h.update(f"{torch.__version__}|{torch._C._GLIBCXX_USE_CXX11_ABI}|{' '.join(_flags())}".encode())
     return cache_root() / "kernels" / f"qmm_avx2-{h.hexdigest()[:16]}"
 
@@ -96,7 +100,7 @@ def _compile(out: Path) -> None:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
     cmd = [cxx, *_flags(), f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", str(out),
+           *(f"-I{p}" for p in cpp_extension.include_paths()), *(str(f) for f in SOURCES), "-o", str(out),
            *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
