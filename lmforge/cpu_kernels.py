@@ -167,4 +167,8 @@ def _register_fake() -> None:
     def _attn(q, k, v, cos, sin, kc, vc, col, mask, scale):
         return q.new_empty(q.shape[0], q.shape[1])
 
+    @torch.library.register_fake("lmforge::moe_mm")
+    def _moe(x, idx, w, up_w, up_s, up_m, dn_w, dn_s, dn_m, per_up, per_down, bits):
+        return x.new_empty(*x.shape[:-1], dn_w[0].shape[0])
+
     _register_fake.done = True

@@ -269,3 +269,36 @@ def test_auto_decode_stays_eager_quietly_where_a_capture_cannot_hold(case, dirs,
     with caplog.at_level(logging.WARNING, logger="lmforge"):
         generate(model, ids, None, GenerationConfig(max_new_tokens=4), opts)
     assert any("not traced" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_mixture_decodes_traced_with_the_eager_tokens(dirs, own, bits):
+    """Where every expert runs on lmforge's int4/int8 kernels, the step is traced with its routing inside one
+    op (moe_mm): the tokens each step chooses are its own (a trace that fixed the first token's experts would
+    drift), and the steps give the eager steps' tokens and logits, on a padded batch of two rows too."""
+    from lmforge.decoding import DecodeOptions, DecodeRuntime, GenerationConfig, generate
+    from lmforge.decoding.stepper import Stepper
+    from lmforge.quant import DECODE_PRESETS, quantize_model
+
+    model = quantize_model(load_checkpoint(dirs["qwen3_moe"], tokenizer=False).model.eval(), **DECODE_PRESETS[bits])
+    ids = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    gc = GenerationConfig(max_new_tokens=24, stop_token_ids=[])
+    for rows in (ids[:1], ids):
+        m = None if rows.shape[0] == 1 else mask
+        want = generate(model, rows, m, gc, DecodeOptions("off"))
+        opts = DecodeOptions("trace")
+        assert generate(model, rows, m, gc, opts) == want
+        assert opts.path.startswith("traced"), opts.path
+    with torch.no_grad():  # the logits of each step, eager and traced, from one prompt and the same tokens
+        logits = {}
+        for mode in ("off", "trace"):
+            opts = DecodeOptions(mode)
+            st = Stepper(DecodeRuntime(model), ids, mask, 8, opts)
+            out = [st.prefill(ids)]
+            for t in range(6):
+                out.append(st.step(torch.tensor([3 + t, 40 + t])))
+            logits[mode] = torch.stack(out)
+        assert opts.path.startswith("traced"), opts.path
+        torch.testing.assert_close(logits["trace"], logits["off"], atol=1e-5, rtol=0)

@@ -104,6 +104,8 @@ inline void scores(const float* q, const float* kb, const int32_t* idx, int64_t 
     for (int h = 0; h < RH; ++h) s[h * ldS + i] = dot(q + h * hd, kb + idx[i] * hd, hd) * scale + mrow[idx[i]];
 }
 
+constexpr int64_t KAHEAD = 16;  // key rows prefetched this many columns ahead (decode_attn)
+
 // out[h * hd + d] = inv[h] * sum_i p[h * ldP + i] v_{idx[i]}[d] for NH heads: tiles of NH heads x 16 values (one
 // cache line of each value row), so a value row comes from L2 once per NH heads, not once per head; each (head,
 // value) accumulates over the columns in their order, one FMA each.
@@ -213,6 +215,16 @@ at::Tensor decode_attn(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     // pair before the next block, so its keys come from L2 once, then from L1
     for (int64_t i0 = 0; i0 < n; i0 += 4) {
       const int64_t nc = std::min<int64_t>(4, n - i0);
+      // the cache was evicted by the layer's weights since the last token: ask for the key rows a few blocks
+      // ahead and for this block's value rows (read after the softmax) while the scores run
+      for (int64_t c = 0; c < nc; ++c) {
+        const char* kr = reinterpret_cast<const char*>(kb + idx[std::min(n - 1, i0 + KAHEAD + c)] * hd);
+        const char* vr = reinterpret_cast<const char*>(vb + idx[i0 + c] * hd);
+        for (int64_t l = 0; l < hd * 4; l += 64) {
+          _mm_prefetch(kr + l, _MM_HINT_T0);
+          _mm_prefetch(vr + l, _MM_HINT_T1);
+        }
+      }
       for (int64_t h0 = 0; h0 < rep; h0 += 2) {
         const float* qh = qr.data() + h0 * hd;
         float* sh = s.data() + h0 * L + i0;

@@ -23,6 +23,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/mm.h>
 #include <immintrin.h>
 #include <torch/library.h>
@@ -61,27 +63,45 @@ constexpr int64_t QB = 32;  // activation block: 32 values, one float scale
 // 16 even of b+1 | 16 odd of b | 16 odd of b+1]; a last unpaired block (odd K/32) as [16 even | 16 odd].
 void quantize_rows(const float* x, int64_t M, int64_t K, bool permute, int8_t* xq, float* sx, float* xs) {
   const int64_t nb = K / QB;
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
       const float* v = x + m * K + b * QB;
-      float amax = 0.f;
-      for (int j = 0; j < QB; ++j) amax = std::max(amax, std::fabs(v[j]));
+      __m256 f[4];
+      for (int i = 0; i < 4; ++i) f[i] = _mm256_loadu_ps(v + 8 * i);
+      __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(f[0], absmask), _mm256_and_ps(f[1], absmask)),
+                                _mm256_max_ps(_mm256_and_ps(f[2], absmask), _mm256_and_ps(f[3], absmask)));
+      __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+      h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+      h = _mm_max_ss(h, _mm_movehdup_ps(h));
+      const float amax = _mm_cvtss_f32(h);
       const float d = amax / 127.f;
       const float inv = d > 0.f ? 1.f / d : 0.f;
-      // permute: a pair of blocks (b even, b + 1 < nb) is stored as [evens b | evens b+1 | odds b | odds b+1],
-      // a last unpaired block as [evens | odds]
-      const bool paired = permute && (b + 1 < nb || (b & 1));
-      int8_t* out = xq + m * K + (paired ? (b & ~int64_t{1}) * QB : b * QB);
-      const int off = paired ? 16 * static_cast<int>(b & 1) : 0, odd = paired ? 32 : 16;
-      int sum = 0;
-      for (int j = 0; j < QB; ++j) {
-        const int p = permute ? ((j & 1) ? odd + off + (j >> 1) : off + (j >> 1)) : j;
-        out[p] = static_cast<int8_t>(std::nearbyint(v[j] * inv));  // |v * inv| <= 127
-        sum += out[p];
+      const __m256 vi = _mm256_set1_ps(inv);
+      __m256i q[4];
+      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(f[i], vi));
+      const __m256i s4 = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s4), _mm256_extracti128_si256(s4, 1));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+      const int sum = _mm_cvtsi128_si32(s);
+      const __m256i p = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);  // 32 x int8 in order
+      if (!permute) {  // (the values fit int8: |v * inv| <= 127; cvtps rounds to nearest even, as nearbyint)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * QB), p);
+      } else {
+        // [16 evens | 16 odds]: each 128-bit lane split into its evens and odds, then the halves regrouped
+        const __m256i eo = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(p, split), 0xD8);
+        const bool paired = b + 1 < nb || (b & 1);
+        int8_t* out = xq + m * K + (paired ? (b & ~int64_t{1}) * QB : b * QB);
+        const int off = paired ? 16 * static_cast<int>(b & 1) : 0, odd = paired ? 32 : 16;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + off), _mm256_castsi256_si128(eo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + odd + off), _mm256_extracti128_si256(eo, 1));
       }
       sx[m * nb + b] = d;
-      // the sum of the *rounded* block: the min term then sees the same x as the q term, so the rounding
-      // error meets w = q * scale + min whole (not the uncentred q * scale, ~2x larger for int4 blocks)
       xs[m * nb + b] = d * static_cast<float>(sum);
     }
   }
@@ -604,6 +624,68 @@ at::Tensor q8_mm(const at::Tensor& x_in, const at::Tensor& w8, const at::Tensor&
   return q8_mm_parts(x_in, w, s, int_rows);
 }
 
+// A mixture's decode tokens through their chosen experts, the routing given as tensors (so that a traced step
+// records it instead of fixing one token's choice): x (M, K), one token per row; idx (M, k) int64 the chosen
+// experts, w (M, k) float32 their weights; every expert's operands side by side, `per_up` parts each for gate|up
+// (mins empty lists for int8) and `per_down` for down. Per row: the experts in ascending order, gate|up for all k
+// in one call, silu(gate) * up, the k downs summed with the weights (q4_mm_route / q8_mm_route): the calls and
+// numbers of lmforge.quant.experts.GroupedExperts for that row alone.
+at::Tensor moe_mm(const at::Tensor& x_in, const at::Tensor& idx, const at::Tensor& w, at::TensorList up_w,
+                  at::TensorList up_s, at::TensorList up_m, at::TensorList dn_w, at::TensorList dn_s,
+                  at::TensorList dn_m, int64_t per_up, int64_t per_down, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, "moe_mm: bits must be 4 or 8");
+  TORCH_CHECK(per_up > 0 && per_down > 0 && !up_w.empty() && up_w.size() % per_up == 0 && up_s.size() == up_w.size(),
+              "moe_mm: gate|up operands must be a whole number of experts");
+  const int64_t E = static_cast<int64_t>(up_w.size()) / per_up;
+  TORCH_CHECK(static_cast<int64_t>(dn_w.size()) == E * per_down && dn_s.size() == dn_w.size() &&
+                  (bits == 8 || (up_m.size() == up_w.size() && dn_m.size() == dn_w.size())),
+              "moe_mm: down operands (and int4 mins) for every expert");
+  const int64_t K = x_in.size(-1);
+  const at::Tensor x = x_in.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0);
+  TORCH_CHECK(M > 0, "moe_mm: no tokens");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && w.scalar_type() == at::kFloat && idx.dim() == 2 && idx.size(0) == M &&
+                  w.sizes() == idx.sizes(),
+              "moe_mm: idx (M, k) int64 and w (M, k) float32, one row per token");
+  const int64_t k = idx.size(1);
+  const at::Tensor id = idx.contiguous(), wt = w.contiguous();
+  static auto silu = c10::Dispatcher::singleton().findSchemaOrThrow("lmforge::silu_mul", "").typed<at::Tensor(
+      const at::Tensor&)>();
+  std::vector<at::Tensor> rows;
+  for (int64_t m = 0; m < M; ++m) {
+    std::vector<std::pair<int64_t, float>> pick;  // (expert, weight), ascending experts
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = id.data_ptr<int64_t>()[m * k + j];
+      TORCH_CHECK(e >= 0 && e < E, "moe_mm: expert ", e, " outside the ", E, " given");
+      pick.emplace_back(e, wt.data_ptr<float>()[m * k + j]);
+    }
+    std::sort(pick.begin(), pick.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::vector<at::Tensor> uw, us, um, dw, ds, dm;
+    at::Tensor route = at::empty({k}, x.options());
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = pick[j].first;
+      route.data_ptr<float>()[j] = pick[j].second;
+      for (int64_t p = e * per_up; p < (e + 1) * per_up; ++p) {
+        uw.push_back(up_w[p]);
+        us.push_back(up_s[p]);
+        if (bits == 4) um.push_back(up_m[p]);
+      }
+      for (int64_t p = e * per_down; p < (e + 1) * per_down; ++p) {
+        dw.push_back(dn_w[p]);
+        ds.push_back(dn_s[p]);
+        if (bits == 4) dm.push_back(dn_m[p]);
+      }
+    }
+    const at::Tensor xm = x.narrow(0, m, 1);
+    const at::Tensor gu = bits == 4 ? q4_impl(xm, uw, us, um, 1, nullptr) : q8_impl(xm, uw, us, 1, nullptr);
+    const at::Tensor act = silu.call(gu.view({k, -1}));  // (k, F)
+    rows.push_back(bits == 4 ? q4_impl(act, dw, ds, dm, 0, &route) : q8_impl(act, dw, ds, 0, &route));  // (1, D)
+  }
+  std::vector<int64_t> shape(x_in.sizes().begin(), x_in.sizes().end() - 1);
+  shape.push_back(rows[0].size(1));
+  return (M == 1 ? rows[0] : at::cat(rows)).view(shape);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lmforge, m) {
@@ -612,6 +694,8 @@ TORCH_LIBRARY(lmforge, m) {
   m.def("q8_mm_parts(Tensor x, Tensor[] qweights, Tensor[] scales, int int_rows) -> Tensor");
   m.def("q4_mm_route(Tensor x, Tensor[] nibbles, Tensor[] scales, Tensor[] mins, Tensor route) -> Tensor");
   m.def("q8_mm_route(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor route) -> Tensor");
+  m.def("moe_mm(Tensor x, Tensor idx, Tensor w, Tensor[] up_w, Tensor[] up_s, Tensor[] up_m, Tensor[] dn_w, "
+        "Tensor[] dn_s, Tensor[] dn_m, int per_up, int per_down, int bits) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
@@ -620,4 +704,5 @@ TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("q8_mm_parts", &q8_mm_parts);
   m.impl("q4_mm_route", &q4_mm_route);
   m.impl("q8_mm_route", &q8_mm_route);
+  m.impl("moe_mm", &moe_mm);
 }

@@ -153,10 +153,19 @@ def next_tokens(logits: torch.Tensor, gc: GenerationConfig, gens: list[torch.Gen
     return torch.cat([next_token(logits[b: b + 1], gc, g) for b, g in enumerate(gens)])  # (B,)
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (...) int64: the first maximum's index, as torch.argmax (NaN counts as the maximum there and
+    here). On a CPU through numpy's vectorised argmax: ~20 us over a 152k vocabulary where torch's takes ~300-450
+    (a few percent of a decode token)."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and not logits.requires_grad:
+        return torch.from_numpy(logits.numpy().argmax(-1))
+    return logits.argmax(-1)
+
+
 def next_token(logits: torch.Tensor, gc: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:
     """(B, V) processed logits -> (B,) token ids: argmax, or a sample from the filtered distribution."""
     if gc.temperature == 0.0:
-        return logits.argmax(-1)
+        return argmax(logits)
     logits = filter_logits(logits / gc.temperature, gc.top_k, gc.top_p, gc.min_p)
     probs = logits.float().softmax(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)

@@ -23,6 +23,7 @@ from lmforge.decoding.invariant import InvariantStepper, invariant_decoding
 from lmforge.decoding.sampling import (
     GenerationConfig,
     apply_repetition_penalty,
+    argmax,
     ban_repeated_ngrams,
     check_request,
     filter_logits,
@@ -174,7 +175,7 @@ class DraftModel:
                 logits = F.pad(logits, (0, self.vocab - logits.shape[-1]), value=float("-inf"))
             logits = proc.process(logits, drafts)
             if qs is None:
-                t = int(logits.argmax(-1))
+                t = int(argmax(logits))
             else:
                 q = proc.probs(logits)[0]  # (V,)
                 t = int(torch.multinomial(q, 1, generator=gen))
@@ -240,7 +241,7 @@ def _verify(proc: _Processor, logits: torch.Tensor, d: int, q: torch.Tensor | No
     """The token at a drafted position and whether it is the draft d. Greedy: the argmax. Sampling: d with
     probability min(1, p(d) / q(d)), else a sample from max(p - q, 0) renormalised (q None: a point mass on d)."""
     if not proc.sampling:
-        t = int(logits.argmax(-1))
+        t = int(argmax(logits))
         return t, t == d
     p = proc.probs(logits)[0]  # (V,)
     qd = float(q[d]) if q is not None else 1.0
@@ -260,7 +261,7 @@ def _verify(proc: _Processor, logits: torch.Tensor, d: int, q: torch.Tensor | No
 def _choose(proc: _Processor, logits: torch.Tensor, gen: torch.Generator | None) -> int:
     """The token after proc.out from the model's raw logits (1, V), as the plain loop chooses it."""
     if not proc.sampling:
-        return proc.greedy(logits, int(logits.argmax(-1)))
+        return proc.greedy(logits, int(argmax(logits)))
     return int(torch.multinomial(proc.probs(proc.process(logits))[0], 1, generator=gen))
 
 
@@ -354,7 +355,7 @@ def _rounds(model: Transformer, input_ids: torch.Tensor, gc: GenerationConfig, s
             logits = verify_logits(stepper, torch.tensor([[tok, *drafts]], device=dev), ahead)  # (1 + k, V)
             spec.proposed += len(drafts)
             accepted = 0
-            tops = None if proc.sampling else logits.argmax(-1).tolist()  # each row's raw argmax, in one call
+            tops = None if proc.sampling else argmax(logits).tolist()  # each row's raw argmax, in one call
             for i, d in enumerate(drafts):
                 if tops is not None:
                     t = proc.greedy(logits[i: i + 1], tops[i])

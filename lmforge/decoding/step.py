@@ -117,10 +117,21 @@ def static_step_unsupported(model: nn.Module) -> str | None:
         return "the model is in training mode (dropout)"
     if hooked(model):
         return "forward hooks are registered on the model (a captured step would skip them)"
-    if model.cfg.n_experts:
-        return "a mixture of experts (each token picks its experts; a captured step would fix the choice)"
+    if model.cfg.n_experts and (why := _mixture_uncapturable(model)):
+        return why
     if getattr(getattr(model, "rope", None), "switch_at", None) is not None:
         return "longrope rotary (its frequencies change with the positions; a captured step would fix them)"
+    return None
+
+
+def _mixture_uncapturable(model: nn.Module) -> str | None:
+    """A mixture's step is captured with its routing inside lmforge's moe_mm op (MoE.forward), which needs every
+    expert on lmforge's int4/int8 kernels; elsewhere its routing reads Python values that a capture would fix."""
+    for m in model.modules():
+        if hasattr(m, "experts") and hasattr(m, "grouped"):
+            if m.grouped is None or m.grouped.all_operands() is None:
+                return ("a mixture of experts whose experts do not all run on lmforge's int4/int8 kernels (each "
+                        "token picks its experts; a captured step would fix the choice)")
     return None
 
 
@@ -153,7 +164,7 @@ def describe_decode_step(model: nn.Module, compile: str = "auto", trace_after: i
     no_compiler = compiler_missing(next(model.parameters()).device)
     if compile == "on":
         return f"eager ({no_compiler})" if no_compiler else "static, compiled with torch.compile (inductor)"
-    later = "" if no_compiler else f", compiled with torch.compile once it has {compile_after}"
+    later = "" if no_compiler or model.cfg.n_experts else f", compiled with torch.compile once it has {compile_after}"
     return (f"static, traced with torch.jit.trace once a shape has {trace_after} steps to run{later} "
             "(--compile-decode auto), eager before")
 
@@ -219,7 +230,7 @@ def verify_unsupported(model: nn.Module, cache: KVCache) -> str | None:
     if ck.device.type != "cpu" or ck.dtype is not torch.float32 or act is not torch.float32:
         return "decode_attn verifies float32 rows on the CPU"
     if not all(a.one_pass_capable(ck.dtype) for a in attentions(model)):
-        return "an attention layer does not run decode_attn (qk-norm, soft-cap, head size, or no CPU kernels)"
+        return "an attention layer does not run decode_attn (soft-cap, head size, or no CPU kernels)"
     return None
 
 
@@ -270,7 +281,9 @@ class DecodeRuntime:
         if opts.compile == "off":
             opts.path = "eager (compile off)"
             return "eager"
-        allow_compile = allow_compile and not opts.invariant
+        # a mixture's captured step is a trace: its routing op (moe_mm) takes the experts' operands as lists that
+        # only a trace holds as constants
+        allow_compile = allow_compile and not opts.invariant and not self.model.cfg.n_experts
         want = {"on": "compile", "trace": "trace"}.get(opts.compile)
         if want is None:  # auto: the cheapest capture that pays for itself over the steps this shape has to run
             n = self.eager_steps.get(key, 0) + new_steps
@@ -285,6 +298,8 @@ class DecodeRuntime:
         why = static_step_unsupported(self.model)
         if want == "compile":
             why = why or compiler_missing(key[3]) or (
+                "a mixture of experts (its step is captured by torch.jit.trace, --compile-decode trace)"
+                if self.model.cfg.n_experts else None) or (
                 f"an earlier compile failed: {self.compile_failed}" if self.compile_failed else None)
         else:
             why = why or (f"an earlier trace failed: {self.trace_failed}" if self.trace_failed else None)

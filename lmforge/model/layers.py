@@ -315,11 +315,7 @@ class Attention(nn.Module):
         L, dev = ck.shape[2], x.device
         if static and self.one_pass_capable(ck.dtype) and one_pass_ok(x):
             cols, mask = cache.verify_inputs(T, x.dtype)  # (T,) the column each row writes, (T, L) what it sees
-            qkv = self.qkv
-            if qkv is not None and qkv.serves(self.q, self.k, self.v):
-                q, k, v = qkv(x).view(T, -1).split((H * hd, self.n_kv * hd, self.n_kv * hd), dim=1)
-            else:
-                q, k, v = self.q(x).view(T, -1), self.k(x).view(T, -1), self.v(x).view(T, -1)  # (T, H*hd), ...
+            q, k, v = self._rows_qkv(x.reshape(T, 1, -1))  # (T, H*hd), (T, KV*hd) x 2
             cos, sin = rope if rope is not None else (None, None)  # (1, 1, T, rot): T rows of rot values
             scale = self.scale if self.scale is not None else hd ** -0.5
             y = torch.ops.lmforge.decode_attn(q, k, v, cos, sin, ck.expand(T, -1, -1, -1), cv.expand(T, -1, -1, -1),
@@ -376,25 +372,36 @@ class Attention(nn.Module):
     def one_pass_capable(self, cache_dtype: torch.dtype) -> bool:
         """Whether a decode step's attention here runs lmforge's decode_attn (`_one_pass`, given a float32 CPU
         step): a traced step may then hold it (the per-row path of `_rows_attention` reads Python ints)."""
-        return (self.hd % 8 == 0 and self.q_norm is None and self.softcap is None and cache_dtype is torch.float32
-                and cpu_kernels.available())
+        return self.hd % 8 == 0 and self.softcap is None and cache_dtype is torch.float32 and cpu_kernels.available()
 
     def _one_pass(self, x: torch.Tensor, rope, mask: torch.Tensor | None, cache: StaticKV) -> bool:
         """Whether lmforge's CPU kernels can run this static decode step's attention as one op: one token per
-        row, no qk-norm or soft-cap, and `one_pass_ok`."""
+        row, no soft-cap, and `one_pass_ok`."""
         return (x.shape[1] == 1 and mask is not None and mask.dtype is torch.float32 and self.hd % 8 == 0
-                and self.q_norm is None and self.softcap is None and cache.k[self.layer].dtype is torch.float32
-                and one_pass_ok(x))
+                and self.softcap is None and cache.k[self.layer].dtype is torch.float32 and one_pass_ok(x))
 
-    def _decode_one_pass(self, x: torch.Tensor, rope, mask: torch.Tensor, cache: StaticKV) -> torch.Tensor:
-        """torch.ops.lmforge.decode_attn: rotary on q and k, k and v written into the cache at `cache.col`,
-        attention over the columns `mask` allows (the rest skipped); ~20 ops per layer become one."""
+    def _rows_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token per row, x (B, 1, D) -> q (B, H*hd), k, v (B, KV*hd): the projections and the qk-norms
+        (per head or over the whole projection, the same module calls as forward's, so the same numbers),
+        before rotary (decode_attn applies it)."""
         B, H, KV, hd = x.shape[0], self.n_heads, self.n_kv, self.hd
         qkv = self.qkv
         if qkv is not None and qkv.serves(self.q, self.k, self.v):
             q, k, v = qkv(x).view(B, (H + 2 * KV) * hd).split((H * hd, KV * hd, KV * hd), dim=1)
         else:
             q, k, v = self.q(x).reshape(B, H * hd), self.k(x).reshape(B, KV * hd), self.v(x).reshape(B, KV * hd)
+        if self.qk_all:
+            q, k = self.q_norm(q), self.k_norm(k)
+        elif self.q_norm is not None:  # over each head's hd values
+            q = self.q_norm(q.reshape(B, H, hd)).view(B, H * hd)
+            k = self.k_norm(k.reshape(B, KV, hd)).view(B, KV * hd)
+        return q, k, v
+
+    def _decode_one_pass(self, x: torch.Tensor, rope, mask: torch.Tensor, cache: StaticKV) -> torch.Tensor:
+        """torch.ops.lmforge.decode_attn: rotary on q and k, k and v written into the cache at `cache.col`,
+        attention over the columns `mask` allows (the rest skipped); ~20 ops per layer become one."""
+        B, H, hd = x.shape[0], self.n_heads, self.hd
+        q, k, v = self._rows_qkv(x)  # (B, H*hd), (B, KV*hd) x 2
         cos, sin = rope if rope is not None else (None, None)
         scale = self.scale if self.scale is not None else hd ** -0.5
         y = torch.ops.lmforge.decode_attn(q, k, v, cos, sin, cache.k[self.layer], cache.v[self.layer], cache.col,

@@ -36,6 +36,13 @@ class MoE(nn.Module):
         shape = x.shape  # (B, T, D)
         h = x.reshape(-1, shape[-1])  # (N, D)
         idx, w = self.route(h)
+        if self.grouped is not None and torch.jit.is_tracing():
+            # a traced step (decode_hidden; verification rows) must record the routing, not one token's choice
+            y = self.grouped.routed(h, idx, w)
+            if y is None:
+                raise RuntimeError("a mixture of experts is captured only where its experts run on lmforge's "
+                                   "int4/int8 kernels")
+            return y.view(shape)
         if h.shape[0] == 1:  # one token (a decode step): its k experts in ascending order, no gather / scatter
             order = sorted((e, j) for j, e in enumerate(idx[0].tolist()))
             if self.grouped is not None and h.dtype is torch.float32:

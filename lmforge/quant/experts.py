@@ -73,6 +73,36 @@ class GroupedExperts(nn.Module):
         gu = a.q8_mm_parts(h, gw, gs, 1)  # (1, k * 2F)
         return a.q8_mm_route(a.silu_mul(gu.view(k, -1)), dw, ds, route)  # (1, D)
 
+    def all_operands(self) -> tuple | None:
+        """Every expert's operands side by side for `moe_mm` (bits, gate|up weights, scales, mins, down weights,
+        scales, mins, parts per expert for gate|up and for down), or None unless every expert runs on lmforge's
+        integer kernels with one signature. A walk over all experts: for a captured step (made once), not per
+        eager call."""
+        ops = [self._operands(e) for e in range(len(self.experts))]
+        if not ops or any(o is None or o[0] != ops[0][0] or not (_integer(o[3].policy) and _integer(o[4].policy))
+                          for o in ops):
+            return None
+        per_up, per_down = len(ops[0][1][1]), len(ops[0][2][1])
+        if any(len(o[1][1]) != per_up or len(o[2][1]) != per_down for o in ops):
+            return None
+        bits = ops[0][1][0]
+        if bits not in (4, 8):
+            return None
+        parts = [[t for o in ops for t in o[j][i]] if bits == 4 or i < 3 else [] for j in (1, 2) for i in (1, 2, 3)]
+        return (bits, *parts, per_up, per_down)
+
+    def routed(self, h: torch.Tensor, idx: torch.Tensor, route: torch.Tensor) -> torch.Tensor | None:
+        """h (N, D) float32 tokens, idx (N, k) their experts, route (N, k) float32 their weights -> (N, D): each
+        row as `forward` computes it alone, with the routing read inside one op (what a traced step records);
+        None where `all_operands` is None."""
+        if h.dtype is not torch.float32 or (self.training or h.requires_grad) and torch.is_grad_enabled():
+            return None
+        ops = self.all_operands()
+        if ops is None:
+            return None
+        bits, uw, us, um, dw, ds, dm, per_up, per_down = ops
+        return torch.ops.lmforge.moe_mm(h, idx, route.float(), uw, us, um, dw, ds, dm, per_up, per_down, bits)
+
     def _apply(self, fn, recurse=True):
         self._ops = {}  # moved or cast: the experts rebuild their operands
         return super()._apply(fn, recurse)

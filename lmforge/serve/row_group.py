@@ -62,7 +62,7 @@ class RowGroup:
             for src, dst in (("k", ks), ("v", vs)):
                 # every element written once: the tokens copied, zeros elsewhere (left padding, and the room for
                 # the next steps). Those columns are masked, but a masked weight is 0 and 0 * nan (uninitialised
-                # memory) is nan, and decode_hidden's SDPA route (CUDA, bf16, qk-norm models) reads every column
+                # memory) is nan, and decode_hidden's SDPA route (CUDA, bf16, soft-capped models) reads every column
                 t = ref.new_empty(B + len(caches), n_kv, max_len, hd)
                 t[:, :, width:] = 0
                 if B:
