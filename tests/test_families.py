@@ -302,3 +302,30 @@ def test_a_quantized_mixture_decodes_traced_with_the_eager_tokens(dirs, own, bit
             logits[mode] = torch.stack(out)
         assert opts.path.startswith("traced"), opts.path
         torch.testing.assert_close(logits["trace"], logits["off"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("compile", ["off", "trace"])
+def test_a_quantized_mixture_serves_batched_rows_as_each_row_alone(dirs, own, compile):
+    """The server's steps of a quantized mixture (batched rows: decode_hidden with the experts' batched loop; a
+    lone row: its traced step, moe_mm, where compile is "trace") give the logits of the same rows stepped one at
+    a time through the eager forward, also after rows left."""
+    from lmforge.quant import DECODE_PRESETS, quantize_model
+    from lmforge.serve.engine import BatchDecoder
+
+    model = quantize_model(load_checkpoint(dirs["qwen3_moe"], tokenizer=False).model.eval(), **DECODE_PRESETS[4])
+    prompts = [[3 + i, 17, 29 + 2 * i, 44][: 2 + i] for i in range(3)]
+
+    def run(batched: bool) -> list[torch.Tensor]:
+        eng = BatchDecoder(model, compile=compile if batched else "off")
+        eng.batched_ok = batched
+        eng.join([(eng.prefill(p)[0], p) for p in prompts])
+        out = [eng.step([5, 6, 7], steps_left=40), eng.step([8, 9, 10], steps_left=40)]
+        eng.drop([1])
+        out += [eng.step([11, 12], steps_left=40), eng.step([13, 14], steps_left=40)]
+        eng.drop([0])
+        out += [eng.step([15], steps_left=40), eng.step([16], steps_left=40)]
+        assert not batched or eng.path.startswith("traced" if compile == "trace" else "eager"), eng.path
+        return out
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -307,7 +307,7 @@ def test_batched_steps_equal_the_eager_forward(gen, monkeypatch, kernels):
     """Several rows step through Transformer.decode_hidden, the lone row through the eager forward: the logits
     of both agree, also after a row left and the padding columns were cut (the caches are then strided views).
     kernels auto: its attention is lmforge's decode_attn (CPU, float32); off: SDPA over every column of the
-    cache, the path of CUDA, bf16 and qk-norm models, which also reads the columns not written yet (masked,
+    cache, the path of CUDA, bf16 and soft-capped models, which also reads the columns not written yet (masked,
     and zeros: uninitialised memory there would turn the rows' outputs into nan)."""
     from lmforge.serve.engine import BatchDecoder
 
