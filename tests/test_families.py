@@ -329,3 +329,20 @@ def test_a_quantized_mixture_serves_batched_rows_as_each_row_alone(dirs, own, co
 
     for got, want in zip(run(True), run(False)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_quantized_mixture_speculates_with_the_plain_greedy_tokens(dirs, own):
+    """Prompt lookup over a quantized mixture: the verifications (traced, their rows routed inside moe_mm) give
+    the plain greedy tokens, and some drafts are verified (the path ran)."""
+    from lmforge.decoding import DecodeOptions, GenerationConfig, generate
+    from lmforge.decoding.speculative import SpeculativeOptions, speculative_generate
+    from lmforge.quant import DECODE_PRESETS, quantize_model
+
+    model = quantize_model(load_checkpoint(dirs["qwen3_moe"], tokenizer=False).model.eval(), **DECODE_PRESETS[4])
+    ids = torch.tensor([[5, 9, 14, 22, 31, 5, 9, 14, 22, 31, 5, 9, 14]])  # a prompt that repeats: drafts to find
+    gc = GenerationConfig(max_new_tokens=32, stop_token_ids=[])
+    want = generate(model, ids, None, gc, DecodeOptions("off"))[0]
+    spec = SpeculativeOptions("prompt-lookup", min_ngram=1)
+    opts = DecodeOptions("trace")
+    assert speculative_generate(model, ids, gc, spec, opts) == want
+    assert spec.proposed > 0 and opts.path.startswith("traced"), (spec.proposed, opts.path)
