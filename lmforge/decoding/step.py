@@ -13,7 +13,9 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -108,25 +110,28 @@ def hooked(model: nn.Module) -> bool:
     return bool(model._forward_pre_hooks or model._forward_hooks)
 
 
-def static_step_unsupported(model: nn.Module) -> str | None:
+def static_step_unsupported(model: nn.Module, mixture: Callable[[], str | None] | None = None) -> str | None:
     """Why `Transformer.decode_hidden` cannot stand in for the eager step of this model; None when it can.
-    Prefill and beam search (its cache rows are reordered every step) always run eagerly."""
+    Prefill and beam search (its cache rows are reordered every step) always run eagerly. mixture: the answer of
+    `mixture_uncapturable` for this model, where the caller keeps it (a walk over every expert)."""
     if not model.cfg.causal:
         return f"a {model.cfg.family} encoder (bidirectional attention)"
     if model.training:
         return "the model is in training mode (dropout)"
     if hooked(model):
         return "forward hooks are registered on the model (a captured step would skip them)"
-    if model.cfg.n_experts and (why := _mixture_uncapturable(model)):
+    if model.cfg.n_experts and (why := (mixture or partial(mixture_uncapturable, model))()):
         return why
     if getattr(getattr(model, "rope", None), "switch_at", None) is not None:
         return "longrope rotary (its frequencies change with the positions; a captured step would fix them)"
     return None
 
 
-def _mixture_uncapturable(model: nn.Module) -> str | None:
+def mixture_uncapturable(model: nn.Module) -> str | None:
     """A mixture's step is captured with its routing inside lmforge's moe_mm op (MoE.forward), which needs every
-    expert on lmforge's int4/int8 kernels; elsewhere its routing reads Python values that a capture would fix."""
+    expert on lmforge's int4/int8 kernels; elsewhere its routing reads Python values that a capture would fix.
+    A walk over every expert of every layer (~6 ms for 2 layers of 128): DecodeRuntime keeps the answer until its
+    next refresh()."""
     for m in model.modules():
         if hasattr(m, "experts") and hasattr(m, "grouped"):
             if m.grouped is None or m.grouped.all_operands() is None:
@@ -273,6 +278,7 @@ class DecodeRuntime:
         self.verify_after = AUTO_TRACE_VERIFICATIONS
         self._verify_why: dict[tuple, str | None] = {}  # (cache dtype, device) -> verify_unsupported's answer
         self._kernel_mode = capture_mode(model)
+        self._mixture: tuple[str | None] | None = None  # mixture_uncapturable's answer, until refresh()
 
     # ---- the rule ----------------------------------------------------------------------------------------
     def plan(self, opts: DecodeOptions, key: tuple, new_steps: int, allow_compile: bool = True) -> str:
@@ -295,7 +301,7 @@ class DecodeRuntime:
             else:
                 opts.path = f"eager (auto: {n} steps at this shape < {self.trace_after}, too few to pay for a capture)"
                 return "eager"
-        why = static_step_unsupported(self.model)
+        why = static_step_unsupported(self.model, self._mixture_why)
         if want == "compile":
             why = why or compiler_missing(key[3]) or (
                 "a mixture of experts (its step is captured by torch.jit.trace, --compile-decode trace)"
@@ -313,6 +319,12 @@ class DecodeRuntime:
             return "eager"
         return want
 
+    def _mixture_why(self) -> str | None:
+        """mixture_uncapturable(model), walked once per refresh() (plan runs per step in the server)."""
+        if self._mixture is None:
+            self._mixture = (mixture_uncapturable(self.model),)
+        return self._mixture[0]
+
     def count_eager(self, key: tuple, n: int = 1) -> None:
         """Record n uncaptured steps at shape `key` (they bring "auto" closer to a capture)."""
         self.eager_steps[key] = self.eager_steps.get(key, 0) + n
@@ -329,6 +341,7 @@ class DecodeRuntime:
         if weights != self._weights:
             self.traces.clear()
         self._verify_why.clear()  # hooks, kernels or grad mode may have changed since
+        self._mixture = None
         # a trace is kept per mode (its key has it): invariant and plain calls may alternate without retracing
         self._weights, self._kernel_mode = weights, capture_mode(self.model)
 
