@@ -155,8 +155,8 @@ def next_tokens(logits: torch.Tensor, gc: GenerationConfig, gens: list[torch.Gen
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """(..., V) -> (...) int64: the first maximum's index, as torch.argmax (NaN counts as the maximum there and
-    here). On a CPU through numpy's vectorised argmax: ~20 us over a 152k vocabulary where torch's takes ~300-450
-    (a few percent of a decode token)."""
+    here). On a CPU through numpy's vectorised argmax, which is an order of magnitude faster than torch's
+    (docs/benchmarks.md, "Model families")."""
     if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and not logits.requires_grad:
         return torch.from_numpy(logits.numpy().argmax(-1))
     return logits.argmax(-1)

@@ -130,8 +130,7 @@ def static_step_unsupported(model: nn.Module, mixture: Callable[[], str | None] 
 def mixture_uncapturable(model: nn.Module) -> str | None:
     """A mixture's step is captured with its routing inside lmforge's moe_mm op (MoE.forward), which needs every
     expert on lmforge's int4/int8 kernels; elsewhere its routing reads Python values that a capture would fix.
-    A walk over every expert of every layer (~6 ms for 2 layers of 128): DecodeRuntime keeps the answer until its
-    next refresh()."""
+    A walk over every expert of every layer: DecodeRuntime keeps the answer until its next refresh()."""
     for m in model.modules():
         if hasattr(m, "experts") and hasattr(m, "grouped"):
             if m.grouped is None or m.grouped.all_operands() is None:
