@@ -19,10 +19,12 @@ the task functions the verbs call:
 tokens/s = new tokens of all items (the outputs re-encoded) / the time of their calls, prompt prefill included
 (`speedup`); `prefill_share` = the plain calls' share of time in the prompt's prefill (alike in both modes: it
 bounds `speedup`), and `decode_speedup` / `*_decode_tok_s` leave it out (what speculation changes); `identical`
-counts items whose text with speculation equals the text without. First, the cost of a T-row verification forward
-against a one-token step (T = 2, 3, 4, 5, 8; the traced step of the invariant path after a 300-token prompt; the
-traced verification that speculative decoding runs there, and the eager one) is printed and stored as
-`verify_cost`. Needs ../shared/data (skipped with a note when absent).
+counts items whose text with speculation equals the text without. `lookup_bound_*`: replaying each plain output,
+the ceiling of any prompt-lookup drafter with free verification (copy_bound), as tokens per forward and as the
+end-to-end speedup it would give; `any_copy_bound_*` the same for copies that may start anywhere. First, the
+cost of a T-row verification forward against a one-token step (T = 2, 3, 4, 5, 8; the traced step of the
+invariant path after a 300-token prompt; the traced verification that speculative decoding runs there, and the
+eager one) is printed and stored as `verify_cost`. Needs ../shared/data (skipped with a note when absent).
 """
 
 from __future__ import annotations
@@ -68,40 +70,82 @@ def _ask_items(n: int) -> list[dict]:
             for p in paras[-n:]]
 
 
+def copy_bound(prompt: list[int], out: list[int], most: int | None = None, anchored: bool = True) -> int:
+    """The fewest forwards that can decode `out` (its first token from the prefill) after `prompt` when each
+    forward's drafts are copied from the context (the prompt and the output so far) and the best copy is always
+    chosen: a forward keeps the longest prefix of the rest of the output found there (at most `most` drafts),
+    plus the one token it computes itself. anchored: the copy must continue an earlier occurrence of the
+    context's last token, as every prompt-lookup draft does (the continuation of an n-gram match, n >= 1), so
+    no lookup drafter (any n, any choice among matches, any k) keeps more; not anchored: a copy may start
+    anywhere, as if the drafter knew where the output's next copied span begins. len(out) / copy_bound bounds
+    tokens per forward with free verification. (The longest copy each time is optimal: a forward that keeps
+    less lands inside that span, and from there the same span is still a copy.)"""
+    ctx, i, forwards, n = [*prompt, *out[:1]], 1, 1, len(out)
+    where: dict[int, list[int]] = {}
+    for s, t in enumerate(ctx[:-1]):
+        where.setdefault(t, []).append(s)
+    while i < n:
+        cap = n - i - 1 if most is None else min(most, n - i - 1)  # out[i + j] is the forward's own token
+        # candidate copy starts: just after an earlier occurrence of the last token, or anywhere
+        starts = [s + 1 for s in where.get(ctx[-1], ())] if anchored else range(len(ctx))
+        j = 0
+        while j < cap:
+            nxt = [s for s in starts if s + j < len(ctx) and ctx[s + j] == out[i + j]]
+            if not nxt:
+                break
+            starts, j = nxt, j + 1
+        for t in out[i: i + j + 1]:
+            where.setdefault(ctx[-1], []).append(len(ctx) - 1)
+            ctx.append(t)
+        i, forwards = i + j + 1, forwards + 1
+    return forwards
+
+
 class _PrefillClock:
     """Seconds spent in the steppers' prefill (the prompt's forward, the same with and without speculation) while
-    it is entered: a call's time less this is its decoding."""
+    it is entered: a call's time less this is its decoding. Also keeps the last prompt prefilled and the tokens
+    fed to the one-token steps since (a plain call's output but its last token), for copy_bound."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.prompt: list[int] = []
+        self.fed: list[int] = []
 
     def __enter__(self) -> _PrefillClock:
         from lmforge.decoding.invariant import InvariantStepper
         from lmforge.decoding.stepper import Stepper
 
-        self.saved = [(cls, cls.__dict__["prefill"]) for cls in (Stepper, InvariantStepper)]
-        for cls, orig in self.saved:
+        # InvariantStepper.step calls Stepper.step: that one alone records the tokens
+        self.saved = [(cls, "prefill", cls.__dict__["prefill"]) for cls in (Stepper, InvariantStepper)]
+        self.saved.append((Stepper, "step", Stepper.__dict__["step"]))
+        for cls, name, orig in self.saved:
             def timed(st, ids, orig=orig):
                 t0 = time.perf_counter()
                 try:
                     return orig(st, ids)
                 finally:
                     self.seconds += time.perf_counter() - t0
-            cls.prefill = timed
+                    self.prompt, self.fed = ids[0].tolist(), []
+
+            def fed(st, tokens, orig=orig):
+                if tokens.numel() == 1:
+                    self.fed.append(int(tokens.reshape(-1)[0]))
+                return orig(st, tokens)
+            setattr(cls, name, timed if name == "prefill" else fed)
         return self
 
     def __exit__(self, *exc) -> None:
-        for cls, orig in self.saved:
-            cls.prefill = orig
+        for cls, name, orig in self.saved:
+            setattr(cls, name, orig)
 
 
-def _time(fn, *args, **kw) -> tuple[str, float, float]:
-    """fn's result, its seconds, and the seconds of those in prefill."""
+def _time(fn, *args, **kw) -> tuple[str, float, _PrefillClock]:
+    """fn's result, its seconds, and the clock (`seconds` of those in prefill, the prompt, the tokens stepped)."""
     with _PrefillClock() as clock:
         t0 = time.perf_counter()
         out = fn(*args, **kw)
         total = time.perf_counter() - t0
-    return out, total, clock.seconds
+    return out, total, clock
 
 
 def _pairs(gen, items: list, call, k: int) -> dict:
@@ -109,6 +153,7 @@ def _pairs(gen, items: list, call, k: int) -> dict:
     tok = gen.tokenizer
     off_s = on_s = off_pre = on_pre = 0.0
     n_tok = same = proposed = accepted = forwards = n_spec_tok = 0
+    n_out = bound = bound_k = oracle = 0
     diffs = []
     for i, item in enumerate(items):
         runs = {}
@@ -120,7 +165,13 @@ def _pairs(gen, items: list, call, k: int) -> dict:
                 stats = (s.proposed, s.accepted, s.forwards, s.tokens)
         if i == 0:
             continue  # warm-up: the first call of a shape traces it
-        (a, ta, pa), (b, tb, pb) = runs["off"], runs["prompt-lookup"]
+        (a, ta, ca), (b, tb, cb) = runs["off"], runs["prompt-lookup"]
+        pa, pb = ca.seconds, cb.seconds
+        out = [*ca.fed, -1]  # the plain call's tokens; its last one (never fed to a step) is never a copy here
+        n_out += len(out)
+        bound += copy_bound(ca.prompt, out)
+        bound_k += copy_bound(ca.prompt, out, k)
+        oracle += copy_bound(ca.prompt, out, anchored=False)
         n = len(tok.encode(a, add_special_tokens=False))
         n_tok += n
         off_s, on_s, off_pre, on_pre = off_s + ta, on_s + tb, off_pre + pa, on_pre + pb
@@ -136,7 +187,17 @@ def _pairs(gen, items: list, call, k: int) -> dict:
             "spec_decode_tok_s": round(n_tok / (on_s - on_pre), 1),
             "decode_speedup": round((off_s - off_pre) / (on_s - on_pre), 2), "identical": f"{same}/{items_n}",
             "acceptance": round(accepted / max(proposed, 1), 3),
-            "tokens_per_forward": round(n_spec_tok / max(forwards, 1), 2), "different_ids": diffs}
+            "tokens_per_forward": round(n_spec_tok / max(forwards, 1), 2),
+            # copy_bound: tokens per forward of the best possible prompt-lookup drafts with free verification
+            # (unlimited drafts; at most k; copies that start anywhere), and the end-to-end speedups they would
+            # give with the prefill unchanged: what no prompt-lookup drafter can exceed on these outputs
+            "lookup_bound_tokens_per_forward": round(n_out / max(bound, 1), 2),
+            "lookup_bound_k_tokens_per_forward": round(n_out / max(bound_k, 1), 2),
+            "lookup_bound_speedup": round(1 / (off_pre / off_s + (1 - off_pre / off_s) * bound / max(n_out, 1)), 2),
+            "any_copy_bound_tokens_per_forward": round(n_out / max(oracle, 1), 2),
+            "any_copy_bound_speedup": round(
+                1 / (off_pre / off_s + (1 - off_pre / off_s) * oracle / max(n_out, 1)), 2),
+            "different_ids": diffs}
 
 
 def _summarize(gen, item, **kw) -> str:
@@ -263,7 +324,9 @@ def run(quick: bool, docs: int, threads: int, k: int, out: str, quantize: str = 
     cols = [("workload", "workload"), ("items", "items"), ("new_tokens", "new tokens"), ("off_tok_s", "plain tok/s"),
             ("spec_tok_s", "speculative tok/s"), ("speedup", "speedup"), ("prefill_share", "prefill share"),
             ("decode_speedup", "decode speedup"), ("identical", "identical"),
-            ("acceptance", "acceptance"), ("tokens_per_forward", "tokens/forward"), ("note", "note")]
+            ("acceptance", "acceptance"), ("tokens_per_forward", "tokens/forward"),
+            ("lookup_bound_tokens_per_forward", "lookup ceiling tokens/forward"),
+            ("lookup_bound_speedup", "lookup ceiling speedup"), ("note", "note")]
     print(format_table(rows, cols))
     if cost:
         print("verification forward vs one step (traced; eager): "
