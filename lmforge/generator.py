@@ -164,7 +164,7 @@ class Generator:
         self.draft = draft
 
     def _speculation(self, method: str | None, draft_tokens: int | None, batch: int,
-                     gc: GenerationConfig) -> SpeculativeOptions | None:
+                     gc: GenerationConfig, quoting: bool = False) -> SpeculativeOptions | None:
         """This call's speculative options, or None to decode without (see resolve_speculative)."""
         if getattr(gc, "constraint", None) is not None:  # a constraint masks each step: not verified here
             if method not in (None, "auto", "off") or self.speculative not in ("auto", "off"):
@@ -172,7 +172,7 @@ class Generator:
             return None
         quantized = any(isinstance(m, QuantLinear) for m in self.model.modules())
         mode = resolve_speculative(self.speculative if method is None else method, batch, gc, self.draft is not None,
-                                   quantized)
+                                   quantized, quoting)
         if mode == "off":
             return None
         return SpeculativeOptions(mode, draft_tokens or self.draft_tokens,
@@ -196,10 +196,10 @@ class Generator:
 
     def stream(self, prompt: str, *, chat: bool = False, add_special_tokens: bool | None = None,
                truncate: bool = False, compile: str | None = None, speculative: str | None = None,
-               draft_tokens: int | None = None, **gen) -> Iterator[str]:
+               draft_tokens: int | None = None, quoting: bool = False, **gen) -> Iterator[str]:
         """Yield text pieces as they are decoded (never half a character; stop strings are cut).
-        compile: this call's decode step ("auto" | "on" | "off"; None = the Generator's). speculative / draft_tokens:
-        as in generate."""
+        compile: this call's decode step ("auto" | "on" | "off"; None = the Generator's). speculative / draft_tokens
+        / quoting: as in generate."""
         opts = self._decode_options(compile)
         gc = self._config(gen)
         text = self.format_chat([{"role": "user", "content": prompt}]) if chat else prompt
@@ -207,7 +207,7 @@ class Generator:
         ids, mask = self._encode([text], special, gc.max_new_tokens, truncate)
         streamer = self._streamer(gc)
         stop = set(stop_ids(self.model, gc))
-        spec = self.last_speculative = self._speculation(speculative, draft_tokens, 1, gc)
+        spec = self.last_speculative = self._speculation(speculative, draft_tokens, 1, gc, quoting)
         steps = (stream_tokens(self.model, ids, mask, gc, opts, self.runtime) if spec is None else
                  ((torch.tensor([t]), torch.tensor([False]))
                   for t in speculative_tokens(self.model, ids, gc, spec, opts, self.runtime)))
@@ -230,12 +230,14 @@ class Generator:
 
     def generate(self, prompt: str | list[str], *, chat: bool = False, add_special_tokens: bool | None = None,
                  truncate: bool = False, compile: str | None = None, speculative: str | None = None,
-                 draft_tokens: int | None = None, **gen) -> str | list[str]:
+                 draft_tokens: int | None = None, quoting: bool = False, **gen) -> str | list[str]:
         """Complete one prompt (-> str) or a batch (-> list[str], left-padded together).
         speculative: "off" | "prompt-lookup" | "draft" (the model set_draft attached) | "auto" (the draft when
         attached, else prompt lookup for one prompt, else off); None = the Generator's `speculative`. A
         speculating batch decodes row by row; greedy text is that of decoding each row alone without speculation
         (docs/generation.md), and `last_speculative` holds the acceptance counters. draft_tokens: k per forward.
+        quoting: the output copies much of the prompt (an answer from a context), so "auto" uses prompt lookup
+        for one prompt on quantized weights too, where it measured faster on such outputs.
         invariant: each row's text is what its prompt gives alone (default: the Generator's `invariant`; an
         explicit compile="on" is not invariant). seed: every row's own generator starts from it; seeds: one per
         row instead. compile: this call's decode step ("auto" | "on" | "off"; None = the Generator's). json_schema
@@ -250,7 +252,7 @@ class Generator:
         ids, mask = self._encode(texts, special, gc.max_new_tokens, truncate)
         stop = set(stop_ids(self.model, gc))
         outs = []
-        spec = self.last_speculative = self._speculation(speculative, draft_tokens, len(prompts), gc)
+        spec = self.last_speculative = self._speculation(speculative, draft_tokens, len(prompts), gc, quoting)
         rows = (generate(self.model, ids, mask, gc, opts, self.runtime) if spec is None
                 else self._speculative_rows(ids, mask, gc, opts, spec))
         self.decode_step = opts.path

@@ -346,8 +346,33 @@ def test_resolve():
     assert resolve_speculative("auto", 1, GenerationConfig(num_beams=2), False) == "off"
     assert resolve_speculative("auto", 1, gc, False, quantized=True) == "off"
     assert resolve_speculative("prompt-lookup", 1, gc, False, quantized=True) == "prompt-lookup"
+    # outputs that quote their prompt: auto speculates on quantized weights too, still one prompt, no beams
+    assert resolve_speculative("auto", 1, gc, False, quantized=True, quoting=True) == "prompt-lookup"
+    assert resolve_speculative("auto", 4, gc, False, quantized=True, quoting=True) == "off"
+    assert resolve_speculative("auto", 1, GenerationConfig(num_beams=2), False, True, True) == "off"
+    assert resolve_speculative("off", 1, gc, False, quantized=True, quoting=True) == "off"
     with pytest.raises(GenerationError, match="not one of"):
         resolve_speculative("ngram", 1, gc, False)
+
+
+def test_answer_speculates_by_default_on_quantized_weights(int8_gen):
+    """The ask verb's answers quote their context: "auto" uses prompt lookup for them on int8/int4 weights (where
+    it measured faster), with the text of decoding without it; summaries stay off there."""
+    from lmforge.tasks.textgen import answer, summarize
+
+    ctx = "red fox green hill red fox green hill"
+    kw = dict(max_new_tokens=16, batch_size=1, truncate=True)  # the tiny model's 128-token context
+    want = answer(int8_gen, ctx, "Where does the red fox run?", speculative="off", **kw).text
+    assert int8_gen.last_speculative is None
+    int8_gen.speculative = "auto"  # what the CLI verbs set (--speculative auto); the API's default is off
+    try:
+        got = answer(int8_gen, ctx, "Where does the red fox run?", **kw).text
+        assert int8_gen.last_speculative is not None and int8_gen.last_speculative.method == "prompt-lookup"
+        assert got == want
+        summarize(int8_gen, ctx, **kw)
+        assert int8_gen.last_speculative is None
+    finally:
+        int8_gen.speculative = "off"
 
 
 def test_cli_refuses_a_draft_of_another_tokenizer(tiny_dir, tmp_path, capsys):

@@ -92,16 +92,18 @@ class SpeculativeOptions:
 
 
 def resolve_speculative(method: str, batch: int, gc: GenerationConfig, has_draft: bool,
-                        quantized: bool = False) -> str:
+                        quantized: bool = False, quoting: bool = False) -> str:
     """"off", "prompt-lookup" or "draft" for a call. "auto": the draft model when one is attached, else prompt
     lookup for one prompt on float weights; off for a batch, for beam search, and on quantized weights, where
-    a verification costs several steps, so prompt lookup measured no clear gain there (docs/generation.md)."""
+    a verification costs several steps, so prompt lookup measured no clear gain there (docs/generation.md),
+    unless `quoting`: outputs that copy much of their prompt (answers from a context) measured faster with it
+    on quantized weights too (docs/benchmarks.md)."""
     if method not in SPECULATIVE_CHOICES:
         raise GenerationError(f"speculative: {method!r} is not one of {' | '.join(SPECULATIVE_CHOICES)}")
     if method == "auto":
         if gc.num_beams > 1:
             return "off"
-        return "draft" if has_draft else ("prompt-lookup" if batch == 1 and not quantized else "off")
+        return "draft" if has_draft else ("prompt-lookup" if batch == 1 and (quoting or not quantized) else "off")
     if method != "off" and gc.num_beams > 1:
         raise GenerationError("speculative decoding does not do beam search: use num_beams=1 or speculative='off'")
     if method == "draft" and not has_draft:

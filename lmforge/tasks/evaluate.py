@@ -198,7 +198,8 @@ def _generate_all(gen, prompts: list[str], c: EvalConfig, log, out: Path, fewsho
         return generate_batched(gen, prompts, batch_size=c.batch_size or 8, desc=f"eval {c.task}", progress=True,
                                 done=kept.done, on_batch=kept.keep, truncate=True, cut=cut, log=log,
                                 max_new_tokens=c.max_new_tokens, num_beams=c.num_beams,
-                                speculative=c.speculative, draft_tokens=c.draft_tokens, **kw)
+                                speculative=c.speculative, draft_tokens=c.draft_tokens,
+                                quoting=c.task == "qa", **kw)  # answers copy their context, as textgen.answer
     except KeyboardInterrupt:
         kept.interrupted()
         raise

@@ -207,5 +207,6 @@ def answer(gen, context: str, question: str | list[str], **kw) -> TaskOutput | l
     qs, single = _one_or_many(question)
     kw.setdefault("max_new_tokens", 64)
     kw.setdefault("no_repeat_ngram_size", 4)
+    kw.setdefault("quoting", True)  # answers copy their context: "auto" speculates on quantized weights too
     out = run_prompts(gen, "answer", [context] * len(qs), [P.answer_prompt(context, q) for q in qs], **kw)
     return out[0] if single else out
