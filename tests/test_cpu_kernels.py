@@ -335,3 +335,28 @@ def test_products_keep_the_leading_dimensions(own):
                                                                                             [s], [lo], 32))
     q, sc = quantize_int8(torch.randn(24, 64))
     assert torch.ops.lmforge.q8_mm(x, q, sc.reshape(-1).contiguous(), 32).shape == (2, 3, 24)
+
+
+@pytest.mark.parametrize("N,K", [(1536, 576), (576, 1536), (49, 13), (7, 8), (203, 100)])
+def test_f32_linear_is_the_product_and_each_row_is_the_same_in_any_call(own, N, K):
+    """f32_linear (csrc/linear_avx2.cpp): the float32 product to rounding, and each row bit for bit the same
+    alone, in pairs, at any position and with any neighbours (what batch-invariant decoding needs)."""
+    g = torch.Generator().manual_seed(N + K)
+    w, x = torch.randn(N, K, generator=g), torch.randn(9, K, generator=g)
+    y = torch.ops.lmforge.f32_linear(x, w)  # (9, N)
+    torch.testing.assert_close(y.double(), x.double() @ w.double().t(), rtol=0, atol=1e-4 * K ** 0.5)
+    for i in range(9):
+        assert torch.equal(torch.ops.lmforge.f32_linear(x[i: i + 1], w)[0], y[i])
+    assert torch.equal(torch.ops.lmforge.f32_linear(x[3:6], w), y[3:6])
+    assert torch.equal(torch.ops.lmforge.f32_linear(torch.cat([torch.randn(4, K), x[5:6]]), w)[-1], y[5])
+    assert torch.ops.lmforge.f32_linear(x.view(3, 3, K), w).shape == (3, 3, N)
+
+
+def test_f32_linear_bad_operands_raise(own):
+    w = torch.randn(8, 16)
+    with pytest.raises(RuntimeError, match="columns"):
+        torch.ops.lmforge.f32_linear(torch.randn(2, 15), w)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.lmforge.f32_linear(torch.randn(2, 16).double(), w)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.lmforge.f32_linear(torch.randn(2, 8), w.t())

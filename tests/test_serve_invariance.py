@@ -221,13 +221,20 @@ def test_a_quantized_row_is_the_same_in_a_call_of_any_size(kernels, bits, monkey
             assert torch.equal(ql(torch.cat([x[1:m], x[:1]]))[-1], ref), m
 
 
-def test_float_rows_run_in_fixed_blocks():
-    from lmforge.model.invariant import linear_rows, rows_block
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_float_rows_run_in_fixed_blocks(kernels, monkeypatch):
+    """A row's float product is the same in any number of rows: lmforge's f32_linear where its kernels run,
+    else fixed row blocks."""
+    from lmforge import cpu_kernels
+    from lmforge.model.invariant import KERNEL, linear_rows, rows_block
 
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", kernels)
     torch.manual_seed(0)
     w, b = torch.randn(40, 64), torch.randn(40)
     block = rows_block(w)
-    assert block in (1, 2, 4, 8)
+    assert block == (KERNEL if cpu_kernels.available() else block) and block in (KERNEL, 1, 2, 4, 8)
+    if kernels == "off":
+        assert block != KERNEL
     x = torch.randn(13, 64)
     ref = linear_rows(x[:1], w, b, block)[0]
     for m in (2, 5, 8, 13):
@@ -235,6 +242,20 @@ def test_float_rows_run_in_fixed_blocks():
         assert y.shape == (m, 40) and torch.equal(y[0], ref)
         assert torch.allclose(y, torch.nn.functional.linear(x[:m], w, b), atol=1e-5)
     assert linear_rows(x.view(13, 1, 64), w, None, block).shape == (13, 1, 40)
+
+
+def test_invariant_float_linears_run_the_kernel(model_dir, own):
+    """set_batch_invariant gives float32 linears and the tied head f32_linear where the kernels run, and takes it
+    back when turned off."""
+    from lmforge.checkpoints import load_checkpoint
+    from lmforge.model.invariant import KERNEL, set_batch_invariant
+
+    model = load_checkpoint(model_dir, tokenizer=False).model
+    set_batch_invariant(model, True)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(m.row_block == KERNEL for m in linears) and model.row_block == KERNEL
+    set_batch_invariant(model, False)
+    assert all("forward" not in m.__dict__ for m in linears)
 
 
 @pytest.mark.parametrize("quantize,kernels", CASES)

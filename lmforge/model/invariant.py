@@ -4,10 +4,13 @@ Why it needs care: a float GEMM library picks its kernel (and so each output's s
 the call, so row 0 of a 1-row product can differ from row 0 of an 8-row one in the last bits, and a greedy
 decode that flips one argmax on such a bit changes the whole continuation. Two properties fix that here:
 
-- float linears (`nn.Linear` and the tied LM head) run their rows in fixed blocks of `block` rows, the last one
-  padded with zeros, so every call has the same shape whatever the batch is. That a row's result then does not
-  depend on its position in the block or on its neighbours is measured once per weight shape (`rows_block`),
-  not assumed: where it does, the block is 1 row (a matrix-vector product per row, always the same call).
+- float32 linears (`nn.Linear` and the tied LM head) run lmforge's f32_linear where lmforge's CPU kernels are
+  used (csrc/linear_avx2.cpp: each output's summation order is fixed by its code, whatever the rows, and the
+  weights stream once for all rows: 2-3x faster than torch's one-row product there, docs/benchmarks.md).
+  Otherwise float linears run their rows in fixed blocks of `block` rows, the last one padded with zeros, so
+  every call has the same shape whatever the batch is. That a row's result then does not depend on its
+  position in the block or on its neighbours is measured once per weight shape (`rows_block`), not assumed:
+  where it does, the block is 1 row (a matrix-vector product per row, always the same call).
 - attention of one new token per row (decode steps) covers exactly that row's own columns: lmforge's
   decode_attn skips masked columns by itself; elsewhere `Attention` runs SDPA on each row's column slice.
 Quantized layers are made invariant by their policy (lmforge.quant.policy.cover_rows: the integer kernels take
@@ -26,10 +29,17 @@ from torch import nn
 from lmforge.model.layers import Attention
 
 BLOCKS = (8, 4, 2, 1)  # candidate row blocks, largest first: the first that the probe finds invariant is used
+KERNEL = -1  # a "block" that means lmforge's f32_linear (invariant for any number of rows)
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: int) -> torch.Tensor:
-    """F.linear(x, weight, bias) computed in calls of exactly `block` rows: x (..., K) -> (..., N)."""
+    """F.linear(x, weight, bias) computed in calls of exactly `block` rows, or by f32_linear (block KERNEL):
+    x (..., K) -> (..., N)."""
+    if block == KERNEL:
+        if x.dtype == weight.dtype == torch.float32:
+            y = torch.ops.lmforge.f32_linear(x, weight)  # (..., N)
+            return y if bias is None else y + bias
+        block = 1  # (operands of another dtype, e.g. under autocast: one row per call is invariant too)
     K = x.shape[-1]
     x2 = x.reshape(-1, K)  # (M, K)
     M = x2.shape[0]
@@ -58,11 +68,17 @@ def _probe(n: int, k: int, dtype: torch.dtype, threads: int) -> int:
     return 1
 
 
-def rows_block(weight: torch.Tensor) -> int:
-    """The largest block of BLOCKS in which a row's product with `weight` does not depend on its position or its
-    neighbours on this machine (measured with random operands of the weight's shape); 1 always qualifies."""
+def rows_block(weight: torch.Tensor, kernel: bool = True) -> int:
+    """KERNEL for a float32 CPU weight where lmforge's CPU kernels are used (and `kernel`), else the largest
+    block of BLOCKS in which a row's product with `weight` does not depend on its position or its neighbours on
+    this machine (measured with random operands of the weight's shape); 1 always qualifies."""
     if weight.device.type != "cpu":
         return 1
+    if kernel and weight.dtype == torch.float32 and weight.is_contiguous():
+        from lmforge import cpu_kernels
+
+        if cpu_kernels.available():
+            return KERNEL
     n, k = weight.shape
     return _probe(int(n), int(k), weight.dtype, torch.get_num_threads())
 
@@ -116,4 +132,5 @@ def set_batch_invariant(model: nn.Module, on: bool, max_rows: int = 64) -> None:
             m.row_block, m.row_block_max = 0, max_rows
             if on and m.quant_head is None:
                 head = m.embed.tok.weight if m.lm_head is None else m.lm_head.weight
-                m.row_block = rows_block(head.detach().float())
+                # (a float32 copy of another dtype's head only for the probe: bf16 emulated on CPU is slow)
+                m.row_block = rows_block(head.detach().float(), kernel=head.dtype == torch.float32)
