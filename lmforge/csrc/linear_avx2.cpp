@@ -26,8 +26,10 @@ namespace {
 // RT weight rows (stride K) against MT rows of x (stride K): y[m * ystride + r]. RT * MT independent
 // accumulators hide the FMA latency; each x vector is loaded once for the RT rows, each weight vector once for
 // the MT rows. One accumulator per output, whatever RT and MT: the numbers do not depend on the tile shape.
+// fetch: the first pass over these weight rows (from memory), which prefetches the rows 4 tiles ahead, once per
+// 64-byte line; later passes (more rows of x) find them in L2 and skip the prefetches, which take load slots.
 template <int RT, int MT>
-inline void f32_tile(const float* w, const float* x, int64_t K, float* y, int64_t ystride) {
+inline void f32_tile(const float* w, const float* x, int64_t K, float* y, int64_t ystride, bool fetch) {
   __m256 acc[RT][MT];
   for (int r = 0; r < RT; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -35,10 +37,11 @@ inline void f32_tile(const float* w, const float* x, int64_t K, float* y, int64_
   for (; k + 8 <= K; k += 8) {
     __m256 xv[MT];
     for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
+    const bool line = fetch && (k & 15) == 0;
     for (int r = 0; r < RT; ++r) {
       const __m256 wv = _mm256_loadu_ps(w + r * K + k);
       // the same column 4 tiles ahead (tiles are consecutive rows), as the int kernels do; never faults
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4 * RT) * K + k), _MM_HINT_T0);
+      if (line) _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4 * RT) * K + k), _MM_HINT_T0);
       for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
     }
   }
@@ -67,13 +70,14 @@ void tiles(const float* W, const float* X, float* Y, int64_t M, int64_t N, int64
           const float* w = W + n * K;
           const float* x = X + m0 * K;
           float* y = Y + m0 * N + n;
+          const bool fetch = m0 == 0;
           if (rows == RT) {
-            if (pair) f32_tile<RT, MT>(w, x, K, y, N);
-            else f32_tile<RT, 1>(w, x, K, y, N);
+            if (pair) f32_tile<RT, MT>(w, x, K, y, N, fetch);
+            else f32_tile<RT, 1>(w, x, K, y, N, fetch);
           } else {
             for (int64_t r = 0; r < rows; ++r) {
-              if (pair) f32_tile<1, MT>(w + r * K, x, K, y + r, N);
-              else f32_tile<1, 1>(w + r * K, x, K, y + r, N);
+              if (pair) f32_tile<1, MT>(w + r * K, x, K, y + r, N, fetch);
+              else f32_tile<1, 1>(w + r * K, x, K, y + r, N, fetch);
             }
           }
         }
