@@ -36,10 +36,10 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """F.linear(x, weight, bias) computed in calls of exactly `block` rows, or by f32_linear (block KERNEL):
     x (..., K) -> (..., N)."""
     if block == KERNEL:
-        if x.dtype == weight.dtype == torch.float32:
+        if x.dtype == weight.dtype == torch.float32 and weight.is_contiguous():
             y = torch.ops.lmforge.f32_linear(x, weight)  # (..., N)
             return y if bias is None else y + bias
-        block = 1  # (operands of another dtype, e.g. under autocast: one row per call is invariant too)
+        block = 1  # (operands it does not take, e.g. under autocast: one row per call is invariant too)
     K = x.shape[-1]
     x2 = x.reshape(-1, K)  # (M, K)
     M = x2.shape[0]
