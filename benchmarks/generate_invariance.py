@@ -60,26 +60,25 @@ def _median_time(fn, reps: int) -> float:
 def measure(quantize: str, new: int, reps: int, prompts: list[str] = PROMPTS) -> list[dict]:
     from lmforge.generator import Generator
 
-    PROMPTS = prompts  # noqa: N806 - the batch this run decodes
     gen = Generator.load(MODEL, quantize=quantize)
     kw = {"chat": True, "stop_token_ids": []}
     rows, texts = [], {}
     for inv in (True, False):  # warm-up: traces, probes, first-call costs
-        texts[inv] = gen.generate(PROMPTS, max_new_tokens=new, invariant=inv, **kw)
+        texts[inv] = gen.generate(prompts, max_new_tokens=new, invariant=inv, **kw)
     times = {True: {"prefill": [], "call": []}, False: {"prefill": [], "call": []}}
     paths = {}
     for r in range(reps):
         for inv in ((True, False) if r % 2 == 0 else (False, True)):
             times[inv]["prefill"].append(_median_time(
-                lambda inv=inv: gen.generate(PROMPTS, max_new_tokens=1, invariant=inv, **kw), 1))
+                lambda inv=inv: gen.generate(prompts, max_new_tokens=1, invariant=inv, **kw), 1))
             times[inv]["call"].append(_median_time(
-                lambda inv=inv: gen.generate(PROMPTS, max_new_tokens=new, invariant=inv, **kw), 1))
+                lambda inv=inv: gen.generate(prompts, max_new_tokens=new, invariant=inv, **kw), 1))
             paths[inv] = gen.decode_step
     for inv in (False, True):
         pre, call = statistics.median(times[inv]["prefill"]), statistics.median(times[inv]["call"])
         rows.append({"weights": gen.runs_on.split(", ")[1], "invariant": "on" if inv else "off",
                      "prefill_ms": round(pre * 1e3, 1), "call_s": round(call, 3),
-                     "tokens_per_s": round(len(PROMPTS) * new / call, 1),
+                     "tokens_per_s": round(len(prompts) * new / call, 1),
                      "same_rows": sum(a == b for a, b in zip(texts[True], texts[False])),
                      "decode_step": paths[inv]})
     base, inv_row = rows[-2], rows[-1]

@@ -300,9 +300,9 @@ def add_speculative_flags(s: argparse.ArgumentParser, draft: bool = False) -> No
                        "the --draft model when given, else off" if draft else
                        "prompt lookup when inputs are decoded one at a time (one input, or --batch-size 1) on "
                        "float weights, and on int4/int8 weights for answers (ask, eval --task qa: they quote "
-                       "their context, 1.06x measured); off for batches and for other outputs on int4/int8 "
-                       "weights (a k-token verification costs about k/3 steps there, so it did not measure "
-                       "faster: ask for prompt-lookup by name)"))
+                       "their context, measured faster, docs/benchmarks.md); off for batches and for other "
+                       "outputs on int4/int8 weights (a k-token verification costs about k/3 steps there, so it "
+                       "did not measure faster: ask for prompt-lookup by name)"))
     if draft:
         g.add_argument("--draft", default=None, metavar="MODEL",
                        help="a smaller model of the same tokenizer drafts tokens for --model to verify (loaded "

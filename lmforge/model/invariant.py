@@ -6,7 +6,7 @@ decode that flips one argmax on such a bit changes the whole continuation. Two p
 
 - float32 linears (`nn.Linear` and the tied LM head) run lmforge's f32_linear where lmforge's CPU kernels are
   used (csrc/linear_avx2.cpp: each output's summation order is fixed by its code, whatever the rows, and the
-  weights stream once for all rows: 2-3x faster than torch's one-row product there, docs/benchmarks.md).
+  weights stream once for all rows; speeds in docs/benchmarks.md).
   Otherwise float linears run their rows in fixed blocks of `block` rows, the last one padded with zeros, so
   every call has the same shape whatever the batch is. That a row's result then does not depend on its
   position in the block or on its neighbours is measured once per weight shape (`rows_block`), not assumed:
